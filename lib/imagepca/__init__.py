@@ -1,0 +1,35 @@
+"""imagepca: folder-per-class images -> MobileNetV2 features -> StandardScaler + PCA on Spark.
+
+The notebooks in ``notebooks/`` are the interface; this package holds their logic, one
+module per stage of the data flow:
+
+- :mod:`imagepca.config`    run parameters, validated once
+- :mod:`imagepca.session`   the SparkSession (the cluster's, or a local one)
+- :mod:`imagepca.images`    listing, reading and decoding images
+- :mod:`imagepca.features`  MobileNetV2 feature extraction on the executors
+- :mod:`imagepca.reduction` StandardScaler + PCA pipeline, choice of k
+- :mod:`imagepca.plots`     figures
+- :mod:`imagepca.storage`   output location: staged writes, markers
+- :mod:`imagepca.pipeline`  the two stages, top to bottom
+- :mod:`imagepca.runner`    papermill execution of the notebooks
+- :mod:`imagepca.cli`       ``python -m imagepca``
+"""
+
+from importlib import metadata as _metadata
+
+from .config import ExtractParams, ParameterError, ReduceParams
+from .magics import register_matplot_magic as _register_matplot_magic
+
+try:
+    __version__ = _metadata.version("imagepca")
+except _metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+source"
+
+__all__ = [
+    "ExtractParams",
+    "ParameterError",
+    "ReduceParams",
+    "__version__",
+]
+
+_register_matplot_magic()

@@ -1,0 +1,177 @@
+"""``python -m imagepca`` / ``imagepca``: run the notebooks, make the sample, deploy on EMR.
+
+Options are validated here, once, by building the parameter dataclasses; a failed run
+exits non-zero with the reason on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .config import (
+    DEFAULT_ENGINE,
+    ENGINES,
+    IMAGE_SIZES,
+    ExtractParams,
+    ParameterError,
+    ReduceParams,
+)
+
+
+def _add_run(subparsers) -> None:
+    run = subparsers.add_parser(
+        "run",
+        help="execute the notebooks (features, then PCA) with papermill",
+        description="Extract MobileNetV2 features from a folder-per-class image set and fit "
+        "StandardScaler + PCA, by executing the project's notebooks with papermill. "
+        "Executed notebooks, datasets, model, metrics and plots go to --output.",
+    )
+    run.add_argument("--input", required=True, help="folder or URI with one sub-folder per class")
+    run.add_argument("--output", required=True, help="output folder or URI (replaced by the run)")
+    run.add_argument(
+        "--weights",
+        default="imagenet",
+        help="'imagenet' (Keras cache, downloaded if absent) or a .h5 file path / s3:// URI",
+    )
+    choice = run.add_mutually_exclusive_group()
+    choice.add_argument("--k", type=int, help="fixed number of PCA components")
+    choice.add_argument(
+        "--variance",
+        type=float,
+        default=0.95,
+        help="smallest k reaching this cumulative explained variance (default 0.95)",
+    )
+    run.add_argument(
+        "--master", help="Spark master: local[*] (default), local[N,R], yarn, spark://..."
+    )
+    run.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE, help="inference engine")
+    run.add_argument(
+        "--image-size", type=int, default=224, choices=IMAGE_SIZES, help="model input size"
+    )
+    run.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    run.add_argument(
+        "--max-records-per-batch",
+        type=int,
+        default=256,
+        help="Arrow batch size (bounds worker memory)",
+    )
+    run.add_argument("--fast-decode", action="store_true", help="Pillow draft mode for large JPEGs")
+    run.add_argument("--tasks-per-core", type=int, default=4, help="featurization tasks per core")
+    run.add_argument(
+        "--max-rejected-fraction",
+        type=float,
+        default=1.0,
+        help="fail when a larger share of image files is rejected (default 1: never)",
+    )
+    run.add_argument(
+        "--reuse-features",
+        action="store_true",
+        help="keep features/ when input and extraction parameters are unchanged (redo PCA only)",
+    )
+    run.add_argument("--notebooks", help="folder or s3:// URI of the notebooks (default: bundled)")
+    run.add_argument(
+        "--kernel", default="python3", help="Jupyter kernel (python3 or pysparkkernel)"
+    )
+    run.add_argument("--execution-timeout", type=int, help="seconds one notebook cell may run")
+    run.add_argument("--skip-classify", action="store_true", help="do not run notebook 03")
+    run.add_argument(
+        "--log-output", action="store_true", help="stream notebook output to the terminal"
+    )
+    run.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import runner
+
+    extract = ExtractParams(
+        input=args.input,
+        output=args.output,
+        weights=args.weights,
+        engine=args.engine,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        max_records_per_batch=args.max_records_per_batch,
+        fast_decode=args.fast_decode,
+        tasks_per_core=args.tasks_per_core,
+        max_rejected_fraction=args.max_rejected_fraction,
+        reuse_features=args.reuse_features,
+    )
+    reduce = ReduceParams(output=args.output, k=args.k, variance=args.variance)
+    runs = runner.plan(
+        extract,
+        reduce,
+        master=args.master,
+        classify=not args.skip_classify
+        and runner.has_notebook(args.notebooks, runner.CLASSIFY_NOTEBOOK),
+    )
+    started = time.perf_counter()
+    metrics = runner.run_notebooks(
+        runs,
+        args.output,
+        notebooks=args.notebooks,
+        kernel=args.kernel,
+        execution_timeout=args.execution_timeout,
+        log_output=args.log_output,
+    )
+    print(runner.summary(metrics, args.output))
+    print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _add_sample(subparsers) -> None:
+    sample = subparsers.add_parser(
+        "sample",
+        help="write the generated Fruits-360-like sample data set",
+        description="Write a deterministic folder-per-class set of fruit-like 100x100 JPEGs.",
+    )
+    sample.add_argument("out", help="folder to write (created; refused if it holds other files)")
+    sample.add_argument("--classes", type=int, default=6, help="number of classes (default 6)")
+    sample.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
+    sample.add_argument("--size", type=int, default=100, help="image side in pixels (default 100)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sample.set_defaults(func=_sample)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .sample import write_sample
+
+    summary = write_sample(
+        args.out, classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed
+    )
+    print(f"wrote {summary.total} images in {len(summary.class_names)} classes to {summary.root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagepca",
+        description="Images -> MobileNetV2 features -> StandardScaler + PCA on Spark, "
+        "driven by parameterized notebooks (local or AWS EMR).",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(subparsers)
+    _add_sample(subparsers)
+    for module in _command_groups():
+        module.add_commands(subparsers)
+    return parser
+
+
+def _command_groups():
+    from . import aws, emr
+
+    return (aws, emr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (ParameterError, ValueError, FileNotFoundError, RuntimeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ParameterError) else 1

@@ -1,0 +1,188 @@
+"""Run parameters, validated once where they enter: the CLI and the notebooks' parameter cells.
+
+Everything downstream takes these dataclasses and trusts them, so the checks live here
+and nowhere else. Messages say what was wrong and what is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+ENGINES = ("tflite", "keras")
+DEFAULT_ENGINE = "tflite"
+IMAGE_SIZES = (96, 128, 160, 192, 224)
+FEATURE_DIM = 1280  # MobileNetV2 (alpha 1.0) without its top, after global average pooling.
+
+
+class ParameterError(ValueError):
+    """A run parameter is invalid; the message names it and says what is accepted."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ParameterError(message)
+
+
+def _check_location(name: str, value: object) -> None:
+    _require(
+        isinstance(value, str) and value.strip() == value and value != "",
+        f"{name} must be a non-empty local path or URI (file://, s3://, hdfs://), got {value!r}",
+    )
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    """Parameters of feature extraction (notebook 01).
+
+    Parameters
+    ----------
+    input : str
+        Folder or URI holding one sub-folder per class (label = parent folder name).
+    output : str
+        Output folder or URI; features land in ``OUTPUT/features``.
+    weights : str
+        ``"imagenet"`` (Keras cache, downloaded only when absent) or a path / URI of an
+        ``.h5`` MobileNetV2 no-top weights file.
+    engine : str
+        ``"tflite"`` (default: fastest, same features as Keras within 1e-4) or ``"keras"``.
+    image_size : int
+        Model input side in pixels; features at sizes other than 224 are not comparable
+        with 224 features.
+    batch_size : int
+        Images per model call inside a Spark task.
+    max_records_per_batch : int
+        Arrow batch size (``spark.sql.execution.arrow.maxRecordsPerBatch``): the rows a
+        Python worker holds at once, so it bounds worker memory.
+    fast_decode : bool
+        Let Pillow downscale large JPEGs in the DCT domain (``Image.draft``): several
+        times faster decoding, features change slightly (cosine ~0.999).
+    tasks_per_core : int
+        Spark tasks per core used for featurization, so the load stays even.
+    max_rejected_fraction : float
+        Fail the run when more than this share of image files is rejected (1.0 = never).
+    reuse_features : bool
+        Keep existing ``features/`` when they were made from the same input and
+        extraction parameters, so only the PCA is redone.
+    max_image_pixels : int
+        Larger images are rejected as decompression bombs.
+    """
+
+    input: str
+    output: str
+    weights: str = "imagenet"
+    engine: str = DEFAULT_ENGINE
+    image_size: int = 224
+    batch_size: int = 32
+    max_records_per_batch: int = 256
+    fast_decode: bool = False
+    tasks_per_core: int = 4
+    max_rejected_fraction: float = 1.0
+    reuse_features: bool = False
+    max_image_pixels: int = 89_478_485
+
+    def __post_init__(self) -> None:
+        _check_location("input", self.input)
+        _check_location("output", self.output)
+        _require(
+            self.input.rstrip("/") != self.output.rstrip("/"),
+            "output must differ from input: the output folder is replaced on every run",
+        )
+        _check_location("weights", self.weights)
+        _require(
+            self.engine in ENGINES,
+            f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}",
+        )
+        _require(
+            _is_int(self.image_size) and self.image_size in IMAGE_SIZES,
+            f"image_size must be one of {IMAGE_SIZES} (224 is the size the weights were "
+            f"trained at), got {self.image_size!r}",
+        )
+        _require(
+            _is_int(self.batch_size) and 1 <= self.batch_size <= 4096,
+            f"batch_size must be an integer from 1 to 4096, got {self.batch_size!r}",
+        )
+        _require(
+            _is_int(self.max_records_per_batch) and 1 <= self.max_records_per_batch <= 100_000,
+            "max_records_per_batch must be an integer from 1 to 100000, "
+            f"got {self.max_records_per_batch!r}",
+        )
+        _require(
+            isinstance(self.fast_decode, bool),
+            f"fast_decode must be True or False, got {self.fast_decode!r}",
+        )
+        _require(
+            isinstance(self.reuse_features, bool),
+            f"reuse_features must be True or False, got {self.reuse_features!r}",
+        )
+        _require(
+            _is_int(self.tasks_per_core) and 1 <= self.tasks_per_core <= 64,
+            f"tasks_per_core must be an integer from 1 to 64, got {self.tasks_per_core!r}",
+        )
+        _require(
+            _is_number(self.max_rejected_fraction) and 0 <= self.max_rejected_fraction <= 1,
+            "max_rejected_fraction must be a number in [0, 1] (1 = never fail on rejects), "
+            f"got {self.max_rejected_fraction!r}",
+        )
+        _require(
+            _is_int(self.max_image_pixels) and self.max_image_pixels >= 64 * 64,
+            f"max_image_pixels must be an integer >= 4096, got {self.max_image_pixels!r}",
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ReduceParams:
+    """Parameters of the StandardScaler + PCA stage (notebook 02).
+
+    Parameters
+    ----------
+    output : str
+        The run's output folder or URI; reads ``features/`` there, writes the rest.
+    k : int or None
+        Fixed number of components; ``None`` chooses the smallest k whose cumulative
+        explained variance reaches ``variance``.
+    variance : float
+        Cumulative explained-variance threshold in (0, 1], used when ``k`` is None.
+    projection_points : int
+        Most points drawn in the 2-D projection plot (a sample keeps it readable).
+    """
+
+    output: str
+    k: int | None = None
+    variance: float = 0.95
+    projection_points: int = field(default=5000)
+
+    def __post_init__(self) -> None:
+        _check_location("output", self.output)
+        _require(
+            self.k is None or (_is_int(self.k) and 1 <= self.k <= FEATURE_DIM),
+            f"k must be an integer from 1 to {FEATURE_DIM} (the feature dimension), "
+            f"or None to choose k from the variance threshold; got {self.k!r}",
+        )
+        _require(
+            _is_number(self.variance) and 0 < self.variance <= 1,
+            f"variance must be a fraction in (0, 1], e.g. 0.95; got {self.variance!r}",
+        )
+        _require(
+            _is_int(self.projection_points) and self.projection_points >= 10,
+            f"projection_points must be an integer >= 10, got {self.projection_points!r}",
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def field_names(params_type: type) -> tuple[str, ...]:
+    """Names of a params dataclass's fields, for the CLI and notebooks to map options."""
+    return tuple(f.name for f in fields(params_type))

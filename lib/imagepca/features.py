@@ -1,0 +1,282 @@
+"""MobileNetV2 features (ImageNet weights, classification head removed) on the executors.
+
+The driver resolves the weights (failing before any Spark job when they cannot be had),
+builds the model once and broadcasts it: Keras weights for the ``keras`` engine, or the
+same model converted to a TFLite flatbuffer for the ``tflite`` engine (cached on disk,
+keyed by the weights' hash and the input size). Each Python worker builds its runner once
+and keeps it across tasks; a Scalar-Iterator pandas UDF decodes and featurizes the rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from .config import FEATURE_DIM, ExtractParams
+from .images import ImageDecodeError, decode_image
+from .session import task_cpus
+from .storage import Storage
+
+KERAS_WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+KERAS_WEIGHTS_ORIGIN = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+    + KERAS_WEIGHTS_FILE
+)
+FEATURES_SCHEMA = "features array<float>, reason string"
+
+
+class WeightsError(RuntimeError):
+    """The MobileNetV2 weights cannot be found or fetched; the message says how to fix it."""
+
+
+def cache_dir() -> Path:
+    """Where converted models and fetched weights are kept (``$IMAGEPCA_CACHE``)."""
+    root = os.environ.get("IMAGEPCA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "imagepca"
+    )
+    return Path(root)
+
+
+def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
+    """Return a local ``.h5`` file holding MobileNetV2 no-top weights.
+
+    ``"imagenet"`` goes through Keras' cache (``$KERAS_HOME/models``), downloading only when
+    the file is absent, exactly as ``MobileNetV2(weights="imagenet")`` does. The 224-pixel
+    weights are used for every input size: the network is fully convolutional.
+    A URI (``s3://``, ``hdfs://``, ``file://``) is copied through Hadoop's FileSystem.
+    """
+    if source == "imagenet":
+        from keras.utils import get_file
+
+        try:
+            return Path(get_file(KERAS_WEIGHTS_FILE, KERAS_WEIGHTS_ORIGIN, cache_subdir="models"))
+        except Exception as error:
+            keras_home = os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras"))
+            raise WeightsError(
+                f"MobileNetV2 ImageNet weights are not in the Keras cache and could not be "
+                f"downloaded ({type(error).__name__}: {error}). Either copy "
+                f"{KERAS_WEIGHTS_FILE} into {keras_home}/models/, or pass the file itself: "
+                "weights=/path/to/weights.h5 (or an s3:// URI)."
+            ) from None
+    if "://" in source and not source.startswith("file://"):
+        if spark is None:
+            raise WeightsError(f"weights URI {source!r} needs a SparkSession to be read")
+        storage = Storage(spark)
+        if not storage.exists(source):
+            raise WeightsError(
+                f"weights file {source!r} does not exist. Stage it there (imagepca emr stage "
+                "does), or pass weights=imagenet."
+            )
+        target = cache_dir() / "weights" / hashlib.sha256(source.encode()).hexdigest()[:16]
+        local = target / source.rsplit("/", 1)[-1]
+        if not local.exists() or local.stat().st_size != storage.size(source):
+            target.mkdir(parents=True, exist_ok=True)
+            storage.copy_to_local(source, str(local))
+        return local
+    path = Path(source.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"weights file {str(path)!r} does not exist. Pass weights=imagenet to use the "
+            f"Keras cache, or the path of {KERAS_WEIGHTS_FILE}."
+        )
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_keras_model(image_size: int, weights_file: Path | None):
+    """MobileNetV2 without its top, global average pooling, preprocessing inside.
+
+    Input: RGB pixels in [0, 255] (float32). ``preprocess_input`` is part of the graph, so
+    every engine (and the converted TFLite model) applies exactly MobileNetV2's own
+    preprocessing.
+    """
+    import keras
+
+    base = keras.applications.MobileNetV2(
+        include_top=False,
+        weights=None,
+        pooling="avg",
+        input_shape=(image_size, image_size, 3),
+    )
+    if weights_file is not None:
+        base.load_weights(str(weights_file))
+    pixels = keras.Input((image_size, image_size, 3), dtype="float32", name="pixels")
+    scaled = keras.applications.mobilenet_v2.preprocess_input(pixels)
+    return keras.Model(pixels, base(scaled), name=f"mobilenetv2_features_{image_size}")
+
+
+def tflite_model(weights_file: Path, image_size: int) -> bytes:
+    """The Keras model converted to a float32 TFLite flatbuffer, cached on disk.
+
+    Conversion takes several seconds; the cache key (weights hash, size, TensorFlow
+    version) makes it a once-per-machine cost.
+    """
+    import tensorflow as tf
+
+    key = f"{file_sha256(weights_file)[:16]}-{image_size}-tf{tf.__version__}"
+    cached = cache_dir() / "tflite" / f"mobilenetv2-{key}.tflite"
+    if cached.is_file():
+        return cached.read_bytes()
+    converter = tf.lite.TFLiteConverter.from_keras_model(
+        build_keras_model(image_size, weights_file)
+    )
+    flatbuffer = converter.convert()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=cached.parent, delete=False) as handle:
+        handle.write(flatbuffer)
+    os.replace(handle.name, cached)
+    return flatbuffer
+
+
+@dataclass(frozen=True)
+class ModelPayload:
+    """What the driver broadcasts: enough for a worker to rebuild the model offline."""
+
+    engine: str
+    image_size: int
+    weights_sha256: str
+    keras_weights: list | None = None
+    tflite: bytes | None = None
+
+
+def load_model_payload(params: ExtractParams, weights_file: Path) -> ModelPayload:
+    """Build (or load from cache) the model on the driver, once per run."""
+    sha = file_sha256(weights_file)
+    if params.engine == "tflite":
+        return ModelPayload(
+            "tflite", params.image_size, sha, tflite=tflite_model(weights_file, params.image_size)
+        )
+    model = build_keras_model(params.image_size, weights_file)
+    return ModelPayload("keras", params.image_size, sha, keras_weights=model.get_weights())
+
+
+# -- executor side -----------------------------------------------------------------------
+
+_RUNNERS: dict[tuple, object] = {}
+_RUNNERS_LOCK = threading.Lock()
+
+
+class KerasRunner:
+    """Keras reference engine; oneDNN is switched on before TensorFlow is imported."""
+
+    def __init__(self, payload: ModelPayload, threads: int):
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        self.model = build_keras_model(payload.image_size, None)
+        self.model.set_weights(payload.keras_weights)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model.predict_on_batch(pixels), dtype=np.float32)
+
+
+class TFLiteRunner:
+    """TFLite/LiteRT interpreter (XNNPACK), batch 1: the fastest per core on CPUs."""
+
+    def __init__(self, payload: ModelPayload, threads: int):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:  # LiteRT not installed: TensorFlow's own copy
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            import warnings
+
+            import tensorflow as tf
+
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+            Interpreter = tf.lite.Interpreter
+        self.interpreter = Interpreter(model_content=payload.tflite, num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.input_index = self.interpreter.get_input_details()[0]["index"]
+        self.output_index = self.interpreter.get_output_details()[0]["index"]
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        out = np.empty((len(pixels), FEATURE_DIM), dtype=np.float32)
+        for i in range(len(pixels)):
+            self.interpreter.set_tensor(self.input_index, pixels[i : i + 1])
+            self.interpreter.invoke()
+            out[i] = self.interpreter.get_tensor(self.output_index)[0]
+        return out
+
+
+ENGINE_RUNNERS = {"keras": KerasRunner, "tflite": TFLiteRunner}
+
+
+def get_runner(payload: ModelPayload, threads: int):
+    """One runner per Python worker and model, reused by every task the worker runs."""
+    key = (payload.engine, payload.image_size, payload.weights_sha256, threads)
+    with _RUNNERS_LOCK:
+        if key not in _RUNNERS:
+            _RUNNERS.clear()
+            _RUNNERS[key] = ENGINE_RUNNERS[payload.engine](payload, threads)
+        return _RUNNERS[key]
+
+
+def featurize_batch(
+    contents: pd.Series,
+    runner,
+    *,
+    image_size: int,
+    batch_size: int,
+    fast_decode: bool,
+    max_pixels: int,
+) -> pd.DataFrame:
+    """Decode and featurize one Arrow batch; undecodable images get a reason instead."""
+    features: list[np.ndarray | None] = [None] * len(contents)
+    reasons: list[str | None] = [None] * len(contents)
+    decoded: list[tuple[int, np.ndarray]] = []
+    for position, data in enumerate(contents):
+        try:
+            decoded.append(
+                (
+                    position,
+                    decode_image(data, image_size, fast_decode=fast_decode, max_pixels=max_pixels),
+                )
+            )
+        except ImageDecodeError as error:
+            reasons[position] = str(error)
+    for start in range(0, len(decoded), batch_size):
+        chunk = decoded[start : start + batch_size]
+        pixels = np.stack([array for _, array in chunk]).astype(np.float32)
+        for (position, _), vector in zip(chunk, runner(pixels), strict=True):
+            features[position] = vector
+    return pd.DataFrame({"features": features, "reason": reasons})
+
+
+def features_udf(spark: SparkSession, params: ExtractParams, payload: ModelPayload):
+    """A Scalar-Iterator pandas UDF: ``content`` -> struct(features, reason)."""
+    broadcast = spark.sparkContext.broadcast(payload)
+    threads = task_cpus(spark)
+    options = dict(
+        image_size=params.image_size,
+        batch_size=params.batch_size,
+        fast_decode=params.fast_decode,
+        max_pixels=params.max_image_pixels,
+    )
+
+    @F.pandas_udf(FEATURES_SCHEMA)
+    def mobilenet_v2_features(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        runner = get_runner(broadcast.value, threads)
+        for contents in batches:
+            yield featurize_batch(contents, runner, **options)
+
+    return mobilenet_v2_features

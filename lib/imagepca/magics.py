@@ -1,0 +1,44 @@
+"""``%matplot plt`` in a plain IPython kernel, so one notebook source serves both kernels.
+
+In the sparkmagic PySpark kernel ``%matplot plt`` is Livy's magic: it renders the current
+pyplot figure on the remote driver and sends it back as ``image/png``. A local ``python3``
+kernel has no such magic, so importing :mod:`imagepca` registers an equivalent there.
+Outside IPython (Livy's own shell, scripts, Spark workers) this does nothing.
+"""
+
+from __future__ import annotations
+
+
+def matplot(line: str) -> None:
+    """Show the current figure of the pyplot module named in ``line`` and close it.
+
+    Closing matters twice: the inline backend would otherwise draw the figure again at the
+    end of the cell, and the next ``%matplot`` must not show a stale figure.
+    """
+    import sys
+
+    from IPython.display import display
+
+    name = line.strip() or "plt"
+    shell = _shell()
+    pyplot = (shell.user_ns.get(name) if shell else None) or sys.modules["matplotlib.pyplot"]
+    figure = pyplot.gcf()
+    display(figure)
+    pyplot.close(figure)
+
+
+def _shell():
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+def register_matplot_magic() -> bool:
+    """Register ``%matplot`` in the running IPython kernel, unless one exists already."""
+    shell = _shell()
+    if shell is None or "matplot" in shell.magics_manager.magics["line"]:
+        return False
+    shell.register_magic_function(matplot, magic_kind="line", magic_name="matplot")
+    return True

@@ -1,0 +1,315 @@
+"""The two stages of a run, top to bottom: extract features, then reduce them.
+
+Notebook 01 calls :func:`extract_features`, notebook 02 :func:`reduce_features`; the
+CLI runs both notebooks. Each stage reads and writes only the output location, so either
+can be re-run alone, and each publishes its datasets whole (see :mod:`imagepca.storage`).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+
+import pandas as pd
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from .config import ExtractParams, ReduceParams
+from .features import features_udf, file_sha256, load_model_payload, resolve_weights
+from .images import ImageListing, list_images, read_images, scan_settings
+from .reduction import PCAFit, fit_pca
+from .session import default_parallelism
+from .storage import Storage, join
+
+EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
+REUSE_KEYS = ("input", "weights_sha256", "engine", "image_size", "fast_decode", "max_image_pixels")
+
+
+class RejectedShareError(RuntimeError):
+    """More images were rejected than the run allows (``max_rejected_fraction``)."""
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in (
+        "imagepca",
+        "pyspark",
+        "tensorflow",
+        "keras",
+        "ai-edge-litert",
+        "numpy",
+        "pandas",
+        "pyarrow",
+        "pillow",
+    ):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@contextmanager
+def spark_settings(spark: SparkSession, settings: dict[str, str]):
+    """Set session settings for the jobs run inside the block, then restore them."""
+    previous = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+
+
+# -- stage 1: images -> features ---------------------------------------------------------
+
+
+@dataclass
+class Extraction:
+    """What feature extraction produced; ``metadata`` is stored beside the features."""
+
+    listing: ImageListing
+    metadata: dict
+    reused: bool = False
+
+    @property
+    def n_images(self) -> int:
+        return self.metadata["n_images"]
+
+    @property
+    def n_rejected(self) -> int:
+        return self.metadata["n_rejected"]
+
+    def summary(self) -> str:
+        m = self.metadata
+        rejected = ", ".join(f"{n} {kind}" for kind, n in m["rejected_by_kind"].items()) or "none"
+        how = (
+            "reused from a previous run"
+            if self.reused
+            else (f"{m['timings_s']['featurize_s']:.1f} s, {m['images_per_s']:.1f} images/s")
+        )
+        return (
+            f"{m['n_files_found']} image files in {m['n_classes']} classes: "
+            f"{m['n_images']} featurized, {m['n_rejected']} rejected ({rejected}); {how}"
+        )
+
+
+def extract_features(spark: SparkSession, params: ExtractParams) -> Extraction:
+    """Featurize every image under ``params.input`` into ``OUTPUT/features`` and ``rejected``.
+
+    The weights are resolved first, so a missing weights file fails before any Spark job.
+    Every image file found ends up in exactly one of the two datasets.
+    """
+    timer = _Timer()
+    storage = Storage(spark)
+    with timer.stage("weights_s"):
+        weights_file = resolve_weights(params.weights, spark)
+        weights_sha = file_sha256(weights_file)
+    with timer.stage("list_s"):
+        listing = list_images(spark, params.input)
+    storage.begin_run(params.output)
+
+    if params.reuse_features:
+        stored = _stored_extraction(storage, params.output)
+        wanted = {**params.as_dict(), "weights_sha256": weights_sha}
+        if (
+            stored
+            and all(stored["params"].get(key) == wanted[key] for key in REUSE_KEYS)
+            and (stored["n_files_found"] == len(listing))
+        ):
+            return Extraction(listing, stored, reused=True)
+
+    with timer.stage("model_s"):
+        payload = load_model_payload(params, weights_file)
+    udf = features_udf(spark, params, payload)
+    scored = (
+        read_images(spark, params.input)
+        .select("path", "label", udf("content").alias("out"))
+        .select("path", "label", "out.features", "out.reason")
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    settings = {
+        **scan_settings(len(listing), default_parallelism(spark), params.tasks_per_core),
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(params.max_records_per_batch),
+    }
+    try:
+        with spark_settings(spark, settings), timer.stage("featurize_s"):
+            scored.count()
+        with timer.stage("write_s"):
+            rejected = _rejected(spark, storage, listing, scored)
+            features = scored.filter(F.col("reason").isNull()).select("path", "label", "features")
+            n_images = features.count()
+            n_rejected = rejected.count()
+            by_kind = {
+                row["kind"]: row["count"]
+                for row in rejected.groupBy(F.split("reason", ":")[0].alias("kind"))
+                .count()
+                .orderBy("kind")
+                .collect()
+            }
+            labels = {
+                row["label"]: row["count"]
+                for row in features.groupBy("label").count().orderBy("label").collect()
+            }
+            metadata = {
+                "input": params.input,
+                "n_files_found": len(listing),
+                "n_images": n_images,
+                "n_rejected": n_rejected,
+                "rejected_by_kind": by_kind,
+                "n_classes": len(labels),
+                "images_per_label": labels,
+                "params": {**params.as_dict(), "weights_sha256": weights_sha},
+                "versions": library_versions(),
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+
+            def write_features(uri: str) -> None:
+                features.write.parquet(uri)
+                storage.write_json(join(uri, EXTRACTION_FILE), metadata)
+
+            storage.publish(params.output, "rejected", lambda uri: rejected.write.parquet(uri))
+            storage.publish(params.output, "features", write_features)
+    finally:
+        scored.unpersist()
+    metadata["timings_s"] = timer.timings
+    metadata["images_per_s"] = round(len(listing) / max(timer.timings["featurize_s"], 1e-9), 2)
+    storage.write_json(join(params.output, "features", EXTRACTION_FILE), metadata)
+    extraction = Extraction(listing, metadata)
+    share = n_rejected / len(listing)
+    if share > params.max_rejected_fraction:
+        raise RejectedShareError(
+            f"{n_rejected} of {len(listing)} image files ({share:.1%}) were rejected, more than "
+            f"max_rejected_fraction={params.max_rejected_fraction:g}; see "
+            f"{join(params.output, 'rejected')} for the reasons"
+        )
+    return extraction
+
+
+def _stored_extraction(storage: Storage, output: str) -> dict | None:
+    uri = join(output, "features", EXTRACTION_FILE)
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def _rejected(
+    spark: SparkSession, storage: Storage, listing: ImageListing, scored: DataFrame
+) -> DataFrame:
+    """Undecodable images, plus files the scan never returned (empty or unreadable)."""
+    found = spark.createDataFrame([(path,) for path in listing.files], "path string")
+    missing = [
+        row["path"] for row in found.join(scored.select("path"), "path", "left_anti").collect()
+    ]
+    unread = [(path, _unread_reason(storage, path)) for path in missing]
+    return (
+        scored.filter(F.col("reason").isNotNull())
+        .select("path", "reason")
+        .unionByName(spark.createDataFrame(unread, "path string, reason string"))
+    )
+
+
+def _unread_reason(storage: Storage, path: str) -> str:
+    try:
+        size = storage.size(path)
+    except Exception as error:  # vanished or inaccessible since the listing
+        return f"unreadable file: {type(error).__name__} while reading it"
+    return "empty file: 0 bytes" if size == 0 else "unreadable file: Spark could not read it"
+
+
+def read_features(spark: SparkSession, output: str) -> DataFrame:
+    """The ``features/`` dataset of a run (``path``, ``label``, ``features``)."""
+    return spark.read.parquet(join(output, "features"))
+
+
+# -- stage 2: features -> scaler + PCA ---------------------------------------------------
+
+
+@dataclass
+class Reduction:
+    fit: PCAFit
+    params: ReduceParams
+    projection: pd.DataFrame
+    metrics: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        m = self.metrics
+        return (
+            f"{m['n_images']} images, {m['n_classes']} classes: k = {m['k']} components "
+            f"keep {m['variance_reached']:.1%} of the variance"
+        )
+
+
+def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
+    """Fit scaler + PCA on ``OUTPUT/features``; write ``pca_model/`` and ``reduced/``."""
+    timer = _Timer()
+    storage = Storage(spark)
+    extraction = _stored_extraction(storage, params.output)
+    if extraction is None:
+        raise FileNotFoundError(
+            f"no features under {join(params.output, 'features')}: run notebook "
+            "01_extract_features (or `imagepca run`) with this output first"
+        )
+    storage.begin_run(params.output)
+    features = read_features(spark, params.output)
+    with timer.stage("fit_s"):
+        fit = fit_pca(features, k=params.k, variance=params.variance)
+    with timer.stage("reduce_write_s"):
+        storage.publish(params.output, "pca_model", lambda uri: fit.model.save(uri))
+        reduced_uri = storage.publish_dataframe(fit.transform(features), params.output, "reduced")
+    reduced = spark.read.parquet(reduced_uri)
+    n_reduced = reduced.count()
+    fraction = min(1.0, params.projection_points / max(n_reduced, 1))
+    points = (
+        reduced.sample(fraction=fraction, seed=0)
+        .select(
+            "label",
+            F.col("pca")[0].alias("pc1"),
+            F.coalesce(F.col("pca")[1], F.lit(0.0)).alias("pc2"),
+        )
+        .toPandas()
+    )
+    cumulative = fit.cumulative_variance
+    metrics = {
+        "n_files_found": extraction["n_files_found"],
+        "n_images": extraction["n_images"],
+        "n_rejected": extraction["n_rejected"],
+        "rejected_by_kind": extraction["rejected_by_kind"],
+        "n_classes": extraction["n_classes"],
+        "images_per_label": extraction["images_per_label"],
+        "k": fit.k,
+        "k_mode": "fixed" if params.k else "variance",
+        "variance_threshold": params.variance,
+        "variance_reached": fit.variance_reached,
+        "explained_variance": fit.explained_variance,
+        "cumulative_variance": cumulative,
+        "timings_s": {**extraction.get("timings_s", {}), **timer.timings},
+        "images_per_s": extraction.get("images_per_s"),
+        "params": {"extract": extraction["params"], "reduce": params.as_dict()},
+        "versions": library_versions(),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return Reduction(fit=fit, params=params, projection=points, metrics=metrics)
+
+
+def finish_run(spark: SparkSession, output: str, metrics: dict) -> None:
+    """Write ``metrics.json`` then ``_SUCCESS``: from here on the output is complete."""
+    Storage(spark).finish_run(output, metrics)

@@ -1,0 +1,78 @@
+"""The SparkSession: the cluster's when there is one (EMR, Livy), a local one otherwise.
+
+Notebooks call :func:`get_spark` instead of building a session, so the same cell works in a
+local ``python3`` kernel, in papermill on the EMR primary node (``--master yarn``) and in the
+sparkmagic PySpark kernel, where Livy has already created ``spark``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+DEFAULT_MASTER = "local[*]"
+
+# Settings the pipeline relies on; cluster-wide values (spark-defaults on EMR) still win
+# for a session that already exists.
+_BASE_CONF = {
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.parquet.compression.codec": "zstd",
+    "spark.python.worker.reuse": "true",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.session.timeZone": "UTC",
+}
+
+
+def get_spark(
+    master: str | None = None,
+    *,
+    app_name: str = "imagepca",
+    driver_memory: str = "4g",
+    conf: dict[str, str] | None = None,
+) -> SparkSession:
+    """Return the active SparkSession, or build one on ``master``.
+
+    Parameters
+    ----------
+    master : str, optional
+        ``local[*]`` (default), ``local[N,R]`` (N cores, R attempts per task), ``yarn``,
+        ``spark://host:port``... Ignored when a session is already active: Livy and EMR
+        notebooks own their session.
+    app_name : str
+        Shown in the Spark and YARN UIs.
+    driver_memory : str
+        Heap of the driver JVM, which in local mode also runs the executors.
+    conf : dict, optional
+        Extra Spark settings for a new session.
+    """
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    # Executors' Python workers must run the driver's interpreter, or pandas UDFs cannot
+    # import this package and its pinned libraries.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    master = master or os.environ.get("IMAGEPCA_MASTER") or DEFAULT_MASTER
+    builder = SparkSession.builder.appName(app_name).master(master)
+    settings = dict(_BASE_CONF)
+    if master.startswith("local"):
+        # A laptop run serves nothing to the network: driver, UI and block manager on loopback.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        settings["spark.driver.memory"] = driver_memory
+    settings.update(conf or {})
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def default_parallelism(spark: SparkSession) -> int:
+    """Cores Spark can run tasks on right now (executors x cores, or local threads)."""
+    return max(1, spark.sparkContext.defaultParallelism)
+
+
+def task_cpus(spark: SparkSession) -> int:
+    """Cores each Spark task owns: the threads one model interpreter may use."""
+    return max(1, int(spark.conf.get("spark.task.cpus", "1")))

@@ -1,0 +1,141 @@
+"""Reading and writing the output location through Hadoop's FileSystem API.
+
+One code path for every URI Spark understands (local paths, ``file://``, ``hdfs://``,
+``s3://`` through EMRFS on EMR, ``s3a://``): the driver uses the same FileSystem classes
+the executors write with. Datasets are written to a staging folder and published by
+rename at the end, and the run's completion markers are removed first and written last,
+so an interrupted run never leaves an output that looks complete or mixes two runs.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from urllib.parse import unquote, urlsplit
+
+from pyspark.sql import DataFrame, SparkSession
+
+SUCCESS_MARKER = "_SUCCESS"
+METRICS_FILE = "metrics.json"
+STAGING_DIR = "_staging"
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI/path segments with ``/`` (URIs are not OS paths)."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def normalize_uri(uri: str) -> str:
+    """Spell a file URI the way Hadoop's ``Path.toString`` and Spark's ``path`` columns do.
+
+    ``DataFrame.inputFiles`` returns percent-encoded URIs (``file:///a%20b``) while the
+    ``binaryFile`` reader's ``path`` column is decoded (``file:/a b``); comparing the two
+    needs one spelling.
+    """
+    parts = urlsplit(uri)
+    if not parts.scheme:
+        return uri
+    authority = f"//{parts.netloc}" if parts.netloc else ""
+    return f"{parts.scheme}:{authority}{unquote(parts.path)}"
+
+
+class Storage:
+    """Small file-system operations on any Hadoop URI, run on the driver."""
+
+    def __init__(self, spark: SparkSession):
+        self._jvm = spark.sparkContext._jvm
+        self._conf = spark.sparkContext._jsc.hadoopConfiguration()
+
+    def _path(self, uri: str):
+        return self._jvm.org.apache.hadoop.fs.Path(uri)
+
+    def _fs(self, path):
+        fs = path.getFileSystem(self._conf)
+        # The local checksummed FS would add a hidden .crc file beside every small file.
+        return fs.getRawFileSystem() if fs.getUri().getScheme() == "file" else fs
+
+    def exists(self, uri: str) -> bool:
+        path = self._path(uri)
+        return bool(self._fs(path).exists(path))
+
+    def size(self, uri: str) -> int:
+        path = self._path(uri)
+        return int(self._fs(path).getFileStatus(path).getLen())
+
+    def delete(self, uri: str) -> None:
+        path = self._path(uri)
+        fs = self._fs(path)
+        if fs.exists(path):
+            fs.delete(path, True)
+
+    def rename(self, src: str, dst: str) -> None:
+        source, target = self._path(src), self._path(dst)
+        fs = self._fs(source)
+        fs.mkdirs(target.getParent())
+        if not fs.rename(source, target):
+            raise OSError(f"could not move {src} to {dst}")
+
+    def read_bytes(self, uri: str) -> bytes:
+        path = self._path(uri)
+        stream = self._fs(path).open(path)
+        try:
+            return bytes(self._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
+        finally:
+            stream.close()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write a whole file; readers see the old or the new content, never a part."""
+        path = self._path(uri)
+        fs = self._fs(path)
+        scheme = fs.getUri().getScheme() or ""
+        # Object stores publish a PUT atomically; file systems need write-then-rename.
+        target = path if scheme.startswith("s3") else self._path(f"{uri}.{uuid.uuid4().hex}.tmp")
+        stream = fs.create(target, True)
+        try:
+            stream.write(bytearray(data))
+        finally:
+            stream.close()
+        if target is not path:
+            fs.delete(path, False)
+            if not fs.rename(target, path):
+                raise OSError(f"could not write {uri}")
+
+    def copy_to_local(self, uri: str, local_path: str) -> None:
+        path = self._path(uri)
+        self._fs(path).copyToLocalFile(False, path, self._path(f"file://{local_path}"), True)
+
+    def read_json(self, uri: str) -> dict:
+        return json.loads(self.read_bytes(uri).decode("utf-8"))
+
+    def write_json(self, uri: str, document: dict) -> None:
+        self.write_bytes(uri, json.dumps(document, indent=2, sort_keys=True).encode("utf-8"))
+
+    # -- run-level protocol -------------------------------------------------------------
+
+    def begin_run(self, output: str) -> None:
+        """Withdraw the completion markers before anything is replaced."""
+        self.delete(join(output, SUCCESS_MARKER))
+        self.delete(join(output, METRICS_FILE))
+
+    def publish(self, output: str, name: str, write: Callable[[str], None]) -> str:
+        """Write a dataset with ``write(staging_uri)``, then swap it in as ``OUTPUT/name``.
+
+        A crash before the swap leaves the previous ``name`` untouched (and only debris
+        under ``_staging/``); the swap itself is a delete plus a rename.
+        """
+        staging = join(output, STAGING_DIR, f"{name}-{uuid.uuid4().hex[:12]}")
+        write(staging)
+        final = join(output, name)
+        self.delete(final)
+        self.rename(staging, final)
+        return final
+
+    def publish_dataframe(self, df: DataFrame, output: str, name: str) -> str:
+        return self.publish(output, name, lambda uri: df.write.parquet(uri))
+
+    def finish_run(self, output: str, metrics: dict) -> None:
+        """Write ``metrics.json`` and then ``_SUCCESS``: the last two files of a run."""
+        self.delete(join(output, STAGING_DIR))
+        self.write_json(join(output, METRICS_FILE), metrics)
+        self.write_bytes(join(output, SUCCESS_MARKER), b"")
