@@ -1,0 +1,177 @@
+"""`imagepca aws setup` and `aws upload` against a moto server over real HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+
+import boto3
+import pytest
+from imagepca import aws
+from moto_server import ACCOUNT_ID, REGION, aws_env, moto_endpoint  # noqa: F401
+
+BUCKET = "imagepca-test-bucket"
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="imagepca")
+    aws.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_setup_creates_private_encrypted_tls_only_bucket_and_roles():
+    assert cli("aws", "setup", "--bucket", BUCKET, "--region", REGION) == 0
+    s3 = boto3.client("s3", region_name=REGION)
+
+    block = s3.get_public_access_block(Bucket=BUCKET)["PublicAccessBlockConfiguration"]
+    assert block == {
+        "BlockPublicAcls": True,
+        "IgnorePublicAcls": True,
+        "BlockPublicPolicy": True,
+        "RestrictPublicBuckets": True,
+    }
+    rules = s3.get_bucket_encryption(Bucket=BUCKET)["ServerSideEncryptionConfiguration"]["Rules"]
+    assert rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    policy = json.loads(s3.get_bucket_policy(Bucket=BUCKET)["Policy"])
+    (deny,) = policy["Statement"]
+    assert deny["Effect"] == "Deny"
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert f"arn:aws:s3:::{BUCKET}/*" in deny["Resource"]
+    assert s3.get_bucket_versioning(Bucket=BUCKET).get("Status") is None
+
+    iam = boto3.client("iam", region_name=REGION)
+    attached = iam.list_attached_role_policies(RoleName="imagepca-emr-service-role")
+    assert [p["PolicyArn"] for p in attached["AttachedPolicies"]] == [
+        aws.EMR_MANAGED_SERVICE_POLICY
+    ]
+    trust = iam.get_role(RoleName="imagepca-emr-service-role")["Role"]["AssumeRolePolicyDocument"]
+    assert trust["Statement"][0]["Principal"]["Service"] == "elasticmapreduce.amazonaws.com"
+    profile = iam.get_instance_profile(InstanceProfileName="imagepca-emr-ec2-profile")
+    assert [r["RoleName"] for r in profile["InstanceProfile"]["Roles"]] == ["imagepca-emr-ec2-role"]
+    inline = iam.get_role_policy(
+        RoleName="imagepca-emr-ec2-role", PolicyName="imagepca-bucket-prefixes"
+    )["PolicyDocument"]
+    sids = {s["Sid"] for s in inline["Statement"]}
+    assert "UseProjectKmsKey" not in sids  # no KMS key given: statement dropped
+    arn = f"arn:aws:iam::{ACCOUNT_ID}:policy/imagepca-operator"
+    assert iam.get_policy(PolicyArn=arn)["Policy"]["PolicyName"] == "imagepca-operator"
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_setup_is_idempotent():
+    assert cli("aws", "setup", "--bucket", BUCKET, "--region", REGION) == 0
+    assert cli("aws", "setup", "--bucket", BUCKET, "--region", REGION) == 0
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_setup_with_kms_versioning_outside_us_east_1():
+    key = f"arn:aws:kms:eu-west-1:{ACCOUNT_ID}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    argv = ["aws", "setup", "--bucket", BUCKET, "--region", "eu-west-1", "--kms-key", key]
+    assert cli(*argv, "--versioning") == 0
+    s3 = boto3.client("s3", region_name="eu-west-1")
+    assert s3.get_bucket_location(Bucket=BUCKET)["LocationConstraint"] == "eu-west-1"
+    rule = s3.get_bucket_encryption(Bucket=BUCKET)["ServerSideEncryptionConfiguration"]["Rules"][0]
+    assert rule["ApplyServerSideEncryptionByDefault"] == {
+        "SSEAlgorithm": "aws:kms",
+        "KMSMasterKeyID": key,
+    }
+    assert s3.get_bucket_versioning(Bucket=BUCKET)["Status"] == "Enabled"
+    iam = boto3.client("iam", region_name="eu-west-1")
+    inline = iam.get_role_policy(
+        RoleName="imagepca-emr-ec2-role", PolicyName="imagepca-bucket-prefixes"
+    )["PolicyDocument"]
+    kms = [s for s in inline["Statement"] if s["Sid"] == "UseProjectKmsKey"]
+    assert kms and kms[0]["Resource"] == key
+
+
+def test_dry_run_prints_aws_cli_equivalents_without_calling_aws(monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # would fail if called
+    argv = ["aws", "setup", "--bucket", BUCKET, "--region", "eu-west-1"]
+    assert cli(*argv, "--account-id", ACCOUNT_ID, "--dry-run") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    commands = [shlex.split(line) for line in lines]
+    assert all(c[0] == "aws" and c[-2:] == ["--region", "eu-west-1"] for c in commands)
+    verbs = [" ".join(c[1:3]) for c in commands]
+    assert verbs == [
+        "s3api create-bucket",
+        "s3api put-public-access-block",
+        "s3api put-bucket-ownership-controls",
+        "s3api put-bucket-encryption",
+        "s3api put-bucket-policy",
+        "iam create-role",
+        "iam attach-role-policy",
+        "iam put-role-policy",
+        "iam create-role",
+        "iam put-role-policy",
+        "iam create-instance-profile",
+        "iam add-role-to-instance-profile",
+        "iam create-policy",
+    ]
+    create = commands[0]
+    config = create[create.index("--create-bucket-configuration") + 1]
+    assert json.loads(config) == {"LocationConstraint": "eu-west-1"}
+    policy = commands[4][commands[4].index("--policy") + 1]
+    assert json.loads(policy)["Statement"][0]["Condition"]["Bool"]["aws:SecureTransport"] == (
+        "false"
+    )
+
+
+def test_setup_rejects_bad_names(capsys):
+    assert cli("aws", "setup", "--bucket", "Bad_Bucket", "--region", REGION, "--dry-run") == 1
+    assert "invalid bucket name" in capsys.readouterr().err
+
+
+def make_tree(root):
+    files = {
+        "apple/a 1.jpg": b"x" * 10,
+        "banana/bänänä ö.jpg": b"y" * 20,
+        "日本/写真 1.png": b"z" * 30,
+        "nested/deeper/c.jpg": b"w" * 5,
+    }
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_upload_skips_existing_same_size_and_handles_unicode(tmp_path, capsys):
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket=BUCKET)
+    files = make_tree(tmp_path / "photos")
+
+    assert cli("aws", "upload", str(tmp_path / "photos"), f"s3://{BUCKET}/input/photos") == 0
+    err = capsys.readouterr().err
+    assert "uploaded 4 file(s)" in err and "[1/4]" in err
+    listed = {
+        o["Key"]: o["Size"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="input/")["Contents"]
+    }
+    assert listed == {f"input/photos/{k}": len(v) for k, v in files.items()}
+    body = s3.get_object(Bucket=BUCKET, Key="input/photos/日本/写真 1.png")["Body"].read()
+    assert body == files["日本/写真 1.png"]
+
+    assert cli("aws", "upload", str(tmp_path / "photos"), f"s3://{BUCKET}/input/photos/") == 0
+    assert "uploaded 0 file(s), 0 bytes; skipped 4" in capsys.readouterr().err
+
+    (tmp_path / "photos" / "apple" / "a 1.jpg").write_bytes(b"x" * 11)
+    result = aws.upload(tmp_path / "photos", f"s3://{BUCKET}/input/photos/", s3_client=s3)
+    assert result.uploaded == ["input/photos/apple/a 1.jpg"]
+    assert len(result.skipped) == 3
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_upload_reports_missing_source(tmp_path, capsys):
+    assert cli("aws", "upload", str(tmp_path / "nope"), f"s3://{BUCKET}/input/") == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_help_for_every_aws_command(capsys):
+    for argv in (["aws", "--help"], ["aws", "setup", "--help"], ["aws", "upload", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli(*argv)
+        assert exit_info.value.code == 0
+    assert "skipping" in capsys.readouterr().out
