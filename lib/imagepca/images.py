@@ -94,7 +94,7 @@ def list_images(spark: SparkSession, input_uri: str) -> ImageListing:
         files = _reader(spark).load(input_uri).inputFiles()
     except AnalysisException as error:
         raise InputError(
-            f"input location {input_uri!r} cannot be read: {error.getMessage().splitlines()[0]}. "
+            f"input location {input_uri!r} cannot be read: {str(error).splitlines()[0]}. "
             "Pass a folder (or s3:// prefix) that holds one sub-folder of images per class."
         ) from None
     if not files:

@@ -15,15 +15,19 @@ def matplot(line: str) -> None:
     Closing matters twice: the inline backend would otherwise draw the figure again at the
     end of the cell, and the next ``%matplot`` must not show a stale figure.
     """
+    import io
     import sys
 
-    from IPython.display import display
+    from IPython.display import Image, display
 
     name = line.strip() or "plt"
     shell = _shell()
     pyplot = (shell.user_ns.get(name) if shell else None) or sys.modules["matplotlib.pyplot"]
     figure = pyplot.gcf()
-    display(figure)
+    # PNG bytes, as Livy sends them: independent of the kernel's matplotlib backend.
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    display(Image(data=buffer.getvalue(), format="png"))
     pyplot.close(figure)
 
 

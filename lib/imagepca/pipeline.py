@@ -19,10 +19,10 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from .config import ExtractParams, ReduceParams
+from .config import FEATURE_DIM, ExtractParams, ReduceParams
 from .features import features_udf, file_sha256, load_model_payload, resolve_weights
 from .images import ImageListing, list_images, read_images, scan_settings
-from .reduction import PCAFit, fit_pca
+from .reduction import PCAFit, check_k, fit_pca
 from .session import default_parallelism
 from .storage import Storage, join
 
@@ -268,6 +268,7 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
             f"no features under {join(params.output, 'features')}: run notebook "
             "01_extract_features (or `imagepca run`) with this output first"
         )
+    check_k(params.k, extraction["n_images"], FEATURE_DIM)
     storage.begin_run(params.output)
     features = read_features(spark, params.output)
     with timer.stage("fit_s"):

@@ -1,0 +1,98 @@
+"""Parameters, k selection, labels and URI spelling: the small pure pieces."""
+
+from __future__ import annotations
+
+import pytest
+
+from imagepca.config import ExtractParams, ParameterError, ReduceParams
+from imagepca.images import extension_glob, label_of, scan_settings
+from imagepca.reduction import check_k, choose_k
+from imagepca.storage import join, normalize_uri
+
+
+def test_defaults_are_valid():
+    params = ExtractParams(input="data/sample", output="out")
+    assert params.engine == "tflite" and params.image_size == 224
+    assert ReduceParams(output="out").variance == 0.95
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"input": ""}, "input must be a non-empty"),
+        ({"output": "data/sample"}, "output must differ from input"),
+        ({"engine": "onnx"}, "engine must be one of tflite, keras"),
+        ({"image_size": 100}, "image_size must be one of"),
+        ({"batch_size": 0}, "batch_size must be an integer from 1"),
+        ({"batch_size": 2.5}, "batch_size must be an integer"),
+        ({"max_records_per_batch": 0}, "max_records_per_batch"),
+        ({"fast_decode": "yes"}, "fast_decode must be True or False"),
+        ({"max_rejected_fraction": 1.5}, "max_rejected_fraction must be a number in [0, 1]"),
+        ({"tasks_per_core": 0}, "tasks_per_core"),
+        ({"max_image_pixels": 10}, "max_image_pixels"),
+    ],
+)
+def test_extract_params_say_what_is_wrong(changes, message):
+    with pytest.raises(ParameterError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ExtractParams(**{"input": "data/sample", "output": "out", **changes})
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"k": 0}, "k must be an integer from 1 to 1280"),
+        ({"k": 1281}, "k must be an integer from 1 to 1280"),
+        ({"k": True}, "k must be an integer"),
+        ({"variance": 0}, r"variance must be a fraction in \(0, 1\]"),
+        ({"variance": 1.01}, r"variance must be a fraction in \(0, 1\]"),
+        ({"variance": float("nan")}, "variance must be a fraction"),
+    ],
+)
+def test_reduce_params_say_what_is_wrong(changes, message):
+    with pytest.raises(ParameterError, match=message):
+        ReduceParams(**{"output": "out", **changes})
+
+
+def test_choose_k_is_the_smallest_reaching_the_threshold():
+    cumulative = [0.5, 0.8, 0.9, 0.95, 1.0]
+    assert choose_k(cumulative, 0.5) == 1
+    assert choose_k(cumulative, 0.85) == 3
+    assert choose_k(cumulative, 0.95) == 4
+    assert choose_k(cumulative, 1.0) == 5
+    # A sum of ratios a hair under 1.0 still reaches 1.0.
+    assert choose_k([0.6, 0.9999999999], 1.0) == 2
+
+
+def test_check_k_against_the_data():
+    check_k(10, n_images=10, n_features=1280)
+    with pytest.raises(ParameterError, match="k=11 is larger than the data allows"):
+        check_k(11, n_images=10, n_features=1280)
+    with pytest.raises(ParameterError, match="at least 2 featurized images"):
+        check_k(None, n_images=1, n_features=1280)
+
+
+def test_label_is_the_parent_folder():
+    assert label_of("s3://bucket/fruits/Apple Braeburn/r_1_100.jpg") == "Apple Braeburn"
+    assert label_of("file:/data/Äpfel grün/1.JPG") == "Äpfel grün"
+
+
+def test_extension_glob_is_case_insensitive():
+    glob = extension_glob((".jpg", ".png"))
+    assert glob == "*.{[jJ][pP][gG],[pP][nN][gG]}"
+
+
+def test_uri_spelling_matches_spark_path_column():
+    assert normalize_uri("file:///tmp/a%20b/%C3%A9%25x.jpg") == "file:/tmp/a b/é%x.jpg"
+    assert normalize_uri("s3://bucket/a%20b/c.jpg") == "s3://bucket/a b/c.jpg"
+    assert normalize_uri("hdfs://nn:8020/x/y.png") == "hdfs://nn:8020/x/y.png"
+    assert join("s3://b/out/", "/features") == "s3://b/out/features"
+
+
+def test_scan_settings_pack_files_by_count():
+    settings = scan_settings(n_files=10_000, cores=2, tasks_per_core=4)
+    assert settings["spark.sql.files.minPartitionNum"] == "8"
+    open_cost = int(settings["spark.sql.files.openCostInBytes"])
+    max_bytes = int(settings["spark.sql.files.maxPartitionBytes"])
+    # Each file costs at least the open cost, so a partition holds about 10000 / 8 files.
+    assert 1200 <= max_bytes // open_cost <= 1300
+    assert scan_settings(n_files=3, cores=2, tasks_per_core=4)["spark.sql.files.minPartitionNum"] == "3"

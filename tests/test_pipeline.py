@@ -1,0 +1,133 @@
+"""The real photos through both stages with the real weights (Spark, local[2])."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from pyspark.ml import PipelineModel
+from pyspark.ml.classification import LogisticRegression
+from pyspark.ml.functions import array_to_vector
+
+from conftest import FRUIT_PHOTOS, WEIGHTS
+from imagepca.config import ExtractParams, ParameterError, ReduceParams
+from imagepca.features import WeightsError, resolve_weights
+from imagepca.images import InputError, list_images
+from imagepca.pipeline import extract_features, reduce_features
+from imagepca.reduction import reduce_with
+
+PHOTO_COUNT = sum(1 for p in FRUIT_PHOTOS.rglob("*") if p.is_file())
+
+
+def test_listing_finds_every_photo_with_its_label(spark):
+    listing = list_images(spark, str(FRUIT_PHOTOS))
+    assert len(listing) == PHOTO_COUNT == 240
+    assert listing.labels() == {"apple": 75, "banana": 73, "mixed": 20, "orange": 72}
+
+
+def test_every_image_is_accounted_for(photos_run):
+    output = Path(photos_run["output"])
+    features = pd.read_parquet(output / "features")  # pandas, no Spark: arrays of floats
+    rejected = pd.read_parquet(output / "rejected")
+    assert len(features) + len(rejected) == PHOTO_COUNT
+    assert len(features) == photos_run["extraction"].n_images
+    assert set(features["label"]) == {"apple", "banana", "mixed", "orange"}
+    assert features["path"].is_unique
+
+
+def test_features_are_1280_finite_and_informative(photos_run):
+    features = pd.read_parquet(Path(photos_run["output"]) / "features")
+    matrix = np.stack(features["features"].to_numpy())
+    assert matrix.shape[1] == 1280 and matrix.dtype == np.float32
+    assert np.isfinite(matrix).all()
+    assert (matrix >= 0).all()  # ReLU6 activations, average-pooled
+    assert matrix.std(axis=0).max() > 0.1  # not constant across images
+    assert len(np.unique(matrix.round(4), axis=0)) == len(matrix)  # no two photos alike
+
+
+def test_explained_variance_is_a_sorted_spectrum(photos_run):
+    metrics = json.loads((Path(photos_run["output"]) / "metrics.json").read_text())
+    explained = np.array(metrics["explained_variance"])
+    assert len(explained) == min(metrics["n_images"], 1280)
+    assert (np.diff(explained) <= 1e-12).all()
+    assert explained.sum() <= 1 + 1e-9
+    cumulative = np.array(metrics["cumulative_variance"])
+    k = metrics["k"]
+    assert cumulative[k - 1] >= 0.9 > (cumulative[k - 2] if k > 1 else 0)
+    assert metrics["variance_threshold"] == 0.9
+    for key in ("n_images", "n_rejected", "n_classes", "timings_s", "images_per_s", "params", "versions"):
+        assert key in metrics
+    assert metrics["versions"]["pyspark"].startswith("3.5")
+
+
+def test_reloaded_model_reproduces_reduced(spark, photos_run):
+    output = photos_run["output"]
+    model = PipelineModel.load(f"{output}/pca_model")
+    features = spark.read.parquet(f"{output}/features")
+    again = reduce_with(model, features).toPandas().set_index("path").sort_index()
+    stored = pd.read_parquet(Path(output) / "reduced").set_index("path").sort_index()
+    k = photos_run["reduction"].fit.k
+    assert len(stored) == len(features.collect())
+    assert all(len(v) == k for v in stored["pca"])
+    np.testing.assert_allclose(
+        np.stack(again["pca"].to_numpy()), np.stack(stored["pca"].to_numpy()), atol=1e-4
+    )
+
+
+def test_reduced_features_separate_single_fruits(spark, photos_run):
+    reduced = spark.read.parquet(f"{photos_run['output']}/reduced").where("label != 'mixed'")
+    data = reduced.select(
+        array_to_vector("pca").alias("x"),
+        (reduced.label == "banana").cast("double").alias("banana"),
+        (reduced.label == "orange").cast("double").alias("orange"),
+        "label",
+    )
+    from pyspark.ml.feature import StringIndexer
+
+    indexed = StringIndexer(inputCol="label", outputCol="y").fit(data).transform(data)
+    train, test = indexed.randomSplit([0.7, 0.3], seed=7)
+    model = LogisticRegression(featuresCol="x", labelCol="y", maxIter=200).fit(train)
+    predictions = model.transform(test).select("y", "prediction").toPandas()
+    accuracy = (predictions["y"] == predictions["prediction"]).mean()
+    assert len(predictions) > 30
+    assert accuracy > 0.8, f"accuracy {accuracy:.3f} (chance is 1/3)"
+
+
+def test_missing_weights_fail_before_any_spark_job(spark, tmp_path):
+    tracker = spark.sparkContext.statusTracker()
+    before = set(tracker.getJobIdsForGroup(None))
+    params = ExtractParams(
+        input=str(FRUIT_PHOTOS), output=str(tmp_path / "out"), weights=str(tmp_path / "nope.h5")
+    )
+    with pytest.raises(WeightsError, match="does not exist. Pass weights=imagenet"):
+        extract_features(spark, params)
+    assert set(tracker.getJobIdsForGroup(None)) == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_imagenet_weights_come_from_the_keras_cache(test_environment):
+    path = resolve_weights("imagenet")
+    assert path.parent == Path(test_environment["KERAS_HOME"]) / "models"
+    assert path.resolve() == WEIGHTS
+
+
+def test_weights_given_as_a_uri_are_fetched_through_hadoop(spark):
+    local = resolve_weights(WEIGHTS.as_uri(), spark)
+    assert local.stat().st_size == WEIGHTS.stat().st_size
+
+
+def test_bad_input_locations_are_named(spark, tmp_path):
+    with pytest.raises(InputError, match="cannot be read"):
+        list_images(spark, str(tmp_path / "missing"))
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "empty" / "cls" / "notes.txt").write_text("no images here")
+    with pytest.raises(InputError, match="no image files .* under .*empty"):
+        list_images(spark, str(tmp_path / "empty"))
+
+
+def test_k_larger_than_the_data_is_refused(spark, photos_run):
+    with pytest.raises(ParameterError, match="k=1000 is larger than the data allows"):
+        reduce_features(spark, ReduceParams(output=photos_run["output"], k=1000))
