@@ -185,9 +185,16 @@ class KerasRunner:
         tf.config.threading.set_inter_op_parallelism_threads(1)
         self.model = build_keras_model(payload.image_size, None)
         self.model.set_weights(payload.keras_weights)
+        side = payload.image_size
+        # One graph for every batch size: predict_on_batch would trace again for each new
+        # (tail) batch shape, seconds each.
+        self.predict = tf.function(
+            lambda pixels: self.model(pixels, training=False),
+            input_signature=[tf.TensorSpec([None, side, side, 3], tf.float32)],
+        )
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model.predict_on_batch(pixels), dtype=np.float32)
+        return self.predict(pixels).numpy()
 
 
 class TFLiteRunner:
