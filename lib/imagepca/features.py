@@ -181,8 +181,11 @@ class KerasRunner:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # TensorFlow already running in this worker: its pools stay
+            pass
         self.model = build_keras_model(payload.image_size, None)
         self.model.set_weights(payload.keras_weights)
         side = payload.image_size
