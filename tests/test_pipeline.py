@@ -58,7 +58,15 @@ def test_explained_variance_is_a_sorted_spectrum(photos_run):
     k = metrics["k"]
     assert cumulative[k - 1] >= 0.9 > (cumulative[k - 2] if k > 1 else 0)
     assert metrics["variance_threshold"] == 0.9
-    for key in ("n_images", "n_rejected", "n_classes", "timings_s", "images_per_s", "params", "versions"):
+    for key in (
+        "n_images",
+        "n_rejected",
+        "n_classes",
+        "timings_s",
+        "images_per_s",
+        "params",
+        "versions",
+    ):
         assert key in metrics
     assert metrics["versions"]["pyspark"].startswith("3.5")
 
@@ -131,3 +139,21 @@ def test_bad_input_locations_are_named(spark, tmp_path):
 def test_k_larger_than_the_data_is_refused(spark, photos_run):
     with pytest.raises(ParameterError, match="k=1000 is larger than the data allows"):
         reduce_features(spark, ReduceParams(output=photos_run["output"], k=1000))
+
+
+def test_pca_spectrum_matches_numpy_and_repeats(spark, photos_run):
+    """Guards the decomposition: Breeze's SVD once gave a wrong spectrum on a cold JVM."""
+    from imagepca.reduction import fit_pca
+
+    output = photos_run["output"]
+    matrix = np.stack(pd.read_parquet(Path(output) / "features")["features"].to_numpy())
+    matrix = matrix.astype(np.float64)
+    std = matrix.std(axis=0, ddof=1)
+    scaled = (matrix - matrix.mean(axis=0)) / np.where(std > 0, std, 1)
+    singular = np.linalg.svd(scaled, compute_uv=False)
+    expected = singular**2 / (singular**2).sum()
+    first = np.array(photos_run["reduction"].fit.explained_variance)
+    np.testing.assert_allclose(first[:50], expected[:50], atol=1e-6)
+    again = fit_pca(spark.read.parquet(f"{output}/features"), k=None, variance=0.9)
+    np.testing.assert_allclose(again.explained_variance, first, atol=1e-9)
+    assert again.k == photos_run["reduction"].fit.k
