@@ -11,7 +11,12 @@ module per stage of the data flow:
 - :mod:`imagepca.plots`     figures
 - :mod:`imagepca.storage`   output location: staged writes, markers
 - :mod:`imagepca.pipeline`  the two stages, top to bottom
+- :mod:`imagepca.classify`  classifier on the reduced features (notebook 03)
 - :mod:`imagepca.runner`    papermill execution of the notebooks
+- :mod:`imagepca.livy`      the same notebooks through sparkmagic and Livy
+- :mod:`imagepca.aws`       S3 bucket, IAM roles, upload
+- :mod:`imagepca.emr`       EMR configuration, staging, cluster and runs
+- :mod:`imagepca.sample`    the generated sample data set
 - :mod:`imagepca.cli`       ``python -m imagepca``
 """
 

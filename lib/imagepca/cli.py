@@ -74,6 +74,24 @@ def _add_run(subparsers) -> None:
     run.add_argument(
         "--kernel", default="python3", help="Jupyter kernel (python3 or pysparkkernel)"
     )
+    livy = run.add_argument_group("Livy (--kernel pysparkkernel: sparkmagic, e.g. EMR)")
+    livy.add_argument(
+        "--livy-url", help="Livy URL (default http://localhost:8998: an SSH tunnel to EMR)"
+    )
+    livy.add_argument(
+        "--livy-conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Spark setting of the Livy session (repeatable), e.g. spark.executor.memory=4g",
+    )
+    livy.add_argument("--livy-driver-memory", help="Livy session driverMemory, e.g. 4g")
+    livy.add_argument(
+        "--livy-startup-timeout",
+        type=int,
+        default=600,
+        help="seconds the Livy session may take to start (at least 300; default 600)",
+    )
     run.add_argument("--execution-timeout", type=int, help="seconds one notebook cell may run")
     run.add_argument("--skip-classify", action="store_true", help="do not run notebook 03")
     run.add_argument(
@@ -83,7 +101,7 @@ def _add_run(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import runner
+    from . import livy, runner
 
     extract = ExtractParams(
         input=args.input,
@@ -107,14 +125,23 @@ def _run(args: argparse.Namespace) -> int:
         and runner.has_notebook(args.notebooks, runner.CLASSIFY_NOTEBOOK),
     )
     started = time.perf_counter()
-    metrics = runner.run_notebooks(
-        runs,
-        args.output,
-        notebooks=args.notebooks,
-        kernel=args.kernel,
-        execution_timeout=args.execution_timeout,
-        log_output=args.log_output,
-    )
+    with livy.kernel_environment(
+        args.kernel,
+        livy_url=args.livy_url,
+        livy_conf=args.livy_conf,
+        driver_memory=args.livy_driver_memory,
+        startup_timeout=args.livy_startup_timeout,
+        master=args.master,
+    ) as env:
+        metrics = runner.run_notebooks(
+            runs,
+            args.output,
+            notebooks=args.notebooks,
+            kernel=args.kernel,
+            execution_timeout=args.execution_timeout,
+            log_output=args.log_output,
+            env=env,
+        )
     print(runner.summary(metrics, args.output))
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0

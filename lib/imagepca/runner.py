@@ -174,6 +174,9 @@ def summary(metrics: dict, output: str) -> str:
             f"classifier on reduced features: accuracy {scores['reduced']['accuracy']:.3f}, "
             f"macro F1 {scores['reduced']['f1_macro']:.3f}"
         )
-    lines.append(f"plots: {join(output, 'explained_variance.png')}, projection.png, samples.png")
+    plots = "projection.png, samples.png"
+    if "classification" in metrics:
+        plots += ", confusion_matrix.png, k_sweep.png"
+    lines.append(f"plots: {join(output, 'explained_variance.png')}, {plots}")
     lines.append(f"outputs: {output}")
     return "\n".join(lines)

@@ -1,0 +1,358 @@
+"""The notebooks in sparkmagic's PySpark kernel, as on EMR: papermill -> pysparkkernel ->
+Livy REST API -> a PySpark driver.
+
+Livy is :mod:`livy_server` (a local implementation of the REST API sparkmagic uses, whose
+sessions run real PySpark); everything else is the real thing: the shipped notebooks,
+sparkmagic 0.23, papermill, the shared weights and the generated sample. The Livy run's
+outputs are compared with the local-kernel run (``sample_run``) on the same data.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from livy_server import LivyServer
+
+from imagepca import livy, runner
+from imagepca.cli import main
+
+NOTEBOOKS = (runner.EXTRACT_NOTEBOOK, runner.REDUCE_NOTEBOOK)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def livy_server(test_environment, tmp_path_factory):
+    """The Livy test server for the whole test session; its sessions inherit the test
+    environment (Keras cache with the shared weights, Spark on loopback)."""
+    server = LivyServer(tmp_path_factory.mktemp("livy"), max_lifetime=3600).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def livy_sample_run(livy_server, sample_dir, tmp_path_factory):
+    """``imagepca run --kernel pysparkkernel`` on the sample, through the Livy server."""
+    output = tmp_path_factory.mktemp("livy_run") / "out"
+    first_new = len(livy_server.sessions) + len(livy_server.ended)
+    status = main(
+        [
+            "run",
+            "--kernel",
+            "pysparkkernel",
+            "--livy-url",
+            livy_server.url,
+            "--input",
+            str(sample_dir),
+            "--output",
+            str(output),
+            "--skip-classify",
+        ]
+    )
+    livy_server.wait_for_ended()
+    sessions = [s for i, s in sorted(livy_server.ended.items()) if i >= first_new]
+    return {"status": status, "output": output, "sessions": sessions}
+
+
+def _notebook(path: Path) -> nbformat.NotebookNode:
+    return nbformat.read(str(path), as_version=4)
+
+
+def _outputs(notebook) -> list[dict]:
+    return [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def _text(notebook) -> str:
+    return "".join(
+        "".join(o.get("text", "")) for o in _outputs(notebook) if o["output_type"] == "stream"
+    )
+
+
+# -- configuration and kernelspec (fast) -------------------------------------------------
+
+
+def test_sparkmagic_config_keys():
+    config = livy.sparkmagic_config(
+        "http://localhost:8998/",
+        session_name="imagepca-test",
+        spark_conf={"spark.executor.memory": "4g"},
+        driver_memory="2g",
+    )
+    assert config["kernel_python_credentials"] == {
+        "username": "",
+        "password": "",
+        "url": "http://localhost:8998",
+        "auth": "None",
+    }
+    assert config["livy_session_startup_timeout_seconds"] >= 300
+    assert config["all_errors_are_fatal"] is True
+    assert config["shutdown_session_on_spark_statement_errors"] is True
+    assert config["cleanup_all_sessions_on_exit"] is True
+    assert config["use_auto_viz"] is False
+    assert config["coerce_dataframe"] is True
+    assert config["heartbeat_refresh_seconds"] > 0
+    assert config["heartbeat_retry_seconds"] > 0
+    assert config["livy_server_heartbeat_timeout_seconds"] > 0
+    session = config["session_configs"]
+    assert session["name"] == "imagepca-test"
+    assert session["driverMemory"] == "2g"
+    assert session["conf"]["spark.executor.memory"] == "4g"
+    assert session["conf"]["spark.sql.execution.arrow.pyspark.enabled"] == "true"
+    with pytest.raises(ValueError, match="300"):
+        livy.sparkmagic_config("http://localhost:8998", startup_timeout=60)
+    with pytest.raises(ValueError, match="http"):
+        livy.sparkmagic_config("localhost:8998")
+
+
+def test_session_conf_matches_local_sessions():
+    """A Livy session gets the settings get_spark gives the sessions it builds."""
+    from imagepca import session
+
+    assert livy.SESSION_SPARK_CONF == session._BASE_CONF
+
+
+def test_kernel_reads_the_generated_config(tmp_path, monkeypatch):
+    """sparkmagic, in the kernel's interpreter and environment, reads this run's config;
+    Jupyter finds the kernelspec on JUPYTER_PATH without a system-wide install."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    conf_dir = tmp_path / "sparkmagic"
+    livy.write_sparkmagic_config(
+        conf_dir, livy.sparkmagic_config("http://127.0.0.1:1", session_name="imagepca-x")
+    )
+    spec_dir = livy.install_kernelspec(tmp_path / "jupyter", conf_dir)
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    spec = KernelSpecManager().get_kernel_spec(livy.KERNEL_NAME)
+    assert Path(spec.resource_dir) == spec_dir
+    assert spec.argv[0] == sys.executable
+    assert spec.env == {"SPARKMAGIC_CONF_DIR": str(conf_dir)}
+    probe = (
+        "import sparkmagic.utils.configuration as c; import json; print(json.dumps(["
+        "c.base64_kernel_python_credentials()['url'], c.all_errors_are_fatal(), "
+        "c.livy_session_startup_timeout_seconds(), c.get_session_properties('python')]))"
+    )
+    env = {**os.environ, **spec.env}
+    out = subprocess.run(
+        [spec.argv[0], "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    url, fatal, timeout, properties = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (url, fatal, timeout) == ("http://127.0.0.1:1", True, 600)
+    assert properties["kind"] == "pyspark"
+    assert properties["name"] == "imagepca-x"
+
+
+def test_cli_refuses_what_cannot_apply(sample_dir, tmp_path, capsys):
+    base = ["run", "--input", str(sample_dir), "--output", str(tmp_path / "out")]
+    assert main([*base, "--livy-url", "http://localhost:8998"]) == 1
+    assert "--kernel pysparkkernel" in capsys.readouterr().err
+    assert main([*base, "--kernel", "pysparkkernel", "--master", "local[2]"]) == 1
+    assert "--master does not apply" in capsys.readouterr().err
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main([*base, "--kernel", "pysparkkernel", "--livy-url", f"http://127.0.0.1:{port}"])
+    assert "ssh -i KEY -N -L 8998:localhost:8998" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# -- the Livy protocol of the test server ------------------------------------------------
+
+
+def test_livy_protocol(livy_server):
+    """Livy's session and statement state machines and JSON shapes, as sparkmagic reads
+    them, on a real PySpark session (multi-line code, trailing expression, %matplot,
+    errors, cancel, delete)."""
+    import time
+    from urllib.request import Request, urlopen
+
+    def call(method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = Request(livy_server.url + path, data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        with urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+
+    status, created = call("POST", "/sessions", {"kind": "pyspark", "name": "protocol"})
+    assert status == 201
+    assert created["state"] == "starting" and created["kind"] == "pyspark"
+    assert set(created) >= {"id", "name", "appId", "owner", "proxyUser", "state", "log"}
+    session = f"/sessions/{created['id']}"
+    deadline = time.monotonic() + 300
+    while call("GET", session + "/state")[1]["state"] == "starting":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    info = call("GET", session)[1]
+    assert info["state"] == "idle" and info["appId"].startswith("local-")
+
+    def run(code):
+        status, statement = call("POST", session + "/statements", {"code": code})
+        assert status == 201 and statement["state"] in ("waiting", "running")
+        deadline = time.monotonic() + 300
+        while statement["state"] not in ("available", "error", "cancelled"):
+            assert time.monotonic() < deadline, statement
+            time.sleep(0.1)
+            statement = call("GET", f"{session}/statements/{statement['id']}")[1]
+        return statement
+
+    ok = run("total = 0\nfor i in range(4):\n    total += i\nprint('sum')\ntotal")
+    assert ok["output"] == {
+        "status": "ok",
+        "execution_count": ok["id"],
+        "data": {"text/plain": "sum\n6"},
+    }
+    assert run("spark.range(5).count()")["output"]["data"]["text/plain"] == "5"
+    plot = run("import matplotlib.pyplot as plt\nplt.figure()\nplt.plot([1, 3])\n%matplot plt")
+    assert base64.b64decode(plot["output"]["data"]["image/png"]).startswith(PNG_MAGIC)
+    failed = run("def f():\n    raise ValueError('bad value')\nf()")
+    assert failed["state"] == "available"
+    assert failed["output"]["status"] == "error"
+    assert (failed["output"]["ename"], failed["output"]["evalue"]) == ("ValueError", "bad value")
+    assert failed["output"]["traceback"][-1] == "ValueError: bad value\n"
+    _, slow = call("POST", session + "/statements", {"code": "import time\ntime.sleep(120)"})
+    deadline = time.monotonic() + 300
+    while call("GET", f"{session}/statements/{slow['id']}")[1]["state"] == "waiting":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert call("GET", session + "/state")[1]["state"] == "busy"
+    assert call("POST", f"{session}/statements/{slow['id']}/cancel") == (200, {"msg": "canceled"})
+    assert run("total")["output"]["data"]["text/plain"] == "6"  # runs after the cancel
+    cancelled = call("GET", f"{session}/statements/{slow['id']}")[1]
+    assert cancelled["state"] == "cancelled"
+    assert cancelled["completed"] - cancelled["started"] < 60_000  # interrupted, not finished
+    listing = call("GET", session + "/statements")[1]
+    assert listing["total_statements"] == len(listing["statements"]) == 6
+    log = call("GET", session + "/log?from=0&size=1000")[1]
+    assert log["id"] == created["id"] and isinstance(log["log"], list)
+    assert call("DELETE", session) == (200, {"msg": "deleted"})
+    assert created["id"] not in {s["id"] for s in livy.list_sessions(livy_server.url)}
+    livy_server.wait_for_ended()
+    states = livy_server.ended[created["id"]].states
+    assert states[:4] == ["starting", "idle", "busy", "idle"]
+    assert states[-2:] == ["shutting_down", "dead"]
+
+
+# -- papermill through the PySpark kernel ------------------------------------------------
+
+
+def test_notebooks_run_in_pyspark_kernel(livy_sample_run, livy_server, sample_dir, sample_run):
+    assert livy_sample_run["status"] == 0
+    output = livy_sample_run["output"]
+    layout = {
+        "features",
+        "rejected",
+        "pca_model",
+        "reduced",
+        "metrics.json",
+        "explained_variance.png",
+        "projection.png",
+        "samples.png",
+        "notebooks",
+        "_SUCCESS",
+    }
+    assert {p.name for p in output.iterdir()} == layout
+    assert layout <= {p.name for p in sample_run.iterdir()}  # as a local-kernel run
+    assert sorted(p.name for p in (output / "notebooks").iterdir()) == sorted(NOTEBOOKS)
+
+    for name, plots in zip(NOTEBOOKS, (1, 2), strict=True):
+        notebook = _notebook(output / "notebooks" / name)
+        assert notebook.metadata.papermill.parameters["output"] == str(output)
+        injected = [
+            c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])
+        ]
+        assert len(injected) == 1 and f'output = "{output}"' in injected[0].source
+        assert not notebook.metadata.papermill.get("exception")
+        code = [c for c in notebook.cells if c.cell_type == "code"]
+        assert all(c.metadata.papermill.status == "completed" for c in code)
+        assert all(o["output_type"] != "error" for o in _outputs(notebook))
+        # sparkmagic's own messages: the cells really went through a Livy session
+        assert "SparkSession available as 'spark'." in _text(notebook)
+        images = [
+            o.data["image/png"] for o in _outputs(notebook) if "image/png" in o.get("data", {})
+        ]
+        assert len(images) == plots
+        assert all(base64.b64decode(image).startswith(PNG_MAGIC) for image in images)
+
+    extract = _notebook(output / "notebooks" / runner.EXTRACT_NOTEBOOK)
+    assert f"240 image files under {sample_dir}" in _text(extract)  # ran with the parameters
+
+    # one Livy session per notebook, named for the run, each deleted: none left behind
+    sessions = livy_sample_run["sessions"]
+    assert len(sessions) == 2
+    assert all(s.name.startswith(livy.SESSION_NAME_PREFIX + "-") for s in sessions)
+    assert all(s.states[-1] == "dead" for s in sessions)
+    assert any(f'input = "{sample_dir}"' in st.code for st in sessions[0].statements)
+    assert livy.list_sessions(livy_server.url) == []
+
+
+def test_failing_cell_fails_the_run(livy_server, tmp_path):
+    """A raising cell fails papermill with the Python error in the executed notebook, the
+    cells after it do not run, and the session is deleted."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "language": "python"}
+    notebook.cells = [
+        nbformat.v4.new_code_cell("n = 1", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("total = 0\nfor i in range(n):\n    total += i\ntotal"),
+        nbformat.v4.new_code_cell("raise ValueError(f'no such class: {n}')"),
+        nbformat.v4.new_code_cell("print('after the error')"),
+    ]
+    nbformat.write(notebook, str(notebooks / "fails.ipynb"))
+    output = tmp_path / "out"
+    before = set(livy_server.ended)
+    with (
+        livy.livy_environment(livy_server.url) as run,
+        pytest.raises(runner.NotebookFailed, match="ValueError: no such class: 7"),
+    ):
+        runner.run_notebooks(
+            [runner.NotebookRun("fails.ipynb", {"n": 7})],
+            str(output),
+            notebooks=str(notebooks),
+            kernel=livy.KERNEL_NAME,
+            env=run.env,
+        )
+    executed = _notebook(output / "notebooks" / "fails.ipynb")
+    assert executed.metadata.papermill.exception is True
+    cells = [c for c in executed.cells if c.cell_type == "code"]
+    sums = [c for c in cells if c.source.startswith("total = 0")]
+    assert "21" in "".join(o.get("text", "") for o in sums[0].outputs)  # multi-line cell
+    errors = [o for c in cells for o in c.outputs if o["output_type"] == "error"]
+    assert len(errors) == 1
+    assert "ValueError: no such class: 7" in errors[0]["evalue"]
+    assert cells[-1].metadata.papermill.status == "pending"
+    assert not cells[-1].outputs
+    livy_server.wait_for_ended()
+    new = [livy_server.ended[i] for i in set(livy_server.ended) - before]
+    assert len(new) == 1 and new[0].states[-1] == "dead"
+    assert livy.list_sessions(livy_server.url) == []
+
+
+def test_livy_and_local_kernels_agree(livy_sample_run, sample_run):
+    livy_out, local_out = livy_sample_run["output"], sample_run
+    livy_metrics = json.loads((livy_out / "metrics.json").read_text())
+    local_metrics = json.loads((local_out / "metrics.json").read_text())
+    for key in ("n_files_found", "n_images", "n_rejected", "n_classes", "images_per_label", "k"):
+        assert livy_metrics[key] == local_metrics[key], key
+    np.testing.assert_allclose(
+        livy_metrics["explained_variance"], local_metrics["explained_variance"], atol=1e-6
+    )
+
+    def features(output: Path) -> pd.DataFrame:
+        frame = pd.read_parquet(output / "features")
+        return frame.sort_values("path").reset_index(drop=True)
+
+    remote, local = features(livy_out), features(local_out)
+    assert list(remote["path"]) == list(local["path"])
+    assert list(remote["label"]) == list(local["label"])
+    difference = np.abs(np.stack(remote["features"]) - np.stack(local["features"]))
+    assert difference.shape == (240, 1280)
+    assert difference.max() <= 1e-4
