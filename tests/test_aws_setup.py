@@ -8,6 +8,7 @@ import shlex
 
 import boto3
 import pytest
+
 from imagepca import aws
 from moto_server import ACCOUNT_ID, REGION, aws_env, moto_endpoint  # noqa: F401
 

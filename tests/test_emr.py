@@ -15,6 +15,7 @@ import botocore.session
 import pytest
 from botocore.stub import Stubber
 from botocore.validate import ParamValidator
+
 from imagepca import emr
 from moto_server import REGION, aws_env, moto_endpoint, set_step_states  # noqa: F401
 
@@ -302,12 +303,43 @@ def test_run_reports_a_failed_step(capsys):
         weights=f"s3://{BUCKET}/w.h5", notebooks=f"s3://{BUCKET}/artifacts/0.1.0/notebooks",
     )  # fmt: skip
     client = boto3.client("emr")
-    threading.Timer(0.1, set_step_states, (cluster_id, "FAILED")).start()
+    def fail_step_soon() -> None:  # retried: under load the step may not exist yet
+        for _ in range(400):
+            time.sleep(0.05)
+            if set_step_states(cluster_id, "FAILED"):
+                return
+
+    threading.Thread(target=fail_step_soon, daemon=True).start()
     with pytest.raises(emr.EmrError, match="ended FAILED"):
         emr.run_step(
             cluster_id, options, "r2", emr_client=client, s3_client=boto3.client("s3"),
-            poll_seconds=0.05, max_attempts=100, log_bucket=BUCKET, out=io.StringIO(),
+            poll_seconds=0.05, max_attempts=400, log_bucket=BUCKET, out=io.StringIO(),
         )  # fmt: skip
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_run_via_livy_runs_papermill_here_with_the_pyspark_kernel(monkeypatch, capsys):
+    import imagepca.cli
+
+    _, cluster_id, _ = start_cluster()
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    s3.put_object(Bucket=BUCKET, Key="runs/r3/_SUCCESS", Body=b"")
+    seen = []
+    monkeypatch.setattr(imagepca.cli, "main", lambda argv: seen.append(argv) or 0)
+    code = cli(
+        "emr", "run", "--cluster-id", cluster_id, "--run-id", "r3", "--via", "livy",
+        "--bucket", BUCKET, "--region", REGION, "--subnet-id", SETTINGS["subnet_id"],
+        "--version", "0.1.0", "--input", f"s3://{BUCKET}/input/photos/", "--k", "8",
+    )  # fmt: skip
+    assert code == 0
+    (argv,) = seen
+    assert argv[:5] == ["run", "--kernel", "pysparkkernel", "--livy-url", "http://localhost:8998"]
+    assert argv[argv.index("--output") + 1] == f"s3://{BUCKET}/runs/r3"
+    assert argv[argv.index("--k") + 1] == "8"
+    assert argv[-1] == "--skip-classify"  # 03_classify.ipynb is not staged in this bucket
+    assert f"s3://{BUCKET}/runs/r3/_SUCCESS" in capsys.readouterr().out
+    assert boto3.client("emr").list_steps(ClusterId=cluster_id)["Steps"] == []
 
 
 def test_run_options_flow_unchanged():

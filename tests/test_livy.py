@@ -21,10 +21,10 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
-from livy_server import LivyServer
 
 from imagepca import livy, runner
 from imagepca.cli import main
+from livy_server import LivyServer
 
 NOTEBOOKS = (runner.EXTRACT_NOTEBOOK, runner.REDUCE_NOTEBOOK)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from imagepca import aws
 from parliament import analyze_policy_string, enhance_finding
+
+from imagepca import aws
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY_FILES = sorted(

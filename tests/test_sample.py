@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from imagepca.sample import CLASS_NAMES, SampleSummary, write_sample
 from PIL import Image
+
+from imagepca.sample import CLASS_NAMES, SampleSummary, write_sample
 
 SMALL = {"classes": 6, "per_class": 3, "size": 48}
 

@@ -894,6 +894,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         list_outputs(options.output, s3_client=_s3_client(settings.region))
         return 0
+    if args.via == "livy":
+        return _run_via_livy(args, options, settings)
     run_step(
         args.cluster_id, options, run_id,
         emr_client=emr, s3_client=_s3_client(settings.region), wait=not args.no_wait,
@@ -901,6 +903,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
         log_bucket=settings.bucket,
     )  # fmt: skip
     return 0
+
+
+def _run_via_livy(args: argparse.Namespace, options: RunOptions, settings: EmrSettings) -> int:
+    """papermill here, cells on the cluster: the PySpark kernel through Livy (SSH tunnel)."""
+    from .cli import main as imagepca_main
+
+    command = [
+        "run", "--kernel", "pysparkkernel", "--livy-url", args.livy_url,
+        "--notebooks", options.notebooks, "--input", options.input,
+        "--output", options.output, "--weights", options.weights,
+    ]  # fmt: skip
+    if options.k is not None:
+        command += ["--k", str(options.k)]
+    if options.variance is not None:
+        command += ["--variance", str(options.variance)]
+    if options.engine:
+        command += ["--engine", options.engine]
+    if options.skip_classify or not _s3_exists(
+        _s3_client(settings.region), f"{options.notebooks}/03_classify.ipynb"
+    ):
+        command.append("--skip-classify")
+    status = imagepca_main(command)
+    if status == 0:
+        list_outputs(options.output, s3_client=_s3_client(settings.region))
+    return status
 
 
 def _s3_exists(s3_client: Any, uri: str) -> bool:
@@ -1002,7 +1029,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     choice.add_argument("--variance", type=float, help="explained-variance threshold")
     run_parser.add_argument("--engine", choices=("keras", "tflite"))
     run_parser.add_argument("--skip-classify", action="store_true")
-    run_parser.add_argument("--via", choices=("step", "notebook-execution"), default="step")
+    run_parser.add_argument(
+        "--via",
+        choices=("step", "notebook-execution", "livy"),
+        default="step",
+        help="step: papermill on the primary node (EMR step); notebook-execution: EMR "
+        "StartNotebookExecution; livy: papermill here with the PySpark kernel over Livy",
+    )
+    run_parser.add_argument(
+        "--livy-url",
+        default="http://localhost:8998",
+        help="Livy URL for --via livy (default: the SSH tunnel that `emr up` prints)",
+    )
     run_parser.add_argument("--notebook-service-role", help="service role for notebook runs")
     run_parser.add_argument("--master-security-group", help="notebook-execution engine SG")
     run_parser.add_argument("--no-wait", action="store_true", help="submit and return")
