@@ -57,7 +57,8 @@ def test_valid_images_featurized_bad_ones_rejected_with_reasons(spark, mixed_inp
         return path.removeprefix("file:")
 
     assert sorted(map(local, features["path"])) == sorted(map(str, valid))
-    assert {local(p): r.split(":")[0] for p, r in zip(rejected["path"], rejected["reason"])} == broken
+    reasons = zip(rejected["path"], rejected["reason"], strict=True)
+    assert {local(path): reason.split(":")[0] for path, reason in reasons} == broken
     assert extraction.n_images == len(valid) and extraction.n_rejected == len(broken)
     assert extraction.metadata["n_files_found"] == len(valid) + len(broken)
     assert extraction.metadata["rejected_by_kind"] == {

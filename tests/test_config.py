@@ -95,4 +95,5 @@ def test_scan_settings_pack_files_by_count():
     max_bytes = int(settings["spark.sql.files.maxPartitionBytes"])
     # Each file costs at least the open cost, so a partition holds about 10000 / 8 files.
     assert 1200 <= max_bytes // open_cost <= 1300
-    assert scan_settings(n_files=3, cores=2, tasks_per_core=4)["spark.sql.files.minPartitionNum"] == "3"
+    few = scan_settings(n_files=3, cores=2, tasks_per_core=4)
+    assert few["spark.sql.files.minPartitionNum"] == "3"

@@ -30,6 +30,7 @@ def test_environment_yml_agrees_with_pyproject():
 
 def test_pyspark_matches_emr_7():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    pyspark = next(Requirement(s) for s in project["optional-dependencies"]["dev"] if s.startswith("pyspark"))
+    dev = project["optional-dependencies"]["dev"]
+    pyspark = next(Requirement(s) for s in dev if s.startswith("pyspark"))
     assert pyspark.specifier.contains("3.5.9") and not pyspark.specifier.contains("3.6.0")
     assert "pyspark" not in " ".join(project["dependencies"])  # EMR brings its own Spark

@@ -50,10 +50,11 @@ def test_run_writes_the_whole_layout(sample_run):
 def test_executed_notebooks_ran_every_cell_with_injected_parameters(sample_run):
     for name in ("01_extract_features.ipynb", "02_reduce_pca.ipynb"):
         notebook = nbformat.read(sample_run / "notebooks" / name, as_version=4)
-        assert notebook.metadata.papermill.exception is False or notebook.metadata.papermill.get(
-            "exception"
-        ) in (None, False)
-        injected = [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert not notebook.metadata.papermill.get("exception")
+        tags = [c.metadata.get("tags", []) for c in notebook.cells]
+        injected = [
+            c for c, t in zip(notebook.cells, tags, strict=True) if "injected-parameters" in t
+        ]
         assert len(injected) == 1
         assert f'output = "{sample_run}"' in injected[0].source
         code = [c for c in notebook.cells if c.cell_type == "code"]
@@ -80,8 +81,16 @@ def test_sample_classes_separate_on_the_principal_components(sample_run):
 
 def test_failed_run_exits_non_zero_with_the_reason_last(tmp_path, capsys):
     status = main(
-        ["run", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "out"),
-         "--master", "local[1]", "--skip-classify"]
+        [
+            "run",
+            "--input",
+            str(tmp_path / "nothing"),
+            "--output",
+            str(tmp_path / "out"),
+            "--master",
+            "local[1]",
+            "--skip-classify",
+        ]
     )
     assert status != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
