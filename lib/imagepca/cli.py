@@ -70,6 +70,15 @@ def _add_run(subparsers) -> None:
         action="store_true",
         help="keep features/ when input and extraction parameters are unchanged (redo PCA only)",
     )
+    run.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=89_478_485,
+        help="larger images are rejected as decompression bombs (default: Pillow's limit)",
+    )
+    run.add_argument(
+        "--projection-points", type=int, default=5000, help="most points in projection.png"
+    )
     run.add_argument("--notebooks", help="folder or s3:// URI of the notebooks (default: bundled)")
     run.add_argument(
         "--kernel", default="python3", help="Jupyter kernel (python3 or pysparkkernel)"
@@ -115,8 +124,14 @@ def _run(args: argparse.Namespace) -> int:
         tasks_per_core=args.tasks_per_core,
         max_rejected_fraction=args.max_rejected_fraction,
         reuse_features=args.reuse_features,
+        max_image_pixels=args.max_image_pixels,
     )
-    reduce = ReduceParams(output=args.output, k=args.k, variance=args.variance)
+    reduce = ReduceParams(
+        output=args.output,
+        k=args.k,
+        variance=args.variance,
+        projection_points=args.projection_points,
+    )
     runs = runner.plan(
         extract,
         reduce,

@@ -7,6 +7,7 @@ and nowhere else. Messages say what was wrong and what is accepted.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 ENGINES = ("tflite", "keras")
@@ -84,9 +85,15 @@ class ExtractParams:
     def __post_init__(self) -> None:
         _check_location("input", self.input)
         _check_location("output", self.output)
+        source, target = location_key(self.input), location_key(self.output)
         _require(
-            self.input.rstrip("/") != self.output.rstrip("/"),
+            source != target,
             "output must differ from input: the output folder is replaced on every run",
+        )
+        _require(
+            not target.startswith(source + "/"),
+            "output must not be inside input: the next run would read the run's own plots "
+            f"as images; choose an output outside {self.input!r}",
         )
         _check_location("weights", self.weights)
         _require(
@@ -247,6 +254,15 @@ class ClassifyParams:
             "max_iter": self.max_iter,
             "reg_param": self.reg_param,
         }
+
+
+def location_key(location: str) -> str:
+    """One spelling per location: ``file:///x``, ``file:/x`` and ``/x/`` are the same folder."""
+    if location.startswith("file:"):
+        location = "/" + location.removeprefix("file:").lstrip("/")
+    if "://" not in location:
+        return os.path.normpath(os.path.abspath(os.path.expanduser(location)))
+    return location.rstrip("/")
 
 
 def _is_int(value: object) -> bool:

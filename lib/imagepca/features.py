@@ -128,12 +128,15 @@ def tflite_model(weights_file: Path, image_size: int) -> bytes:
     Conversion takes several seconds; the cache key (weights hash, size, TensorFlow
     version) makes it a once-per-machine cost.
     """
-    import tensorflow as tf
+    from importlib.metadata import version
 
-    key = f"{file_sha256(weights_file)[:16]}-{image_size}-tf{tf.__version__}"
+    # The key comes from package metadata: a cache hit never imports TensorFlow (seconds).
+    key = f"{file_sha256(weights_file)[:16]}-{image_size}-tf{version('tensorflow')}"
     cached = cache_dir() / "tflite" / f"mobilenetv2-{key}.tflite"
     if cached.is_file():
         return cached.read_bytes()
+    import tensorflow as tf
+
     converter = tf.lite.TFLiteConverter.from_keras_model(
         build_keras_model(image_size, weights_file)
     )

@@ -7,6 +7,7 @@ can be re-run alone, and each publishes its datasets whole (see :mod:`imagepca.s
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
 from contextlib import contextmanager
@@ -15,19 +16,28 @@ from datetime import UTC, datetime
 from importlib import metadata
 
 import pandas as pd
+from py4j.protocol import Py4JJavaError
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
 from .features import features_udf, file_sha256, load_model_payload, resolve_weights
-from .images import ImageListing, list_images, read_images, scan_settings
+from .images import ImageListing, InputError, list_images, read_images, scan_settings
 from .reduction import PCAFit, check_k, fit_pca
 from .session import default_parallelism
 from .storage import Storage, join
 
 EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
-REUSE_KEYS = ("input", "weights_sha256", "engine", "image_size", "fast_decode", "max_image_pixels")
+REUSE_KEYS = (
+    "input",
+    "listing_sha256",
+    "weights_sha256",
+    "engine",
+    "image_size",
+    "fast_decode",
+    "max_image_pixels",
+)
 
 
 class RejectedShareError(RuntimeError):
@@ -129,15 +139,15 @@ def extract_features(spark: SparkSession, params: ExtractParams) -> Extraction:
         listing = list_images(spark, params.input)
     storage.begin_run(params.output)
 
+    identity = {
+        **params.as_dict(),
+        "weights_sha256": weights_sha,
+        "listing_sha256": hashlib.sha256("\n".join(listing.files).encode()).hexdigest(),
+    }
     if params.reuse_features:
         stored = _stored_extraction(storage, params.output)
-        wanted = {**params.as_dict(), "weights_sha256": weights_sha}
-        if (
-            stored
-            and all(stored["params"].get(key) == wanted[key] for key in REUSE_KEYS)
-            and (stored["n_files_found"] == len(listing))
-        ):
-            return Extraction(listing, stored, reused=True)
+        if stored and all(stored["params"].get(key) == identity[key] for key in REUSE_KEYS):
+            return _checked(Extraction(listing, stored, reused=True), params)
 
     with timer.stage("model_s"):
         payload = load_model_payload(params, weights_file)
@@ -156,21 +166,28 @@ def extract_features(spark: SparkSession, params: ExtractParams) -> Extraction:
         with spark_settings(spark, settings), timer.stage("featurize_s"):
             scored.count()
         with timer.stage("write_s"):
-            rejected = _rejected(spark, storage, listing, scored)
+            unread = _unread(spark, storage, listing, scored)
+            rejected = (
+                scored.filter(F.col("reason").isNotNull())
+                .select("path", "reason")
+                .unionByName(spark.createDataFrame(unread, "path string, reason string"))
+            )
             features = scored.filter(F.col("reason").isNull()).select("path", "label", "features")
-            n_images = features.count()
-            n_rejected = rejected.count()
-            by_kind = {
-                row["kind"]: row["count"]
-                for row in rejected.groupBy(F.split("reason", ":")[0].alias("kind"))
-                .count()
-                .orderBy("kind")
-                .collect()
-            }
-            labels = {
-                row["label"]: row["count"]
-                for row in features.groupBy("label").count().orderBy("label").collect()
-            }
+            # One job for every count: label x rejection kind (null kind = featurized).
+            labels: dict[str, int] = {}
+            by_kind: dict[str, int] = {}
+            for row in (
+                scored.groupBy("label", F.split("reason", ":")[0].alias("kind")).count().collect()
+            ):
+                if row["kind"] is None:
+                    labels[row["label"]] = row["count"]
+                else:
+                    by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + row["count"]
+            for _, reason in unread:
+                kind = reason.split(":")[0]
+                by_kind[kind] = by_kind.get(kind, 0) + 1
+            labels, by_kind = dict(sorted(labels.items())), dict(sorted(by_kind.items()))
+            n_images, n_rejected = sum(labels.values()), sum(by_kind.values())
             metadata = {
                 "input": params.input,
                 "n_files_found": len(listing),
@@ -179,7 +196,7 @@ def extract_features(spark: SparkSession, params: ExtractParams) -> Extraction:
                 "rejected_by_kind": by_kind,
                 "n_classes": len(labels),
                 "images_per_label": labels,
-                "params": {**params.as_dict(), "weights_sha256": weights_sha},
+                "params": identity,
                 "versions": library_versions(),
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
@@ -195,13 +212,24 @@ def extract_features(spark: SparkSession, params: ExtractParams) -> Extraction:
     metadata["timings_s"] = timer.timings
     metadata["images_per_s"] = round(len(listing) / max(timer.timings["featurize_s"], 1e-9), 2)
     storage.write_json(join(params.output, "features", EXTRACTION_FILE), metadata)
-    extraction = Extraction(listing, metadata)
-    share = n_rejected / len(listing)
+    return _checked(Extraction(listing, metadata), params)
+
+
+def _checked(extraction: Extraction, params: ExtractParams) -> Extraction:
+    """Stop a run that has nothing to reduce, or more rejects than the user allows."""
+    found, rejected = extraction.metadata["n_files_found"], extraction.n_rejected
+    report = join(params.output, "rejected")
+    if extraction.n_images == 0:
+        kinds = ", ".join(f"{n} {k}" for k, n in extraction.metadata["rejected_by_kind"].items())
+        raise InputError(
+            f"none of the {found} image files under {params.input!r} could be used ({kinds}); "
+            f"see {report} for each file's reason"
+        )
+    share = rejected / found
     if share > params.max_rejected_fraction:
         raise RejectedShareError(
-            f"{n_rejected} of {len(listing)} image files ({share:.1%}) were rejected, more than "
-            f"max_rejected_fraction={params.max_rejected_fraction:g}; see "
-            f"{join(params.output, 'rejected')} for the reasons"
+            f"{rejected} of {found} image files ({share:.1%}) were rejected, more than "
+            f"max_rejected_fraction={params.max_rejected_fraction:g}; see {report} for the reasons"
         )
     return extraction
 
@@ -211,28 +239,26 @@ def _stored_extraction(storage: Storage, output: str) -> dict | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def _rejected(
+def _unread(
     spark: SparkSession, storage: Storage, listing: ImageListing, scored: DataFrame
-) -> DataFrame:
-    """Undecodable images, plus files the scan never returned (empty or unreadable)."""
+) -> list[tuple[str, str]]:
+    """Files listed but never returned by the scan (empty, vanished, unreadable), with why."""
     found = spark.createDataFrame([(path,) for path in listing.files], "path string")
-    missing = [
-        row["path"] for row in found.join(scored.select("path"), "path", "left_anti").collect()
-    ]
-    unread = [(path, _unread_reason(storage, path)) for path in missing]
-    return (
-        scored.filter(F.col("reason").isNotNull())
-        .select("path", "reason")
-        .unionByName(spark.createDataFrame(unread, "path string, reason string"))
-    )
+    missing = found.join(scored.select("path"), "path", "left_anti").collect()
+    return [(row["path"], _unread_reason(storage, row["path"])) for row in missing]
 
 
 def _unread_reason(storage: Storage, path: str) -> str:
     try:
         size = storage.size(path)
     except Exception as error:  # vanished or inaccessible since the listing
-        return f"unreadable file: {type(error).__name__} while reading it"
-    return "empty file: 0 bytes" if size == 0 else "unreadable file: Spark could not read it"
+        java = error.java_exception if isinstance(error, Py4JJavaError) else None
+        if java is not None:
+            return f"unreadable file: {java.getClass().getSimpleName()}: {java.getMessage()}"
+        return f"unreadable file: {type(error).__name__}: {str(error).splitlines()[0]}"
+    if size == 0:
+        return "empty file: 0 bytes"
+    return "unreadable file: the scan could not read it (I/O error)"
 
 
 def read_features(spark: SparkSession, output: str) -> DataFrame:

@@ -134,7 +134,8 @@ def fit_pca(features: DataFrame, *, k: int | None, variance: float) -> PCAFit:
 def principal_components(scaled: DataFrame, k: int) -> tuple[PCAModel, list[float]]:
     """A Spark ``PCAModel`` with the first ``k`` components of ``scaled`` (vector column).
 
-    Returns the model and the explained-variance ratio of every component (summing to 1),
+    Returns the model and the explained-variance ratios of those k components (all the
+    components the data has when k = min(images, features), then summing to 1),
     computed as Spark's ``PCA`` defines it: eigenvalues of the covariance over their sum.
     """
     rows = RowMatrix(scaled.rdd.map(lambda row: MLlibVectors.fromML(row[0])))
@@ -158,4 +159,4 @@ def principal_components(scaled: DataFrame, k: int) -> tuple[PCAModel, list[floa
     model = PCAModel(java_model)
     model._set(inputCol=SCALED_COL, outputCol=ALL_COMPONENTS_COL, k=k)
     model._transfer_params_to_java()
-    return model, explained.tolist()
+    return model, explained[:k].tolist()

@@ -1,0 +1,103 @@
+"""Every featurization engine gives the Keras reference's features on real photos.
+
+The engines are run the way the pipeline runs them: the driver builds the payload
+(``load_model_payload``, so the TFLite flatbuffer comes from the per-session
+``IMAGEPCA_CACHE``), and the Scalar-Iterator pandas UDF runs it in Spark's Python workers.
+The reference is the plain Keras model from :func:`imagepca.features.build_keras_model`
+called in this process.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import FRUIT_PHOTOS, WEIGHTS
+from imagepca.config import ENGINES, FEATURE_DIM, ExtractParams
+from imagepca.features import (
+    ModelPayload,
+    TFLiteRunner,
+    build_keras_model,
+    features_udf,
+    file_sha256,
+    load_model_payload,
+    tflite_model,
+)
+from imagepca.images import IMAGE_EXTENSIONS, decode_image
+
+PER_CLASS = 6  # 4 classes (apple, banana, orange, mixed) x 6 = 24 photos
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[tuple[str, bytes]]:
+    """24 real photos, evenly spread over each class's sorted files (small and large ones)."""
+    chosen = []
+    for folder in sorted(p for p in FRUIT_PHOTOS.iterdir() if p.is_dir()):
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        for index in np.linspace(0, len(files) - 1, PER_CLASS).round().astype(int):
+            chosen.append((f"{folder.name}/{files[index].name}", files[index].read_bytes()))
+    assert len(chosen) == 4 * PER_CLASS
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def pixels(photos) -> np.ndarray:
+    return np.stack([decode_image(data, 224) for _, data in photos]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(pixels) -> np.ndarray:
+    model = build_keras_model(224, WEIGHTS)
+    return np.asarray(model.predict_on_batch(pixels), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def tflite_runner() -> TFLiteRunner:
+    payload = ModelPayload("tflite", 224, file_sha256(WEIGHTS), tflite=tflite_model(WEIGHTS, 224))
+    return TFLiteRunner(payload, threads=1)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_matches_keras_reference(spark, photos, reference, engine, tmp_path):
+    params = ExtractParams(
+        input=str(FRUIT_PHOTOS), output=str(tmp_path / "out"), weights=str(WEIGHTS), engine=engine
+    )
+    udf = features_udf(spark, params, load_model_payload(params, WEIGHTS))
+    frame = spark.createDataFrame(photos, "path string, content binary")
+    rows = frame.select("path", udf("content").alias("out")).select("path", "out.*").collect()
+    by_path = {row["path"]: row for row in rows}
+    assert all(by_path[path]["reason"] is None for path, _ in photos)
+    features = np.array([by_path[path]["features"] for path, _ in photos], dtype=np.float32)
+
+    assert features.shape == (len(photos), FEATURE_DIM)
+    assert np.abs(features - reference).max() <= 1e-3
+    assert cosine(features, reference).min() >= 0.9999
+    # Not a vacuous match: the photos' features differ from one another.
+    assert cosine(features[:1], features[PER_CLASS : PER_CLASS + 1])[0] < 0.95
+
+
+def test_fast_decode_changes_features_only_slightly(photos, pixels, tflite_runner):
+    fast = np.stack([decode_image(data, 224, fast_decode=True) for _, data in photos])
+    assert fast.shape == pixels.shape and fast.dtype == np.uint8
+    # Image.draft really engages on the large JPEGs: some inputs differ.
+    changed = np.abs(fast.astype(np.float32) - pixels).max(axis=(1, 2, 3)) > 0
+    assert changed.sum() >= len(photos) // 4
+
+    similarity = cosine(tflite_runner(fast.astype(np.float32)), tflite_runner(pixels))
+    # Measured on these 24 photos: mean ~0.99+ (see docs/performance.md); the issue asks
+    # for >= 0.99 on average and every single photo must stay recognisably the same.
+    assert similarity.mean() >= 0.99
+    assert similarity.min() >= 0.95
+
+
+def test_image_size_160_gives_finite_1280_features(photos):
+    payload = ModelPayload("tflite", 160, file_sha256(WEIGHTS), tflite=tflite_model(WEIGHTS, 160))
+    small = np.stack([decode_image(data, 160) for _, data in photos[::4]]).astype(np.float32)
+    assert small.shape[1:] == (160, 160, 3)
+    features = TFLiteRunner(payload, threads=1)(small)
+    assert features.shape == (len(small), FEATURE_DIM)
+    assert np.isfinite(features).all() and (features > 0).any()
