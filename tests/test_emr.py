@@ -303,6 +303,7 @@ def test_run_reports_a_failed_step(capsys):
         weights=f"s3://{BUCKET}/w.h5", notebooks=f"s3://{BUCKET}/artifacts/0.1.0/notebooks",
     )  # fmt: skip
     client = boto3.client("emr")
+
     def fail_step_soon() -> None:  # retried: under load the step may not exist yet
         for _ in range(400):
             time.sleep(0.05)
