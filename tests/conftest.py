@@ -18,6 +18,19 @@ SHARED = Path(os.environ.get("IMAGEPCA_SHARED", REPO.parent / "shared")).resolve
 WEIGHTS = SHARED / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 FRUIT_PHOTOS = SHARED / "datasets" / "fruit-photos"
 FRUIT360 = SHARED / "datasets" / "fruit360-shapes"
+# What notebooks 01 and 02 leave in the output folder (notebook 03 adds its own files).
+OUTPUT_LAYOUT = (
+    "features",
+    "rejected",
+    "pca_model",
+    "reduced",
+    "metrics.json",
+    "explained_variance.png",
+    "projection.png",
+    "samples.png",
+    "notebooks",
+    "_SUCCESS",
+)
 
 
 def pytest_configure(config):

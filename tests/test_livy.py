@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import OUTPUT_LAYOUT
 from imagepca import livy, runner
 from imagepca.cli import main
 from livy_server import LivyServer
@@ -246,18 +247,7 @@ def test_livy_protocol(livy_server):
 def test_notebooks_run_in_pyspark_kernel(livy_sample_run, livy_server, sample_dir, sample_run):
     assert livy_sample_run["status"] == 0
     output = livy_sample_run["output"]
-    layout = {
-        "features",
-        "rejected",
-        "pca_model",
-        "reduced",
-        "metrics.json",
-        "explained_variance.png",
-        "projection.png",
-        "samples.png",
-        "notebooks",
-        "_SUCCESS",
-    }
+    layout = set(OUTPUT_LAYOUT)
     assert {p.name for p in output.iterdir()} == layout
     assert layout <= {p.name for p in sample_run.iterdir()}  # as a local-kernel run
     assert sorted(p.name for p in (output / "notebooks").iterdir()) == sorted(NOTEBOOKS)

@@ -10,22 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import OUTPUT_LAYOUT, REPO
 from imagepca.cli import main
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 LAYOUT = [
-    "features",
-    "rejected",
-    "pca_model",
-    "reduced",
-    "metrics.json",
-    "explained_variance.png",
-    "projection.png",
-    "samples.png",
+    *OUTPUT_LAYOUT,
     "notebooks/01_extract_features.ipynb",
     "notebooks/02_reduce_pca.ipynb",
-    "_SUCCESS",
 ]
 
 
