@@ -14,6 +14,18 @@ ENGINES = ("tflite", "keras")
 DEFAULT_ENGINE = "tflite"
 IMAGE_SIZES = (96, 128, 160, 192, 224)
 FEATURE_DIM = 1280  # MobileNetV2 (alpha 1.0) without its top, after global average pooling.
+# The file name Keras' MobileNetV2(weights="imagenet", include_top=False) caches and staging
+# uploads; every input size uses these 224-pixel weights.
+KERAS_WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+# Session settings the pipeline relies on: given to a session get_spark builds, and to the
+# Livy sessions the PySpark kernel creates (cluster-wide spark-defaults still win).
+SPARK_SETTINGS = {
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.parquet.compression.codec": "zstd",
+    "spark.python.worker.reuse": "true",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.session.timeZone": "UTC",
+}
 
 
 class ParameterError(ValueError):

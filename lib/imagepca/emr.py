@@ -45,8 +45,9 @@ from imagepca.aws import (
     repo_root,
     upload,
 )
+from imagepca.config import KERAS_WEIGHTS_FILE
 
-WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+WEIGHTS_FILE = KERAS_WEIGHTS_FILE
 BOOTSTRAP_FILES = ("install-python-deps.sh", "requirements-emr.txt")
 DEFAULT_RELEASE_LABEL = "emr-7.12.0"
 """EMR 7.x: Python 3.11 packages from emr-7.1.0; 7.12 ships Livy 0.8 and JupyterHub 1.5."""

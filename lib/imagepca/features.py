@@ -22,12 +22,11 @@ import pandas as pd
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from .config import FEATURE_DIM, ExtractParams
+from .config import FEATURE_DIM, KERAS_WEIGHTS_FILE, ExtractParams
 from .images import ImageDecodeError, decode_image
 from .session import task_cpus
 from .storage import Storage
 
-KERAS_WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 KERAS_WEIGHTS_ORIGIN = (
     "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
     + KERAS_WEIGHTS_FILE

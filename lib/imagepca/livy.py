@@ -33,6 +33,8 @@ from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
+from .config import SPARK_SETTINGS
+
 KERNEL_NAME = "pysparkkernel"
 DEFAULT_LIVY_URL = "http://localhost:8998"
 SESSION_NAME_PREFIX = "imagepca"
@@ -41,15 +43,9 @@ DEFAULT_STARTUP_TIMEOUT_S = 600
 # Livy deletes a session whose client stopped sending heartbeats for this long (a runner
 # that died), while a long cell keeps its session alive as the kernel keeps polling.
 DEFAULT_HEARTBEAT_TIMEOUT_S = 600
-# The settings imagepca.session.get_spark gives a session it builds (its _BASE_CONF); a
-# Livy session already exists, so they must come with the session's configuration.
-SESSION_SPARK_CONF = {
-    "spark.sql.execution.arrow.pyspark.enabled": "true",
-    "spark.sql.parquet.compression.codec": "zstd",
-    "spark.python.worker.reuse": "true",
-    "spark.ui.showConsoleProgress": "false",
-    "spark.sql.session.timeZone": "UTC",
-}
+# A Livy session exists before any cell runs, so the pipeline's settings come with its
+# configuration instead of from get_spark.
+SESSION_SPARK_CONF = SPARK_SETTINGS
 
 
 class LivyUnavailable(RuntimeError):

@@ -12,17 +12,11 @@ import sys
 
 from pyspark.sql import SparkSession
 
+from .config import SPARK_SETTINGS
+
 DEFAULT_MASTER = "local[*]"
 
-# Settings the pipeline relies on; cluster-wide values (spark-defaults on EMR) still win
-# for a session that already exists.
-_BASE_CONF = {
-    "spark.sql.execution.arrow.pyspark.enabled": "true",
-    "spark.sql.parquet.compression.codec": "zstd",
-    "spark.python.worker.reuse": "true",
-    "spark.ui.showConsoleProgress": "false",
-    "spark.sql.session.timeZone": "UTC",
-}
+_BASE_CONF = SPARK_SETTINGS
 
 
 def get_spark(
