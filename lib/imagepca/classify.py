@@ -25,7 +25,6 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -49,7 +48,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from .config import ClassifyParams, ParameterError
-from .pipeline import read_features
+from .pipeline import read_features, timed
 from .plots import save_figure
 from .reduction import ALL_COMPONENTS_COL, PCA_COL, VECTOR_COL, to_vectors
 from .session import default_parallelism
@@ -350,15 +349,9 @@ class Classification:
         )
         return ClassifierResult(name, model, scores)
 
-    @contextmanager
-    def _timed(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.timings[name] = round(time.perf_counter() - start, 3)
-
     def fit_reduced(self) -> ClassifierResult:
         """The classifier on ``reduced/`` (the chosen k): the model that is saved."""
-        with self._timed("reduced_s"):
+        with timed(self.timings, "reduced_s"):
             result = self._fit("reduced", self.reduced, PCA_COL, dims=self.k)
         result.scores["k"] = self.k
         result.scores["input"] = "reduced/ (array_to_vector(pca))"
@@ -371,7 +364,7 @@ class Classification:
             inputCol=VECTOR_COL, outputCol=SCALED_FEATURES_COL, withMean=True, withStd=True
         )
         dims = len(self.projected.select(VECTOR_COL).first()[VECTOR_COL])
-        with self._timed("full_s"):
+        with timed(self.timings, "full_s"):
             result = self._fit("full", self.projected, SCALED_FEATURES_COL, [scaler], dims=dims)
         result.scores["k"] = dims
         result.scores["input"] = "features/ (StandardScaler in the pipeline)"
@@ -385,7 +378,7 @@ class Classification:
     def k_sweep(self) -> list[dict]:
         """Accuracy and macro F1 for each k: a slice of the saved model's ``pca_all``."""
         self.sweep = []
-        with self._timed("k_sweep_s"):
+        with timed(self.timings, "k_sweep_s"):
             self._sweep()
         return self.sweep
 
@@ -444,7 +437,7 @@ class Classification:
         block = self.metrics()
         model = self.results["reduced"].model
         self._begin_writes()
-        with self._timed("save_s"):
+        with timed(self.timings, "save_s"):
             self.storage.publish(self.params.output, MODEL_DIR, lambda uri: model.save(uri))
         block["timings_s"] = dict(self.timings)
         timings = dict(self.run_metrics.get("timings_s", {}))

@@ -80,15 +80,20 @@ def spark_settings(spark: SparkSession, settings: dict[str, str]):
                 spark.conf.set(key, value)
 
 
+@contextmanager
+def timed(timings: dict[str, float], name: str):
+    """Record the block's wall time, in seconds, as ``timings[name]`` (for metrics.json)."""
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 3)
+
+
 class _Timer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
 
-    @contextmanager
     def stage(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.timings[name] = round(time.perf_counter() - start, 3)
+        return timed(self.timings, name)
 
 
 # -- stage 1: images -> features ---------------------------------------------------------
@@ -211,6 +216,8 @@ def extract_features(spark: SparkSession, params: ExtractParams) -> Extraction:
         scored.unpersist()
     metadata["timings_s"] = timer.timings
     metadata["images_per_s"] = round(len(listing) / max(timer.timings["featurize_s"], 1e-9), 2)
+    # Again, now with the write stage's own time: the staged copy made the metadata part of
+    # the published dataset, so features/ never exists without it.
     storage.write_json(join(params.output, "features", EXTRACTION_FILE), metadata)
     return _checked(Extraction(listing, metadata), params)
 
