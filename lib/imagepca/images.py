@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -57,10 +57,15 @@ def _reader(spark: SparkSession):
 
 @dataclass(frozen=True)
 class ImageListing:
-    """Every image file under the input, spelled as Spark's ``path`` column spells it."""
+    """Every image file under the input, spelled as Spark's ``path`` column spells it.
+
+    ``relation`` is the ``binaryFile`` DataFrame the listing was taken from: scanning it
+    reads exactly these files, without listing the input a second time.
+    """
 
     root: str
     files: tuple[str, ...]
+    relation: DataFrame | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -91,7 +96,8 @@ def list_images(spark: SparkSession, input_uri: str) -> ImageListing:
         When the location does not exist or holds no image file.
     """
     try:
-        files = _reader(spark).load(input_uri).inputFiles()
+        relation = _reader(spark).load(input_uri)
+        files = relation.inputFiles()
     except AnalysisException as error:
         raise InputError(
             f"input location {input_uri!r} cannot be read: {str(error).splitlines()[0]}. "
@@ -102,7 +108,11 @@ def list_images(spark: SparkSession, input_uri: str) -> ImageListing:
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {input_uri!r}. "
             "Expected one sub-folder per class, e.g. INPUT/apple/1.jpg, INPUT/banana/2.jpg."
         )
-    return ImageListing(root=input_uri, files=tuple(sorted(normalize_uri(f) for f in files)))
+    return ImageListing(
+        root=input_uri,
+        files=tuple(sorted(normalize_uri(f) for f in files)),
+        relation=relation,
+    )
 
 
 def label_of(path: str) -> str:
@@ -115,13 +125,16 @@ def label_column(path: Column) -> Column:
     return F.element_at(F.split(path, "/"), -2)
 
 
-def read_images(spark: SparkSession, input_uri: str) -> DataFrame:
-    """Image files as rows of ``path``, ``label``, ``content`` (bytes), lazily."""
-    return (
-        _reader(spark)
-        .load(input_uri)
-        .select("path", label_column(F.col("path")).alias("label"), "content")
-    )
+def read_images(spark: SparkSession, listing: ImageListing) -> DataFrame:
+    """The listed image files as rows of ``path``, ``label``, ``content`` (bytes), lazily.
+
+    Files added after the listing are not read; listed files that vanish or are empty are
+    skipped by the scan, and the caller accounts for them by comparing with the listing.
+    """
+    relation = listing.relation
+    if relation is None:  # a listing built by hand: list again
+        relation = _reader(spark).load(listing.root)
+    return relation.select("path", label_column(F.col("path")).alias("label"), "content")
 
 
 def scan_settings(n_files: int, cores: int, tasks_per_core: int) -> dict[str, str]:

@@ -157,33 +157,39 @@ def extract_features(spark: SparkSession, params: ExtractParams) -> Extraction:
     with timer.stage("model_s"):
         payload = load_model_payload(params, weights_file)
     udf = features_udf(spark, params, payload)
-    scored = (
-        read_images(spark, params.input)
-        .select("path", "label", udf("content").alias("out"))
-        .select("path", "label", "out.features", "out.reason")
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    )
     settings = {
         **scan_settings(len(listing), default_parallelism(spark), params.tasks_per_core),
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(params.max_records_per_batch),
     }
+    # The scan is planned when the cache is defined: the settings must be in force by then.
+    with spark_settings(spark, settings):
+        scored = (
+            read_images(spark, listing)
+            .select("path", "label", udf("content").alias("out"))
+            .select("path", "label", "out.features", "out.reason")
+            .persist(StorageLevel.MEMORY_AND_DISK)
+        )
     try:
+        # One job featurizes every image into the cache and counts the outcomes
+        # (label x rejection kind; a null kind means featurized).
         with spark_settings(spark, settings), timer.stage("featurize_s"):
-            scored.count()
-        with timer.stage("write_s"):
-            unread = _unread(spark, storage, listing, scored)
-            rejected = (
-                scored.filter(F.col("reason").isNotNull())
-                .select("path", "reason")
-                .unionByName(spark.createDataFrame(unread, "path string, reason string"))
+            outcomes = (
+                scored.groupBy("label", F.split("reason", ":")[0].alias("kind")).count().collect()
             )
+        with timer.stage("write_s"):
+            # The scan reads the listed files only, so fewer rows than files means some
+            # were skipped (empty, vanished, unreadable): find which, only then.
+            scanned = sum(row["count"] for row in outcomes)
+            unread = _unread(spark, storage, listing, scored) if scanned < len(listing) else []
+            rejected = scored.filter(F.col("reason").isNotNull()).select("path", "reason")
+            if unread:
+                rejected = rejected.unionByName(
+                    spark.createDataFrame(unread, "path string, reason string")
+                )
             features = scored.filter(F.col("reason").isNull()).select("path", "label", "features")
-            # One job for every count: label x rejection kind (null kind = featurized).
             labels: dict[str, int] = {}
             by_kind: dict[str, int] = {}
-            for row in (
-                scored.groupBy("label", F.split("reason", ":")[0].alias("kind")).count().collect()
-            ):
+            for row in outcomes:
                 if row["kind"] is None:
                     labels[row["label"]] = row["count"]
                 else:
