@@ -193,9 +193,13 @@ def decode_image(
             if fast_decode and image.format == "JPEG":
                 image.draft("RGB", (size, size))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(image)
-            resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
+            ImageOps.exif_transpose(image, in_place=True)
+            if image.mode == "L":
+                # Resampling works band by band: resizing the one gray band and then
+                # copying it to R, G and B gives the same pixels as resizing RGB, at a third.
+                resized = image.resize((size, size), Image.Resampling.BILINEAR).convert("RGB")
+            else:
+                resized = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(resized, dtype=np.uint8)
     except ImageDecodeError:
         raise
@@ -224,7 +228,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def load_samples(
