@@ -16,7 +16,7 @@ import pytest
 from botocore.stub import Stubber
 from botocore.validate import ParamValidator
 
-from imagepca import emr
+from imagepca import emr, features
 from moto_server import REGION, aws_env, moto_endpoint, set_step_states  # noqa: F401
 
 BUCKET = "imagepca-test-bucket"
@@ -188,6 +188,12 @@ def fake_wheel_builder(project: Path, destination: Path) -> Path:
     return wheel
 
 
+def fake_model_converter(weights: Path, image_size: int) -> Path:
+    model = weights.parent / f"mobilenetv2-test-{image_size}.tflite"
+    model.write_bytes(b"TFL3 fake model")
+    return model
+
+
 @pytest.mark.usefixtures("aws_env")
 def test_stage_uploads_the_artifacts_layout(tmp_path):
     s3 = boto3.client("s3")
@@ -196,7 +202,7 @@ def test_stage_uploads_the_artifacts_layout(tmp_path):
     weights.write_bytes(b"not really weights")
     uris = emr.stage(
         BUCKET, "0.1.0", weights, s3_client=s3, wheel_builder=fake_wheel_builder,
-        out=io.StringIO(),
+        model_converter=fake_model_converter, image_sizes=(224, 160), out=io.StringIO(),
     )  # fmt: skip
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]}
     base = "artifacts/0.1.0/"
@@ -205,12 +211,29 @@ def test_stage_uploads_the_artifacts_layout(tmp_path):
         base + "bootstrap/install-python-deps.sh",
         base + "bootstrap/requirements-emr.txt",
         base + f"models/{emr.WEIGHTS_FILE}",
+        base + "models/tflite/mobilenetv2-test-224.tflite",
+        base + "models/tflite/mobilenetv2-test-160.tflite",
     } | {base + "notebooks/" + p.name for p in (ROOT / "notebooks").glob("*.ipynb")}
     assert keys == expected
     assert uris["weights"] == f"s3://{BUCKET}/{base}models/{emr.WEIGHTS_FILE}"
+    # The driver looks for converted models beside the weights it is given.
+    assert uris["tflite_models"] == features.staged_models_uri(uris["weights"])
 
     with pytest.raises(emr.EmrError, match="staging version 9.9"):
         emr.stage(BUCKET, "9.9", weights, s3_client=s3, wheel_builder=fake_wheel_builder)
+
+
+def test_stage_pins_the_clusters_tensorflow():
+    """The staged model's name carries the converter's version: staging must know the
+    cluster's, which the bootstrap's requirements pin."""
+    assert emr.pinned_tensorflow(ROOT) == "2.21.0"
+
+
+def test_stage_refuses_unknown_image_sizes():
+    assert emr._image_sizes("224,160") == [224, 160]
+    for text in ("225", "224,", "big"):
+        with pytest.raises(emr.EmrError, match="--image-sizes"):
+            emr._image_sizes(text)
 
 
 @pytest.mark.usefixtures("aws_env")

@@ -9,6 +9,8 @@ called in this process.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -21,9 +23,12 @@ from imagepca.features import (
     features_udf,
     file_sha256,
     load_model_payload,
+    staged_models_uri,
     tflite_model,
+    tflite_model_path,
 )
 from imagepca.images import IMAGE_EXTENSIONS, decode_image
+from imagepca.storage import Storage
 
 PER_CLASS = 6  # 4 classes (apple, banana, orange, mixed) x 6 = 24 photos
 
@@ -101,3 +106,34 @@ def test_image_size_160_gives_finite_1280_features(photos):
     features = TFLiteRunner(payload, threads=1)(small)
     assert features.shape == (len(small), FEATURE_DIM)
     assert np.isfinite(features).all() and (features > 0).any()
+
+
+def test_staged_tflite_model_is_fetched_not_converted(spark, tmp_path, monkeypatch):
+    """A fresh cluster node takes the model ``imagepca emr stage`` converted and uploaded
+    beside the weights, through Hadoop's FileSystem, instead of converting it again."""
+    import tensorflow as tf
+
+    converted = tflite_model_path(WEIGHTS, 224)  # this session's cache
+    staged = tmp_path / "artifacts" / "models" / "tflite"
+    staged.mkdir(parents=True)
+    shutil.copyfile(converted, staged / converted.name)
+    monkeypatch.setenv("IMAGEPCA_CACHE", str(tmp_path / "fresh-node-cache"))
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the staged model should have been used")
+
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "from_keras_model", no_conversion)
+    fetched = tflite_model_path(WEIGHTS, 224, staged=f"file://{staged}", storage=Storage(spark))
+    assert fetched.parent == tmp_path / "fresh-node-cache" / "tflite"
+    assert fetched.read_bytes() == converted.read_bytes()
+    # Nothing staged for this size: conversion is the fallback.
+    with pytest.raises(AssertionError, match="staged model"):
+        tflite_model_path(WEIGHTS, 160, staged=f"file://{staged}", storage=Storage(spark))
+    assert not list((tmp_path / "fresh-node-cache" / "tflite").glob("*160*"))
+
+
+def test_staged_models_live_beside_remote_weights():
+    uri = "s3://bucket/artifacts/0.1.0/models/weights.h5"
+    assert staged_models_uri(uri) == "s3://bucket/artifacts/0.1.0/models/tflite"
+    assert staged_models_uri("/local/weights.h5") is None
+    assert staged_models_uri("imagenet") is None

@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -45,7 +46,8 @@ from imagepca.aws import (
     repo_root,
     upload,
 )
-from imagepca.config import KERAS_WEIGHTS_FILE
+from imagepca.config import IMAGE_SIZES, KERAS_WEIGHTS_FILE
+from imagepca.features import staged_models_uri, tflite_model_path
 
 WEIGHTS_FILE = KERAS_WEIGHTS_FILE
 BOOTSTRAP_FILES = ("install-python-deps.sh", "requirements-emr.txt")
@@ -332,6 +334,13 @@ def default_weights() -> Path | None:
     return candidate if candidate.exists() else None
 
 
+def pinned_tensorflow(project: Path) -> str | None:
+    """The TensorFlow version the bootstrap installs on x86_64 nodes."""
+    text = (project / "bootstrap" / "requirements-emr.txt").read_text()
+    match = re.search(r"^tensorflow==([\w.]+);\s*platform_machine == \"x86_64\"", text, re.M)
+    return match.group(1) if match else None
+
+
 def stage(
     bucket: str,
     version: str,
@@ -340,14 +349,18 @@ def stage(
     s3_client: Any,
     project: Path | None = None,
     wheel_builder: Callable[[Path, Path], Path] = build_wheel,
+    model_converter: Callable[[Path, int], Path] = tflite_model_path,
+    image_sizes: Sequence[int] = (224,),
     wheelhouse: Path | None = None,
     out: TextIO | None = None,
 ) -> dict[str, str]:
     """Upload everything a cluster needs to ``s3://BUCKET/artifacts/VERSION/``.
 
     Layout: ``wheels/`` (imagepca wheel, plus ``wheelhouse`` wheels for offline
-    installs), ``bootstrap/`` (script and pinned requirements), ``notebooks/`` and
-    ``models/<weights file>``. Unchanged files are skipped, so re-staging is cheap.
+    installs), ``bootstrap/`` (script and pinned requirements), ``notebooks/``,
+    ``models/<weights file>`` and ``models/tflite/`` (the tflite engine's model converted
+    here for each of ``image_sizes``, so the cluster's driver fetches it instead of
+    converting). Unchanged files are skipped, so re-staging is cheap.
     """
     out = out or sys.stderr
     if not VERSION_PATTERN.match(version):
@@ -373,11 +386,25 @@ def stage(
     for notebook in sorted(notebooks.glob("*.ipynb")):
         upload(notebook, f"{base}/notebooks/", s3_client=s3_client, out=out)
     upload(weights, f"{base}/models/{WEIGHTS_FILE}", s3_client=s3_client, out=out)
+    models = staged_models_uri(f"{base}/models/{WEIGHTS_FILE}")
+    for size in image_sizes:
+        model = model_converter(weights, size)
+        upload(model, f"{models}/{model.name}", s3_client=s3_client, out=out)
+    local_tf, cluster_tf = metadata.version("tensorflow"), pinned_tensorflow(project)
+    if cluster_tf and local_tf != cluster_tf:
+        print(
+            f"note: the TFLite model was converted with TensorFlow {local_tf}, the cluster "
+            f"installs {cluster_tf}: its driver will not use the staged model and converts "
+            "once per node instead (seconds). Stage from an environment with "
+            f"tensorflow=={cluster_tf} to avoid that.",
+            file=out,
+        )
     return {
         "artifacts": base,
         "bootstrap": f"{base}/bootstrap/install-python-deps.sh",
         "notebooks": f"{base}/notebooks",
         "weights": f"{base}/models/{WEIGHTS_FILE}",
+        "tflite_models": models,
     }
 
 
@@ -838,11 +865,25 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         settings.version,
         weights,
         s3_client=_s3_client(settings.region),
+        image_sizes=_image_sizes(args.image_sizes),
         wheelhouse=Path(args.wheelhouse) if args.wheelhouse else None,
     )
     for name, uri in uris.items():
         print(f"{name}: {uri}")
     return 0
+
+
+def _image_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(size not in IMAGE_SIZES for size in sizes):
+        raise EmrError(
+            f"--image-sizes must be a comma-separated list of sizes from {IMAGE_SIZES}, "
+            f"got {text!r}"
+        )
+    return sizes
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -998,6 +1039,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     stage_parser.add_argument("--weights", help=f"local {WEIGHTS_FILE} (default: Keras cache)")
     stage_parser.add_argument(
         "--wheelhouse", help="folder of dependency wheels to stage too (offline bootstrap)"
+    )
+    stage_parser.add_argument(
+        "--image-sizes",
+        default="224",
+        help="input sizes to stage a converted TFLite model for, comma-separated (default 224)",
     )
     stage_parser.set_defaults(func=_guard(_cmd_stage))
 

@@ -121,30 +121,66 @@ def build_keras_model(image_size: int, weights_file: Path | None):
     return keras.Model(pixels, base(scaled), name=f"mobilenetv2_features_{image_size}")
 
 
-def tflite_model(weights_file: Path, image_size: int) -> bytes:
+def tflite_file_name(weights_sha256: str, image_size: int) -> str:
+    """A converted model's cache key: weights, input size and the converter's version."""
+    from importlib.metadata import version
+
+    # From package metadata: a cache hit never imports TensorFlow (seconds).
+    return f"mobilenetv2-{weights_sha256[:16]}-{image_size}-tf{version('tensorflow')}.tflite"
+
+
+def staged_models_uri(weights: str) -> str | None:
+    """Where ``imagepca emr stage`` puts converted models: beside remote weights."""
+    if "://" not in weights or weights.startswith("file://"):
+        return None
+    return weights.rsplit("/", 1)[0] + "/tflite"
+
+
+def tflite_model(
+    weights_file: Path,
+    image_size: int,
+    *,
+    staged: str | None = None,
+    storage: Storage | None = None,
+) -> bytes:
+    """The float32 TFLite flatbuffer of the model (see :func:`tflite_model_path`)."""
+    return tflite_model_path(weights_file, image_size, staged=staged, storage=storage).read_bytes()
+
+
+def tflite_model_path(
+    weights_file: Path,
+    image_size: int,
+    *,
+    staged: str | None = None,
+    storage: Storage | None = None,
+) -> Path:
     """The Keras model converted to a float32 TFLite flatbuffer, cached on disk.
 
     Conversion takes several seconds; the cache key (weights hash, size, TensorFlow
-    version) makes it a once-per-machine cost.
+    version) makes it a once-per-machine cost. With ``staged`` (a folder URI read through
+    ``storage``), a model converted and uploaded by ``imagepca emr stage`` is fetched
+    instead, so a fresh cluster does not convert at all.
     """
-    from importlib.metadata import version
-
-    # The key comes from package metadata: a cache hit never imports TensorFlow (seconds).
-    key = f"{file_sha256(weights_file)[:16]}-{image_size}-tf{version('tensorflow')}"
-    cached = cache_dir() / "tflite" / f"mobilenetv2-{key}.tflite"
+    name = tflite_file_name(file_sha256(weights_file), image_size)
+    cached = cache_dir() / "tflite" / name
     if cached.is_file():
-        return cached.read_bytes()
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    if staged and storage is not None and storage.exists(f"{staged}/{name}"):
+        partial = cached.parent / f".{name}.{os.getpid()}.part"
+        storage.copy_to_local(f"{staged}/{name}", str(partial))
+        os.replace(partial, cached)
+        return cached
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(
         build_keras_model(image_size, weights_file)
     )
     flatbuffer = converter.convert()
-    cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=cached.parent, delete=False) as handle:
         handle.write(flatbuffer)
     os.replace(handle.name, cached)
-    return flatbuffer
+    return cached
 
 
 @dataclass(frozen=True)
@@ -158,13 +194,19 @@ class ModelPayload:
     tflite: bytes | None = None
 
 
-def load_model_payload(params: ExtractParams, weights_file: Path) -> ModelPayload:
+def load_model_payload(
+    params: ExtractParams, weights_file: Path, storage: Storage | None = None
+) -> ModelPayload:
     """Build (or load from cache) the model on the driver, once per run."""
     sha = file_sha256(weights_file)
     if params.engine == "tflite":
-        return ModelPayload(
-            "tflite", params.image_size, sha, tflite=tflite_model(weights_file, params.image_size)
+        flatbuffer = tflite_model(
+            weights_file,
+            params.image_size,
+            staged=staged_models_uri(params.weights),
+            storage=storage,
         )
+        return ModelPayload("tflite", params.image_size, sha, tflite=flatbuffer)
     model = build_keras_model(params.image_size, weights_file)
     return ModelPayload("keras", params.image_size, sha, keras_weights=model.get_weights())
 

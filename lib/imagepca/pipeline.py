@@ -155,13 +155,14 @@ def extract_features(spark: SparkSession, params: ExtractParams) -> Extraction:
             return _checked(Extraction(listing, stored, reused=True), params)
 
     with timer.stage("model_s"):
-        payload = load_model_payload(params, weights_file)
+        payload = load_model_payload(params, weights_file, storage)
     udf = features_udf(spark, params, payload)
     settings = {
         **scan_settings(len(listing), default_parallelism(spark), params.tasks_per_core),
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(params.max_records_per_batch),
     }
-    # The scan is planned when the cache is defined: the settings must be in force by then.
+    # The cached plan is made here and the files are split when it first runs: the scan
+    # settings must be in force for both.
     with spark_settings(spark, settings):
         scored = (
             read_images(spark, listing)
