@@ -53,6 +53,16 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def onednn_enabled() -> bool | None:
+    """Whether this process's TensorFlow runs oneDNN kernels (its own, private check)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
+
+
 def list_files(root: Path) -> list[Path]:
     from imagepca.images import IMAGE_EXTENSIONS
 
@@ -229,6 +239,7 @@ def child_raw(job: dict) -> dict:
         "cpu_s": round(cpu_s, 2),
         "images_per_cpu_s": round(len(files) / cpu_s, 2),
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
+        "onednn_enabled": onednn_enabled() if engine == "keras" else None,
     }
 
 
@@ -283,6 +294,7 @@ def child_spark(job: dict) -> dict:
         start = time.perf_counter()
         if job["mode"] == "common":
             common_pattern(spark, job["input"], job["output"], job["image_size"])
+            result["onednn_enabled_driver"] = onednn_enabled()
         else:
             from imagepca.config import ExtractParams
             from imagepca.pipeline import extract_features
@@ -417,6 +429,18 @@ def stage_input(files: list[Path], root: Path, target: Path, full: bool) -> Path
     return target
 
 
+def stage_copies(files: list[Path], root: Path, target: Path, copies: int) -> Path:
+    """Each file ``copies`` times under its class folder, as ``name-cN.ext``."""
+    if target.exists():
+        shutil.rmtree(target)
+    for path in files:
+        dest = target / path.relative_to(root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for copy in range(copies):
+            shutil.copyfile(path, dest.with_name(f"{dest.stem}-c{copy}{dest.suffix}"))
+    return target
+
+
 def machine_info() -> dict:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     fields = {}
@@ -483,11 +507,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
     parser.add_argument("--sections", default=",".join(SECTIONS), help=",".join(SECTIONS))
     parser.add_argument("--pca-rows", default="10000,100000")
+    parser.add_argument(
+        "--photo-copies",
+        type=int,
+        default=10,
+        help="also measure the photos copied this many times (distinct files), 0 to skip",
+    )
     parser.add_argument("--workdir", help="scratch folder (default: a temp dir, removed)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         job = json.loads(Path(args.child).read_text())
+        if job.get("cpus"):  # inherited by the Spark JVM and its Python workers
+            os.sched_setaffinity(0, set(job["cpus"]))
         print("RESULT " + json.dumps(CHILDREN[job["kind"]](job)), flush=True)
         return 0
 
@@ -518,6 +550,14 @@ def main(argv: list[str] | None = None) -> int:
         name: stage_input(files[name], DATASETS[name], workdir / "input" / name, full)
         for name in DATASETS
     }
+    if args.photo_copies > 1:
+        # 240 photos are too few to amortize a Spark run's fixed cost; the same photos as
+        # many distinct files show the steady state where decoding large JPEGs matters.
+        many = f"photos_x{args.photo_copies}"
+        inputs[many] = stage_copies(
+            files["photos"], DATASETS["photos"], workdir / "input" / many, args.photo_copies
+        )
+        files[many] = list_files(inputs[many])
     results["images"] = {name: len(f) for name, f in files.items()}
     cores = os.cpu_count() or 1
     master = f"local[{cores}]"
@@ -557,8 +597,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             return bench.child(job, onednn=onednn)
 
-        def pipeline(name, engine="tflite", *, master=master, size=224, fast=False, tag=""):
-            output = workdir / "out" / f"{name}-{engine}-{size}-{fast}-{master}{tag}"
+        def pipeline(
+            name, engine="tflite", *, master=master, size=224, fast=False, tag="", cpus=None
+        ):
+            output = workdir / "out" / f"{name}-{engine}-{size}-{fast}-{master}{cpus}{tag}"
             job = dict(
                 kind="spark",
                 mode="pipeline",
@@ -568,37 +610,49 @@ def main(argv: list[str] | None = None) -> int:
                 engine=engine,
                 image_size=size,
                 fast_decode=fast,
+                cpus=cpus,
             )
             result = bench.child(job)
             result["output"] = str(output)
             return result
 
+        # "Default settings" is whatever TensorFlow does with TF_ENABLE_ONEDNN_OPTS unset:
+        # it turns oneDNN on for some CPUs (AVX-512 VNNI/BF16, AMX) and not for others, so
+        # each baseline runs as the default and again with oneDNN forced off (the issue's
+        # table measured "default" = off on a CPU without AVX-512).
+        baselines = {"": None, "_onednn_off": "0"}
         if "raw" in sections:
-            results["raw_baseline"] = {}
-            for name in DATASETS:
-                r = raw(name, "keras", onednn="0", batch=64)
-                results["raw_baseline"][name] = r
-                save()
-                log(f"raw baseline {name}: {r['images_per_s']} img/s")
+            for suffix, onednn in baselines.items():
+                results[f"raw_baseline{suffix}"] = {}
+                for name in inputs:
+                    r = raw(name, "keras", onednn=onednn, batch=64)
+                    results[f"raw_baseline{suffix}"][name] = r
+                    save()
+                    log(
+                        f"raw baseline{suffix} {name}: {r['images_per_s']} img/s "
+                        f"(oneDNN {r['onednn_enabled']})"
+                    )
         if "common" in sections:
-            results["common_pattern"] = {}
-            for name in DATASETS:
-                job = dict(
-                    kind="spark",
-                    mode="common",
-                    master=master,
-                    input=str(inputs[name]),
-                    output=str(workdir / "out" / f"common-{name}"),
-                    image_size=224,
-                )
-                r = bench.child(job, onednn="0")
-                results["common_pattern"][name] = r
-                save()
-                log(f"common pattern {name}: {r['images_per_s']} img/s")
+            for suffix, onednn in baselines.items():
+                results[f"common_pattern{suffix}"] = {}
+                for name in inputs:
+                    job = dict(
+                        kind="spark",
+                        mode="common",
+                        master=master,
+                        input=str(inputs[name]),
+                        output=str(workdir / "out" / f"common-{name}{suffix}"),
+                        image_size=224,
+                    )
+                    r = bench.child(job, onednn=onednn)
+                    results[f"common_pattern{suffix}"][name] = r
+                    save()
+                    log(f"common pattern{suffix} {name}: {r['images_per_s']} img/s")
         if "pipeline" in sections:
             results["pipeline"] = {}
-            for name in DATASETS:
-                for engine in ("tflite", "keras"):
+            for name in inputs:
+                # The keras engine is the reference, not a contender: the shared sets suffice.
+                for engine in ("tflite", "keras") if name in DATASETS else ("tflite",):
                     r = pipeline(name, engine)
                     results["pipeline"][f"{name}/{engine}"] = r
                     save()
@@ -632,20 +686,29 @@ def main(argv: list[str] | None = None) -> int:
                 f" cosine mean {cos.mean():.5f} min {cos.min():.5f}"
             )
         if "scaling" in sections:
+            # Cores, not task slots: the 1-core run is pinned to one CPU with everything it
+            # starts (driver, JVM, Python workers); local[1] on an unpinned 2-CPU machine
+            # would get the JVM's share of the work done on the second CPU for free.
             two = results.get("pipeline", {}).get("fruit360/tflite") or pipeline("fruit360")
-            one = pipeline("fruit360", master="local[1]")
+            one = pipeline("fruit360", master="local[1]", cpus=[0])
+            slot = pipeline("fruit360", master="local[1]")
             record(
                 "scaling",
                 {
-                    "local[1]": one,
-                    "local[2]": two,
+                    "1 core: local[1] pinned to 1 CPU": one,
+                    "2 cores: local[2]": two,
+                    "local[1] unpinned (1 task slot, 2 CPUs)": slot,
                     "speedup": round(two["images_per_s"] / one["images_per_s"], 2),
                 },
             )
-            log(f"scaling: local[1] {one['images_per_s']} local[2] {two['images_per_s']}")
+            log(
+                f"scaling: 1 core {one['images_per_s']}, 2 cores {two['images_per_s']} "
+                f"(local[1] unpinned {slot['images_per_s']})"
+            )
         if "levers" in sections:
             lever_files = subset(files["fruit360"], args.lever_limit)
             variants = [
+                ("keras TF default (onednn unset) tf-default-threads b64", "keras", None, 0, 64),
                 ("keras onednn=0 tf-default-threads b64", "keras", "0", 0, 64),
                 ("keras onednn=1 tf-default-threads b64", "keras", "1", 0, 64),
                 ("keras onednn=1 1 thread b64", "keras", "1", 1, 64),
@@ -718,51 +781,49 @@ def ratios(results: dict) -> dict:
     """The issue's target ratios, computed from this run's numbers only."""
     out = {}
     pipe = results.get("pipeline", {})
-    for name in DATASETS:
-        default = pipe.get(f"{name}/tflite", {}).get("images_per_s")
-        raw = results.get("raw_baseline", {}).get(name, {}).get("images_per_s")
-        common = results.get("common_pattern", {}).get(name, {}).get("images_per_s")
-        keras = pipe.get(f"{name}/keras", {}).get("images_per_s")
-        if default and raw:
-            out[f"{name}: pipeline(tflite) / raw baseline"] = round(default / raw, 2)
-        if keras and raw:
-            out[f"{name}: pipeline(keras) / raw baseline"] = round(keras / raw, 2)
-        if default and common:
-            out[f"{name}: pipeline(tflite) / common pattern"] = round(default / common, 2)
-        if common and raw:
-            out[f"{name}: common pattern / raw baseline"] = round(common / raw, 2)
-        # The same ratios in images per CPU-second: robust to other users' load.
-        cpu = {
-            "raw baseline": results.get("raw_baseline", {}).get(name, {}),
-            "common pattern": results.get("common_pattern", {}).get(name, {}),
-            "pipeline(tflite)": pipe.get(f"{name}/tflite", {}),
-            "pipeline(keras)": pipe.get(f"{name}/keras", {}),
-        }
-        cpu = {k: v.get("images_per_cpu_s") for k, v in cpu.items() if v.get("images_per_cpu_s")}
-        for top, bottom in (
-            ("pipeline(tflite)", "raw baseline"),
-            ("pipeline(tflite)", "common pattern"),
-            ("pipeline(keras)", "raw baseline"),
-        ):
-            if top in cpu and bottom in cpu:
-                out[f"{name}: {top} / {bottom}, per CPU-second"] = round(cpu[top] / cpu[bottom], 2)
+
+    def rate(key: str, name: str, field: str = "images_per_s"):
+        return results.get(key, {}).get(name, {}).get(field)
+
+    for name in results.get("images", DATASETS):
+        for field, unit in (("images_per_s", ""), ("images_per_cpu_s", ", per CPU-second")):
+            tflite = pipe.get(f"{name}/tflite", {}).get(field)
+            keras = pipe.get(f"{name}/keras", {}).get(field)
+            for suffix, label in (("", "TF default"), ("_onednn_off", "oneDNN off")):
+                raw, common = (
+                    rate(f"raw_baseline{suffix}", name, field),
+                    rate(f"common_pattern{suffix}", name, field),
+                )
+                if tflite and raw:
+                    out[f"{name}: pipeline(tflite) / raw baseline ({label}){unit}"] = round(
+                        tflite / raw, 2
+                    )
+                if keras and raw:
+                    out[f"{name}: pipeline(keras) / raw baseline ({label}){unit}"] = round(
+                        keras / raw, 2
+                    )
+                if tflite and common:
+                    out[f"{name}: pipeline(tflite) / common pattern ({label}){unit}"] = round(
+                        tflite / common, 2
+                    )
     if "scaling" in results:
-        out["fruit360: local[2] / local[1]"] = results["scaling"]["speedup"]
+        out["fruit360: 2 cores / 1 core"] = results["scaling"]["speedup"]
     return out
 
 
 def print_summary(results: dict) -> None:
     print("\n== images/s ==")
-    for name, r in results.get("raw_baseline", {}).items():
-        print(f"raw baseline (keras, oneDNN off, b64)   {name:9s} {r['images_per_s']:8.1f}")
-    for name, r in results.get("common_pattern", {}).items():
-        print(f"common pattern (Spark, model.predict)   {name:9s} {r['images_per_s']:8.1f}")
+    for suffix in ("", "_onednn_off"):
+        for name, r in results.get(f"raw_baseline{suffix}", {}).items():
+            print(f"raw baseline{suffix:12s} (keras, b64)   {name:10s} {r['images_per_s']:8.1f}")
+        for name, r in results.get(f"common_pattern{suffix}", {}).items():
+            print(f"common pattern{suffix:12s} (Spark)     {name:10s} {r['images_per_s']:8.1f}")
     for key, r in results.get("pipeline", {}).items():
         name, engine = key.split("/")
-        print(f"pipeline engine={engine:6s}                 {name:9s} {r['images_per_s']:8.1f}")
+        print(f"pipeline engine={engine:6s}                    {name:10s} {r['images_per_s']:8.1f}")
     print("\n== ratios ==")
     for key, value in results.get("ratios", {}).items():
-        print(f"{key:45s} {value:6.2f}x")
+        print(f"{key:75s} {value:6.2f}x")
     print(f"\nload: {results.get('uptime_before')}\n  ->  {results.get('uptime_after')}")
 
 
