@@ -136,15 +136,9 @@ def staged_models_uri(weights: str) -> str | None:
     return weights.rsplit("/", 1)[0] + "/tflite"
 
 
-def tflite_model(
-    weights_file: Path,
-    image_size: int,
-    *,
-    staged: str | None = None,
-    storage: Storage | None = None,
-) -> bytes:
+def tflite_model(weights_file: Path, image_size: int) -> bytes:
     """The float32 TFLite flatbuffer of the model (see :func:`tflite_model_path`)."""
-    return tflite_model_path(weights_file, image_size, staged=staged, storage=storage).read_bytes()
+    return tflite_model_path(weights_file, image_size).read_bytes()
 
 
 def tflite_model_path(
@@ -200,12 +194,12 @@ def load_model_payload(
     """Build (or load from cache) the model on the driver, once per run."""
     sha = file_sha256(weights_file)
     if params.engine == "tflite":
-        flatbuffer = tflite_model(
+        flatbuffer = tflite_model_path(
             weights_file,
             params.image_size,
             staged=staged_models_uri(params.weights),
             storage=storage,
-        )
+        ).read_bytes()
         return ModelPayload("tflite", params.image_size, sha, tflite=flatbuffer)
     model = build_keras_model(params.image_size, weights_file)
     return ModelPayload("keras", params.image_size, sha, keras_weights=model.get_weights())
