@@ -47,7 +47,6 @@ from imagepca.aws import (
     upload,
 )
 from imagepca.config import IMAGE_SIZES, KERAS_WEIGHTS_FILE
-from imagepca.features import staged_models_uri, tflite_model_path
 
 WEIGHTS_FILE = KERAS_WEIGHTS_FILE
 BOOTSTRAP_FILES = ("install-python-deps.sh", "requirements-emr.txt")
@@ -349,7 +348,7 @@ def stage(
     s3_client: Any,
     project: Path | None = None,
     wheel_builder: Callable[[Path, Path], Path] = build_wheel,
-    model_converter: Callable[[Path, int], Path] = tflite_model_path,
+    model_converter: Callable[[Path, int], Path] | None = None,
     image_sizes: Sequence[int] = (224,),
     wheelhouse: Path | None = None,
     out: TextIO | None = None,
@@ -362,6 +361,11 @@ def stage(
     here for each of ``image_sizes``, so the cluster's driver fetches it instead of
     converting). Unchanged files are skipped, so re-staging is cheap.
     """
+    # Here, not at import: the model code pulls in pandas and PySpark, which `emr up`,
+    # `run` and `down` do not need.
+    from imagepca.features import staged_models_uri, tflite_model_path
+
+    model_converter = model_converter or tflite_model_path
     out = out or sys.stderr
     if not VERSION_PATTERN.match(version):
         raise EmrError(f"invalid version {version!r}")
