@@ -568,25 +568,38 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
-def step_command(options: RunOptions) -> list[str]:
-    """The command the EMR step runs on the primary node."""
-    command = [
-        "python3.11", "-m", "imagepca", "run",
+def _run_locations(options: RunOptions) -> list[str]:
+    """``imagepca run`` options naming where the run reads and writes."""
+    return [
         "--notebooks", options.notebooks,
         "--input", options.input,
         "--output", options.output,
         "--weights", options.weights,
-        "--master", "yarn",
     ]  # fmt: skip
+
+
+def _run_choices(options: RunOptions, *, skip_classify: bool) -> list[str]:
+    """``imagepca run`` options for what the user chose (k, variance, engine, notebook 03)."""
+    command = []
     if options.k is not None:
         command += ["--k", str(options.k)]
     if options.variance is not None:
         command += ["--variance", str(options.variance)]
     if options.engine:
         command += ["--engine", options.engine]
-    if options.skip_classify:
+    if skip_classify:
         command.append("--skip-classify")
     return command
+
+
+def step_command(options: RunOptions) -> list[str]:
+    """The command the EMR step runs on the primary node."""
+    return [
+        "python3.11", "-m", "imagepca", "run",
+        *_run_locations(options),
+        "--master", "yarn",
+        *_run_choices(options, skip_classify=options.skip_classify),
+    ]  # fmt: skip
 
 
 def step_request(cluster_id: str, options: RunOptions, run_id: str) -> dict[str, Any]:
@@ -955,21 +968,14 @@ def _run_via_livy(args: argparse.Namespace, options: RunOptions, settings: EmrSe
     """papermill here, cells on the cluster: the PySpark kernel through Livy (SSH tunnel)."""
     from .cli import main as imagepca_main
 
+    skip_classify = options.skip_classify or not _s3_exists(
+        _s3_client(settings.region), f"{options.notebooks}/03_classify.ipynb"
+    )
     command = [
         "run", "--kernel", "pysparkkernel", "--livy-url", args.livy_url,
-        "--notebooks", options.notebooks, "--input", options.input,
-        "--output", options.output, "--weights", options.weights,
+        *_run_locations(options),
+        *_run_choices(options, skip_classify=skip_classify),
     ]  # fmt: skip
-    if options.k is not None:
-        command += ["--k", str(options.k)]
-    if options.variance is not None:
-        command += ["--variance", str(options.variance)]
-    if options.engine:
-        command += ["--engine", options.engine]
-    if options.skip_classify or not _s3_exists(
-        _s3_client(settings.region), f"{options.notebooks}/03_classify.ipynb"
-    ):
-        command.append("--skip-classify")
     status = imagepca_main(command)
     if status == 0:
         list_outputs(options.output, s3_client=_s3_client(settings.region))
