@@ -88,9 +88,19 @@ REQUIREMENTS="${WORK_DIR}/requirements-emr.txt"
 
 log "artifacts=${ARTIFACTS} version=${VERSION:-any} offline=${OFFLINE} dry_run=${DRY_RUN} arch=$(uname -m)"
 
-# 1. Python 3.11 (EMR 7.1+ on Amazon Linux 2023 ships it as a package).
-if [[ "${DRY_RUN}" == "1" ]] || ! command -v "${PYTHON}" >/dev/null 2>&1; then
-  retry sudo dnf install -y python3.11 python3.11-pip python3.11-devel
+# 1. Python 3.11 and its pip. On Amazon Linux 2023 (EMR 7.x) they are separate
+#    packages, python3.11 and python3.11-pip: an image can have the interpreter without
+#    pip. The checks only read, so a dry run makes them too.
+MISSING=()
+if ! command -v "${PYTHON}" >/dev/null 2>&1; then
+  MISSING=(python3.11 python3.11-pip python3.11-devel)
+elif ! "${PYTHON}" -m pip --version >/dev/null 2>&1; then
+  MISSING=(python3.11-pip)
+fi
+if (( ${#MISSING[@]} > 0 )); then
+  retry sudo dnf install -y "${MISSING[@]}"
+else
+  log "${PYTHON} and its pip are installed"
 fi
 
 # 2. Requirements and wheels staged by `imagepca emr stage`.

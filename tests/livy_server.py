@@ -22,6 +22,9 @@ a trailing expression is printed, stdout/stderr become ``text/plain``, lines sta
 ``%`` are Livy magics (``%matplot``, ``%json``), and an error comes back as
 ``ename``/``evalue``/``traceback``.
 
+Over TLS (``tls=TlsFiles``, see :func:`make_test_pki`) it serves HTTPS only, as EMR 7.4+
+serves Livy when the cluster encrypts in transit.
+
 Everything stops by itself: :meth:`LivyServer.stop` (the fixture's teardown) deletes the
 sessions; HTTP and session threads are daemons; idle sessions past their
 ``heartbeatTimeoutInSecond`` are deleted as Livy does; the server shuts down after
@@ -40,12 +43,14 @@ import os
 import queue
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -53,6 +58,109 @@ from urllib.parse import parse_qs, urlparse
 SESSION_ENV = "LIVY_TEST_SESSION"  # JSON settings handed to the interpreter process
 FINAL_SESSION_STATES = ("dead", "killed", "error", "success")
 LOG_LINES_IN_VIEW = 10  # Livy shows the last 10 log lines in a session object
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a test PKI: the CA clients trust, the server's chain and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_test_pki(folder: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> TlsFiles:
+    """A self-signed CA and a server certificate it signs for ``hosts`` (SANs), valid 1 day.
+
+    Made with ``cryptography`` in the test, so nothing secret is ever stored in the repo.
+    """
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("imagepca test CA"))
+        .issuer_name(name("imagepca test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
+
+
+class _HttpServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], ssl.SSLError):
+            return  # a refused TLS handshake: the client sees it, the test log need not
+        super().handle_error(request, client_address)
 
 
 def _now_ms() -> int:
@@ -287,6 +395,8 @@ class LivyServer:
         Interpreter of the sessions (default: this one, the project's venv).
     max_lifetime : float
         Seconds after which the server stops itself, whatever the tests do.
+    tls : TlsFiles, optional
+        Serve HTTPS only with this certificate (:func:`make_test_pki`).
     """
 
     def __init__(
@@ -295,6 +405,7 @@ class LivyServer:
         *,
         python: str = sys.executable,
         max_lifetime: float = 1800.0,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="livy-test-"))
         self.python = python
@@ -305,9 +416,19 @@ class LivyServer:
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._stopped = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._httpd = _HttpServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        scheme = "http"
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(tls.cert, tls.key)
+            # The handshake happens in the request's thread, so a client that speaks plain
+            # HTTP (or distrusts the certificate) never blocks the accept loop.
+            self._httpd.socket = context.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self._httpd.server_address[1]}"
         self._threads = [
             threading.Thread(target=self._httpd.serve_forever, name="livy-http", daemon=True),
             threading.Thread(target=self._watch, name="livy-watch", daemon=True),

@@ -9,7 +9,7 @@ import shlex
 import boto3
 import pytest
 
-from imagepca import aws
+from imagepca.aws import account, commands, stage
 from moto_server import ACCOUNT_ID, REGION, aws_env, moto_endpoint  # noqa: F401
 
 BUCKET = "imagepca-test-bucket"
@@ -17,7 +17,7 @@ BUCKET = "imagepca-test-bucket"
 
 def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="imagepca")
-    aws.add_commands(parser.add_subparsers(dest="command"))
+    commands.add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(list(argv))
     return args.func(args)
 
@@ -46,7 +46,7 @@ def test_setup_creates_private_encrypted_tls_only_bucket_and_roles():
     iam = boto3.client("iam", region_name=REGION)
     attached = iam.list_attached_role_policies(RoleName="imagepca-emr-service-role")
     assert [p["PolicyArn"] for p in attached["AttachedPolicies"]] == [
-        aws.EMR_MANAGED_SERVICE_POLICY
+        account.EMR_MANAGED_SERVICE_POLICY
     ]
     trust = iam.get_role(RoleName="imagepca-emr-service-role")["Role"]["AssumeRolePolicyDocument"]
     assert trust["Statement"][0]["Principal"]["Service"] == "elasticmapreduce.amazonaws.com"
@@ -59,6 +59,13 @@ def test_setup_creates_private_encrypted_tls_only_bucket_and_roles():
     assert "UseProjectKmsKey" not in sids  # no KMS key given: statement dropped
     arn = f"arn:aws:iam::{ACCOUNT_ID}:policy/imagepca-operator"
     assert iam.get_policy(PolicyArn=arn)["Policy"]["PolicyName"] == "imagepca-operator"
+    # Row 5: the EMR cleanup service-linked role, made ahead of the first cluster.
+    # (moto names it AWSServiceRoleForelasticmapreduce; AWS: AWSServiceRoleForEMRCleanup)
+    linked = iam.list_roles(PathPrefix="/aws-service-role/elasticmapreduce.amazonaws.com/")
+    assert len(linked["Roles"]) == 1
+    assert iam.list_role_policies(RoleName="imagepca-emr-service-role")["PolicyNames"] == [
+        "pass-instance-role"  # no KMS key: no EBS key statement
+    ]
 
 
 @pytest.mark.usefixtures("aws_env")
@@ -86,6 +93,12 @@ def test_setup_with_kms_versioning_outside_us_east_1():
     )["PolicyDocument"]
     kms = [s for s in inline["Statement"] if s["Sid"] == "UseProjectKmsKey"]
     assert kms and kms[0]["Resource"] == key
+    # Row 2: the service role launches the KMS-encrypted EBS volumes, so it may use the key.
+    ebs = iam.get_role_policy(RoleName="imagepca-emr-service-role", PolicyName="use-ebs-kms-key")
+    statements = ebs["PolicyDocument"]["Statement"]
+    assert {s["Resource"] for s in statements} == {key}
+    grant = next(s for s in statements if "kms:CreateGrant" in s["Action"])
+    assert grant["Condition"] == {"Bool": {"kms:GrantIsForAWSResource": "true"}}
 
 
 def test_dry_run_prints_aws_cli_equivalents_without_calling_aws(monkeypatch, capsys):
@@ -102,6 +115,7 @@ def test_dry_run_prints_aws_cli_equivalents_without_calling_aws(monkeypatch, cap
         "s3api put-bucket-ownership-controls",
         "s3api put-bucket-encryption",
         "s3api put-bucket-policy",
+        "iam create-service-linked-role",
         "iam create-role",
         "iam attach-role-policy",
         "iam put-role-policy",
@@ -115,6 +129,8 @@ def test_dry_run_prints_aws_cli_equivalents_without_calling_aws(monkeypatch, cap
     config = create[create.index("--create-bucket-configuration") + 1]
     assert json.loads(config) == {"LocationConstraint": "eu-west-1"}
     policy = commands[4][commands[4].index("--policy") + 1]
+    slr = commands[5]
+    assert slr[slr.index("--aws-service-name") + 1] == "elasticmapreduce.amazonaws.com"
     assert json.loads(policy)["Statement"][0]["Condition"]["Bool"]["aws:SecureTransport"] == (
         "false"
     )
@@ -159,7 +175,7 @@ def test_upload_skips_existing_same_size_and_handles_unicode(tmp_path, capsys):
     assert "uploaded 0 file(s), 0 bytes; skipped 4" in capsys.readouterr().err
 
     (tmp_path / "photos" / "apple" / "a 1.jpg").write_bytes(b"x" * 11)
-    result = aws.upload(tmp_path / "photos", f"s3://{BUCKET}/input/photos/", s3_client=s3)
+    result = stage.upload(tmp_path / "photos", f"s3://{BUCKET}/input/photos/", s3_client=s3)
     assert result.uploaded == ["input/photos/apple/a 1.jpg"]
     assert len(result.skipped) == 3
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,10 @@ import pytest
 from botocore.stub import Stubber
 from botocore.validate import ParamValidator
 
-from imagepca import emr, features
+from imagepca import features
+from imagepca.aws import cluster, commands, runs, stage
+from imagepca.aws.settings import AwsError, EmrSettings
+from livy_server import LivyServer, make_test_pki
 from moto_server import REGION, aws_env, moto_endpoint, set_step_states  # noqa: F401
 
 BUCKET = "imagepca-test-bucket"
@@ -27,17 +31,16 @@ SETTINGS = {
     "subnet_id": "subnet-0123456789abcdef0",
     "key_name": "my-key",
     "artifacts_version": "0.1.0",
-    "security_configuration": "imagepca-security",
 }
 
 
-def settings(**changes) -> emr.EmrSettings:
-    return emr.EmrSettings.load(None, {**SETTINGS, **changes})
+def settings(**changes) -> EmrSettings:
+    return EmrSettings.load(None, {**SETTINGS, **changes})
 
 
 def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="imagepca")
-    emr.add_commands(parser.add_subparsers(dest="command"))
+    commands.add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(list(argv))
     return args.func(args)
 
@@ -53,7 +56,7 @@ def model_errors(operation: str, params: dict) -> str:
 
 
 def test_rendered_config_is_a_valid_run_job_flow_request():
-    config = emr.render_config(settings())
+    config = cluster.render_config(settings(security_configuration="imagepca-security"))
     assert model_errors("RunJobFlow", config) == ""
     assert "${" not in json.dumps(config)
     assert config["ReleaseLabel"].startswith("emr-7.")
@@ -80,7 +83,10 @@ def test_rendered_config_is_a_valid_run_job_flow_request():
     assert spark["spark.sql.execution.arrow.maxRecordsPerBatch"] == "256"
     assert spark["spark.python.worker.reuse"] == "true"
     assert spark["spark.executor.memoryOverhead"] == "4g"
-    assert by_class["livy-conf"]["Properties"]["livy.server.session.timeout"] == "4h"
+    livy_conf = by_class["livy-conf"]["Properties"]
+    # A forgotten session ends after 1 h without statements; a long cell is not cut.
+    assert livy_conf["livy.server.session.timeout"] == "1h"
+    assert livy_conf["livy.server.session.timeout-check.skip-busy"] == "true"
     assert by_class["jupyter-s3-conf"]["Properties"] == {
         "s3.persistence.enabled": "true",
         "s3.persistence.bucket": BUCKET,
@@ -98,7 +104,7 @@ def test_rendered_config_is_a_valid_run_job_flow_request():
 
 
 def test_optional_parts_of_the_config():
-    config = emr.render_config(
+    config = cluster.render_config(
         settings(
             key_name="", security_configuration="", offline=True, task_instance_count=3,
             tags={"team": "vision"},
@@ -122,20 +128,25 @@ def test_optional_parts_of_the_config():
 
 
 def test_settings_are_validated_once_with_actionable_messages(tmp_path):
-    with pytest.raises(emr.EmrError) as error:
+    with pytest.raises(AwsError) as error:
         settings(subnet_id="vpc-123", core_instance_count=0, release_label="emr-6.15.0")
     message = str(error.value)
     assert "subnet_id" in message and "core_instance_count" in message
     assert "EMR 7.x" in message
-    with pytest.raises(emr.EmrError, match="unknown settings: colour"):
-        emr.EmrSettings.load(None, {**SETTINGS, "colour": "red"})
-    with pytest.raises(emr.EmrError, match="emr_settings.example.json"):
-        emr.EmrSettings.load(tmp_path / "missing.json")
+    with pytest.raises(AwsError, match="unknown settings: colour"):
+        EmrSettings.load(None, {**SETTINGS, "colour": "red"})
+    with pytest.raises(AwsError, match="emr_settings.example.json"):
+        EmrSettings.load(tmp_path / "missing.json")
 
 
 def test_example_settings_file_renders():
-    example = emr.EmrSettings.load(ROOT / "emr_settings.example.json", {"artifacts_version": "1"})
-    assert model_errors("RunJobFlow", emr.render_config(example)) == ""
+    example = EmrSettings.load(ROOT / "emr_settings.example.json", {"artifacts_version": "1"})
+    assert model_errors("RunJobFlow", cluster.render_config(example)) == ""
+    # Row 13: the example names no security configuration (optional, created separately).
+    assert example.security_configuration == ""
+    assert "SecurityConfiguration" not in cluster.render_config(example)
+    # Row 12: idle timeout + Livy session timeout bound an unused cluster's bill.
+    assert example.longest_idle_billing_seconds == 2 * 3600
 
 
 def test_render_command_prints_the_request(capsys):
@@ -146,7 +157,7 @@ def test_render_command_prints_the_request(capsys):
 
 def test_security_configuration_enables_encryption_and_imdsv2():
     key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    definition = json.loads(emr.render_security_configuration(key, f"s3://{BUCKET}/certs.zip"))
+    definition = json.loads(cluster.render_security_configuration(key, f"s3://{BUCKET}/certs.zip"))
     encryption = definition["EncryptionConfiguration"]
     assert encryption["EnableAtRestEncryption"] and encryption["EnableInTransitEncryption"]
     at_rest = encryption["AtRestEncryptionConfiguration"]
@@ -154,10 +165,11 @@ def test_security_configuration_enables_encryption_and_imdsv2():
     assert at_rest["LocalDiskEncryptionConfiguration"]["AwsKmsKey"] == key
     tls = encryption["InTransitEncryptionConfiguration"]["TLSCertificateConfiguration"]
     assert tls["S3Object"] == f"s3://{BUCKET}/certs.zip"
-    assert (
-        definition["InstanceMetadataServiceConfiguration"]["MinimumInstanceMetadataServiceVersion"]
-        == 2
-    )
+    imds = definition["InstanceMetadataServiceConfiguration"]
+    assert imds["MinimumInstanceMetadataServiceVersion"] == 2
+    # Row 15: JupyterHub runs in a Docker container on the primary node and saves notebooks
+    # to S3 with the instance profile: one more network hop than the host.
+    assert imds["HttpPutResponseHopLimit"] == 2
     request = {"Name": "imagepca-security", "SecurityConfiguration": json.dumps(definition)}
     assert model_errors("CreateSecurityConfiguration", request) == ""
 
@@ -172,10 +184,10 @@ def test_security_config_command_creates_it():
 
 
 def test_cost_estimate_uses_the_dated_price_table():
-    total, lines = emr.hourly_cost(settings(task_instance_count=1))
+    total, lines = cluster.hourly_cost(settings(task_instance_count=1))
     assert total == pytest.approx(1 * 0.24 + 2 * 0.48 + 1 * 0.48)
-    assert emr.PRICE_TABLE_DATE in lines[-1]
-    unknown, lines = emr.hourly_cost(settings(core_instance_type="x9.huge"))
+    assert cluster.PRICE_TABLE_DATE in lines[-1]
+    unknown, lines = cluster.hourly_cost(settings(core_instance_type="x9.huge"))
     assert unknown is None and "not in the price table" in lines[-1]
 
 
@@ -200,7 +212,7 @@ def test_stage_uploads_the_artifacts_layout(tmp_path):
     s3.create_bucket(Bucket=BUCKET)
     weights = tmp_path / "tiny.h5"
     weights.write_bytes(b"not really weights")
-    uris = emr.stage(
+    uris = stage.stage(
         BUCKET, "0.1.0", weights, s3_client=s3, wheel_builder=fake_wheel_builder,
         model_converter=fake_model_converter, image_sizes=(224, 160), out=io.StringIO(),
     )  # fmt: skip
@@ -210,30 +222,80 @@ def test_stage_uploads_the_artifacts_layout(tmp_path):
         base + "wheels/imagepca-0.1.0-py3-none-any.whl",
         base + "bootstrap/install-python-deps.sh",
         base + "bootstrap/requirements-emr.txt",
-        base + f"models/{emr.WEIGHTS_FILE}",
+        base + f"models/{stage.WEIGHTS_FILE}",
         base + "models/tflite/mobilenetv2-test-224.tflite",
         base + "models/tflite/mobilenetv2-test-160.tflite",
-    } | {base + "notebooks/" + p.name for p in (ROOT / "notebooks").glob("*.ipynb")}
+    } | {
+        base + folder + "/" + p.name
+        for p in (ROOT / "notebooks").glob("*.ipynb")
+        for folder in ("notebooks", stage.PYSPARK_NOTEBOOKS)
+    }
     assert keys == expected
-    assert uris["weights"] == f"s3://{BUCKET}/{base}models/{emr.WEIGHTS_FILE}"
+    # Row 7: the notebook-execution copies run in the PySpark kernel (the Studio python3
+    # kernel is /emr/notebook-env, without imagepca); the rest of the notebook is unchanged.
+    for path in (ROOT / "notebooks").glob("*.ipynb"):
+        staged = json.loads(
+            s3.get_object(Bucket=BUCKET, Key=f"{base}{stage.PYSPARK_NOTEBOOKS}/{path.name}")[
+                "Body"
+            ].read()
+        )
+        original = json.loads(path.read_text())
+        assert staged["metadata"]["kernelspec"]["name"] == "pysparkkernel"
+        assert staged["metadata"]["language_info"]["name"] == "python"
+        assert staged["cells"] == original["cells"]
+    assert uris["weights"] == f"s3://{BUCKET}/{base}models/{stage.WEIGHTS_FILE}"
     # The driver looks for converted models beside the weights it is given.
     assert uris["tflite_models"] == features.staged_models_uri(uris["weights"])
 
-    with pytest.raises(emr.EmrError, match="staging version 9.9"):
-        emr.stage(BUCKET, "9.9", weights, s3_client=s3, wheel_builder=fake_wheel_builder)
+    with pytest.raises(AwsError, match="staging version 9.9"):
+        stage.stage(BUCKET, "9.9", weights, s3_client=s3, wheel_builder=fake_wheel_builder)
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_restage_sends_an_edited_file_of_the_same_size(tmp_path):
+    """Row 14: artifacts are compared by content, not size: a pin edited in place keeps
+    its length and must still reach the bucket."""
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "bootstrap", project / "bootstrap")
+    shutil.copytree(ROOT / "notebooks", project / "notebooks")
+    weights = tmp_path / "tiny.h5"
+    weights.write_bytes(b"not really weights")
+
+    def restage() -> str:
+        out = io.StringIO()
+        stage.stage(
+            BUCKET, "0.1.0", weights, s3_client=s3, project=project,
+            wheel_builder=fake_wheel_builder, model_converter=fake_model_converter, out=out,
+        )  # fmt: skip
+        return out.getvalue()
+
+    restage()
+    assert "s3://" not in restage()  # nothing changed: every file skipped
+    requirements = project / "bootstrap" / "requirements-emr.txt"
+    before = requirements.read_text()
+    after = before.replace("pandas==2.3.3", "pandas==2.3.2")
+    assert after != before and len(after) == len(before)
+    requirements.write_text(after)
+    printed = restage()
+    assert "bootstrap/requirements-emr.txt" in printed
+    key = "artifacts/0.1.0/bootstrap/requirements-emr.txt"
+    assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode() == after
+    assert "bootstrap/install-python-deps.sh" not in printed  # unchanged: skipped
 
 
 def test_stage_pins_the_clusters_tensorflow():
     """The staged model's name carries the converter's version: staging must know the
     cluster's, which the bootstrap's requirements pin."""
-    assert emr.pinned_tensorflow(ROOT) == "2.21.0"
+    assert stage.pinned_tensorflow(ROOT) == "2.21.0"
 
 
 def test_stage_refuses_unknown_image_sizes():
-    assert emr._image_sizes("224,160") == [224, 160]
+    assert commands._image_sizes("224,160") == [224, 160]
     for text in ("225", "224,", "big"):
-        with pytest.raises(emr.EmrError, match="--image-sizes"):
-            emr._image_sizes(text)
+        with pytest.raises(AwsError, match="--image-sizes"):
+            commands._image_sizes(text)
 
 
 @pytest.mark.usefixtures("aws_env")
@@ -247,21 +309,21 @@ def test_stage_command_needs_weights(monkeypatch, tmp_path, capsys):
 # --------------------------------------------------------------------------- up/run/down
 
 
-def start_cluster(**changes) -> tuple[emr.EmrSettings, str, str]:
+def start_cluster(**changes) -> tuple[EmrSettings, str, str]:
     chosen = settings(**changes)
     out = io.StringIO()
-    info = emr.up(chosen, emr_client=boto3.client("emr"), poll_seconds=0.05, out=out)
+    info = cluster.up(chosen, emr_client=boto3.client("emr"), poll_seconds=0.05, out=out)
     return chosen, info.cluster_id, out.getvalue()
 
 
 @pytest.mark.usefixtures("aws_env")
 def test_up_submits_the_rendered_config_and_waits_for_waiting():
     chosen, cluster_id, printed = start_cluster()
-    cluster = boto3.client("emr").describe_cluster(ClusterId=cluster_id)["Cluster"]
-    assert cluster["Status"]["State"] == "WAITING"
-    assert {a["Name"] for a in cluster["Applications"]} >= {"Spark", "Livy", "JupyterHub"}
-    assert cluster["ReleaseLabel"] == chosen.release_label
-    assert {c["Classification"] for c in cluster["Configurations"]} >= {
+    described = boto3.client("emr").describe_cluster(ClusterId=cluster_id)["Cluster"]
+    assert described["Status"]["State"] == "WAITING"
+    assert {a["Name"] for a in described["Applications"]} >= {"Spark", "Livy", "JupyterHub"}
+    assert described["ReleaseLabel"] == chosen.release_label
+    assert {c["Classification"] for c in described["Configurations"]} >= {
         "spark-env", "livy-env", "spark-defaults", "jupyter-s3-conf",
     }  # fmt: skip
     actions = boto3.client("emr").list_bootstrap_actions(ClusterId=cluster_id)["BootstrapActions"]
@@ -270,6 +332,37 @@ def test_up_submits_the_rendered_config_and_waits_for_waiting():
     assert "-L 9443:localhost:9443" in printed and "-L 8998:localhost:8998" in printed
     assert "https://localhost:9443" in printed and "ssh -i ~/.ssh/my-key.pem" in printed
     assert "estimated cost:    $1.20/hour" in printed
+    # No security configuration: plain-HTTP Livy and the history server on 18080.
+    assert "Livy:              http://localhost:8998" in printed
+    assert "-L 18080:localhost:18080" in printed
+    # 1 h idle timeout + 1 h Livy session timeout: the bill of a forgotten session.
+    assert "bills at most ~2 h" in printed
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_up_refuses_a_security_configuration_that_does_not_exist():
+    """Row 13: a named security configuration must exist before RunJobFlow."""
+    with pytest.raises(AwsError, match="imagepca-security' does not exist.*security-config"):
+        start_cluster(security_configuration="imagepca-security")
+    assert boto3.client("emr").list_clusters()["Clusters"] == []
+
+
+@pytest.mark.usefixtures("aws_env")
+@pytest.mark.parametrize(
+    ("release", "livy"), [("emr-7.12.0", "https://localhost:8998"), ("emr-7.3.0", "http://")]
+)
+def test_up_with_in_transit_encryption_prints_the_https_endpoints(release, livy):
+    """Row 6: with in-transit encryption EMR 7.4+ serves Livy over HTTPS only and the
+    Spark history server listens on 18480."""
+    key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    definition = cluster.render_security_configuration(key, f"s3://{BUCKET}/certs.zip")
+    boto3.client("emr").create_security_configuration(
+        Name="imagepca-security", SecurityConfiguration=definition
+    )
+    _, _, printed = start_cluster(security_configuration="imagepca-security", release_label=release)
+    assert f"Livy:              {livy}" in printed
+    assert "-L 18480:localhost:18480" in printed and "https://localhost:18480" in printed
+    assert ("--livy-ca-bundle" in printed) == livy.startswith("https")
 
 
 def expected_command(run_id: str) -> list[str]:
@@ -278,7 +371,7 @@ def expected_command(run_id: str) -> list[str]:
         "--notebooks", f"s3://{BUCKET}/artifacts/0.1.0/notebooks",
         "--input", f"s3://{BUCKET}/input/photos/",
         "--output", f"s3://{BUCKET}/runs/{run_id}",
-        "--weights", f"s3://{BUCKET}/artifacts/0.1.0/models/{emr.WEIGHTS_FILE}",
+        "--weights", f"s3://{BUCKET}/artifacts/0.1.0/models/{stage.WEIGHTS_FILE}",
         "--master", "yarn",
         "--k", "8",
         "--engine", "keras",
@@ -321,7 +414,7 @@ def test_run_adds_the_step_waits_and_lists_outputs(capsys):
 @pytest.mark.usefixtures("aws_env")
 def test_run_reports_a_failed_step(capsys):
     _, cluster_id, _ = start_cluster()
-    options = emr.RunOptions(
+    options = runs.RunOptions(
         input=f"s3://{BUCKET}/input/", output=f"s3://{BUCKET}/runs/r2",
         weights=f"s3://{BUCKET}/w.h5", notebooks=f"s3://{BUCKET}/artifacts/0.1.0/notebooks",
     )  # fmt: skip
@@ -334,46 +427,88 @@ def test_run_reports_a_failed_step(capsys):
                 return
 
     threading.Thread(target=fail_step_soon, daemon=True).start()
-    with pytest.raises(emr.EmrError, match="ended FAILED"):
-        emr.run_step(
+    with pytest.raises(AwsError, match="ended FAILED"):
+        runs.run_step(
             cluster_id, options, "r2", emr_client=client, s3_client=boto3.client("s3"),
             poll_seconds=0.05, max_attempts=400, log_bucket=BUCKET, out=io.StringIO(),
         )  # fmt: skip
 
 
-@pytest.mark.usefixtures("aws_env")
-def test_run_via_livy_runs_papermill_here_with_the_pyspark_kernel(monkeypatch, capsys):
-    import imagepca.cli
+@pytest.fixture
+def tls_livy(tmp_path):
+    """The Livy test server over HTTPS with a CA made for this test (EMR 7.4+ with
+    in-transit encryption serves Livy so)."""
+    pki = make_test_pki(tmp_path / "pki")
+    with LivyServer(tmp_path / "livy", tls=pki, max_lifetime=120) as server:
+        yield server, pki
 
+
+@pytest.mark.usefixtures("aws_env")
+def test_run_via_livy_over_https_with_a_ca_bundle(tls_livy, monkeypatch, capsys):
+    """papermill here with the PySpark kernel; the CA bundle reaches Livy's REST calls and
+    the kernel (REQUESTS_CA_BUNDLE, which sparkmagic's requests session reads)."""
+    from imagepca import runner
+
+    server, pki = tls_livy
     _, cluster_id, _ = start_cluster()
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket=BUCKET)
     s3.put_object(Bucket=BUCKET, Key="runs/r3/_SUCCESS", Body=b"")
-    seen = []
-    monkeypatch.setattr(imagepca.cli, "main", lambda argv: seen.append(argv) or 0)
-    code = cli(
+    seen = {}
+
+    def run_notebooks(runs_, output, *, notebooks, kernel, env):
+        seen.update(runs=runs_, output=output, notebooks=notebooks, kernel=kernel, env=env)
+        conf = json.loads((Path(env["SPARKMAGIC_CONF_DIR"]) / "config.json").read_text())
+        seen["ignore_ssl_errors"] = conf["ignore_ssl_errors"]
+        return {}
+
+    monkeypatch.setattr(runner, "run_notebooks", run_notebooks)
+    monkeypatch.setattr(runner, "summary", lambda metrics, output: "summary")
+    base = [
         "emr", "run", "--cluster-id", cluster_id, "--run-id", "r3", "--via", "livy",
         "--bucket", BUCKET, "--region", REGION, "--subnet-id", SETTINGS["subnet_id"],
         "--version", "0.1.0", "--input", f"s3://{BUCKET}/input/photos/", "--k", "8",
-    )  # fmt: skip
-    assert code == 0
-    (argv,) = seen
-    assert argv[:5] == ["run", "--kernel", "pysparkkernel", "--livy-url", "http://localhost:8998"]
-    assert argv[argv.index("--output") + 1] == f"s3://{BUCKET}/runs/r3"
-    assert argv[argv.index("--k") + 1] == "8"
-    assert argv[-1] == "--skip-classify"  # 03_classify.ipynb is not staged in this bucket
+        "--livy-url", server.url,
+    ]  # fmt: skip
+    assert cli(*base) == 1  # the test CA is not trusted by default
+    assert "--livy-ca-bundle" in capsys.readouterr().err
+    assert cli(*base, "--livy-ca-bundle", str(pki.ca)) == 0
+    assert seen["kernel"] == "pysparkkernel"
+    assert seen["env"]["REQUESTS_CA_BUNDLE"] == str(pki.ca.resolve())
+    assert seen["ignore_ssl_errors"] is False
+    assert seen["output"] == f"s3://{BUCKET}/runs/r3"
+    assert [r.name for r in seen["runs"]] == ["01_extract_features.ipynb", "02_reduce_pca.ipynb"]
+    assert seen["runs"][1].parameters["k"] == 8  # 03_classify.ipynb is not staged here
+    assert all(r.parameters["master"] is None for r in seen["runs"])
     assert f"s3://{BUCKET}/runs/r3/_SUCCESS" in capsys.readouterr().out
     assert boto3.client("emr").list_steps(ClusterId=cluster_id)["Steps"] == []
 
+    seen.clear()
+    assert cli(*base, "--livy-insecure") == 0  # the loud opt-out
+    assert "REQUESTS_CA_BUNDLE" not in seen["env"] and seen["ignore_ssl_errors"] is True
+    assert capsys.readouterr().err.count("TLS certificate verification for Livy") == 2
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_notebook_execution_needs_a_notebooks_service_role(capsys):
+    """Row 7: never the cluster's service role; the PySpark-kernel copies are run."""
+    argv = [
+        "emr", "run", "--cluster-id", "j-1", "--via", "notebook-execution", "--bucket", BUCKET,
+        "--region", REGION, "--subnet-id", SETTINGS["subnet_id"], "--version", "0.1.0",
+    ]  # fmt: skip
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    assert cli(*argv) == 1
+    assert "EMR_Notebooks_DefaultRole" in capsys.readouterr().err
+
 
 def test_run_options_flow_unchanged():
-    options = emr.RunOptions(
+    options = runs.RunOptions(
         input="s3://b/in/", output="s3://b/runs/x", weights="s3://b/w.h5",
         notebooks="s3://b/artifacts/1/notebooks", variance=0.9, skip_classify=True,
     )  # fmt: skip
-    assert emr.step_command(options)[-3:] == ["--variance", "0.9", "--skip-classify"]
-    with pytest.raises(emr.EmrError, match="s3://"):
-        emr.RunOptions(input="/local", output="s3://b/o", weights="s3://b/w", notebooks="s3://b/n")
+    assert runs.step_command(options)[-3:] == ["--variance", "0.9", "--skip-classify"]
+    with pytest.raises(AwsError, match="s3://"):
+        runs.RunOptions(input="/local", output="s3://b/o", weights="s3://b/w", notebooks="s3://b/n")
 
 
 @pytest.mark.usefixtures("aws_env")
@@ -390,12 +525,12 @@ def test_down_terminates(capsys):
 
 
 def test_notebook_execution_requests_validate_and_run_in_order():
-    options = emr.RunOptions(
+    options = runs.RunOptions(
         input="s3://b/input/", output="s3://b/runs/r3", weights="s3://b/w.h5",
         notebooks="s3://b/artifacts/0.1.0/notebooks", k=4, skip_classify=True,
     )  # fmt: skip
-    requests = emr.notebook_execution_requests(
-        "j-CLUSTER", options, "r3", "imagepca-emr-service-role", security_group="sg-0abc"
+    requests = runs.notebook_execution_requests(
+        "j-CLUSTER", options, "r3", "EMR_Notebooks_DefaultRole", security_group="sg-0abc"
     )
     assert [r["NotebookS3Location"]["Key"] for r in requests] == [
         "artifacts/0.1.0/notebooks/01_extract_features.ipynb",
@@ -426,7 +561,7 @@ def test_notebook_execution_requests_validate_and_run_in_order():
                     {"NotebookExecution": {"NotebookExecutionId": execution, "Status": status}},
                     {"NotebookExecutionId": execution},
                 )
-        ids = emr.run_notebook_executions(
+        ids = runs.run_notebook_executions(
             requests, emr_client=client, poll_seconds=0, sleep=lambda _s: None,
             out=io.StringIO(),
         )  # fmt: skip
@@ -435,12 +570,14 @@ def test_notebook_execution_requests_validate_and_run_in_order():
 
 
 def test_invalid_notebook_execution_request_is_caught_before_sending():
-    with pytest.raises(emr.EmrError, match="ServiceRole"):
-        emr.validate_request("StartNotebookExecution", {"ExecutionEngine": {"Id": "j-1"}})
+    with pytest.raises(AwsError, match="ServiceRole"):
+        cluster.validate_request("StartNotebookExecution", {"ExecutionEngine": {"Id": "j-1"}})
 
 
 def test_help_for_every_emr_command(capsys):
-    for command in ("render", "security-config", "stage", "up", "run", "down"):
+    for command in (
+        "render", "security-config", "stage", "wheelhouse", "doctor", "up", "run", "down",
+    ):  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:
             cli("emr", command, "--help")
         assert exit_info.value.code == 0

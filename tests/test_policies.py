@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from parliament import analyze_policy_string, enhance_finding
 
-from imagepca import aws
+from imagepca.aws import account
+from imagepca.aws.settings import AwsSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY_FILES = sorted(
@@ -16,14 +17,14 @@ POLICY_FILES = sorted(
 )
 TRUST_POLICIES = {"emr-service-role-trust.json", "emr-instance-role-trust.json"}
 KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-SETTINGS = aws.AwsSettings(
+SETTINGS = AwsSettings(
     bucket="imagepca-test-bucket", region="us-east-1", account_id="123456789012",
     kms_key_arn=KMS_KEY,
 )  # fmt: skip
 
 
 def rendered(path: Path) -> dict:
-    return aws.render_policy(path.stem, SETTINGS, ROOT / "aws")
+    return account.render_policy(path.stem, SETTINGS, ROOT / "aws")
 
 
 def as_list(value) -> list:
@@ -37,6 +38,7 @@ def test_policy_files_exist():
         "iam-operator-policy.json",
         "emr-instance-role-policy.json",
         "emr-service-role-passrole-policy.json",
+        "emr-service-role-kms-policy.json",
     } | TRUST_POLICIES <= names
 
 
@@ -55,7 +57,20 @@ def test_valid_json_iam_policy_without_wildcard_admin(path):
             assert "NotAction" not in statement and "NotResource" not in statement
             assert "*" not in actions and "*:*" not in actions
             assert not ("*" in resources and any(a.endswith(":*") for a in actions))
-            assert not any(a.startswith("iam:") and a != "iam:PassRole" for a in actions)
+            # IAM: PassRole, the EMR service-linked role, and reads of the project's roles
+            # (doctor); each is scoped to named roles below, never to "*".
+            iam = [a for a in actions if a.startswith("iam:")]
+            assert set(iam) <= IAM_ALLOWED, iam
+            assert not iam or "*" not in resources
+
+
+IAM_ALLOWED = {
+    "iam:PassRole",
+    "iam:CreateServiceLinkedRole",
+    "iam:GetRole",
+    "iam:GetInstanceProfile",
+    "iam:ListAttachedRolePolicies",
+}
 
 
 def findings(path: Path) -> list:
@@ -95,7 +110,7 @@ def test_bucket_policy_denies_requests_without_tls():
 
 def test_instance_role_is_limited_to_the_project_prefixes():
     document = rendered(ROOT / "aws" / "emr-instance-role-policy.json")
-    allowed = {f"arn:aws:s3:::imagepca-test-bucket/{p}/*" for p in aws.PREFIXES}
+    allowed = {f"arn:aws:s3:::imagepca-test-bucket/{p}/*" for p in account.PREFIXES}
     for statement in document["Statement"]:
         for resource in as_list(statement["Resource"]):
             if resource.startswith("arn:aws:s3:::") and "/" in resource:
@@ -104,7 +119,7 @@ def test_instance_role_is_limited_to_the_project_prefixes():
                 assert resource == "arn:aws:s3:::imagepca-test-bucket"
             else:
                 assert resource == KMS_KEY
-    writes = [s for s in document["Statement"] if "s3:PutObject" in as_list(s["Action"])]
+    writes = [s for s in document["Statement"] if "s3:PutObject" in as_list(s.get("Action"))]
     (write,) = writes
     assert not any("/input/" in r or "/artifacts/" in r for r in write["Resource"])
     listing = next(s for s in document["Statement"] if s["Action"] == "s3:ListBucket")
@@ -112,9 +127,10 @@ def test_instance_role_is_limited_to_the_project_prefixes():
 
 
 def test_kms_statement_dropped_without_a_key():
-    plain = aws.AwsSettings(bucket="b-b-b", region="us-east-1", account_id="123456789012")
-    document = aws.render_policy("emr-instance-role-policy", plain, ROOT / "aws")
-    assert all("kms:" not in json.dumps(s) for s in document["Statement"])
+    plain = AwsSettings(bucket="b-b-b", region="us-east-1", account_id="123456789012")
+    for name in ("emr-instance-role-policy", "iam-operator-policy", "emr-service-role-kms-policy"):
+        document = account.render_policy(name, plain, ROOT / "aws")
+        assert all("kms:" not in json.dumps(s) for s in document["Statement"])
 
 
 def test_pass_role_is_scoped_to_project_roles_and_services():
@@ -124,3 +140,15 @@ def test_pass_role_is_scoped_to_project_roles_and_services():
         r.startswith("arn:aws:iam::123456789012:role/imagepca-") for r in pass_role["Resource"]
     )
     assert "iam:PassedToService" in json.dumps(pass_role["Condition"])
+
+
+def test_service_linked_role_is_only_emrs_cleanup_role():
+    """Row 5: the operator may create the one service-linked role EMR makes with an
+    account's first cluster, nothing else."""
+    document = rendered(ROOT / "aws" / "iam-operator-policy.json")
+    (create,) = [s for s in document["Statement"] if s["Action"] == "iam:CreateServiceLinkedRole"]
+    assert "elasticmapreduce.amazonaws.com" in create["Resource"]
+    assert create["Resource"].endswith("/AWSServiceRoleForEMRCleanup*")
+    assert create["Condition"] == {
+        "StringLike": {"iam:AWSServiceName": "elasticmapreduce.amazonaws.com"}
+    }

@@ -201,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_groups():
-    from . import aws, emr
+    from .aws import commands
 
-    return (aws, emr)
+    return (commands,)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,12 @@ owns, so nothing in ``~/.sparkmagic`` or the system's Jupyter is read or changed
 - on exit, every Livy session the run created is deleted through Livy's REST API, also
   when a kernel was killed before it could delete its own.
 
+Livy over HTTPS: from EMR 7.4, a cluster with in-transit encryption serves Livy over HTTPS
+only, with the certificate of its security configuration (often self-signed). Pass that
+certificate (or its CA) as ``ca_bundle``: this module's REST calls and the kernel's
+(``requests``, through ``REQUESTS_CA_BUNDLE``) then verify against it. ``insecure=True``
+turns verification off, and says so loudly, at the start and at the end of the run.
+
 With this kernel a notebook's ``master`` parameter is ignored (``get_spark`` returns the
 Livy session's ``spark``) and paths are read and written by the remote driver.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import sys
 import tempfile
 import uuid
@@ -43,6 +50,9 @@ DEFAULT_STARTUP_TIMEOUT_S = 600
 # Livy deletes a session whose client stopped sending heartbeats for this long (a runner
 # that died), while a long cell keeps its session alive as the kernel keeps polling.
 DEFAULT_HEARTBEAT_TIMEOUT_S = 600
+# `imagepca run --kernel pysparkkernel` reads these when no option says otherwise.
+CA_BUNDLE_ENV = "IMAGEPCA_LIVY_CA_BUNDLE"
+INSECURE_ENV = "IMAGEPCA_LIVY_INSECURE"
 # A Livy session exists before any cell runs, so the pipeline's settings come with its
 # configuration instead of from get_spark.
 SESSION_SPARK_CONF = SPARK_SETTINGS
@@ -50,6 +60,60 @@ SESSION_SPARK_CONF = SPARK_SETTINGS
 
 class LivyUnavailable(RuntimeError):
     """Livy did not answer at the URL given; the message says how to reach it."""
+
+
+@dataclass(frozen=True)
+class LivyTls:
+    """How to trust an ``https`` Livy: a CA bundle (PEM), or no verification at all.
+
+    Validated at construction: a bundle must exist and either setting needs an
+    ``https`` URL (see :meth:`check`).
+    """
+
+    ca_bundle: str | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ca_bundle and self.insecure:
+            raise ValueError("give --livy-ca-bundle or --livy-insecure, not both")
+        if self.ca_bundle and not Path(self.ca_bundle).is_file():
+            raise ValueError(f"--livy-ca-bundle {self.ca_bundle}: no such file (a PEM file)")
+
+    def check(self, livy_url: str) -> None:
+        if (self.ca_bundle or self.insecure) and not livy_url.startswith("https://"):
+            raise ValueError(
+                f"--livy-ca-bundle / --livy-insecure apply to an https:// Livy URL, not {livy_url}"
+            )
+
+    def context(self) -> ssl.SSLContext:
+        """The SSL context of this module's REST calls."""
+        if self.insecure:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return context
+        return ssl.create_default_context(cafile=self.ca_bundle)
+
+    def kernel_env(self) -> dict[str, str]:
+        """Environment of the kernel: ``requests`` (sparkmagic's client) reads the bundle here."""
+        return {"REQUESTS_CA_BUNDLE": str(Path(self.ca_bundle).resolve())} if self.ca_bundle else {}
+
+    def warn(self, livy_url: str) -> None:
+        """The loud part of the opt-out."""
+        if self.insecure:
+            print(
+                f"WARNING: TLS certificate verification for Livy at {livy_url} is OFF "
+                "(--livy-insecure). Anyone between here and the cluster can read and change "
+                "the code and data of this run. Use --livy-ca-bundle CERT.pem instead "
+                "(docs/livy.md).",
+                file=sys.stderr,
+            )
+
+    @classmethod
+    def from_environment(cls) -> LivyTls:
+        """``IMAGEPCA_LIVY_CA_BUNDLE`` / ``IMAGEPCA_LIVY_INSECURE=1`` (for ``imagepca run``)."""
+        insecure = os.environ.get(INSECURE_ENV, "").strip().lower() in ("1", "true", "yes")
+        return cls(os.environ.get(CA_BUNDLE_ENV) or None, insecure)
 
 
 def sparkmagic_config(
@@ -61,6 +125,7 @@ def sparkmagic_config(
     executor_memory: str | None = None,
     startup_timeout: int = DEFAULT_STARTUP_TIMEOUT_S,
     heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT_S,
+    verify_tls: bool = True,
 ) -> dict:
     """The sparkmagic ``config.json`` for a headless run against ``livy_url``.
 
@@ -83,6 +148,8 @@ def sparkmagic_config(
     heartbeat_timeout : int
         Livy's ``heartbeatTimeoutInSecond``: the session dies this long after its kernel
         stopped sending heartbeats.
+    verify_tls : bool
+        ``False`` sets sparkmagic's ``ignore_ssl_errors`` (``--livy-insecure``).
     """
     if not livy_url.startswith(("http://", "https://")):
         raise ValueError(f"--livy-url must be an http(s) URL, got {livy_url!r}")
@@ -116,6 +183,7 @@ def sparkmagic_config(
         "use_auto_viz": False,
         "coerce_dataframe": True,
         "default_maxrows": 100,
+        "ignore_ssl_errors": not verify_tls,
     }
 
 
@@ -128,15 +196,19 @@ def write_sparkmagic_config(folder: str | Path, config: dict) -> Path:
 
 
 def install_kernelspec(
-    jupyter_dir: str | Path, conf_dir: str | Path, *, python: str = sys.executable
+    jupyter_dir: str | Path,
+    conf_dir: str | Path,
+    *,
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
 ) -> Path:
     """Write the ``pysparkkernel`` kernelspec under ``jupyter_dir/kernels/``.
 
     ``jupyter_dir`` goes on ``JUPYTER_PATH``, so no system-wide ``jupyter kernelspec
     install`` is needed. Unlike the kernel.json sparkmagic ships (``"python"``, whichever
     is first on ``PATH``), this one runs ``python`` (default: this interpreter), and it
-    names ``conf_dir`` in the kernel's environment, so the kernel reads this run's
-    configuration whatever the caller's environment.
+    names ``conf_dir`` (and ``env``, e.g. the CA bundle) in the kernel's environment, so
+    the kernel reads this run's configuration whatever the caller's environment.
     """
     spec_dir = Path(jupyter_dir) / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +216,7 @@ def install_kernelspec(
         "argv": [python, "-m", "imagepca.livy", "kernel", "-f", "{connection_file}"],
         "display_name": "PySpark (imagepca, Livy)",
         "language": "python",
-        "env": {"SPARKMAGIC_CONF_DIR": str(conf_dir)},
+        "env": {"SPARKMAGIC_CONF_DIR": str(conf_dir), **(env or {})},
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
     return spec_dir
@@ -167,18 +239,45 @@ def _kernel_main(argv: list[str]) -> None:
 # -- Livy's REST API ---------------------------------------------------------------------
 
 
-def _call(livy_url: str, method: str, path: str, timeout: float = 30.0) -> dict:
+def _call(
+    livy_url: str, method: str, path: str, timeout: float = 30.0, tls: LivyTls | None = None
+) -> dict:
     request = Request(
         livy_url.rstrip("/") + path,
         method=method,
         headers={"Content-Type": "application/json", "X-Requested-By": "imagepca"},
     )
-    with urlopen(request, timeout=timeout) as response:
+    context = (tls or LivyTls()).context() if livy_url.startswith("https://") else None
+    with urlopen(request, timeout=timeout, context=context) as response:
         body = response.read()
     return json.loads(body) if body.strip() else {}
 
 
-def list_sessions(livy_url: str) -> list[dict]:
+def _unavailable(livy_url: str, error: Exception) -> LivyUnavailable:
+    reason = getattr(error, "reason", error)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return LivyUnavailable(
+            f"Livy at {livy_url} presents a certificate this machine does not trust "
+            f"({reason.verify_message}). Pass --livy-ca-bundle CERT.pem with the certificate "
+            "(or its CA) of the cluster's in-transit encryption, issued for localhost when "
+            "you connect through an SSH tunnel (docs/livy.md); --livy-insecure skips the "
+            "check, and anyone on the path can then read the session."
+        )
+    hint = ""
+    if livy_url.startswith("http://"):
+        hint = (
+            " A cluster with in-transit encryption (EMR 7.4+) serves Livy over HTTPS only: "
+            "use --livy-url https://localhost:8998 with --livy-ca-bundle."
+        )
+    return LivyUnavailable(
+        f"Livy does not answer at {livy_url} ({error}). On EMR, open a tunnel to the "
+        "primary node first: ssh -i KEY -N -L 8998:localhost:8998 hadoop@PRIMARY_DNS, "
+        "then use --livy-url http://localhost:8998; the cluster needs the Livy "
+        f"application and its security group must allow your SSH.{hint}"
+    )
+
+
+def list_sessions(livy_url: str, tls: LivyTls | None = None) -> list[dict]:
     """The live sessions (``GET /sessions``), as Livy's session objects.
 
     Raises
@@ -189,23 +288,18 @@ def list_sessions(livy_url: str) -> list[dict]:
     sessions: list[dict] = []
     try:
         while True:
-            page = _call(livy_url, "GET", f"/sessions?from={len(sessions)}&size=100")
+            page = _call(livy_url, "GET", f"/sessions?from={len(sessions)}&size=100", tls=tls)
             sessions.extend(page.get("sessions", []))
             if not page.get("sessions") or len(sessions) >= page.get("total", 0):
                 return sessions
     except (URLError, OSError, ValueError) as error:
-        raise LivyUnavailable(
-            f"Livy does not answer at {livy_url} ({error}). On EMR, open a tunnel to the "
-            "primary node first: ssh -i KEY -N -L 8998:localhost:8998 hadoop@PRIMARY_DNS, "
-            "then use --livy-url http://localhost:8998; the cluster needs the Livy "
-            "application and its security group must allow your SSH."
-        ) from None
+        raise _unavailable(livy_url, error) from None
 
 
-def delete_session(livy_url: str, session_id: int) -> bool:
+def delete_session(livy_url: str, session_id: int, tls: LivyTls | None = None) -> bool:
     """``DELETE /sessions/{id}``; False when Livy no longer knows the session."""
     try:
-        _call(livy_url, "DELETE", f"/sessions/{session_id}")
+        _call(livy_url, "DELETE", f"/sessions/{session_id}", tls=tls)
     except HTTPError as error:
         if error.code == 404:
             return False
@@ -214,7 +308,11 @@ def delete_session(livy_url: str, session_id: int) -> bool:
 
 
 def delete_run_sessions(
-    livy_url: str, session_name: str, *, known_ids: set[int] | frozenset[int] = frozenset()
+    livy_url: str,
+    session_name: str,
+    *,
+    known_ids: set[int] | frozenset[int] = frozenset(),
+    tls: LivyTls | None = None,
 ) -> list[int]:
     """Delete the live sessions this run created; returns their ids.
 
@@ -224,7 +322,7 @@ def delete_run_sessions(
     before the run.
     """
     deleted = []
-    for session in list_sessions(livy_url):
+    for session in list_sessions(livy_url, tls):
         name = session.get("name")
         ours = (
             name == session_name or name.startswith(session_name + "-")
@@ -232,7 +330,7 @@ def delete_run_sessions(
             else "name" not in session and session["id"] not in known_ids
         )
         live = session.get("state") not in ("dead", "killed", "success", "error")
-        if ours and live and delete_session(livy_url, session["id"]):
+        if ours and live and delete_session(livy_url, session["id"], tls):
             deleted.append(session["id"])
     return deleted
 
@@ -259,20 +357,25 @@ def livy_environment(
     executor_memory: str | None = None,
     startup_timeout: int = DEFAULT_STARTUP_TIMEOUT_S,
     keep_folder: bool = False,
+    tls: LivyTls | None = None,
 ) -> Iterator[LivyRun]:
     """Prepare a papermill run in ``pysparkkernel`` against ``livy_url``; clean up after.
 
     Yields a :class:`LivyRun` whose ``env`` (``SPARKMAGIC_CONF_DIR``, ``JUPYTER_PATH``)
     goes to :func:`imagepca.runner.run_notebooks` with ``kernel="pysparkkernel"``. On exit,
     the run's Livy sessions still alive are deleted, and the folder is removed unless
-    ``keep_folder`` (it holds sparkmagic's logs, under ``sparkmagic/logs``).
+    ``keep_folder`` (it holds sparkmagic's logs, under ``sparkmagic/logs``). ``tls``
+    says how to trust an ``https`` Livy (default: the system's CAs).
 
     Raises
     ------
     LivyUnavailable
         Before anything runs, when Livy does not answer.
     """
-    known = frozenset(session["id"] for session in list_sessions(livy_url))
+    tls = tls or LivyTls()
+    tls.check(livy_url)
+    tls.warn(livy_url)
+    known = frozenset(session["id"] for session in list_sessions(livy_url, tls))
     owned = folder is None
     root = Path(folder or tempfile.mkdtemp(prefix="imagepca-livy-"))
     session_name = f"{SESSION_NAME_PREFIX}-{uuid.uuid4().hex[:12]}"
@@ -287,22 +390,27 @@ def livy_environment(
             driver_memory=driver_memory,
             executor_memory=executor_memory,
             startup_timeout=startup_timeout,
+            verify_tls=not tls.insecure,
         ),
     )
-    install_kernelspec(jupyter_dir, conf_dir)
+    install_kernelspec(jupyter_dir, conf_dir, env=tls.kernel_env())
     jupyter_path = os.pathsep.join(filter(None, [str(jupyter_dir), os.environ.get("JUPYTER_PATH")]))
     run = LivyRun(
         livy_url=livy_url,
         session_name=session_name,
         folder=root,
-        env={"SPARKMAGIC_CONF_DIR": str(conf_dir), "JUPYTER_PATH": jupyter_path},
+        env={
+            "SPARKMAGIC_CONF_DIR": str(conf_dir),
+            "JUPYTER_PATH": jupyter_path,
+            **tls.kernel_env(),
+        },
         known_ids=known,
     )
     try:
         yield run
     finally:
         try:
-            run.deleted = delete_run_sessions(livy_url, session_name, known_ids=known)
+            run.deleted = delete_run_sessions(livy_url, session_name, known_ids=known, tls=tls)
         except (LivyUnavailable, URLError, OSError) as error:
             # Do not hide the run's own outcome; say what may be left behind instead.
             print(
@@ -313,6 +421,7 @@ def livy_environment(
                 file=sys.stderr,
             )
         finally:
+            tls.warn(livy_url)  # again at the end, where the eye lands
             if owned and not keep_folder:
                 shutil.rmtree(root, ignore_errors=True)
 
@@ -337,14 +446,18 @@ def kernel_environment(
     driver_memory: str | None = None,
     startup_timeout: int = DEFAULT_STARTUP_TIMEOUT_S,
     master: str | None = None,
+    ca_bundle: str | None = None,
+    insecure: bool | None = None,
 ) -> Iterator[dict[str, str] | None]:
     """The kernel environment for ``imagepca run``: ``None`` for a local kernel, else the
     :func:`livy_environment` of the ``pysparkkernel`` run (cleaned up on exit).
 
-    Options that cannot apply are refused before anything runs.
+    ``ca_bundle`` / ``insecure`` (:class:`LivyTls`) default to ``IMAGEPCA_LIVY_CA_BUNDLE``
+    / ``IMAGEPCA_LIVY_INSECURE``. Options that cannot apply are refused before anything
+    runs.
     """
     if kernel != KERNEL_NAME:
-        if livy_url or livy_conf or driver_memory:
+        if livy_url or livy_conf or driver_memory or ca_bundle or insecure:
             raise ValueError(f"--livy-* options need --kernel {KERNEL_NAME}, not {kernel!r}")
         yield None
         return
@@ -353,11 +466,17 @@ def kernel_environment(
             f"--master does not apply to --kernel {KERNEL_NAME}: the Livy session runs where "
             "the cluster puts it (size it with --livy-conf / --livy-driver-memory)"
         )
+    from_env = LivyTls.from_environment()
+    tls = LivyTls(
+        ca_bundle if ca_bundle is not None else from_env.ca_bundle,
+        insecure if insecure is not None else from_env.insecure,
+    )
     with livy_environment(
         livy_url or DEFAULT_LIVY_URL,
         spark_conf=parse_spark_conf(livy_conf),
         driver_memory=driver_memory,
         startup_timeout=startup_timeout,
+        tls=tls,
     ) as run:
         yield run.env
 

@@ -1,0 +1,341 @@
+"""Step 1, once per account: the S3 bucket, the IAM roles and policies (``aws setup``).
+
+Why this module exists: the EMR workflow needs a bucket that is private, encrypted and
+TLS-only, two IAM roles (EMR service role, EC2 instance profile for the nodes), the EMR
+cleanup service-linked role and an operator policy. The policy documents live as JSON
+templates under ``aws/`` so they can be reviewed and linted (parliament) as data; this
+module only fills their ``${PLACEHOLDERS}`` and applies them. Every AWS call is described
+as an :class:`AwsCall` first, so ``--dry-run`` prints exactly the ``aws`` CLI commands
+that would run.
+
+Credentials are never read or stored here: boto3 resolves them (prefer
+``aws configure sso`` / ``aws sso login`` short-lived credentials).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import boto3
+from botocore.exceptions import ClientError
+
+from .settings import AwsSettings, find_resource, render_text
+
+EMR_MANAGED_SERVICE_POLICY = "arn:aws:iam::aws:policy/service-role/AmazonEMRServicePolicy_v2"
+"""AWS managed policy for the EMR service role.
+
+Used instead of a hand-written one because the permissions EMR needs to launch and clean
+up instances change with EMR releases and AWS maintains this policy; v2 is scoped to
+resources tagged ``for-use-with-amazon-emr-managed-policies=true``: our cluster tags, and
+the subnet, its VPC and any existing ``ElasticMapReduce-*`` security groups, which the
+user tags (docs/emr.md). It grants no KMS use: see ``emr-service-role-kms-policy``.
+"""
+
+EMR_TAG = "for-use-with-amazon-emr-managed-policies"
+PREFIXES = ("input", "artifacts", "runs", "logs", "jupyter")
+"""Top-level prefixes of the project bucket; the instance role is limited to these."""
+
+EMR_SERVICE = "elasticmapreduce.amazonaws.com"
+CLEANUP_ROLE = "AWSServiceRoleForEMRCleanup"
+"""The service-linked role EMR creates with an account's first cluster (so the caller of
+that first ``RunJobFlow`` needs ``iam:CreateServiceLinkedRole``); ``aws setup`` creates it
+ahead, as the administrator."""
+
+
+def render_policy(name: str, settings: AwsSettings, policies_dir: Path | None = None) -> dict:
+    """Load ``aws/<name>.json`` with placeholders filled.
+
+    Statements whose ``Resource`` renders empty (the KMS statements without a KMS key)
+    are dropped, so one template serves both encryption choices.
+    """
+    directory = policies_dir or find_resource("aws")
+    text = (directory / f"{name}.json").read_text(encoding="utf-8")
+    document = json.loads(render_text(text, settings.placeholders()))
+    if "Statement" in document:
+        document["Statement"] = [s for s in document["Statement"] if s.get("Resource", "*") != ""]
+    return document
+
+
+@dataclass(frozen=True)
+class AwsCall:
+    """One AWS API call, runnable with boto3 or printable as an ``aws`` CLI command.
+
+    ``ok_errors`` are error codes meaning "already done", which makes setup idempotent.
+    """
+
+    service: str
+    operation: str
+    params: dict[str, Any]
+    ok_errors: tuple[str, ...] = ()
+    cli_service: str | None = None
+
+    def cli(self, region: str) -> str:
+        """The equivalent ``aws`` CLI command (JSON for structured arguments)."""
+        words = ["aws", self.cli_service or self.service, _kebab(self.operation)]
+        for key, value in self.params.items():
+            flag = "--" + _kebab(key)
+            if isinstance(value, bool):
+                words.append(flag if value else "--no-" + flag[2:])
+                continue
+            if isinstance(value, dict | list):
+                value = json.dumps(value, separators=(",", ":"))
+            words += [flag, str(value)]
+        words += ["--region", region]
+        return shlex.join(words)
+
+    def run(self, clients: Callable[[str], Any]) -> Any:
+        """Call boto3; an ``ok_errors`` code counts as success and returns ``None``."""
+        client = clients(self.service)
+        try:
+            return getattr(client, _snake(self.operation))(**self.params)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in self.ok_errors:
+                return None
+            raise
+
+
+def _kebab(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z][a-z])|(?<=[a-z0-9])(?=[A-Z])", "-", name).lower()
+
+
+def _snake(name: str) -> str:
+    return _kebab(name).replace("-", "_")
+
+
+def _bucket_calls(settings: AwsSettings, policy: Callable[[str], str]) -> list[AwsCall]:
+    bucket = settings.bucket
+    create: dict[str, Any] = {"Bucket": bucket}
+    if settings.region != "us-east-1":  # us-east-1 rejects an explicit LocationConstraint
+        create["CreateBucketConfiguration"] = {"LocationConstraint": settings.region}
+    if settings.kms_key_arn:
+        rule = {
+            "ApplyServerSideEncryptionByDefault": {
+                "SSEAlgorithm": "aws:kms",
+                "KMSMasterKeyID": settings.kms_key_arn,
+            },
+            "BucketKeyEnabled": True,
+        }
+    else:
+        rule = {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
+    block = {
+        "BlockPublicAcls": True,
+        "IgnorePublicAcls": True,
+        "BlockPublicPolicy": True,
+        "RestrictPublicBuckets": True,
+    }
+    ownership = {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
+    calls = [
+        AwsCall("s3", "CreateBucket", create, ("BucketAlreadyOwnedByYou",), "s3api"),
+        AwsCall(
+            "s3",
+            "PutPublicAccessBlock",
+            {"Bucket": bucket, "PublicAccessBlockConfiguration": block},
+            cli_service="s3api",
+        ),
+        AwsCall(
+            "s3",
+            "PutBucketOwnershipControls",
+            {"Bucket": bucket, "OwnershipControls": ownership},
+            cli_service="s3api",
+        ),
+        AwsCall(
+            "s3",
+            "PutBucketEncryption",
+            {"Bucket": bucket, "ServerSideEncryptionConfiguration": {"Rules": [rule]}},
+            cli_service="s3api",
+        ),
+    ]
+    if settings.versioning:
+        calls.append(
+            AwsCall(
+                "s3",
+                "PutBucketVersioning",
+                {"Bucket": bucket, "VersioningConfiguration": {"Status": "Enabled"}},
+                cli_service="s3api",
+            )
+        )
+    calls.append(
+        AwsCall(
+            "s3",
+            "PutBucketPolicy",
+            {"Bucket": bucket, "Policy": policy("bucket-policy")},
+            cli_service="s3api",
+        )
+    )
+    return calls
+
+
+def _role_calls(settings: AwsSettings, policy: Callable[[str], str]) -> list[AwsCall]:
+    tags = [{"Key": "project", "Value": "imagepca"}]
+    service = settings.service_role
+    calls = [
+        AwsCall(
+            "iam",
+            "CreateServiceLinkedRole",
+            {"AWSServiceName": EMR_SERVICE},
+            # IAM answers InvalidInput "Service role name ... has been taken" when it exists.
+            ("InvalidInput", "EntityAlreadyExists"),
+        ),
+        AwsCall(
+            "iam",
+            "CreateRole",
+            {
+                "RoleName": service,
+                "AssumeRolePolicyDocument": policy("emr-service-role-trust"),
+                "Description": "EMR service role for imagepca clusters",
+                "Tags": tags,
+            },
+            ("EntityAlreadyExists",),
+        ),
+        AwsCall(
+            "iam",
+            "AttachRolePolicy",
+            {"RoleName": service, "PolicyArn": EMR_MANAGED_SERVICE_POLICY},
+        ),
+        AwsCall(
+            "iam",
+            "PutRolePolicy",
+            {
+                "RoleName": service,
+                "PolicyName": "pass-instance-role",
+                "PolicyDocument": policy("emr-service-role-passrole-policy"),
+            },
+        ),
+    ]
+    if settings.kms_key_arn:
+        # EBS encryption with a customer managed key: EMR's service role launches the
+        # encrypted volumes, so it must be allowed to use the key (EMR Management Guide,
+        # "Enabling EBS encryption with AWS KMS"); AmazonEMRServicePolicy_v2 does not.
+        calls.append(
+            AwsCall(
+                "iam",
+                "PutRolePolicy",
+                {
+                    "RoleName": service,
+                    "PolicyName": "use-ebs-kms-key",
+                    "PolicyDocument": policy("emr-service-role-kms-policy"),
+                },
+            )
+        )
+    calls += [
+        AwsCall(
+            "iam",
+            "CreateRole",
+            {
+                "RoleName": settings.instance_role,
+                "AssumeRolePolicyDocument": policy("emr-instance-role-trust"),
+                "Description": "EC2 role of imagepca EMR nodes (project bucket prefixes only)",
+                "Tags": tags,
+            },
+            ("EntityAlreadyExists",),
+        ),
+        AwsCall(
+            "iam",
+            "PutRolePolicy",
+            {
+                "RoleName": settings.instance_role,
+                "PolicyName": "imagepca-bucket-prefixes",
+                "PolicyDocument": policy("emr-instance-role-policy"),
+            },
+        ),
+        AwsCall(
+            "iam",
+            "CreateInstanceProfile",
+            {"InstanceProfileName": settings.instance_profile, "Tags": tags},
+            ("EntityAlreadyExists",),
+        ),
+        AwsCall(
+            "iam",
+            "AddRoleToInstanceProfile",
+            {"InstanceProfileName": settings.instance_profile, "RoleName": settings.instance_role},
+            ("LimitExceeded", "EntityAlreadyExists"),
+        ),
+        AwsCall(
+            "iam",
+            "CreatePolicy",
+            {
+                "PolicyName": settings.operator_policy,
+                "PolicyDocument": policy("iam-operator-policy"),
+                "Description": "Stage data and operate imagepca EMR clusters",
+                "Tags": tags,
+            },
+            ("EntityAlreadyExists",),
+        ),
+    ]
+    return calls
+
+
+def setup_calls(settings: AwsSettings, policies_dir: Path | None = None) -> list[AwsCall]:
+    """Every call ``aws setup`` makes, in order.
+
+    Why each exists: Block Public Access and BucketOwnerEnforced rule out public or
+    foreign-owned objects; default encryption covers uploads that forget to ask; the
+    bucket policy refuses plain-HTTP requests; the service-linked role is the one EMR
+    would otherwise create with the first cluster; the roles give EMR and the nodes only
+    what the workflow needs.
+    """
+
+    def policy(name: str) -> str:
+        return json.dumps(render_policy(name, settings, policies_dir), separators=(",", ":"))
+
+    return _bucket_calls(settings, policy) + _role_calls(settings, policy)
+
+
+def setup(
+    settings: AwsSettings,
+    *,
+    dry_run: bool = False,
+    clients: Callable[[str], Any] | None = None,
+    out: TextIO | None = None,
+    policies_dir: Path | None = None,
+) -> list[AwsCall]:
+    """Create (or bring up to date) the bucket and IAM resources; or print the CLI commands.
+
+    Re-running is safe: "already exists" answers are accepted and the policies are put
+    again, so edits to ``aws/*.json`` reach AWS (except the operator policy, a managed
+    policy: a new version needs ``aws iam create-policy-version``, printed below).
+    """
+    out = out or sys.stdout
+    calls = setup_calls(settings, policies_dir)
+    if dry_run:
+        for call in calls:
+            print(call.cli(settings.region), file=out)
+        return calls
+    clients = clients or client_factory(settings.region)
+    for call in calls:
+        result = call.run(clients)
+        state = "exists" if result is None and call.ok_errors else "ok"
+        print(f"{call.service} {call.operation}: {state}", file=out)
+    arn = f"arn:aws:iam::{settings.account_id}:policy/{settings.operator_policy}"
+    print(
+        f"operator policy {arn} - attach it to your IAM Identity Center permission set or "
+        "group. If it existed, update it with: aws iam create-policy-version --policy-arn "
+        f"{arn} --set-as-default --policy-document file://operator-policy.json",
+        file=out,
+    )
+    return calls
+
+
+def client_factory(region: str, session: boto3.session.Session | None = None):
+    """Return ``service -> client``; honours ``AWS_ENDPOINT_URL`` (tests, LocalStack)."""
+    session = session or boto3.session.Session(region_name=region)
+    cache: dict[str, Any] = {}
+
+    def get(service: str) -> Any:
+        if service not in cache:
+            cache[service] = session.client(service, region_name=region)
+        return cache[service]
+
+    return get
+
+
+def caller_account_id(region: str) -> str:
+    """The account of the caller's credentials (STS ``GetCallerIdentity``)."""
+    return boto3.client("sts", region_name=region).get_caller_identity()["Account"]

@@ -1,0 +1,304 @@
+"""Step 4: run the notebooks on a cluster, three ways (``emr run --via ...``).
+
+Why this module exists: the same run (input, output, weights, k or variance, engine) can
+reach a cluster three ways, each with its own failure modes, and all three must pass the
+same parameters (built by :func:`imagepca.runner.plan`, as ``imagepca run`` does):
+
+* ``step`` (default): an EMR step (``command-runner.jar``) runs ``python3.11 -m imagepca
+  run ... --master yarn`` on the primary node; papermill executes the notebooks there.
+* ``notebook-execution``: EMR Studio's ``StartNotebookExecution``, with the
+  ``notebooks-pyspark/`` copies (PySpark kernel: the Studio ``python3`` kernel is EMR's
+  own environment, without imagepca) and an EMR notebooks service role, never the
+  cluster's.
+* ``livy``: papermill on this machine, cells in sparkmagic's PySpark kernel through Livy
+  (an SSH tunnel; HTTPS when the cluster has in-transit encryption).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from botocore.exceptions import ClientError, WaiterError
+
+from .cluster import validate_request
+from .settings import AwsError, parse_s3_uri
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """One headless run; options flow to ``imagepca run`` unchanged."""
+
+    input: str
+    output: str
+    weights: str
+    notebooks: str
+    k: int | None = None
+    variance: float | None = None
+    engine: str | None = None
+    skip_classify: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output", "weights", "notebooks"):
+            value = getattr(self, name)
+            if not value.startswith("s3://"):
+                raise AwsError(f"{name} must be an s3:// URI on EMR, got {value!r}")
+        if self.k is not None and self.variance is not None:
+            raise AwsError("give --k or --variance, not both")
+
+
+def new_run_id() -> str:
+    """Sortable, unique run id: UTC time plus 4 random hex digits."""
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def s3_exists(s3_client: Any, uri: str) -> bool:
+    bucket, key = parse_s3_uri(uri)
+    try:
+        s3_client.head_object(Bucket=bucket, Key=key)
+    except ClientError:
+        return False
+    return True
+
+
+def list_outputs(output_uri: str, *, s3_client: Any, out: TextIO | None = None) -> list[str]:
+    """Print and return the top-level entries of a run's output (folders end with /)."""
+    out = out or sys.stdout
+    bucket, prefix = parse_s3_uri(output_uri.rstrip("/") + "/")
+    entries = []
+    paginator = s3_client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        entries += [p["Prefix"][len(prefix) :] for p in page.get("CommonPrefixes", [])]
+        entries += [o["Key"][len(prefix) :] for o in page.get("Contents", [])]
+    for entry in sorted(entries):
+        print(f"  s3://{bucket}/{prefix}{entry}", file=out)
+    return sorted(entries)
+
+
+def notebook_runs(options: RunOptions, *, master: str | None = "yarn") -> list:
+    """The :class:`imagepca.runner.NotebookRun` list of a run, as ``imagepca run`` plans it."""
+    from imagepca import runner
+    from imagepca.config import ExtractParams, ReduceParams
+
+    extract = {"input": options.input, "output": options.output, "weights": options.weights}
+    if options.engine:
+        extract["engine"] = options.engine
+    reduce: dict[str, Any] = {"output": options.output}
+    if options.k is not None:
+        reduce["k"] = options.k
+    if options.variance is not None:
+        reduce["variance"] = options.variance
+    return runner.plan(
+        ExtractParams(**extract),
+        ReduceParams(**reduce),
+        master=master,
+        classify=not options.skip_classify,
+    )
+
+
+# --------------------------------------------------------------------------- EMR step
+
+
+def _run_arguments(options: RunOptions) -> list[str]:
+    """``imagepca run`` options of the run: locations, then the user's choices."""
+    command = [
+        "--notebooks", options.notebooks,
+        "--input", options.input,
+        "--output", options.output,
+        "--weights", options.weights,
+        "--master", "yarn",
+    ]  # fmt: skip
+    if options.k is not None:
+        command += ["--k", str(options.k)]
+    if options.variance is not None:
+        command += ["--variance", str(options.variance)]
+    if options.engine:
+        command += ["--engine", options.engine]
+    if options.skip_classify:
+        command.append("--skip-classify")
+    return command
+
+
+def step_command(options: RunOptions) -> list[str]:
+    """The command the EMR step runs on the primary node."""
+    return ["python3.11", "-m", "imagepca", "run", *_run_arguments(options)]
+
+
+def step_request(cluster_id: str, options: RunOptions, run_id: str) -> dict[str, Any]:
+    """``AddJobFlowSteps`` request for one run (``CONTINUE``: a failed run keeps the cluster)."""
+    return {
+        "JobFlowId": cluster_id,
+        "Steps": [
+            {
+                "Name": f"imagepca run {run_id}",
+                "ActionOnFailure": "CONTINUE",
+                "HadoopJarStep": {"Jar": "command-runner.jar", "Args": step_command(options)},
+            }
+        ],
+    }
+
+
+def run_step(
+    cluster_id: str,
+    options: RunOptions,
+    run_id: str,
+    *,
+    emr_client: Any,
+    s3_client: Any,
+    wait: bool = True,
+    poll_seconds: float = 30,
+    max_attempts: int = 240,
+    log_bucket: str | None = None,
+    out: TextIO | None = None,
+) -> str:
+    """Add the step, wait for it, then list the run's outputs; returns the step id."""
+    out = out or sys.stdout
+    request = step_request(cluster_id, options, run_id)
+    validate_request("AddJobFlowSteps", request)
+    step_id = emr_client.add_job_flow_steps(**request)["StepIds"][0]
+    print(f"step {step_id} on {cluster_id}: {' '.join(step_command(options))}", file=out)
+    if not wait:
+        return step_id
+    try:
+        emr_client.get_waiter("step_complete").wait(
+            ClusterId=cluster_id,
+            StepId=step_id,
+            WaiterConfig={"Delay": poll_seconds, "MaxAttempts": max_attempts},
+        )
+    except WaiterError as error:
+        step = emr_client.describe_step(ClusterId=cluster_id, StepId=step_id)["Step"]
+        details = step["Status"].get("FailureDetails", {})
+        logs = details.get("LogFile") or (
+            f"s3://{log_bucket}/logs/emr/{cluster_id}/steps/{step_id}/" if log_bucket else ""
+        )
+        raise AwsError(
+            f"step {step_id} ended {step['Status']['State']}: "
+            f"{details.get('Reason', '')} {details.get('Message', '')} logs: {logs}".strip()
+        ) from error
+    print(f"step {step_id} completed; outputs:", file=out)
+    list_outputs(options.output, s3_client=s3_client, out=out)
+    return step_id
+
+
+# --------------------------------------------------------------------------- EMR Studio
+
+
+def notebook_execution_requests(
+    cluster_id: str,
+    options: RunOptions,
+    run_id: str,
+    service_role: str,
+    *,
+    security_group: str | None = None,
+) -> list[dict[str, Any]]:
+    """``StartNotebookExecution`` requests, one per notebook, in run order.
+
+    ``options.notebooks`` should be the staged ``notebooks-pyspark/`` copies and
+    ``service_role`` an EMR notebooks service role (``EMR_Notebooks_DefaultRole`` or one
+    like it), which EMR assumes to run the notebook; the cluster's service role lacks its
+    permissions.
+    """
+    if not service_role:
+        raise AwsError(
+            "--via notebook-execution needs an EMR notebooks service role: pass "
+            "--notebook-service-role (e.g. EMR_Notebooks_DefaultRole, created with an EMR "
+            'Studio) or set "notebook_service_role" in emr_settings.json'
+        )
+    notebooks_bucket, notebooks_prefix = parse_s3_uri(options.notebooks.rstrip("/") + "/")
+    output_bucket, output_prefix = parse_s3_uri(options.output.rstrip("/") + "/")
+    requests = []
+    for run in notebook_runs(options):
+        engine: dict[str, Any] = {"Id": cluster_id, "Type": "EMR"}
+        if security_group:
+            engine["MasterInstanceSecurityGroupId"] = security_group
+        request = {
+            "NotebookExecutionName": f"imagepca-{run_id}-{run.name.split('_')[0]}",
+            "NotebookS3Location": {"Bucket": notebooks_bucket, "Key": notebooks_prefix + run.name},
+            "ExecutionEngine": engine,
+            "NotebookParams": json.dumps(run.parameters),
+            "OutputNotebookS3Location": {
+                "Bucket": output_bucket,
+                "Key": f"{output_prefix}notebooks/",
+            },
+            "OutputNotebookFormat": "HTML",
+            "ServiceRole": service_role,
+            "Tags": [{"Key": "project", "Value": "imagepca"}, {"Key": "run", "Value": run_id}],
+        }
+        validate_request("StartNotebookExecution", request)
+        requests.append(request)
+    return requests
+
+
+def run_notebook_executions(
+    requests: Sequence[Mapping[str, Any]],
+    *,
+    emr_client: Any,
+    poll_seconds: float = 30,
+    max_attempts: int = 240,
+    sleep: Callable[[float], None] = time.sleep,
+    out: TextIO | None = None,
+) -> list[str]:
+    """Start each notebook after the previous one finished; stop at the first failure.
+
+    botocore has no waiter for notebook executions, hence the polling loop.
+    """
+    out = out or sys.stdout
+    ids = []
+    for request in requests:
+        execution_id = emr_client.start_notebook_execution(**request)["NotebookExecutionId"]
+        ids.append(execution_id)
+        print(
+            f"notebook execution {execution_id}: {request['NotebookS3Location']['Key']}", file=out
+        )
+        for _ in range(max_attempts):
+            status = emr_client.describe_notebook_execution(NotebookExecutionId=execution_id)[
+                "NotebookExecution"
+            ]
+            state = status["Status"]
+            if state == "FINISHED":
+                break
+            if state in ("FAILED", "STOPPED", "FAILING", "STOPPING"):
+                raise AwsError(
+                    f"notebook execution {execution_id} {state}: "
+                    f"{status.get('LastStateChangeReason', '')}"
+                )
+            sleep(poll_seconds)
+        else:
+            raise AwsError(f"notebook execution {execution_id} still running; gave up waiting")
+    return ids
+
+
+# --------------------------------------------------------------------------- Livy
+
+
+def run_via_livy(
+    options: RunOptions,
+    livy_url: str,
+    *,
+    ca_bundle: str | None = None,
+    insecure: bool = False,
+    out: TextIO | None = None,
+) -> dict:
+    """papermill here, cells on the cluster's driver through Livy; returns the metrics.
+
+    The notebooks are read from S3 by papermill on this machine, their cells run in the
+    Livy session, so input and output are the cluster's ``s3://`` paths.
+    """
+    from imagepca import livy, runner
+
+    out = out or sys.stdout
+    runs = notebook_runs(options, master=None)
+    with livy.kernel_environment(
+        livy.KERNEL_NAME, livy_url=livy_url, ca_bundle=ca_bundle, insecure=insecure
+    ) as env:
+        metrics = runner.run_notebooks(
+            runs, options.output, notebooks=options.notebooks, kernel=livy.KERNEL_NAME, env=env
+        )
+    print(runner.summary(metrics, options.output), file=out)
+    return metrics
