@@ -23,6 +23,7 @@ OUTPUT_LAYOUT = (
     "features",
     "rejected",
     "pca_model",
+    "pca_components",
     "reduced",
     "metrics.json",
     "explained_variance.png",

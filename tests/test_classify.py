@@ -13,28 +13,30 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from pyspark.ml import PipelineModel
-from pyspark.ml.feature import VectorSlicer
-from pyspark.ml.functions import array_to_vector, vector_to_array
+from pyspark.ml.classification import LogisticRegression
+from pyspark.ml.functions import array_to_vector
+from pyspark.ml.linalg import Vectors
 from pyspark.sql import functions as F
 
+from imagepca import logistic
 from imagepca.classify import (
+    IN_SUBSET_COL,
     IS_TEST_COL,
     MODEL_DIR,
-    PCA_COL,
     PREDICTED_LABEL_COL,
     ClassifyParams,
     n_test_images,
-    plot_confusion_matrix,
-    plot_k_sweep,
     predict,
     prepare,
-    small_labels,
     split_by_label,
     sweep_ks,
 )
 from imagepca.config import ParameterError
+from imagepca.images import classifiable, small_labels
+from imagepca.plots import plot_confusion_matrix, plot_k_sweep
 
 FRUITS = ("apple", "banana", "orange")
 REG_PARAM = 0.01
@@ -102,6 +104,9 @@ def test_sweep_values() -> None:
     with pytest.raises(ParameterError, match=r"k_values \[40\] exceed the 30 components"):
         sweep_ks((3, 40), 7, 30)
     assert small_labels({"a": 1, "b": 2, "c": 0}) == {"a": 1, "c": 0}
+    assert classifiable({"a": 5, "b": 2}) is None
+    assert "found 1 (photos: 16)" in classifiable({"photos": 16})
+    assert "found 1 (a: 5, b: 1)" in classifiable({"a": 5, "b": 1})
 
 
 # -- the split on Spark ---------------------------------------------------------------
@@ -132,6 +137,84 @@ def test_split_exact_per_label_and_partitioning_independent(spark) -> None:
     assert counts == {"a": (9, 3), "b": (2, 1), "solo": (1, 0)}  # solo: nothing to test it on
 
 
+def test_subset_is_stratified_and_keeps_every_label(spark) -> None:
+    rows = [
+        (f"/d/{label}/{i}.jpg", label)
+        for label, n in [("a", 400), ("b", 40), ("c", 2)]
+        for i in range(n)
+    ]
+    split = split_by_label(spark.createDataFrame(rows, "path string, label string"), 0.25, 1, 0.1)
+    got = split.groupBy("label", IS_TEST_COL).agg(
+        F.count("*").alias("n"), F.sum(F.col(IN_SUBSET_COL).cast("int")).alias("kept")
+    )
+    kept = {(r["label"], r[IS_TEST_COL]): (r["n"], r["kept"]) for r in got.collect()}
+    assert kept == {
+        ("a", False): (300, 30),
+        ("a", True): (100, 10),
+        ("b", False): (30, 3),
+        ("b", True): (10, 1),
+        ("c", False): (1, 1),  # never below one image on each side
+        ("c", True): (1, 1),
+    }
+    # The subset's test rows are the first of the test rows: same split with or without it.
+    full = split_by_label(spark.createDataFrame(rows, "path string, label string"), 0.25, 1)
+    assert {r["path"] for r in full.filter(IS_TEST_COL).collect()} == {
+        r["path"] for r in split.filter(IS_TEST_COL).collect()
+    }
+
+
+# -- the driver-side fit is Spark's LogisticRegression --------------------------------------
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_driver_fit_minimizes_sparks_objective(spark, n_classes) -> None:
+    """Same data, same objective: scikit-learn's and Spark's optima agree."""
+    rng = np.random.default_rng(n_classes)
+    centres = rng.normal(0, 2, (n_classes, 6))
+    y = rng.integers(0, n_classes, 300)
+    x = centres[y] + rng.normal(0, 1.5, (300, 6)) + np.array([50, 0, 0, 0, 0, 0])
+    coefficients, intercepts = logistic.fit_multinomial(
+        x, y, n_classes, reg_param=0.05, max_iter=1000, tol=1e-10
+    )
+    frame = spark.createDataFrame(
+        [(Vectors.dense(row), float(label)) for row, label in zip(x, y, strict=True)],
+        ["x", "y"],
+    )
+    reference = LogisticRegression(
+        featuresCol="x",
+        labelCol="y",
+        family="multinomial",
+        regParam=0.05,
+        standardization=False,
+        maxIter=1000,
+        tol=1e-10,
+    ).fit(frame)
+    np.testing.assert_allclose(coefficients, reference.coefficientMatrix.toArray(), atol=2e-3)
+    np.testing.assert_allclose(intercepts, reference.interceptVector.toArray(), atol=2e-2)
+    # As a Spark model it predicts what numpy predicts.
+    model = logistic.spark_model(
+        spark,
+        coefficients,
+        intercepts,
+        features_col="x",
+        label_col="y",
+        prediction_col="prediction",
+        reg_param=0.05,
+        max_iter=1000,
+    )
+    spark_predictions = [r["prediction"] for r in model.transform(frame).collect()]
+    np.testing.assert_array_equal(spark_predictions, logistic.predict(coefficients, intercepts, x))
+    assert (logistic.predict(coefficients, intercepts, x) == y).mean() > 1 / n_classes + 0.2
+
+
+def test_scores_from_a_confusion_matrix() -> None:
+    scores = logistic.scores(np.array([[3, 1, 0], [0, 2, 0], [1, 0, 0]]), ["a", "b", "c"])
+    assert scores["accuracy"] == pytest.approx(5 / 7) and scores["n_test"] == 7
+    assert scores["per_class"]["a"] == {"precision": 0.75, "recall": 0.75, "f1": 0.75, "support": 4}
+    assert scores["per_class"]["c"]["precision"] == 0.0  # never predicted
+    assert scores["f1_macro"] == pytest.approx((0.75 + 0.8 + 0) / 3)
+
+
 # -- the photos, through notebook 03's calls ---------------------------------------------
 
 
@@ -155,14 +238,9 @@ def classified(spark, photos_run, tmp_path_factory):
         plot_k_sweep(clf.sweep, clf.cumulative_variance, clf.k, full.scores["accuracy"]),
         "k_sweep.png",
     )
-    # Kept cached for the tests below (publish() would release them).
-    reduced_df, projected_df = clf.reduced, clf.projected
-    clf.unpersist = lambda: None
     metrics = clf.publish()
     print(clf.split_table(), reduced.summary(), full.summary(), clf.sweep_table(), sep="\n")
-    yield {"output": output, "clf": clf, "metrics": metrics, "k": k}
-    reduced_df.unpersist()
-    projected_df.unpersist()
+    return {"output": output, "clf": clf, "metrics": metrics, "k": k}
 
 
 def _fruit_accuracy(scores: dict) -> float:
@@ -185,7 +263,7 @@ def test_reduced_classifier_recognizes_the_fruits(classified) -> None:
     assert _fruit_accuracy(full) >= MIN_FRUIT_ACCURACY
 
 
-def test_split_is_stratified_and_shared_by_both_inputs(spark, classified) -> None:
+def test_split_is_stratified_and_repeatable(spark, classified) -> None:
     clf = classified["clf"]
     block = classified["metrics"]["classification"]
     labels = json.loads((Path(classified["output"]) / "features" / "_extraction.json").read_text())[
@@ -195,31 +273,49 @@ def test_split_is_stratified_and_shared_by_both_inputs(spark, classified) -> Non
         split = block["split"][label]
         assert split == {"train": n - n_test_images(n, 0.25), "test": n_test_images(n, 0.25)}
         assert block["reduced"]["per_class"][label]["support"] == split["test"]
-    reduced_test = {r["path"] for r in clf.test(clf.reduced).select("path").collect()}
-    projected_test = {r["path"] for r in clf.test(clf.projected).select("path").collect()}
-    train = {r["path"] for r in clf.train(clf.reduced).select("path").collect()}
-    assert reduced_test == projected_test  # features/ and reduced/ split alike
-    assert not reduced_test & train
-    # Same seed, same split, computed again from the stored data.
+    test = set(clf.subset.paths[clf.subset.is_test])
+    assert len(test) == 60 and not test & set(clf.subset.paths[~clf.subset.is_test])
+    # Same seed, same split, computed again from the stored reduced/ data.
     again = split_by_label(spark.read.parquet(str(classified["output"] / "reduced")), 0.25, 42)
-    assert {r["path"] for r in again.filter(IS_TEST_COL).select("path").collect()} == reduced_test
+    assert {r["path"] for r in again.filter(IS_TEST_COL).select("path").collect()} == test
 
 
-def test_sweep_slices_the_saved_projection(classified) -> None:
-    """The first k components of ``pca_all`` are the stored ``reduced/`` vectors."""
+def test_sweep_scores_are_the_stored_reduced_vectors(classified) -> None:
+    """The first k components of ``pca_components/`` give the ``reduced/`` vectors."""
     clf, k = classified["clf"], classified["k"]
-    sliced = VectorSlicer(inputCol="pca_all", outputCol="sliced", indices=list(range(k)))
-    pairs = (
-        sliced.transform(clf.projected)
-        .select("path", vector_to_array("sliced").alias("sliced"))
-        .join(clf.reduced.select("path", vector_to_array(PCA_COL).alias("stored")), "path")
-        .collect()
+    assert (
+        clf.subset_is_everything
+        and classified["metrics"]["classification"]["comparison_images"] == 240
     )
-    assert len(pairs) == sum(clf.label_counts.values())
-    difference = max(
-        float(np.max(np.abs(np.asarray(r["sliced"]) - np.asarray(r["stored"])))) for r in pairs
+    stored = pd.read_parquet(Path(classified["output"]) / "reduced").set_index("path")
+    scores = clf.scores_of(k)
+    reduced = np.stack(stored.loc[clf.subset.paths, "pca"].to_numpy())
+    assert scores.shape == reduced.shape == (240, k)
+    assert np.max(np.abs(scores - reduced)) < 1e-3  # reduced/ stores float32
+
+
+def test_large_data_paths_spark_fit_and_sweep_subset(spark, classified) -> None:
+    """Past ``driver_max_mb`` Spark fits the saved classifier; past ``sweep_max_images``
+    the comparison uses a stratified subset. Same split, comparable scores."""
+    params = ClassifyParams(
+        output=str(classified["output"]),
+        k_values=[2, 10],
+        reg_param=REG_PARAM,
+        driver_max_mb=0,
+        sweep_max_images=100,
     )
-    assert difference < 1e-3  # reduced/ stores float32
+    clf = prepare(spark, params)
+    assert not clf.subset_is_everything
+    assert 100 <= len(clf.subset.y) <= 108  # per-label rounding up
+    assert set(clf.subset.y[clf.subset.is_test]) == set(range(4))  # every label tested
+    reduced = clf.fit_reduced()
+    assert reduced.scores["fitted_by"] == "spark" and reduced.scores["n_test"] == 60
+    driver = classified["metrics"]["classification"]["reduced"]
+    assert abs(reduced.scores["accuracy"] - driver["accuracy"]) <= 0.05
+    assert _fruit_accuracy(reduced.scores) >= MIN_FRUIT_ACCURACY
+    assert len(clf.misclassified()) == round((1 - reduced.scores["accuracy"]) * 60)
+    assert clf.fit_full().scores["n_test"] == int(clf.subset.is_test.sum())
+    assert [row["k"] for row in clf.k_sweep()] == [2, 10]
 
 
 def test_metrics_block_and_markers(classified) -> None:
@@ -272,6 +368,12 @@ def test_saved_model_reloads_and_returns_labels(spark, classified) -> None:
 
     original = predictions(clf.results["reduced"].model)
     assert predictions(reloaded) == original
+    # The Spark model predicts what the driver fit predicted on the test images.
+    wrong = set(clf.misclassified()["path"])
+    test = clf.subset.paths[clf.subset.is_test]
+    truth = dict(zip(clf.subset.paths, np.asarray(clf.labels)[clf.subset.y], strict=True))
+    spark_wrong = {path for path in test if original[path] != truth[path]}
+    assert len(spark_wrong ^ wrong) <= 1  # reduced/ holds float32: a borderline image may flip
     assert set(original.values()) <= set(clf.labels)
     # Chained after pca_model, the classifier takes the features themselves.
     pca_model = PipelineModel.load(str(output / "pca_model"))

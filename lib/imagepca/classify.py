@@ -4,53 +4,50 @@ Notebook 03 calls this module after notebook 02. It answers the question the PCA
 open: *what does keeping k components cost in accuracy?* Three things are measured on one
 stratified train/test split, so they are comparable:
 
-- a multinomial ``LogisticRegression`` on ``reduced/`` (the chosen k), saved as a
+- a multinomial logistic regression on ``reduced/`` (the chosen k), saved as a Spark
   ``PipelineModel`` under ``OUTPUT/classifier_model/`` that returns label strings;
-- the same classifier on the full 1280-d ``features/`` (standardized in the pipeline);
-- a sweep over k: the saved ``pca_model``'s PCA stage already produces every component
-  (column ``pca_all``), so each k is a ``VectorSlicer`` over it, with no refit of the PCA
-  and no second feature extraction.
+- the same classifier on the full 1280-d ``features/`` (standardized);
+- a sweep over k, each k the first components of the saved ``pca_components/``: no refit
+  of the PCA, no second feature extraction.
 
-The scores go into ``metrics.json`` under ``"classification"``, written through the storage
-protocol. While the classifiers are fitted the output is left as notebook 02 (or an earlier
-notebook 03) completed it: ``metrics.json`` still describes the ``classifier_model/`` on disk.
-Only when the new model is published are the completion markers withdrawn, the model
-swapped in, and ``metrics.json`` then ``_SUCCESS`` written again, so an interrupted
-publication never leaves a complete-looking output whose metrics describe another model.
+Cost stays bounded as the data grows. The classifiers are fitted on the driver
+(:mod:`imagepca.logistic`: Spark's objective, scikit-learn's L-BFGS, no Spark job per
+iteration) when their float64 training matrix fits in ``driver_max_mb``; a larger
+``reduced/`` is fitted by Spark's distributed ``LogisticRegression`` instead. The full
+comparison and the sweep use one training matrix collected once: every image up to
+``sweep_max_images``, above that a stratified, seeded subset of that many (documented in
+the metrics), so the driver never holds 1280 x n floats for large n.
+
+The scores go into ``metrics.json`` under ``"classification"``. While the classifiers are
+fitted the output is left as notebook 02 completed it; only when the new model is
+published are the completion markers withdrawn, the model swapped in, and ``metrics.json``
+then ``_SUCCESS`` written again.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import LogisticRegression
-from pyspark.ml.evaluation import MulticlassClassificationEvaluator
-from pyspark.ml.feature import (
-    IndexToString,
-    PCAModel,
-    StandardScaler,
-    StringIndexer,
-    StringIndexerModel,
-    VectorSlicer,
-)
+from pyspark.ml.feature import IndexToString, PCAModel, StandardScalerModel, StringIndexerModel
 from pyspark.ml.functions import array_to_vector
-from pyspark.mllib.evaluation import MulticlassMetrics
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from . import logistic
 from .config import ClassifyParams, ParameterError
+from .images import MIN_IMAGES_PER_LABEL, classifiable, small_labels
 from .pipeline import read_features, timed
 from .plots import save_figure
-from .reduction import ALL_COMPONENTS_COL, PCA_COL, VECTOR_COL, to_vectors
+from .reduction import PCA_COL
 from .session import default_parallelism
 from .storage import METRICS_FILE, Storage, join
 
@@ -58,10 +55,9 @@ MODEL_DIR = "classifier_model"
 LABEL_INDEX_COL = "label_index"
 PREDICTION_COL = "prediction"
 PREDICTED_LABEL_COL = "predicted_label"
-SCALED_FEATURES_COL = "features_scaled"
 IS_TEST_COL = "is_test"
+IN_SUBSET_COL = "in_subset"
 DEFAULT_K_VALUES = (2, 5, 10, 20, 50, 100)
-MIN_IMAGES_PER_LABEL = 2  # one to train on, one to test on
 ROWS_PER_PARTITION = 2000  # ~20 MB of 1280-d features per cached partition
 
 
@@ -75,8 +71,10 @@ def n_test_images(n: int, test_fraction: float) -> int:
     return max(1, min(n - 1, math.floor(n * test_fraction + 0.5)))
 
 
-def split_by_label(df: DataFrame, test_fraction: float, seed: int) -> DataFrame:
-    """Add a boolean ``is_test``: an exact, seeded, per-label split of ``df``.
+def split_by_label(
+    df: DataFrame, test_fraction: float, seed: int, subset_fraction: float = 1.0
+) -> DataFrame:
+    """Add a boolean ``is_test`` (an exact, seeded, per-label split) and ``in_subset``.
 
     ``DataFrame.sampleBy`` draws each row independently, so a label's test share only
     approximates the fraction (and a small label can end up with no test image). Here each
@@ -84,51 +82,58 @@ def split_by_label(df: DataFrame, test_fraction: float, seed: int) -> DataFrame:
     :func:`n_test_images` of them are the test set. The assignment depends only on the seed
     and the paths, not on partitioning, so ``features/`` and ``reduced/`` split alike.
 
-    A label with fewer than ``MIN_IMAGES_PER_LABEL`` images cannot be both trained on and
-    tested: its image stays in the training rows here, and :func:`prepare` leaves such
-    labels out altogether (see :func:`small_labels`), listing them in the metrics.
+    ``in_subset`` keeps the first ``subset_fraction`` of each label's test rows and of its
+    training rows in the same ranking (at least one of each): a stratified subset for the
+    sweep that never loses a label. A label with fewer than ``MIN_IMAGES_PER_LABEL`` images
+    stays in the training rows; :func:`prepare` leaves such labels out (see
+    :func:`small_labels`).
     """
     by_label = Window.partitionBy("label")
     ranked = Window.partitionBy("label").orderBy(F.xxhash64(F.lit(seed), "path"), "path")
     n = F.count(F.lit(1)).over(by_label)
+    rank = F.row_number().over(ranked)
     rounded = F.floor(n * F.lit(float(test_fraction)) + F.lit(0.5))
     n_test = F.when(n >= MIN_IMAGES_PER_LABEL, F.greatest(F.lit(1), F.least(n - 1, rounded)))
     n_test = n_test.otherwise(F.lit(0))
-    return df.withColumn(IS_TEST_COL, F.row_number().over(ranked) <= n_test)
-
-
-def small_labels(label_counts: dict[str, int]) -> dict[str, int]:
-    """Labels with too few images to appear in both the training and the test set."""
-    return {label: n for label, n in label_counts.items() if n < MIN_IMAGES_PER_LABEL}
+    fraction = F.lit(float(subset_fraction))
+    keep_test = F.greatest(F.lit(1), F.ceil(n_test * fraction))
+    keep_train = F.greatest(F.lit(1), F.ceil((n - n_test) * fraction))
+    return (
+        df.withColumn("_n_test", n_test)
+        .withColumn("_rank", rank)
+        .withColumn(IS_TEST_COL, F.col("_rank") <= F.col("_n_test"))
+        .withColumn(
+            IN_SUBSET_COL,
+            F.when(F.col(IS_TEST_COL), F.col("_rank") <= keep_test).otherwise(
+                F.col("_rank") - F.col("_n_test") <= keep_train
+            ),
+        )
+        .drop("_n_test", "_rank")
+    )
 
 
 # -- classifier -------------------------------------------------------------------------
 
 
-def fit_label_indexer(train: DataFrame) -> StringIndexerModel:
+def label_indexer(labels: Sequence[str]) -> StringIndexerModel:
     """Label strings to indices 0..n-1 in alphabetical order (stable across runs)."""
-    return StringIndexer(
-        inputCol="label",
-        outputCol=LABEL_INDEX_COL,
-        stringOrderType="alphabetAsc",
-        handleInvalid="error",
-    ).fit(train)
+    return StringIndexerModel.from_labels(
+        sorted(labels), inputCol="label", outputCol=LABEL_INDEX_COL, handleInvalid="error"
+    )
 
 
-def build_classifier(
-    indexer: StringIndexerModel,
-    features_col: str,
-    *,
-    max_iter: int,
-    reg_param: float,
-    pre_stages: Sequence = (),
-) -> Pipeline:
-    """Label indexer -> ``pre_stages`` -> multinomial LogisticRegression -> label strings.
+def classifier_pipeline(indexer: StringIndexerModel, regression) -> PipelineModel:
+    """Label indexer -> logistic regression -> label strings: what ``predict`` applies."""
+    to_label = IndexToString(
+        inputCol=PREDICTION_COL, outputCol=PREDICTED_LABEL_COL, labels=list(indexer.labels)
+    )
+    return PipelineModel(stages=[indexer, regression, to_label])
 
-    The indexer is fitted beforehand on the training labels so that ``IndexToString`` can
-    carry the label names: the prediction column's metadata only holds the class count.
-    """
-    regression = LogisticRegression(
+
+def spark_regression(features_col: str, *, max_iter: int, reg_param: float):
+    """Spark's distributed multinomial ``LogisticRegression`` (for training sets too large
+    for the driver); the same objective :func:`imagepca.logistic.fit_multinomial` solves."""
+    return LogisticRegression(
         featuresCol=features_col,
         labelCol=LABEL_INDEX_COL,
         predictionCol=PREDICTION_COL,
@@ -140,61 +145,6 @@ def build_classifier(
         # would give the low-variance (noise) components the same weight under the penalty.
         standardization=False,
     )
-    to_label = IndexToString(
-        inputCol=PREDICTION_COL, outputCol=PREDICTED_LABEL_COL, labels=list(indexer.labels)
-    )
-    return Pipeline(stages=[indexer, *pre_stages, regression, to_label])
-
-
-def evaluate(model: PipelineModel, test: DataFrame, labels: Sequence[str]) -> dict:
-    """Test-set accuracy, macro F1, per-class precision/recall/F1/support, confusion matrix.
-
-    Confusion-matrix rows are true labels and columns predicted labels, both in ``labels``
-    order (the indexer's). Every label has test images (the split guarantees it), so
-    Spark's matrix is ``len(labels)`` square.
-    """
-    predicted = (
-        model.transform(test)
-        .select(
-            F.col(PREDICTION_COL).cast("double").alias("prediction"),
-            F.col(LABEL_INDEX_COL).cast("double").alias("label"),
-        )
-        .persist()
-    )
-    try:
-        accuracy = MulticlassClassificationEvaluator(
-            labelCol="label", predictionCol="prediction", metricName="accuracy"
-        ).evaluate(predicted)
-        with warnings.catch_warnings():
-            # pyspark's MulticlassMetrics calls the deprecated SQLContext itself.
-            warnings.simplefilter("ignore", FutureWarning)
-            metrics = MulticlassMetrics(predicted.rdd)
-        matrix = metrics.confusionMatrix().toArray()
-        if matrix.shape != (len(labels), len(labels)):
-            raise RuntimeError(
-                f"confusion matrix is {matrix.shape[0]}x{matrix.shape[1]} for {len(labels)} "
-                "labels: some label has no test image; check the split"
-            )
-        per_class = {}
-        for index, label in enumerate(labels):
-            per_class[label] = {
-                "precision": float(metrics.precision(float(index))),
-                "recall": float(metrics.recall(float(index))),
-                "f1": float(metrics.fMeasure(float(index), 1.0)),
-                "support": int(matrix[index].sum()),
-            }
-    finally:
-        predicted.unpersist()
-    return {
-        "accuracy": float(accuracy),
-        "f1_macro": float(np.mean([scores["f1"] for scores in per_class.values()])),
-        "per_class": per_class,
-        "confusion_matrix": {
-            "labels": list(labels),
-            "matrix": matrix.astype(int).tolist(),
-        },
-        "n_test": int(matrix.sum()),
-    }
 
 
 def predict(model: PipelineModel, reduced: DataFrame) -> DataFrame:
@@ -232,7 +182,7 @@ class ClassifierResult:
     """One fitted classifier and its test-set scores."""
 
     name: str
-    model: PipelineModel
+    model: PipelineModel | None
     scores: dict
 
     def summary(self) -> str:
@@ -240,7 +190,7 @@ class ClassifierResult:
         return (
             f"{self.name}: {s['dims']} inputs, accuracy {s['accuracy']:.3f}, "
             f"macro F1 {s['f1_macro']:.3f} on {s['n_test']} test images "
-            f"(fit {s['fit_s']:.1f} s)"
+            f"(fit {s['fit_s']:.2f} s, {s['fitted_by']})"
         )
 
     def per_class_table(self) -> str:
@@ -257,6 +207,28 @@ class ClassifierResult:
 
 
 @dataclass
+class TrainingMatrix:
+    """Rows collected to the driver once: path, label index, split flag, float32 values."""
+
+    paths: np.ndarray
+    y: np.ndarray
+    is_test: np.ndarray
+    x: np.ndarray
+
+    @classmethod
+    def collect(cls, df: DataFrame, column: str, labels: Sequence[str]) -> TrainingMatrix:
+        rows = df.select("path", "label", IS_TEST_COL, column).toPandas()
+        x = np.stack(rows[column].to_numpy()) if len(rows) else np.zeros((0, 0), np.float32)
+        index = {label: i for i, label in enumerate(labels)}
+        return cls(
+            paths=rows["path"].to_numpy(),
+            y=rows["label"].map(index).to_numpy(dtype=np.int64),
+            is_test=rows[IS_TEST_COL].to_numpy(dtype=bool),
+            x=np.asarray(x, dtype=np.float32),
+        )
+
+
+@dataclass
 class Classification:
     """The inputs of notebook 03, split once, and the classifiers fitted on them.
 
@@ -268,19 +240,22 @@ class Classification:
     params: ClassifyParams
     storage: Storage
     run_metrics: dict
-    pca_model: PipelineModel
     k: int
     cumulative_variance: list[float]
     label_counts: dict[str, int]
     excluded: dict[str, int]
-    reduced: DataFrame
-    projected: DataFrame
     indexer: StringIndexerModel
+    split: DataFrame
     split_counts: dict[str, dict[str, int]]
+    scaler: StandardScalerModel
+    components: np.ndarray
+    subset: TrainingMatrix
+    subset_is_everything: bool
     results: dict[str, ClassifierResult] = field(default_factory=dict)
     sweep: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     writing: bool = False
+    _misclassified: pd.DataFrame | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -290,23 +265,6 @@ class Classification:
     def n_components(self) -> int:
         return len(self.cumulative_variance)
 
-    def train(self, df: DataFrame) -> DataFrame:
-        return df.filter(~F.col(IS_TEST_COL))
-
-    def test(self, df: DataFrame) -> DataFrame:
-        return df.filter(F.col(IS_TEST_COL))
-
-    def misclassified(self, name: str = "reduced") -> DataFrame:
-        """Test images the ``name`` classifier got wrong: ``path``, ``label``, prediction."""
-        data = self.reduced if name == "reduced" else self.projected
-        return (
-            self.results[name]
-            .model.transform(self.test(data))
-            .filter(F.col("label") != F.col(PREDICTED_LABEL_COL))
-            .select("path", "label", PREDICTED_LABEL_COL)
-            .orderBy("label", "path")
-        )
-
     def _begin_writes(self) -> None:
         """Withdraw the completion markers before this stage's first write."""
         if not self.writing:
@@ -314,11 +272,7 @@ class Classification:
             self.writing = True
 
     def save_figure(self, fig: Figure, name: str) -> str:
-        """Write ``fig`` as ``OUTPUT/name`` with :func:`imagepca.plots.save_figure`.
-
-        Like every write of this stage, it first withdraws the completion markers, which
-        :meth:`publish` writes again last.
-        """
+        """Write ``fig`` as ``OUTPUT/name`` (withdrawing the completion markers first)."""
         self._begin_writes()
         return save_figure(fig, self.storage, self.params.output, name)
 
@@ -330,73 +284,164 @@ class Classification:
             lines.append(f"{label:<{width}}  {counts['train']:>5}  {counts['test']:>4}")
         for label, n in self.excluded.items():
             lines.append(f"{label:<{width}}  excluded: {n} image(s), at least 2 are needed")
+        if not self.subset_is_everything:
+            lines.append(
+                f"full-feature comparison and k sweep: a stratified subset of "
+                f"{len(self.subset.y)} images (sweep_max_images={self.params.sweep_max_images})"
+            )
         return "\n".join(lines)
 
-    def _fit(self, name: str, data: DataFrame, features_col: str, pre_stages=(), dims=None):
-        pipeline = build_classifier(
-            self.indexer,
-            features_col,
-            max_iter=self.params.max_iter,
-            reg_param=self.params.reg_param,
-            pre_stages=pre_stages,
-        )
+    def scores_of(self, k: int | None) -> np.ndarray:
+        """The subset's first ``k`` PCA scores (None: its standardized features)."""
+        scaler = self.scaler
+        mean, std = scaler.mean.toArray(), scaler.std.toArray()
+        inverse = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
+        scaled = (self.subset.x.astype(np.float64) - mean) * inverse
+        return scaled if k is None else scaled @ self.components[:, :k]
+
+    def _fit_driver(self, name: str, data: TrainingMatrix, x: np.ndarray) -> tuple:
+        train, test = ~data.is_test, data.is_test
         start = time.perf_counter()
-        model = pipeline.fit(self.train(data))
-        fit_s = round(time.perf_counter() - start, 3)
-        scores = evaluate(model, self.test(data), self.labels)
-        scores.update(
-            dims=dims, fit_s=fit_s, n_train=sum(c["train"] for c in self.split_counts.values())
+        coefficients, intercepts = logistic.fit_multinomial(
+            x[train],
+            data.y[train],
+            len(self.labels),
+            reg_param=self.params.reg_param,
+            max_iter=self.params.max_iter,
         )
-        return ClassifierResult(name, model, scores)
+        fit_s = round(time.perf_counter() - start, 3)
+        predicted = logistic.predict(coefficients, intercepts, x[test])
+        matrix = logistic.confusion_matrix(data.y[test], predicted, len(self.labels))
+        scores = logistic.scores(matrix, self.labels)
+        scores.update(
+            dims=int(x.shape[1]), fit_s=fit_s, n_train=int(train.sum()), fitted_by="driver"
+        )
+        if name == "reduced":
+            wrong = predicted != data.y[test]
+            self._misclassified = pd.DataFrame(
+                {
+                    "path": data.paths[test][wrong],
+                    "label": np.asarray(self.labels)[data.y[test][wrong]],
+                    PREDICTED_LABEL_COL: np.asarray(self.labels)[predicted[wrong]],
+                }
+            ).sort_values(["label", "path"], ignore_index=True)
+        return coefficients, intercepts, scores
+
+    def _fit_spark(self, data: DataFrame) -> tuple[PipelineModel, dict]:
+        """The reduced classifier by Spark's distributed LogisticRegression."""
+        n_images = sum(self.label_counts[label] for label in self.labels)
+        partitions = max(1, min(default_parallelism(self.spark), -(-n_images // 2000)))
+        # Every optimizer iteration is a Spark job over these rows: a few cached partitions.
+        data = data.coalesce(partitions).persist()
+        try:
+            regression = spark_regression(
+                PCA_COL, max_iter=self.params.max_iter, reg_param=self.params.reg_param
+            )
+            start = time.perf_counter()
+            fitted = Pipeline(stages=[self.indexer, regression]).fit(
+                data.filter(~F.col(IS_TEST_COL))
+            )
+            fit_s = round(time.perf_counter() - start, 3)
+            model = classifier_pipeline(self.indexer, fitted.stages[1])
+            counts = (
+                model.transform(data.filter(F.col(IS_TEST_COL)))
+                .groupBy(LABEL_INDEX_COL, PREDICTION_COL)
+                .count()
+                .collect()
+            )
+            self._misclassified = (
+                model.transform(data.filter(F.col(IS_TEST_COL)))
+                .filter(F.col("label") != F.col(PREDICTED_LABEL_COL))
+                .select("path", "label", PREDICTED_LABEL_COL)
+                .orderBy("label", "path")
+                .limit(1000)
+                .toPandas()
+            )
+            n_train = data.filter(~F.col(IS_TEST_COL)).count()
+        finally:
+            data.unpersist()
+        matrix = np.zeros((len(self.labels), len(self.labels)), dtype=np.int64)
+        for row in counts:
+            matrix[int(row[LABEL_INDEX_COL]), int(row[PREDICTION_COL])] += row["count"]
+        scores = logistic.scores(matrix, self.labels)
+        scores.update(dims=self.k, fit_s=fit_s, n_train=int(n_train), fitted_by="spark")
+        return model, scores
 
     def fit_reduced(self) -> ClassifierResult:
         """The classifier on ``reduced/`` (the chosen k): the model that is saved."""
+        params = self.params
+        n_train = sum(c["train"] for c in self.split_counts.values())
         with timed(self.timings, "reduced_s"):
-            result = self._fit("reduced", self.reduced, PCA_COL, dims=self.k)
-        result.scores["k"] = self.k
-        result.scores["input"] = "reduced/ (array_to_vector(pca))"
+            if self.subset_is_everything:
+                data, x = self.subset, self.scores_of(self.k)
+            elif logistic.fits_on_driver(n_train, self.k, params.driver_max_mb):
+                data = TrainingMatrix.collect(self._reduced_split(), "pca", self.labels)
+                x = data.x
+            else:
+                data = x = None
+            if data is not None:
+                coefficients, intercepts, scores = self._fit_driver("reduced", data, x)
+                regression = logistic.spark_model(
+                    self.spark,
+                    coefficients,
+                    intercepts,
+                    features_col=PCA_COL,
+                    label_col=LABEL_INDEX_COL,
+                    prediction_col=PREDICTION_COL,
+                    reg_param=params.reg_param,
+                    max_iter=params.max_iter,
+                )
+                model = classifier_pipeline(self.indexer, regression)
+            else:
+                model, scores = self._fit_spark(
+                    self._reduced_split().withColumn(PCA_COL, array_to_vector("pca"))
+                )
+        scores["k"] = self.k
+        scores["input"] = "reduced/ (array_to_vector(pca))"
+        result = ClassifierResult("reduced", model, scores)
         self.results["reduced"] = result
         return result
 
+    def _reduced_split(self) -> DataFrame:
+        reduced = self.spark.read.parquet(join(self.params.output, "reduced"))
+        return reduced.join(self.split, ["path", "label"])
+
+    def misclassified(self) -> pd.DataFrame:
+        """Test images the saved (reduced) classifier got wrong: path, label, prediction."""
+        if self._misclassified is None:
+            raise RuntimeError("fit_reduced() first")
+        return self._misclassified
+
     def fit_full(self) -> ClassifierResult:
         """The same classifier on the full standardized features, for comparison."""
-        scaler = StandardScaler(
-            inputCol=VECTOR_COL, outputCol=SCALED_FEATURES_COL, withMean=True, withStd=True
-        )
-        dims = len(self.projected.select(VECTOR_COL).first()[VECTOR_COL])
         with timed(self.timings, "full_s"):
-            result = self._fit("full", self.projected, SCALED_FEATURES_COL, [scaler], dims=dims)
-        result.scores["k"] = dims
-        result.scores["input"] = "features/ (StandardScaler in the pipeline)"
-        self.results["full"] = result
-        return result
+            *_, scores = self._fit_driver("full", self.subset, self.scores_of(None))
+        scores["k"] = scores["dims"]
+        scores["input"] = "features/ (standardized with pca_model's scaler)"
+        self.results["full"] = ClassifierResult("full", None, scores)
+        return self.results["full"]
 
     def sweep_ks(self) -> list[int]:
         """The k values of the sweep, capped by the components the PCA has."""
         return sweep_ks(self.params.k_values, self.k, self.n_components)
 
     def k_sweep(self) -> list[dict]:
-        """Accuracy and macro F1 for each k: a slice of the saved model's ``pca_all``."""
+        """Accuracy and macro F1 for each k: the first k of the saved components."""
         self.sweep = []
         with timed(self.timings, "k_sweep_s"):
-            self._sweep()
+            largest = self.scores_of(max(self.sweep_ks()))
+            for k in self.sweep_ks():
+                *_, scores = self._fit_driver(f"k={k}", self.subset, largest[:, :k])
+                self.sweep.append(
+                    {
+                        "k": k,
+                        "cumulative_variance": float(self.cumulative_variance[k - 1]),
+                        "accuracy": scores["accuracy"],
+                        "f1_macro": scores["f1_macro"],
+                        "fit_s": scores["fit_s"],
+                    }
+                )
         return self.sweep
-
-    def _sweep(self) -> None:
-        for k in self.sweep_ks():
-            slicer = VectorSlicer(
-                inputCol=ALL_COMPONENTS_COL, outputCol=PCA_COL, indices=list(range(k))
-            )
-            result = self._fit(f"k={k}", self.projected, PCA_COL, [slicer], dims=k)
-            self.sweep.append(
-                {
-                    "k": k,
-                    "cumulative_variance": float(self.cumulative_variance[k - 1]),
-                    "accuracy": result.scores["accuracy"],
-                    "f1_macro": result.scores["f1_macro"],
-                    "fit_s": result.scores["fit_s"],
-                }
-            )
 
     def sweep_table(self) -> str:
         lines = ["    k  variance  accuracy  macro F1"]
@@ -420,6 +465,7 @@ class Classification:
             "split": self.split_counts,
             "excluded_labels": self.excluded,
             "k_sweep": self.sweep,
+            "comparison_images": len(self.subset.y),
             "params": self.params.as_dict(),
             "model": MODEL_DIR,
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -444,28 +490,27 @@ class Classification:
         timings["classify_s"] = round(sum(self.timings.values()), 3)
         merged = {**self.run_metrics, "classification": block, "timings_s": timings}
         self.storage.finish_run(self.params.output, merged)
-        self.unpersist()
+        self.split.unpersist()
         return merged
 
-    def unpersist(self) -> None:
-        self.reduced.unpersist()
-        self.projected.unpersist()
 
-
-def _pca_prefix(pca_model: PipelineModel, model_uri: str) -> tuple[PipelineModel, PCAModel, int]:
-    """The model's stages up to the PCA with every component, that PCA, and the chosen k."""
+def _pca_stages(pca_model: PipelineModel, model_uri: str) -> tuple[StandardScalerModel, int]:
+    """The scaler of a ``pca_model`` and the k its PCA keeps."""
     stages = pca_model.stages
-    pcas = [s for s in stages if isinstance(s, PCAModel) and s.getOutputCol() == ALL_COMPONENTS_COL]
-    if len(stages) < 2 or not isinstance(stages[-1], VectorSlicer) or len(pcas) != 1:
+    if (
+        len(stages) != 2
+        or not isinstance(stages[0], StandardScalerModel)
+        or not isinstance(stages[1], PCAModel)
+    ):
         raise ValueError(
-            f"{model_uri} is not a pca_model of this project (scaler -> PCA to "
-            f"{ALL_COMPONENTS_COL!r} -> VectorSlicer): re-run notebook 02"
+            f"{model_uri} is not a pca_model of this project (StandardScaler -> PCA): "
+            "re-run notebook 02"
         )
-    return PipelineModel(stages=stages[:-1]), pcas[0], len(stages[-1].getIndices())
+    return stages[0], stages[1].getK()
 
 
 def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
-    """Read the run's outputs and split them by label; nothing is written yet.
+    """Read the run's outputs, split them by label and collect the comparison subset.
 
     Raises
     ------
@@ -477,7 +522,9 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
     storage = Storage(spark)
     start = time.perf_counter()
     metrics_uri = join(params.output, METRICS_FILE)
-    needed = [join(params.output, name) for name in ("features", "pca_model", "reduced")]
+    needed = [
+        join(params.output, name) for name in ("features", "pca_model", "pca_components", "reduced")
+    ]
     missing = [uri for uri in [metrics_uri, *needed] if not storage.exists(uri)]
     if missing:
         raise FileNotFoundError(
@@ -487,53 +534,34 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
         )
     run_metrics = storage.read_json(metrics_uri)
     run_metrics.pop("classification", None)
-    model_uri = needed[1]
-    pca_model = PipelineModel.load(model_uri)
-    prefix, pca_stage, k = _pca_prefix(pca_model, model_uri)
-    cumulative = (
-        run_metrics.get("cumulative_variance")
-        or np.cumsum(pca_stage.explainedVariance.toArray()).tolist()
-    )
+    scaler, k = _pca_stages(PipelineModel.load(needed[1]), needed[1])
+    components = PCAModel.load(needed[2])
+    cumulative = np.cumsum(components.explainedVariance.toArray()).tolist()
     if run_metrics.get("k", k) != k:
         raise ValueError(
-            f"metrics.json says k = {run_metrics['k']} but {model_uri} keeps {k} components: "
+            f"metrics.json says k = {run_metrics['k']} but {needed[1]} keeps {k} components: "
             "the output mixes two runs; re-run notebook 02"
         )
-
     sweep_ks(params.k_values, k, len(cumulative))  # reject impossible k before any work
-    label_counts = {
-        row["label"]: int(row["count"])
-        for row in spark.read.parquet(needed[2]).groupBy("label").count().orderBy("label").collect()
-    }
+    label_counts = dict(sorted(run_metrics["images_per_label"].items()))
+    reason = classifiable(label_counts)
+    if reason:
+        raise ValueError(reason)
     excluded = small_labels(label_counts)
     kept = [label for label in label_counts if label not in excluded]
-    kept_images = sum(label_counts[label] for label in kept)
-    if len(kept) < 2:
-        raise ValueError(
-            f"a classifier needs at least 2 labels with >= {MIN_IMAGES_PER_LABEL} images each; "
-            f"found {len(kept)} ({label_counts}): add images or labels to the input"
-        )
+    n_kept = sum(label_counts[label] for label in kept)
+    fraction = min(1.0, params.sweep_max_images / n_kept)
 
-    # Every optimizer iteration is a Spark job over these rows: a few partitions, not the
-    # shuffle's 200 (AQE does not coalesce the partitions of a cached plan).
-    partitions = max(1, min(default_parallelism(spark), -(-kept_images // ROWS_PER_PARTITION)))
-
-    def usable(df: DataFrame) -> DataFrame:
-        if excluded:
-            df = df.filter(~F.col("label").isin(list(excluded)))
-        return split_by_label(df, params.test_fraction, params.seed).coalesce(partitions)
-
-    reduced = usable(
-        spark.read.parquet(needed[2]).select("path", "label", array_to_vector("pca").alias(PCA_COL))
-    ).persist()
-    projected = usable(
-        prefix.transform(to_vectors(read_features(spark, params.output))).select(
-            "path", "label", VECTOR_COL, ALL_COMPONENTS_COL
-        )
+    features = read_features(spark, params.output)
+    split = split_by_label(
+        features.select("path", "label").filter(F.col("label").isin(kept)),
+        params.test_fraction,
+        params.seed,
+        fraction,
     ).persist()
     split_counts = {
         row["label"]: {"train": int(row["train"]), "test": int(row["test"])}
-        for row in reduced.groupBy("label")
+        for row in split.groupBy("label")
         .agg(
             F.sum((~F.col(IS_TEST_COL)).cast("int")).alias("train"),
             F.sum(F.col(IS_TEST_COL).cast("int")).alias("test"),
@@ -541,118 +569,24 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
         .orderBy("label")
         .collect()
     }
-    indexer = fit_label_indexer(reduced.filter(~F.col(IS_TEST_COL)))
+    subset = TrainingMatrix.collect(
+        features.join(split.filter(IN_SUBSET_COL), ["path", "label"]), "features", sorted(kept)
+    )
     return Classification(
         spark=spark,
         params=params,
         storage=storage,
         run_metrics=run_metrics,
-        pca_model=pca_model,
         k=k,
         cumulative_variance=[float(v) for v in cumulative],
         label_counts=label_counts,
         excluded=excluded,
-        reduced=reduced,
-        projected=projected,
-        indexer=indexer,
+        indexer=label_indexer(kept),
+        split=split,
         split_counts=split_counts,
+        scaler=scaler,
+        components=components.pc.toArray(),
+        subset=subset,
+        subset_is_everything=len(subset.y) == n_kept,
         timings={"prepare_s": round(time.perf_counter() - start, 3)},
     )
-
-
-# -- figures ----------------------------------------------------------------------------
-
-
-def plot_confusion_matrix(
-    labels: Sequence[str], matrix: Sequence[Sequence[int]], title: str = ""
-) -> Figure:
-    """Test-set confusion matrix: rows true labels, columns predictions, counts written in.
-
-    Colours are row-normalized (recall per class), so small classes read as clearly as
-    large ones.
-    """
-    counts = np.asarray(matrix, dtype=float)
-    rows = counts.sum(axis=1, keepdims=True)
-    shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
-    n = len(labels)
-    side = min(16.0, 3.0 + 0.55 * n)
-    fig = plt.figure(figsize=(side + 1.5, side))
-    ax = fig.add_subplot()
-    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label")
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                if counts[i, j]:
-                    ax.text(
-                        j,
-                        i,
-                        f"{int(counts[i, j])}",
-                        ha="center",
-                        va="center",
-                        fontsize=9,
-                        color="white" if shares[i, j] > 0.6 else "black",
-                    )
-    ticks = np.arange(n)
-    ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=9 if n <= 20 else 6)
-    ax.set_yticks(ticks, labels, fontsize=9 if n <= 20 else 6)
-    ax.set(
-        xlabel="predicted label", ylabel="true label", title=title or "Confusion matrix (test set)"
-    )
-    fig.tight_layout()
-    return fig
-
-
-def _readable_ticks(ks: Sequence[int], k: int) -> list[int]:
-    """The sweep's k values as log-scale ticks, without labels printed over each other."""
-    ticks: list[int] = []
-    for value in sorted(set(ks)):
-        if ticks and value / ticks[-1] < 1.25:
-            if value == k:
-                ticks[-1] = value  # the chosen k wins over a neighbour
-            continue
-        ticks.append(value)
-    return ticks
-
-
-def plot_k_sweep(
-    sweep: Sequence[dict],
-    cumulative_variance: Sequence[float],
-    k: int,
-    full_accuracy: float | None = None,
-) -> Figure:
-    """Test accuracy and macro F1 against k, over the cumulative explained variance.
-
-    Shows what the variance threshold costs: where the accuracy curve flattens, more
-    components buy variance but no accuracy.
-    """
-    cumulative = np.asarray(cumulative_variance, dtype=float)
-    ks = [row["k"] for row in sweep]
-    fig = plt.figure(figsize=(9, 4.8))
-    ax = fig.add_subplot()
-    components = np.arange(1, len(cumulative) + 1)
-    ax.plot(components, cumulative, color="#dd8452", label="cumulative explained variance")
-    ax.plot(ks, [row["accuracy"] for row in sweep], "o-", color="#4c72b0", label="test accuracy")
-    ax.plot(ks, [row["f1_macro"] for row in sweep], "s--", color="#55a868", label="test macro F1")
-    if full_accuracy is not None:
-        ax.axhline(
-            full_accuracy,
-            color="#8172b2",
-            linestyle=":",
-            label=f"accuracy on all features ({full_accuracy:.3f})",
-        )
-    ax.axvline(k, color="#c44e52", linestyle=":", label=f"chosen k = {k} ({cumulative[k - 1]:.1%})")
-    ax.set_xscale("log")
-    ticks = _readable_ticks(ks, k)
-    ax.set_xticks(ticks, [str(v) for v in ticks])
-    ax.minorticks_off()
-    ax.set(
-        xlabel="k (principal components kept, log scale)",
-        ylabel="fraction",
-        ylim=(0, 1.02),
-        xlim=(max(0.8, min(ks) * 0.8), len(cumulative) * 1.1),
-        title="Accuracy against k, next to the explained variance",
-    )
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    return fig

@@ -217,6 +217,13 @@ class ClassifyParams:
         L2 regularization strength of the logistic regression (0 = none). The default
         0.01 matters: unregularized, the classifier on ~120 components of 180 training
         photos scored 0.717 instead of 0.933.
+    sweep_max_images : int
+        Most images used by the full-feature comparison and the k sweep (a stratified,
+        seeded subset above that): bounds the driver's memory at about
+        ``sweep_max_images x 1280`` floats. The saved classifier always uses every image.
+    driver_max_mb : int
+        Largest training matrix (float64 megabytes) fitted on the driver; a larger
+        ``reduced/`` is fitted by Spark's distributed LogisticRegression instead.
     """
 
     output: str
@@ -225,6 +232,8 @@ class ClassifyParams:
     k_values: tuple[int, ...] | None = None
     max_iter: int = 100
     reg_param: float = 0.01
+    sweep_max_images: int = 20_000
+    driver_max_mb: int = 1024
 
     def __post_init__(self) -> None:
         _check_location("output", self.output)
@@ -256,6 +265,15 @@ class ClassifyParams:
             _is_number(self.reg_param) and self.reg_param >= 0,
             f"reg_param must be a number >= 0 (0 = no regularization), got {self.reg_param!r}",
         )
+        _require(
+            _is_int(self.sweep_max_images) and self.sweep_max_images >= 10,
+            f"sweep_max_images must be an integer >= 10, got {self.sweep_max_images!r}",
+        )
+        _require(
+            _is_int(self.driver_max_mb) and self.driver_max_mb >= 0,
+            "driver_max_mb must be an integer >= 0 (0: always fit with Spark), "
+            f"got {self.driver_max_mb!r}",
+        )
 
     def as_dict(self) -> dict:
         return {
@@ -265,6 +283,8 @@ class ClassifyParams:
             "k_values": list(self.k_values) if self.k_values is not None else None,
             "max_iter": self.max_iter,
             "reg_param": self.reg_param,
+            "sweep_max_images": self.sweep_max_images,
+            "driver_max_mb": self.driver_max_mb,
         }
 
 

@@ -120,6 +120,32 @@ def label_of(path: str) -> str:
     return path.rstrip("/").rsplit("/", 2)[-2]
 
 
+MIN_IMAGES_PER_LABEL = 2  # a classifier needs one image to train on and one to test on
+
+
+def small_labels(label_counts: dict[str, int]) -> dict[str, int]:
+    """Labels with too few images to appear in both the training and the test set."""
+    return {label: n for label, n in label_counts.items() if n < MIN_IMAGES_PER_LABEL}
+
+
+def classifiable(label_counts: dict[str, int]) -> str | None:
+    """Why no classifier can be trained on these labels, or None when one can."""
+    kept = [label for label in label_counts if label not in small_labels(label_counts)]
+    if len(kept) >= 2:
+        return None
+    return (
+        f"a classifier needs at least 2 labels with >= {MIN_IMAGES_PER_LABEL} images each; "
+        f"found {len(kept)} ({_some(label_counts)}). "
+        "Images are labelled by their parent folder: put each class in a folder of its own"
+    )
+
+
+def _some(label_counts: dict[str, int], shown: int = 5) -> str:
+    items = [f"{label}: {n}" for label, n in list(label_counts.items())[:shown]]
+    more = len(label_counts) - shown
+    return ", ".join(items) + (f" and {more} more labels" if more > 0 else "")
+
+
 def label_column(path: Column) -> Column:
     """:func:`label_of` as a Spark column expression (no Python round trip)."""
     return F.element_at(F.split(path, "/"), -2)

@@ -23,10 +23,17 @@ from pyspark.sql import functions as F
 
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
 from .features import features_udf, file_sha256, load_model_payload, resolve_weights
-from .images import ImageListing, InputError, list_images, read_images, scan_settings
+from .images import (
+    ImageListing,
+    InputError,
+    classifiable,
+    list_images,
+    read_images,
+    scan_settings,
+)
 from .reduction import PCAFit, check_k, fit_pca
 from .session import default_parallelism
-from .storage import Storage, join
+from .storage import CLASSIFY_ARTIFACTS, Storage, join
 
 EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
 REUSE_KEYS = (
@@ -299,7 +306,12 @@ class Reduction:
 
 
 def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
-    """Fit scaler + PCA on ``OUTPUT/features``; write ``pca_model/`` and ``reduced/``."""
+    """Fit scaler + PCA on ``OUTPUT/features``; write ``pca_model/``, ``pca_components/``
+    and ``reduced/``.
+
+    Artifacts of notebook 03 left by an earlier run are removed first: they were made from
+    another PCA, and a completed output holds only what its own run produced.
+    """
     timer = _Timer()
     storage = Storage(spark)
     extraction = _stored_extraction(storage, params.output)
@@ -310,32 +322,37 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         )
     check_k(params.k, extraction["n_images"], FEATURE_DIM)
     storage.begin_run(params.output)
+    removed = storage.remove_artifacts(params.output, CLASSIFY_ARTIFACTS)
     features = read_features(spark, params.output)
     with timer.stage("fit_s"):
         fit = fit_pca(features, k=params.k, variance=params.variance)
     with timer.stage("reduce_write_s"):
         storage.publish(params.output, "pca_model", lambda uri: fit.model.save(uri))
+        storage.publish(params.output, "pca_components", lambda uri: fit.components.save(uri))
         reduced_uri = storage.publish_dataframe(fit.transform(features), params.output, "reduced")
-    reduced = spark.read.parquet(reduced_uri)
-    n_reduced = reduced.count()
-    fraction = min(1.0, params.projection_points / max(n_reduced, 1))
-    points = (
-        reduced.sample(fraction=fraction, seed=0)
-        .select(
-            "label",
-            F.col("pca")[0].alias("pc1"),
-            F.coalesce(F.col("pca")[1], F.lit(0.0)).alias("pc2"),
+    with timer.stage("projection_s"):
+        # The plot's points: a bounded sample of the first two components.
+        fraction = min(1.0, params.projection_points / max(fit.n_images, 1))
+        points = (
+            spark.read.parquet(reduced_uri)
+            .sample(fraction=fraction, seed=0)
+            .select(
+                "label",
+                F.col("pca")[0].alias("pc1"),
+                F.coalesce(F.col("pca")[1], F.lit(0.0)).alias("pc2"),
+            )
+            .limit(params.projection_points)
+            .toPandas()
         )
-        .toPandas()
-    )
     cumulative = fit.cumulative_variance
+    labels = extraction["images_per_label"]
     metrics = {
         "n_files_found": extraction["n_files_found"],
         "n_images": extraction["n_images"],
         "n_rejected": extraction["n_rejected"],
         "rejected_by_kind": extraction["rejected_by_kind"],
         "n_classes": extraction["n_classes"],
-        "images_per_label": extraction["images_per_label"],
+        "images_per_label": labels,
         "k": fit.k,
         "k_mode": "fixed" if params.k else "variance",
         "variance_threshold": params.variance,
@@ -346,8 +363,12 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         "images_per_s": extraction.get("images_per_s"),
         "params": {"extract": extraction["params"], "reduce": params.as_dict()},
         "versions": library_versions(),
+        "removed_from_earlier_run": removed,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    unclassifiable = classifiable(labels)
+    if unclassifiable:
+        metrics["classification"] = {"skipped": unclassifiable}
     return Reduction(fit=fit, params=params, projection=points, metrics=metrics)
 
 

@@ -1,4 +1,5 @@
-"""The run's figures: explained variance, 2-D projection, sample inputs.
+"""The run's figures: sample inputs, explained variance, 2-D projection, and notebook 03's
+confusion matrix and accuracy against k.
 
 Each function draws on a new pyplot figure and returns it, so a notebook cell can show it
 with ``%matplot plt`` (sparkmagic's magic, and the lib's equivalent in a local kernel), and
@@ -92,3 +93,101 @@ def save_figure(fig: Figure, storage: Storage, output: str, name: str) -> str:
     uri = join(output, name)
     storage.write_bytes(uri, buffer.getvalue())
     return uri
+
+
+# -- notebook 03 -------------------------------------------------------------------------
+
+
+def plot_confusion_matrix(
+    labels: Sequence[str], matrix: Sequence[Sequence[int]], title: str = ""
+) -> Figure:
+    """Test-set confusion matrix: rows true labels, columns predictions, counts written in.
+
+    Colours are row-normalized (recall per class), so small classes read as clearly as
+    large ones.
+    """
+    counts = np.asarray(matrix, dtype=float)
+    rows = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    n = len(labels)
+    side = min(16.0, 3.0 + 0.55 * n)
+    fig = plt.figure(figsize=(side + 1.5, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        f"{int(counts[i, j])}",
+                        ha="center",
+                        va="center",
+                        fontsize=9,
+                        color="white" if shares[i, j] > 0.6 else "black",
+                    )
+    ticks = np.arange(n)
+    ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=9 if n <= 20 else 6)
+    ax.set_yticks(ticks, labels, fontsize=9 if n <= 20 else 6)
+    ax.set(
+        xlabel="predicted label", ylabel="true label", title=title or "Confusion matrix (test set)"
+    )
+    fig.tight_layout()
+    return fig
+
+
+def _readable_ticks(ks: Sequence[int], k: int) -> list[int]:
+    """The sweep's k values as log-scale ticks, without labels printed over each other."""
+    ticks: list[int] = []
+    for value in sorted(set(ks)):
+        if ticks and value / ticks[-1] < 1.25:
+            if value == k:
+                ticks[-1] = value  # the chosen k wins over a neighbour
+            continue
+        ticks.append(value)
+    return ticks
+
+
+def plot_k_sweep(
+    sweep: Sequence[dict],
+    cumulative_variance: Sequence[float],
+    k: int,
+    full_accuracy: float | None = None,
+) -> Figure:
+    """Test accuracy and macro F1 against k, over the cumulative explained variance.
+
+    Shows what the variance threshold costs: where the accuracy curve flattens, more
+    components buy variance but no accuracy.
+    """
+    cumulative = np.asarray(cumulative_variance, dtype=float)
+    ks = [row["k"] for row in sweep]
+    fig = plt.figure(figsize=(9, 4.8))
+    ax = fig.add_subplot()
+    components = np.arange(1, len(cumulative) + 1)
+    ax.plot(components, cumulative, color="#dd8452", label="cumulative explained variance")
+    ax.plot(ks, [row["accuracy"] for row in sweep], "o-", color="#4c72b0", label="test accuracy")
+    ax.plot(ks, [row["f1_macro"] for row in sweep], "s--", color="#55a868", label="test macro F1")
+    if full_accuracy is not None:
+        ax.axhline(
+            full_accuracy,
+            color="#8172b2",
+            linestyle=":",
+            label=f"accuracy on all features ({full_accuracy:.3f})",
+        )
+    ax.axvline(k, color="#c44e52", linestyle=":", label=f"chosen k = {k} ({cumulative[k - 1]:.1%})")
+    ax.set_xscale("log")
+    ticks = _readable_ticks(ks, k)
+    ax.set_xticks(ticks, [str(v) for v in ticks])
+    ax.minorticks_off()
+    ax.set(
+        xlabel="k (principal components kept, log scale)",
+        ylabel="fraction",
+        ylim=(0, 1.02),
+        xlim=(max(0.8, min(ks) * 0.8), len(cumulative) * 1.1),
+        title="Accuracy against k, next to the explained variance",
+    )
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    return fig

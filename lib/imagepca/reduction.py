@@ -1,37 +1,49 @@
-"""StandardScaler + PCA as a Spark ML pipeline, with k fixed or chosen by explained variance.
+"""StandardScaler + PCA as a Spark ML pipeline, fitted in one distributed pass.
 
-The explained variance of every component is computed once: Spark computes the covariance
-matrix of the scaled features (one distributed pass), the driver eigen-decomposes it, and k is
-read off the cumulative sum. ``PCA.fit`` would do the same with Breeze's SVD, but on Java 17 its
-first call in a JVM returned a wrong spectrum here (first component 3.8% of the variance instead
-of 9.5%, later calls and numpy agreeing on 9.5%), so the decomposition is numpy's LAPACK. The
-result is an ordinary Spark ``PCAModel`` holding every component, and a ``VectorSlicer`` keeps
-the first k, so trying another k needs no refit. The fitted ``PipelineModel`` (scaler, PCA,
-slicer) loads with ``PipelineModel.load`` and transforms new features after ``array_to_vector``.
+Both stages need the same statistics of the features: their mean, their standard deviation
+and their covariance. One pass computes all three: each Python worker turns its Arrow
+batches of ``features`` into float64 matrices and accumulates the batch mean and the
+centred Gram matrix ``(X - mean)^T (X - mean)`` with one matrix product (level-3 BLAS);
+the partial results are merged with Chan's pairwise formula (exact, and stable for features
+whose mean is large next to their spread) in a tree reduce, and the driver eigen-decomposes
+the correlation matrix once. No row crosses from the JVM to Python except inside Arrow
+batches, and nothing of size n reaches the driver.
+
+Spark's own ``StandardScaler.fit`` + ``PCA.fit`` would take two passes, send every row
+through a ``RowMatrix`` of Python objects, and decompose with Breeze's SVD, which on Java 17
+returned a wrong spectrum on a cold JVM here (first component 3.8% of the variance instead
+of 9.5%). The result is still made of ordinary Spark ML stages, a ``StandardScalerModel``
+and a ``PCAModel``, built from these statistics: ``PipelineModel.load`` reads it back and
+transforms new features after ``array_to_vector``.
+
+``pca_model`` projects onto the k chosen components only. Every component is kept in
+:attr:`PCAFit.components`, saved as ``pca_components/`` (a ``PCAModel``), so another k
+(notebook 03's sweep) needs no refit and no second extraction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from pyspark.ml import PipelineModel
 from pyspark.ml.common import _py2java
-from pyspark.ml.feature import PCAModel, StandardScaler, VectorSlicer
+from pyspark.ml.feature import PCAModel, StandardScalerModel
 from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.ml.linalg import DenseMatrix, DenseVector
-from pyspark.mllib.linalg import Vectors as MLlibVectors
-from pyspark.mllib.linalg.distributed import RowMatrix
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .config import ParameterError
 
 VECTOR_COL = "features_vector"
 SCALED_COL = "scaled"
-ALL_COMPONENTS_COL = "pca_all"
 PCA_COL = "pca_vector"
+# Rows per Arrow batch while accumulating: 2048 x 1280 float64 = 21 MB per Python worker.
+MOMENT_BATCH_ROWS = 2048
+MOMENTS_SCHEMA = "n long, mean binary, m2 binary"
 
 
 def choose_k(cumulative: Sequence[float], variance: float) -> int:
@@ -61,11 +73,101 @@ def to_vectors(features: DataFrame, column: str = "features") -> DataFrame:
     return features.withColumn(VECTOR_COL, array_to_vector(F.col(column))).drop(column)
 
 
+# -- one pass: count, mean and centred Gram matrix ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Count, mean and centred sum of squares ``M2 = sum (x - mean)(x - mean)^T``."""
+
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def of(cls, rows: np.ndarray) -> Moments:
+        rows = np.asarray(rows, dtype=np.float64)
+        mean = rows.mean(axis=0)
+        centred = rows - mean
+        return cls(len(rows), mean, centred.T @ centred)
+
+    def merge(self, other: Moments) -> Moments:
+        """Chan et al.'s pairwise update: exact, no large-mean cancellation."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        m2 = self.m2 + other.m2
+        m2 += np.outer(delta, delta) * (self.n * other.n / n)
+        return Moments(n, self.mean + delta * (other.n / n), m2)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """Sample covariance (divisor n - 1), as Spark's ``StandardScaler`` and ``PCA``."""
+        return self.m2 / (self.n - 1)
+
+    def to_bytes(self) -> dict:
+        return {"n": self.n, "mean": self.mean.tobytes(), "m2": self.m2.tobytes()}
+
+    @classmethod
+    def from_bytes(cls, n: int, mean: bytes, m2: bytes) -> Moments:
+        mean_array = np.frombuffer(mean, dtype=np.float64)
+        side = len(mean_array)
+        return cls(n, mean_array, np.frombuffer(m2, dtype=np.float64).reshape(side, side).copy())
+
+
+def _batch_rows(column: pa.Array) -> np.ndarray:
+    """A list<float> Arrow column of equal-length rows as an (n, d) float64 matrix."""
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    if len(column) and values.size % len(column):
+        raise ValueError("feature vectors of different lengths in one dataset")
+    return values.reshape(len(column), -1)
+
+
+def _partition_moments(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    total = Moments(0, np.zeros(0), np.zeros((0, 0)))
+    for batch in batches:
+        column = batch.column(0)
+        if len(column):
+            total = total.merge(Moments.of(_batch_rows(column)))
+    if total.n:
+        yield pa.RecordBatch.from_pylist([total.to_bytes()])
+
+
+def feature_moments(features: DataFrame, column: str = "features") -> Moments:
+    """:class:`Moments` of an ``array<float>`` column, accumulated on the executors."""
+    spark = features.sparkSession
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    previous = spark.conf.get(key, None)
+    spark.conf.set(key, str(MOMENT_BATCH_ROWS))
+    try:
+        partials = features.select(column).mapInArrow(_partition_moments, MOMENTS_SCHEMA).rdd
+        # Each partial is d x d float64 (13 MB at d = 1280): past a few partitions they
+        # are merged on the executors, so the driver never holds more than a few.
+        depth = 2 if partials.getNumPartitions() > 4 else 1
+        moments = partials.map(lambda row: Moments.from_bytes(row.n, row.mean, row.m2))
+        try:
+            return moments.treeReduce(Moments.merge, depth=depth)
+        except ValueError:  # no rows at all
+            return Moments(0, np.zeros(0), np.zeros((0, 0)))
+    finally:
+        if previous is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, previous)
+
+
+# -- the fit ------------------------------------------------------------------------------
+
+
 @dataclass
 class PCAFit:
-    """A fitted scaler + PCA and the variance spectrum k was chosen from."""
+    """A fitted scaler + PCA, every component, and the spectrum k was chosen from."""
 
     model: PipelineModel
+    components: PCAModel
     k: int
     explained_variance: list[float]
     n_images: int
@@ -90,73 +192,93 @@ def reduce_with(model: PipelineModel, features: DataFrame) -> DataFrame:
     return projected.select("path", "label", vector_to_array(PCA_COL, "float32").alias("pca"))
 
 
-def fit_pca(features: DataFrame, *, k: int | None, variance: float) -> PCAFit:
+def fit_pca(
+    features: DataFrame, *, k: int | None, variance: float, moments: Moments | None = None
+) -> PCAFit:
     """Fit StandardScaler(withMean, withStd) + PCA on ``features`` (array<float> column).
 
     Parameters
     ----------
     features : DataFrame
-        Rows with ``path``, ``label``, ``features``.
+        Rows with a ``features`` column of equal-length float arrays.
     k : int or None
         Components to keep; None picks the smallest k reaching ``variance``.
     variance : float
         Cumulative explained-variance threshold in (0, 1].
+    moments : Moments, optional
+        Statistics already computed for ``features`` (skips the pass).
     """
-    vectors = to_vectors(features).select(VECTOR_COL).persist()
-    try:
-        first = vectors.first()
-        n_features = len(first[VECTOR_COL]) if first else 0
-        n_images = vectors.count()
-        check_k(k, n_images, n_features)
-        scaler = StandardScaler(
-            inputCol=VECTOR_COL, outputCol=SCALED_COL, withMean=True, withStd=True
-        ).fit(vectors)
-        scaled = scaler.transform(vectors).select(SCALED_COL).persist()
-        try:
-            pca, explained = principal_components(scaled, min(n_images, n_features))
-        finally:
-            scaled.unpersist()
-    finally:
-        vectors.unpersist()
+    moments = moments or feature_moments(features)
+    n_features = len(moments.mean)
+    check_k(k, moments.n, n_features)
+    covariance = moments.covariance
+    std = np.sqrt(np.clip(np.diag(covariance), 0, None))
+    # Spark's scaler maps a constant feature to 0: its row and column of the scaled
+    # covariance are zero too.
+    inverse = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
+    correlation = covariance * inverse[:, None] * inverse[None, :]
+    components, explained = principal_axes(correlation, min(moments.n, n_features))
     chosen = k or choose_k(np.cumsum(explained), variance)
-    first_k = VectorSlicer(
-        inputCol=ALL_COMPONENTS_COL, outputCol=PCA_COL, indices=list(range(chosen))
-    )
+    spark = features.sparkSession
+    scaler = standard_scaler_model(spark, moments.mean, std)
     return PCAFit(
-        model=PipelineModel(stages=[scaler, pca, first_k]),
+        model=PipelineModel(stages=[scaler, pca_model(spark, components[:, :chosen], explained)]),
+        components=pca_model(spark, components, explained),
         k=chosen,
-        explained_variance=explained,
-        n_images=n_images,
+        explained_variance=explained.tolist(),
+        n_images=moments.n,
         n_features=n_features,
     )
 
 
-def principal_components(scaled: DataFrame, k: int) -> tuple[PCAModel, list[float]]:
-    """A Spark ``PCAModel`` with the first ``k`` components of ``scaled`` (vector column).
+def principal_axes(correlation: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` eigenvectors of a covariance matrix and their explained variance.
 
-    Returns the model and the explained-variance ratios of those k components (all the
-    components the data has when k = min(images, features), then summing to 1),
-    computed as Spark's ``PCA`` defines it: eigenvalues of the covariance over their sum.
+    The explained-variance ratios are Spark's ``PCA``'s: eigenvalues over their sum, so
+    with k = min(images, features) they sum to 1. Each component's sign is fixed (largest
+    loading positive) so that runs are reproducible.
     """
-    rows = RowMatrix(scaled.rdd.map(lambda row: MLlibVectors.fromML(row[0])))
-    covariance = rows.computeCovariance().toArray()
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    eigenvalues, eigenvectors = np.linalg.eigh(correlation)
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues = np.abs(eigenvalues[order])  # rank-deficient data: round-off below zero
     eigenvectors = eigenvectors[:, order[:k]]
-    # Fix each component's sign (largest loading positive) so runs are reproducible.
     largest = np.argmax(np.abs(eigenvectors), axis=0)
     eigenvectors *= np.sign(eigenvectors[largest, np.arange(k)])
-    explained = eigenvalues / eigenvalues.sum()
+    return eigenvectors, (eigenvalues / eigenvalues.sum())[:k]
 
-    context = scaled.sparkSession.sparkContext
-    n_features = covariance.shape[0]
+
+def standard_scaler_model(
+    spark: SparkSession, mean: np.ndarray, std: np.ndarray
+) -> StandardScalerModel:
+    """A Spark ``StandardScalerModel(withMean, withStd)`` holding ``mean`` and ``std``."""
+    context = spark.sparkContext
+    java_model = context._jvm.org.apache.spark.ml.feature.StandardScalerModel(
+        "StandardScaler_imagepca",
+        _py2java(context, DenseVector(std.tolist())),
+        _py2java(context, DenseVector(mean.tolist())),
+    )
+    model = StandardScalerModel(java_model)
+    model._set(inputCol=VECTOR_COL, outputCol=SCALED_COL, withMean=True, withStd=True)
+    model._transfer_params_to_java()
+    return model
+
+
+def pca_model(spark: SparkSession, components: np.ndarray, explained: np.ndarray) -> PCAModel:
+    """A Spark ``PCAModel`` projecting ``scaled`` onto the columns of ``components``."""
+    context = spark.sparkContext
+    n_features, k = components.shape
     java_model = context._jvm.org.apache.spark.ml.feature.PCAModel(
         "PCA_imagepca",
-        _py2java(context, DenseMatrix(n_features, k, eigenvectors.ravel(order="F").tolist())),
-        _py2java(context, DenseVector(explained[:k].tolist())),
+        _py2java(context, DenseMatrix(n_features, k, components.ravel(order="F").tolist())),
+        _py2java(context, DenseVector(np.asarray(explained[:k]).tolist())),
     )
     model = PCAModel(java_model)
-    model._set(inputCol=SCALED_COL, outputCol=ALL_COMPONENTS_COL, k=k)
+    model._set(inputCol=SCALED_COL, outputCol=PCA_COL, k=k)
     model._transfer_params_to_java()
-    return model, explained[:k].tolist()
+    return model
+
+
+def first_components(spark: SparkSession, components: PCAModel, k: int) -> PCAModel:
+    """The first ``k`` of a ``PCAModel``'s components (e.g. of ``pca_components/``)."""
+    matrix = components.pc.toArray()
+    return pca_model(spark, matrix[:, :k], components.explainedVariance.toArray())

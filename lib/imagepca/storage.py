@@ -19,6 +19,14 @@ from pyspark.sql import DataFrame, SparkSession
 SUCCESS_MARKER = "_SUCCESS"
 METRICS_FILE = "metrics.json"
 STAGING_DIR = "_staging"
+# What notebook 03 adds to an output. Notebook 02 removes these when it starts: a
+# classifier of an earlier run was trained on another PCA.
+CLASSIFY_ARTIFACTS = (
+    "classifier_model",
+    "confusion_matrix.png",
+    "k_sweep.png",
+    "notebooks/03_classify.ipynb",
+)
 
 
 def join(base: str, *parts: str) -> str:
@@ -117,6 +125,16 @@ class Storage:
         """Withdraw the completion markers before anything is replaced."""
         self.delete(join(output, SUCCESS_MARKER))
         self.delete(join(output, METRICS_FILE))
+
+    def remove_artifacts(self, output: str, names: tuple[str, ...]) -> list[str]:
+        """Delete those of ``OUTPUT/name`` that exist; return the names deleted."""
+        removed = []
+        for name in names:
+            uri = join(output, name)
+            if self.exists(uri):
+                self.delete(uri)
+                removed.append(name)
+        return removed
 
     def publish(self, output: str, name: str, write: Callable[[str], None]) -> str:
         """Write a dataset with ``write(staging_uri)``, then swap it in as ``OUTPUT/name``.

@@ -1,0 +1,147 @@
+"""Spark's multinomial logistic regression, fitted on the driver when the data fits there.
+
+Spark ML's ``LogisticRegression`` runs one Spark job per optimizer iteration: 100 jobs per
+fit, each with its scheduling cost, for a training set of a few thousand rows that numpy
+holds in megabytes. scikit-learn's L-BFGS minimizes the same objective in one process:
+
+    mean log-loss + reg_param / 2 * ||W||^2      (intercepts not penalized)
+
+which is Spark's with ``family="multinomial"``, ``elasticNetParam=0`` and
+``standardization=False``; in scikit-learn's terms ``C = 1 / (n * reg_param)``. The fitted
+coefficients become an ordinary Spark ``LogisticRegressionModel`` (multinomial, centred
+intercepts, as Spark stores them), so the saved ``classifier_model/`` is the same kind of
+``PipelineModel`` as before and transforms DataFrames on any cluster.
+
+Scores come from the confusion matrix alone, so a driver fit (numpy predictions) and a
+Spark fit (a ``groupBy`` over the predictions) are scored by the same code.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from pyspark.ml.classification import LogisticRegressionModel
+from pyspark.ml.common import _py2java
+from pyspark.ml.linalg import DenseMatrix, DenseVector
+from pyspark.sql import SparkSession
+
+FLOAT64_BYTES = 8
+
+
+def fits_on_driver(n_rows: int, n_dims: int, max_mb: int) -> bool:
+    """Whether an ``n_rows x n_dims`` float64 training matrix stays within ``max_mb``."""
+    return n_rows * n_dims * FLOAT64_BYTES <= max_mb * 2**20
+
+
+def fit_multinomial(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    *,
+    reg_param: float,
+    max_iter: int,
+    tol: float = 1e-6,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients (``n_classes x d``) and intercepts minimizing Spark's objective.
+
+    ``y`` holds class indices ``0 .. n_classes - 1``, each present at least once.
+    scikit-learn fits one coefficient vector ``w`` for two classes; the multinomial
+    solution with the same penalty is ``[-w/2, w/2]`` at twice the ``C``.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    if len(np.unique(y)) != n_classes:
+        raise ValueError(f"every one of the {n_classes} classes needs a training row")
+    c = np.inf if reg_param == 0 else 1.0 / (len(x) * reg_param)
+    binary = n_classes == 2
+    model = LogisticRegression(C=2 * c if binary else c, max_iter=max_iter, tol=tol)
+    with warnings.catch_warnings():
+        # Spark stops at maxIter without a warning too; max_iter is the user's budget.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y)
+    if binary:
+        w, b = model.coef_[0], model.intercept_[0]
+        return np.stack([-w / 2, w / 2]), np.array([-b / 2, b / 2])
+    return model.coef_, model.intercept_ - model.intercept_.mean()
+
+
+def predict(coefficients: np.ndarray, intercepts: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Class indices, as Spark's model predicts them (argmax of the margins)."""
+    return np.argmax(np.asarray(x, dtype=np.float64) @ coefficients.T + intercepts, axis=1)
+
+
+def spark_model(
+    spark: SparkSession,
+    coefficients: np.ndarray,
+    intercepts: np.ndarray,
+    *,
+    features_col: str,
+    label_col: str,
+    prediction_col: str,
+    reg_param: float,
+    max_iter: int,
+) -> LogisticRegressionModel:
+    """A Spark ``LogisticRegressionModel`` (multinomial) holding the given coefficients."""
+    context = spark.sparkContext
+    n_classes, n_dims = coefficients.shape
+    matrix = DenseMatrix(n_classes, n_dims, np.ravel(coefficients, order="F").tolist())
+    java_model = context._jvm.org.apache.spark.ml.classification.LogisticRegressionModel(
+        "LogisticRegression_imagepca",
+        _py2java(context, matrix),
+        _py2java(context, DenseVector(np.asarray(intercepts, dtype=float).tolist())),
+        n_classes,
+        True,
+    )
+    model = LogisticRegressionModel(java_model)
+    model._set(
+        featuresCol=features_col,
+        labelCol=label_col,
+        predictionCol=prediction_col,
+        family="multinomial",
+        regParam=reg_param,
+        maxIter=max_iter,
+        standardization=False,
+    )
+    model._transfer_params_to_java()
+    return model
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """Rows true classes, columns predicted classes."""
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(truth, int), np.asarray(predicted, int)), 1)
+    return matrix
+
+
+def scores(matrix: np.ndarray, labels: Sequence[str]) -> dict:
+    """Accuracy, macro F1, per-class precision/recall/F1/support from a confusion matrix.
+
+    Precision of a class never predicted is 0, as in Spark's ``MulticlassMetrics``.
+    """
+    matrix = np.asarray(matrix, dtype=np.int64)
+    correct = np.diag(matrix).astype(float)
+    support = matrix.sum(axis=1)
+    predicted = matrix.sum(axis=0)
+    precision = np.divide(correct, predicted, out=np.zeros_like(correct), where=predicted > 0)
+    recall = np.divide(correct, support, out=np.zeros_like(correct), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(correct), where=both > 0)
+    per_class = {
+        label: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, label in enumerate(labels)
+    }
+    return {
+        "accuracy": float(correct.sum() / max(matrix.sum(), 1)),
+        "f1_macro": float(f1.mean()),
+        "per_class": per_class,
+        "confusion_matrix": {"labels": list(labels), "matrix": matrix.tolist()},
+        "n_test": int(matrix.sum()),
+    }
