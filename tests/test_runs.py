@@ -1,0 +1,67 @@
+"""Whole runs through the CLI: a completed output holds only its own run's artifacts, and
+images without labels are a first-class input (the classifier is skipped, the run succeeds).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from conftest import WEIGHTS
+from imagepca.cli import main
+from imagepca.storage import CLASSIFY_ARTIFACTS
+
+
+def test_rerun_without_classifier_removes_the_earlier_classifier(sample_run, tmp_path, capsys):
+    output = tmp_path / "out"
+    shutil.copytree(sample_run, output)
+    assert all((output / name).exists() for name in CLASSIFY_ARTIFACTS)
+    capsys.readouterr()
+    status = main(
+        ["run", "--input", str(_input_of(output)), "--output", str(output), "--master",
+         "local[2]", "--weights", str(WEIGHTS), "--reuse-features", "--k", "5",
+         "--skip-classify"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert (output / "_SUCCESS").exists()
+    for name in CLASSIFY_ARTIFACTS:
+        assert not (output / name).exists(), name
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["k"] == 5 and "classification" not in metrics
+    assert sorted(metrics["removed_from_earlier_run"]) == sorted(CLASSIFY_ARTIFACTS)
+    assert "removed from an earlier run: classifier_model" in printed
+    # What is left is this run's: notebooks 01 and 02, the 5-component model.
+    assert sorted(p.name for p in (output / "notebooks").iterdir()) == [
+        "01_extract_features.ipynb",
+        "02_reduce_pca.ipynb",
+    ]
+
+
+def test_unlabeled_images_skip_the_classifier_and_succeed(sample_dir, tmp_path, capsys):
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for path in sorted(sample_dir.rglob("*.jpg"))[::12][:16]:
+        shutil.copyfile(path, flat / f"{path.parent.name}-{path.name}")
+    output = tmp_path / "out"
+    capsys.readouterr()
+    status = main(
+        ["run", "--input", str(flat), "--output", str(output), "--master", "local[2]",
+         "--weights", str(WEIGHTS)]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert (output / "_SUCCESS").exists() and (output / "reduced").is_dir()
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["n_images"] == 16 and metrics["n_classes"] == 1
+    assert "found 1 (photos: 16)" in metrics["classification"]["skipped"]
+    assert not (output / "classifier_model").exists()
+    assert not (output / "notebooks" / "03_classify.ipynb").exists()
+    notes = [line for line in printed.splitlines() if "classifier skipped" in line]
+    assert len(notes) == 1 and "2 labels" in notes[0]
+
+
+def _input_of(output: Path) -> Path:
+    metrics = json.loads((output / "metrics.json").read_text())
+    return Path(metrics["params"]["extract"]["input"])
