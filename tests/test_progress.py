@@ -1,0 +1,143 @@
+"""progress.track on a real local Spark job: a binaryFile scan of a generated sample through a
+slow pandas UDF, split into several tasks, as feature extraction runs.
+
+The job runs in a subprocess with its own SparkSession (the session fixture's settings
+cannot change once its SparkContext runs), two task attempts allowed, so one planned task
+failure shows as a warning and is retried.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from imagepca.progress import format_duration, format_line
+
+N_IMAGES = 24  # 3 classes x 8
+
+DRIVER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    import pandas as pd
+    from pyspark.sql import SparkSession, functions as F
+    from pyspark.sql.functions import pandas_udf
+    from imagepca import progress
+    from imagepca.sample import write_sample
+
+    root = sys.argv[1]
+    write_sample(root, classes=3, per_class=8)
+    spark = (
+        SparkSession.builder.master("local[2,2]")
+        .config("spark.ui.enabled", "false")
+        .config("spark.executor.heartbeatInterval", "1s")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "2")
+        .config("spark.sql.files.maxPartitionNum", "8")
+        .config("spark.sql.files.maxPartitionBytes", "12k")
+        .config("spark.sql.files.openCostInBytes", "1")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    FAIL = {"on": False}
+
+    def run(fail):
+        @pandas_udf("long")
+        def slow(content: pd.Series) -> pd.Series:
+            from pyspark import TaskContext
+            ctx = TaskContext.get()
+            if fail and ctx.partitionId() == 0 and ctx.attemptNumber() == 0:
+                raise ValueError("planned failure on the first attempt")
+            time.sleep(0.5 * len(content))
+            return content.str.len()
+
+        images = (
+            spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
+        )
+        scored = images.select(slow("content").alias("n"))
+        with progress.track(spark, "featurize", total=24, interval=1.0) as tracker:
+            rows = scored.groupBy((F.col("n") > 0).alias("ok")).count().collect()
+        return {
+            "rows": sum(r["count"] for r in rows),
+            "tasks": tracker.last.tasks,
+            "group_after": spark.sparkContext.getLocalProperty("spark.jobGroup.id"),
+        }
+
+    for name, fail in (("plain", False), ("retried", True)):
+        print(f"@@{name}", flush=True)
+        print(f"\\n@@{name} " + json.dumps(run(fail)), flush=True)
+        print(f"@@{name}", file=sys.stderr, flush=True)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """Both jobs' stdout and stderr, split by job."""
+    tmp = tmp_path_factory.mktemp("progress")
+    script = tmp / "driver.py"
+    script.write_text(DRIVER)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp / "images")],
+        capture_output=True,
+        timeout=300,
+    )
+    # Bytes, decoded here: text mode would turn the refreshing "\r" into newlines.
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, result.stderr[-3000:]
+    out, err = {}, {}
+    for name in ("plain", "retried"):
+        out[name] = result.stdout.split(f"@@{name}")[1]
+        summary = result.stdout.split(f"@@{name} ")[1].splitlines()[0]
+        out[name + "_summary"] = summary
+        err[name] = result.stderr.split(f"@@{name}")[0].split("@@plain")[-1]
+    return out, err
+
+
+def _progress_lines(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"[\r\n]", text) if s.strip().startswith("featurize:")]
+
+
+def test_the_line_refreshes_in_place_with_done_total_rate_and_eta(tracked):
+    out, _ = tracked
+    lines = _progress_lines(out["plain"])
+    assert "\r" in out["plain"], "the line is refreshed in place"
+    counts = [int(re.match(r"featurize: ([\d,]+)", line)[1].replace(",", "")) for line in lines]
+    assert counts == sorted(counts), f"progress never goes back: {lines}"
+    middle = [
+        line
+        for line, n in zip(lines, counts, strict=True)
+        if 0 < n < N_IMAGES and "/24 images" in line
+    ]
+    assert middle, f"no line while the job was under way: {lines}"
+    assert any(re.search(r"\d+\.\d images/s, ETA \d+ s", line) for line in middle), middle
+    assert any(re.search(r"\d+/\d+ tasks", line) for line in middle), middle
+    assert re.fullmatch(r"featurize: 24 images in \d+ s, \d+\.\d images/s", lines[-1]), lines
+    assert '"rows": 24' in out["plain_summary"]
+    assert '"group_after": null' in out["plain_summary"], "the caller's job group is restored"
+
+
+def test_a_failed_task_is_a_warning_and_its_retry_completes(tracked):
+    out, err = tracked
+    warnings = [line for line in err["retried"].splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, err["retried"][-2000:]
+    assert "featurize: task 0 (attempt 0) failed" in warnings[0]
+    assert "ValueError: planned failure on the first attempt" in warnings[0]
+    assert warnings[0].endswith("Spark retries it")
+    assert _progress_lines(out["retried"])[-1].startswith("featurize: 24 images in ")
+    assert not [line for line in err["plain"].splitlines() if line.startswith("warning: ")]
+
+
+def test_format_line_and_durations():
+    assert format_duration(48.4) == "48 s"
+    assert format_duration(200) == "3 min 20 s"
+    assert format_duration(3900) == "1 h 05 min"
+    assert format_line("featurize", 0, 9673, 2.0, None, "images") == (
+        "featurize: 0/9,673 images (0.0%), 2 s, starting"
+    )
+    assert format_line("featurize", 1234, 9673, 10.0, 123.4, "images", (2, 8)) == (
+        "featurize: 1,234/9,673 images (12.8%), 2/8 tasks, 10 s, 123.4 images/s, ETA 1 min 08 s"
+    )
