@@ -1,0 +1,138 @@
+"""`imagepca emr doctor` against the moto server: each finding, and its fix, on an account
+set up the way a new one is (bucket with a KMS key, roles, a subnet, staged artifacts)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+from pathlib import Path
+
+import boto3
+import pytest
+
+from imagepca.aws import account, commands, doctor, stage
+from imagepca.aws.settings import AwsSettings, EmrSettings
+from moto_server import ACCOUNT_ID, REGION, aws_env, moto_endpoint  # noqa: F401
+
+BUCKET = "imagepca-doctor-bucket"
+ROOT = Path(__file__).resolve().parents[1]
+TAG = {"Key": account.EMR_TAG, "Value": "true"}
+
+
+def fake_wheel(project: Path, destination: Path) -> Path:
+    wheel = destination / "imagepca-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"PK fake")
+    return wheel
+
+
+def fake_model(weights: Path, size: int) -> Path:
+    model = weights.parent / f"model-{size}.tflite"
+    model.write_bytes(b"TFL3")
+    return model
+
+
+@pytest.fixture
+def new_account(aws_env, tmp_path):  # noqa: F811
+    """`aws setup --kms-key`, a VPC and subnet, artifacts staged from a project copy."""
+    key = boto3.client("kms").create_key()["KeyMetadata"]["Arn"]
+    account.setup(
+        AwsSettings(bucket=BUCKET, region=REGION, account_id=ACCOUNT_ID, kms_key_arn=key),
+        out=io.StringIO(),
+    )
+    ec2 = boto3.client("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24")["Subnet"]["SubnetId"]
+    ec2.create_tags(Resources=[subnet], Tags=[TAG])  # the subnet only, as the old docs said
+    group = ec2.create_security_group(
+        GroupName="ElasticMapReduce-Master-Private", Description="left by an earlier cluster",
+        VpcId=vpc,
+    )["GroupId"]  # fmt: skip
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "bootstrap", project / "bootstrap")
+    shutil.copytree(ROOT / "notebooks", project / "notebooks")
+    weights = tmp_path / "weights.h5"
+    weights.write_bytes(b"weights")
+    # The TLS-only bucket policy refuses this stand-in's plain HTTP (moto enforces it).
+    boto3.client("s3").delete_bucket_policy(Bucket=BUCKET)
+    stage.stage(
+        BUCKET, "0.1.0", weights, s3_client=boto3.client("s3"), project=project,
+        wheel_builder=fake_wheel, model_converter=fake_model, out=io.StringIO(),
+    )  # fmt: skip
+    settings = EmrSettings.load(
+        None,
+        {"bucket": BUCKET, "region": REGION, "subnet_id": subnet, "artifacts_version": "0.1.0"},
+    )
+    return {"key": key, "vpc": vpc, "subnet": subnet, "group": group, "project": project,
+            "settings": settings}  # fmt: skip
+
+
+def check(new_account, **changes) -> dict[str, doctor.Finding]:
+    settings = EmrSettings.load(None, {**vars(new_account["settings"]), **changes})
+    findings = doctor.run_checks(
+        settings, clients=account.client_factory(REGION), project=new_account["project"]
+    )
+    return {f.check: f for f in findings}
+
+
+def test_doctor_reports_each_problem_with_its_fix(new_account):
+    found = check(new_account)
+    assert found["bucket"].level == "ok"
+    assert found["KMS key"].level == "ok"  # GenerateDataKey + Decrypt with the caller's creds
+    assert found["service role"].level == "ok" and found["instance profile"].level == "ok"
+    assert found["subnet tag"].level == "ok"
+    # Row 4: AmazonEMRServicePolicy_v2 needs the VPC and old ElasticMapReduce-* groups tagged.
+    assert found["VPC tag"].level == "fail" and new_account["vpc"] in found["VPC tag"].fix
+    assert found["security group tag"].level == "fail"
+    assert new_account["group"] in found["security group tag"].fix
+    assert found["artifacts"].level == "ok"
+    assert found["security configuration"].level == "ok"
+
+    ec2 = boto3.client("ec2")
+    ec2.create_tags(Resources=[new_account["vpc"], new_account["group"]], Tags=[TAG])
+    found = check(new_account)
+    assert all(f.level != "fail" for f in found.values()), found
+
+    # A named security configuration that does not exist (row 13).
+    found = check(new_account, security_configuration="imagepca-security")
+    assert found["security configuration"].level == "fail"
+    assert "security-config" in found["security configuration"].fix
+
+    # Artifacts staged from another checkout: an edited pin is caught by content (row 14).
+    requirements = new_account["project"] / "bootstrap" / "requirements-emr.txt"
+    requirements.write_text(requirements.read_text().replace("pandas==2.3.3", "pandas==2.3.2"))
+    found = check(new_account)
+    assert (
+        found["artifacts"].level == "fail" and "requirements-emr.txt" in found["artifacts"].detail
+    )
+    assert found["artifacts"].fix == "imagepca emr stage --version 0.1.0"
+
+    # A disabled key stops uploads and staging: reported before any cluster (row 3).
+    boto3.client("kms").disable_key(KeyId=new_account["key"].rsplit("/", 1)[1])
+    assert check(new_account)["KMS key"].level == "fail"
+
+
+def test_doctor_on_a_missing_bucket_and_subnet(aws_env):  # noqa: F811
+    settings = EmrSettings.load(
+        None, {"bucket": "nobody-made-this", "region": REGION, "subnet_id": "subnet-0abc12345"}
+    )
+    found = doctor.run_checks(settings, clients=account.client_factory(REGION))
+    by_check = {f.check: f for f in found}
+    assert by_check["bucket"].level == "fail" and "aws setup" in by_check["bucket"].fix
+    assert by_check["subnet"].level == "fail"
+    assert by_check["service role"].level == "fail"
+    assert "artifacts" not in by_check  # not checked without a bucket
+
+
+def test_doctor_command_exit_status(new_account, capsys):
+    parser = argparse.ArgumentParser(prog="imagepca")
+    commands.add_commands(parser.add_subparsers(dest="command"))
+    argv = [
+        "emr", "doctor", "--bucket", BUCKET, "--region", REGION,
+        "--subnet-id", new_account["subnet"], "--version", "0.1.0",
+    ]  # fmt: skip
+    args = parser.parse_args(argv)
+    assert args.func(args) == 1  # the VPC is not tagged
+    out = capsys.readouterr().out
+    assert "[FAIL] VPC tag" in out and "fix: aws ec2 create-tags" in out
+    assert "checks," in out.splitlines()[-1]
