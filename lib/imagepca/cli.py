@@ -103,9 +103,17 @@ def _add_run(subparsers) -> None:
     )
     run.add_argument("--execution-timeout", type=int, help="seconds one notebook cell may run")
     run.add_argument("--skip-classify", action="store_true", help="do not run notebook 03")
-    run.add_argument(
-        "--log-output", action="store_true", help="stream notebook output to the terminal"
+    shown = run.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--quiet", "-q", action="store_true", help="print only the summary at the end"
     )
+    shown.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="also show every cell's output and the kernel's own logs (Spark, TensorFlow)",
+    )
+    shown.add_argument("--log-output", action="store_true", help="same as --verbose")
     run.set_defaults(func=_run)
 
 
@@ -140,24 +148,47 @@ def _run(args: argparse.Namespace) -> int:
         and runner.has_notebook(args.notebooks, runner.CLASSIFY_NOTEBOOK),
     )
     started = time.perf_counter()
-    with livy.kernel_environment(
-        args.kernel,
-        livy_url=args.livy_url,
-        livy_conf=args.livy_conf,
-        driver_memory=args.livy_driver_memory,
-        startup_timeout=args.livy_startup_timeout,
-        master=args.master,
-    ) as env:
-        metrics = runner.run_notebooks(
-            runs,
-            args.output,
-            notebooks=args.notebooks,
-            kernel=args.kernel,
-            execution_timeout=args.execution_timeout,
-            log_output=args.log_output,
-            env=env,
-        )
-    print(runner.summary(metrics, args.output))
+    # The terminal shows the notebooks' progress; Spark's, TensorFlow's and the kernel's own
+    # logs go to the log file (all of it with --verbose, only the summary with --quiet).
+    mode = (
+        runner.QUIET
+        if args.quiet
+        else runner.VERBOSE
+        if args.verbose or args.log_output
+        else runner.NORMAL
+    )
+    log = runner.log_path(args.output)
+    remote_log = None if runner.is_local(args.output) else f"{args.output.rstrip('/')}/logs/run.log"
+    try:
+        with (
+            runner.Console(mode, log=log) as console,
+            console.python_logging(),
+            livy.kernel_environment(
+                args.kernel,
+                livy_url=args.livy_url,
+                livy_conf=args.livy_conf,
+                driver_memory=args.livy_driver_memory,
+                startup_timeout=args.livy_startup_timeout,
+                master=args.master,
+            ) as env,
+        ):
+            metrics = runner.run_notebooks(
+                runs,
+                args.output,
+                notebooks=args.notebooks,
+                kernel=args.kernel,
+                execution_timeout=args.execution_timeout,
+                env=env,
+                console=console,
+            )
+    except BaseException:
+        print(f"log: {log}", file=sys.stderr)
+        raise
+    finally:
+        if remote_log and log.is_file():
+            remote_log = runner.upload_log(log, remote_log)
+    shown_log = f"{log} (copied to {remote_log})" if remote_log else str(log)
+    print(runner.summary(metrics, args.output, log=shown_log))
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
 

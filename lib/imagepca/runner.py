@@ -36,7 +36,7 @@ CLASSIFY_NOTEBOOK = "03_classify.ipynb"
 
 LOG_FILE = "logs/run.log"  # under the output (a local file first when the output is remote)
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
-_WARNING = re.compile(r"^warning:", re.IGNORECASE)
+_WARNING = re.compile(r"^warning: ")  # lowercase: ours (progress), not a library's WARNING:
 
 
 class NotebookFailed(RuntimeError):
