@@ -15,12 +15,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 import tarfile
+import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -173,6 +175,20 @@ def recording(endpoint: str, path: Path) -> Iterator[list[dict]]:
     from moto.moto_api import recorder
 
     recorder._location = str(path)
+    # The server's threads record concurrently (parallel multipart parts): one lock keeps
+    # each entry on its own line; data bodies are not needed, only API calls' bodies.
+    record, encode = recorder._record_request, recorder._encode_body
+    lock = threading.Lock()
+
+    def locked_record(*args, **kwargs):
+        with lock:
+            record(*args, **kwargs)
+
+    def small_body(body):
+        size = len(body.getvalue() if isinstance(body, io.BytesIO) else body or b"")
+        return ("", False) if size > 1_000_000 else encode(body)
+
+    recorder._record_request, recorder._encode_body = locked_record, small_body
     urllib.request.urlopen(
         urllib.request.Request(f"{endpoint}/moto-api/recorder/reset-recording", method="POST")
     ).close()
@@ -186,6 +202,7 @@ def recording(endpoint: str, path: Path) -> Iterator[list[dict]]:
         urllib.request.urlopen(
             urllib.request.Request(f"{endpoint}/moto-api/recorder/stop-recording", method="POST")
         ).close()
+        recorder._record_request, recorder._encode_body = record, encode
         for line in path.read_text().splitlines():
             entry = json.loads(line)
             body = ""

@@ -1,0 +1,173 @@
+"""The operator policy allows what the operator's commands actually send to AWS.
+
+The actions are not listed by hand: every request ``aws upload``, ``emr stage``, ``emr
+doctor``, ``emr up``/``run``/``down`` and papermill's S3 I/O (the ``--via livy`` path, which
+writes the executed notebooks from the operator's machine) send to the moto server is
+recorded and turned into IAM actions (:func:`moto_server.s3_actions`,
+:func:`moto_server.api_actions`), on a bucket whose default encryption is SSE-KMS, so
+each write also needs ``kms:GenerateDataKey`` and each read ``kms:Decrypt`` (S3 User
+Guide, "Using server-side encryption with AWS KMS keys"). The instance role's side is
+checked the same way by tests/test_s3_end_to_end.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+from pathlib import Path
+
+import boto3
+import nbformat
+import pytest
+from papermill.iorw import papermill_io
+
+from imagepca.aws import account, commands, doctor, stage
+from imagepca.aws.settings import AwsSettings, EmrSettings
+from moto_server import (  # noqa: F401
+    ACCOUNT_ID,
+    REGION,
+    api_actions,
+    aws_env,
+    denied,
+    moto_endpoint,
+    recording,
+    s3_actions,
+    set_step_states,
+)
+
+BUCKET = "imagepca-perm-bucket"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="imagepca")
+    commands.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def fake_wheel(project: Path, destination: Path) -> Path:
+    wheel = destination / "imagepca-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"PK fake")
+    return wheel
+
+
+def fake_model(weights: Path, size: int) -> Path:
+    model = weights.parent / f"model-{size}.tflite"
+    model.write_bytes(b"TFL3" * 1000)
+    return model
+
+
+def pass_roles(requests: list[dict], settings: AwsSettings) -> set:
+    """``iam:PassRole`` a RunJobFlow needs: its service role and the instance profile's role."""
+    needed = set()
+    for request in requests:
+        if request["headers"].get("X-Amz-Target", "").endswith(".RunJobFlow"):
+            body = json.loads(request["body"])
+            assert body["ServiceRole"] == settings.service_role
+            assert body["JobFlowRole"] == settings.instance_profile
+            for role in (settings.service_role, settings.instance_role):
+                needed.add(("iam:PassRole", f"arn:aws:iam::{ACCOUNT_ID}:role/{role}", None))
+    return needed
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_operator_policy_allows_every_request_of_the_operator_commands(
+    moto_endpoint,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    key = boto3.client("kms").create_key()["KeyMetadata"]["Arn"]
+    settings = AwsSettings(bucket=BUCKET, region=REGION, account_id=ACCOUNT_ID, kms_key_arn=key)
+    account.setup(settings, out=io.StringIO())
+    s3 = boto3.client("s3")
+    # The TLS-only bucket policy refuses this stand-in's plain HTTP (moto enforces it).
+    s3.delete_bucket_policy(Bucket=BUCKET)
+    ec2 = boto3.client("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.1.1.0/24")["Subnet"]["SubnetId"]
+    photos = tmp_path / "photos"
+    (photos / "apple").mkdir(parents=True)
+    (photos / "apple" / "a.jpg").write_bytes(b"\xff\xd8" + b"x" * 100)
+    big = photos / "apple" / "big.jpg"  # multipart: CreateMultipartUpload, UploadPart...
+    big.write_bytes(b"\xff\xd8" + bytes(70 * 1024 * 1024))
+    weights = tmp_path / "weights.h5"
+    weights.write_bytes(b"weights")
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "bootstrap", project / "bootstrap")
+    shutil.copytree(ROOT / "notebooks", project / "notebooks")
+    emr_settings = EmrSettings.load(
+        None,
+        {"bucket": BUCKET, "region": REGION, "subnet_id": subnet, "artifacts_version": "0.1.0"},
+    )
+    common = ["--bucket", BUCKET, "--region", REGION, "--subnet-id", subnet, "--version", "0.1.0"]
+
+    with recording(moto_endpoint, tmp_path / "recording.jsonl") as requests:
+        assert cli("aws", "upload", str(photos), f"s3://{BUCKET}/input/photos/") == 0
+        stage.stage(
+            BUCKET, "0.1.0", weights, s3_client=s3, project=project,
+            wheel_builder=fake_wheel, model_converter=fake_model, out=io.StringIO(),
+        )  # fmt: skip
+        doctor.run_checks(emr_settings, clients=account.client_factory(REGION), project=project)
+        assert cli("emr", "up", *common, "--poll-seconds", "0.05") == 0
+        cluster_id = boto3.client("emr").list_clusters()["Clusters"][0]["Id"]
+        assert cli("emr", "run", *common, "--cluster-id", cluster_id, "--no-wait") == 0
+        # --via livy: papermill on this machine reads the staged notebook and writes the
+        # executed one with its own S3 handler (what papermill.execute_notebook calls).
+        source = f"s3://{BUCKET}/artifacts/0.1.0/notebooks/01_extract_features.ipynb"
+        notebook = nbformat.reads(papermill_io.read(source), as_version=4)
+        papermill_io.write(
+            nbformat.writes(notebook), f"s3://{BUCKET}/runs/r1/notebooks/01_extract_features.ipynb"
+        )
+        assert (
+            cli("emr", "down", *common, "--cluster-id", cluster_id, "--poll-seconds", "0.05") == 0
+        )
+    capsys.readouterr()
+
+    policy = account.render_policy("iam-operator-policy", settings, ROOT / "aws")
+    needed = s3_actions(requests, BUCKET, kms_key=key) | pass_roles(requests, settings)
+    actions = api_actions(requests)
+    assert {"elasticmapreduce:RunJobFlow", "kms:GenerateDataKey", "ec2:DescribeVpcs"} <= actions
+    assert ("s3:PutObjectAcl", f"arn:aws:s3:::{BUCKET}/runs/r1/notebooks/01_extract_features.ipynb",
+            None) in needed  # fmt: skip
+    assert ("kms:GenerateDataKey", key, None) in needed
+    assert denied(policy, needed | actions) == []
+
+    # The check can fail: without the statements issue 14 added, it names what is missing.
+    before = {
+        "Statement": [
+            s for s in policy["Statement"]
+            if s["Sid"] not in ("WriteExecutedNotebooksWithAcl", "UseProjectKmsKey")
+        ]
+    }  # fmt: skip
+    missing = {entry[0] for entry in denied(before, needed)}
+    assert {"s3:PutObjectAcl", "kms:GenerateDataKey", "kms:Decrypt"} <= missing
+
+
+def test_policy_check_reads_requests_as_iam_does():
+    """The request-to-action mapping on hand-made requests (one per rule)."""
+    put = {
+        "method": "PUT",
+        "url": "/b/runs/x.ipynb",
+        "headers": {"x-amz-acl": "bucket-owner-full-control"},
+    }
+    copy = {
+        "method": "PUT",
+        "url": "/b/runs/y",
+        "headers": {"x-amz-copy-source": "/b/runs/_staging/y"},
+    }
+    listing = {"method": "GET", "url": "/b?list-type=2&prefix=input/", "headers": {}}
+    delete = {"method": "POST", "url": "/b?delete", "headers": {},
+              "body": "<Delete><Object><Key>runs/a&amp;b</Key></Object></Delete>"}  # fmt: skip
+    needed = s3_actions([put, copy, listing, delete], "b", kms_key="k")
+    assert needed == {
+        ("s3:PutObject", "arn:aws:s3:::b/runs/x.ipynb", None),
+        ("s3:PutObjectAcl", "arn:aws:s3:::b/runs/x.ipynb", None),
+        ("kms:GenerateDataKey", "k", None),
+        ("s3:PutObject", "arn:aws:s3:::b/runs/y", None),
+        ("s3:GetObject", "arn:aws:s3:::b/runs/_staging/y", None),
+        ("s3:ListBucket", "arn:aws:s3:::b", "input/"),
+        ("s3:DeleteObject", "arn:aws:s3:::b/runs/a&b", None),
+    }
