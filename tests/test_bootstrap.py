@@ -132,3 +132,53 @@ def test_pins_satisfy_pyproject_dependencies():
                 assert wanted[name].specifier.contains(version, prereleases=True), (
                     f"{name}=={version} does not satisfy pyproject's {wanted[name]}"
                 )
+
+
+def fake_python(folder: Path, *, has_pip: bool) -> Path:
+    """A ``python3.11`` whose ``-m pip`` works or not, as on an AL2023 image where the
+    interpreter and ``python3.11-pip`` are separate packages."""
+    folder.mkdir()
+    path = folder / "python3.11"
+    pip = "exit 0" if has_pip else "echo 'No module named pip' >&2; exit 1"
+    path.write_text(
+        '#!/usr/bin/env bash\nif [[ "$1" == "-m" && "$2" == "pip" ]]; then '
+        + pip
+        + "; fi\nexit 0\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("interpreter", "expected"),
+    [
+        ("missing", "+ sudo dnf install -y python3.11 python3.11-pip python3.11-devel"),
+        ("without-pip", "+ sudo dnf install -y python3.11-pip"),
+        ("with-pip", None),
+    ],
+)
+def test_python_and_its_pip_installed_only_when_missing(tmp_path, interpreter, expected):
+    """Row 10: on Amazon Linux 2023 pip is the separate python3.11-pip package, so an
+    existing python3.11 is not enough to skip dnf."""
+    python = {
+        "missing": str(tmp_path / "no-such-python3.11"),
+        "without-pip": str(fake_python(tmp_path / "a", has_pip=False)),
+        "with-pip": str(fake_python(tmp_path / "b", has_pip=True)),
+    }[interpreter]
+    result = run_script(
+        "--artifacts", "s3://b/artifacts/1", "--dry-run", env={"IMAGEPCA_PYTHON": python}
+    )
+    assert result.returncode == 0, result.stderr
+    dnf = [line for line in result.stdout.splitlines() if "dnf install" in line]
+    assert dnf == ([expected] if expected else [])
+    if expected is None:
+        assert "and its pip are installed" in result.stderr
+
+
+def test_pins_keep_numpy_below_2_for_emr_spark():
+    """Row 11: EMR 7's Spark 3.5 declares numpy<2 (SPARK-48710); pins must agree."""
+    pins = {canonicalize_name(r.name): next(iter(r.specifier)).version for r in requirement_lines()}
+    assert int(pins["numpy"].split(".")[0]) < 2
+    assert "scikit-learn" in pins
+    # One TensorFlow and one LiteRT for both architectures (row 9): no per-arch markers.
+    assert all(r.marker is None for r in requirement_lines())
