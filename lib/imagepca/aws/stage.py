@@ -340,7 +340,7 @@ def download_wheelhouse(
     requirements = requirements or repo_root() / "bootstrap" / "requirements-emr.txt"
     destination.mkdir(parents=True, exist_ok=True)
     command = wheelhouse_command(requirements, arch, destination)
-    print("running: " + " ".join(command[3:]), file=out)
+    print("running: pip " + " ".join(command[4:]), file=out)
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise AwsError(
