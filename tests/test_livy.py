@@ -346,3 +346,69 @@ def test_livy_and_local_kernels_agree(livy_sample_run, sample_run):
     difference = np.abs(np.stack(remote["features"]) - np.stack(local["features"]))
     assert difference.shape == (240, 1280)
     assert difference.max() <= 1e-4
+
+
+# -- Livy over HTTPS (EMR 7.4+ with in-transit encryption) --------------------------------
+
+
+def test_tls_options_are_validated_at_the_edge(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    with pytest.raises(ValueError, match="no such file"):
+        livy.LivyTls(str(tmp_path / "missing.pem"))
+    with pytest.raises(ValueError, match="not both"):
+        livy.LivyTls(str(ca), insecure=True)
+    with pytest.raises(ValueError, match="https://"):
+        livy.LivyTls(str(ca)).check("http://localhost:8998")
+    assert livy.sparkmagic_config("https://x:8998", verify_tls=False)["ignore_ssl_errors"] is True
+    assert livy.sparkmagic_config("https://x:8998")["ignore_ssl_errors"] is False
+    with (
+        pytest.raises(ValueError, match="--kernel pysparkkernel"),
+        livy.kernel_environment("python3", ca_bundle=str(ca)),
+    ):
+        pass
+
+
+def test_notebook_runs_over_https_with_the_clusters_ca(tmp_path, monkeypatch, capsys):
+    """The kernel (sparkmagic's requests session) and the runner's REST calls verify Livy's
+    certificate against the bundle; without it nothing starts, with a clear message."""
+    from livy_server import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki")
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "language": "python"}
+    notebook.cells = [
+        nbformat.v4.new_code_cell("n = 1\nout = ''", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "import json, pathlib\nprint('over tls', n * 6)\n"
+            "pathlib.Path(out, 'metrics.json').write_text(json.dumps({'n': n * 6}))"
+        ),
+    ]
+    nbformat.write(notebook, str(notebooks / "tls.ipynb"))
+    output = tmp_path / "out"
+    output.mkdir()
+    with LivyServer(tmp_path / "livy", tls=pki, max_lifetime=600) as server:
+        with (
+            pytest.raises(livy.LivyUnavailable, match="--livy-ca-bundle"),
+            livy.kernel_environment(livy.KERNEL_NAME, livy_url=server.url),
+        ):
+            pass
+        assert server.sessions == {}  # refused before any session
+
+        # `imagepca run --kernel pysparkkernel` takes the bundle from the environment.
+        monkeypatch.setenv(livy.CA_BUNDLE_ENV, str(pki.ca))
+        with livy.kernel_environment(livy.KERNEL_NAME, livy_url=server.url) as env:
+            metrics = runner.run_notebooks(
+                [runner.NotebookRun("tls.ipynb", {"n": 7, "out": str(output)})],
+                str(output),
+                notebooks=str(notebooks),
+                kernel=livy.KERNEL_NAME,
+                env=env,
+            )
+        server.wait_for_ended()
+        assert len(server.ended) == 1 and not server.sessions
+    assert metrics == {"n": 42}  # written by the cell, in the Livy session
+    executed = _notebook(output / "notebooks" / "tls.ipynb")
+    assert "over tls 42" in _text(executed)
