@@ -569,8 +569,11 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
         .orderBy("label")
         .collect()
     }
+    # At most sweep_max_images paths: broadcast them, never shuffle the 1280-d rows.
     subset = TrainingMatrix.collect(
-        features.join(split.filter(IN_SUBSET_COL), ["path", "label"]), "features", sorted(kept)
+        features.join(F.broadcast(split.filter(IN_SUBSET_COL)), ["path", "label"]),
+        "features",
+        sorted(kept),
     )
     return Classification(
         spark=spark,
