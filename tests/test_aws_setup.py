@@ -8,6 +8,7 @@ import shlex
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from imagepca.aws import account, commands, stage
 from moto_server import ACCOUNT_ID, REGION, aws_env, moto_endpoint  # noqa: F401
@@ -192,3 +193,16 @@ def test_help_for_every_aws_command(capsys):
             cli(*argv)
         assert exit_info.value.code == 0
     assert "skipping" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_bucket_policy_refuses_plain_http():
+    """moto evaluates bucket policies, and this server speaks plain HTTP: the TLS-only
+    statement must refuse it (the other tests remove the policy for that reason)."""
+    assert cli("aws", "setup", "--bucket", BUCKET, "--region", REGION) == 0
+    s3 = boto3.client("s3", region_name=REGION)
+    with pytest.raises(ClientError) as error:
+        s3.put_object(Bucket=BUCKET, Key="input/a.jpg", Body=b"x")
+    assert error.value.response["Error"]["Code"] in ("AccessDenied", "403")
+    s3.delete_bucket_policy(Bucket=BUCKET)
+    s3.put_object(Bucket=BUCKET, Key="input/a.jpg", Body=b"x")
