@@ -582,3 +582,32 @@ def test_help_for_every_emr_command(capsys):
             cli("emr", command, "--help")
         assert exit_info.value.code == 0
     assert "--via" in capsys.readouterr().out
+
+
+def test_aws_package_reads_as_the_deployment_steps():
+    """The shape of lib/imagepca/aws/: small modules, none importing the CLI, no cycle."""
+    import ast
+
+    package = ROOT / "lib" / "imagepca" / "aws"
+    imports: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        text = path.read_text()
+        assert len(text.splitlines()) <= 500, f"{path.name} is {len(text.splitlines())} lines"
+        names = set()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom):
+                names.add(("." * node.level) + (node.module or ""))
+                names |= {("." * node.level) + a.name for a in node.names if not node.module}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        assert not {n for n in names if n.endswith("cli") or n == "imagepca.cli"}, path.name
+        imports[path.stem] = {n[1:] for n in names if n.startswith(".") and n != "."}
+
+    def reaches(start: str, target: str, seen: frozenset = frozenset()) -> bool:
+        return any(
+            d == target or (d not in seen and reaches(d, target, seen | {d}))
+            for d in imports.get(start, ())
+        )
+
+    assert not [m for m in imports if reaches(m, m)]
+    assert set(imports) >= {"settings", "account", "stage", "cluster", "runs", "commands"}
