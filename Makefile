@@ -93,12 +93,14 @@ format: setup-dev
 # project's venv. Kernels start in the project's root, as `imagepca run` and papermill do, so
 # the notebooks' default paths (data/sample, output/sample) work. Jupyter prints the URL to
 # open, with its token; LAB_ARGS adds server options (e.g. --IdentityProvider.token=...).
+# Jupyter refuses root unless told (--allow-root): machines like CI's run as root.
 LAB_NOTEBOOKS ?= notebooks
 LAB_ARGS ?=
 lab: setup
 	@echo "JupyterLab on http://127.0.0.1:$(LAB_PORT)/lab (notebooks: $(LAB_NOTEBOOKS)); Ctrl+C stops it"
 	$(BIN)/jupyter-lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --port-retries=0 \
-	    --ServerApp.root_dir=$(LAB_NOTEBOOKS) --MappingKernelManager.root_dir=$(CURDIR) $(LAB_ARGS)
+	    --ServerApp.root_dir=$(LAB_NOTEBOOKS) --MappingKernelManager.root_dir=$(CURDIR) \
+	    $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 bench: setup-dev
 	$(BIN)/python benchmarks/featurize.py
