@@ -34,3 +34,63 @@ def test_pyspark_matches_emr_7():
     pyspark = next(Requirement(s) for s in dev if s.startswith("pyspark"))
     assert pyspark.specifier.contains("3.5.9") and not pyspark.specifier.contains("3.6.0")
     assert "pyspark" not in " ".join(project["dependencies"])  # EMR brings its own Spark
+
+
+def _path_without(tmp_path, *missing: str) -> str:
+    """A PATH of links to this machine's tools, less ``missing``."""
+    import shutil
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for tool in ("sh", "bash", "make", "id", "env", "java", "shellcheck", "krb5-config", "apt-get"):
+        found = shutil.which(tool)
+        if found and tool not in missing:
+            (folder / tool).symlink_to(found)
+    return str(folder)
+
+
+def test_make_test_stops_before_any_work_when_it_cannot_install(tmp_path):
+    """No krb5-config and no apt-get: the one command to run, and no venv or pip step."""
+    import subprocess
+
+    path = _path_without(tmp_path, "krb5-config", "apt-get")
+    result = subprocess.run(
+        ["make", "-C", str(REPO), "--no-print-directory", "test"],
+        env={"PATH": path, "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        executable=str(tmp_path / "bin" / "make"),
+    )
+    assert result.returncode != 0
+    lines = result.stdout.splitlines()
+    assert (
+        lines[0]
+        == "error: missing system packages: libkrb5-dev. Install them first (Debian/Ubuntu):"
+    )
+    assert lines[1].strip().endswith("apt-get install -y --no-install-recommends libkrb5-dev")
+    assert "pip" not in result.stdout + result.stderr and "venv" not in result.stdout
+
+
+def test_make_lists_its_steps_in_order():
+    """``make -n``: the package check comes before the venv, which comes before pytest."""
+    import subprocess
+
+    result = subprocess.run(
+        ["make", "-C", str(REPO), "--no-print-directory", "-n", "-B", "test"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for package in (
+        "libkrb5-dev:krb5-config",
+        "shellcheck:shellcheck",
+        "chromium:/usr/bin/chromium",
+    ):
+        assert package in out
+    assert (
+        out.index("apt-get update")
+        < out.index("-m venv")
+        < out.index("pip install")
+        < out.index("-m pytest")
+    )
