@@ -7,15 +7,17 @@ module per stage of the data flow:
 - :mod:`imagepca.session`   the SparkSession (the cluster's, or a local one)
 - :mod:`imagepca.images`    listing, reading and decoding images
 - :mod:`imagepca.features`  MobileNetV2 feature extraction on the executors
+- :mod:`imagepca.moments`   one-pass mean and Gram matrix of the features (executors)
 - :mod:`imagepca.reduction` StandardScaler + PCA pipeline, choice of k
 - :mod:`imagepca.plots`     figures
 - :mod:`imagepca.storage`   output location: staged writes, markers
 - :mod:`imagepca.pipeline`  the two stages, top to bottom
+- :mod:`imagepca.logistic`  Spark's logistic regression objective fitted on the driver
 - :mod:`imagepca.classify`  classifier on the reduced features (notebook 03)
+- :mod:`imagepca.progress`  a progress line for long Spark jobs
 - :mod:`imagepca.runner`    papermill execution of the notebooks
 - :mod:`imagepca.livy`      the same notebooks through sparkmagic and Livy
-- :mod:`imagepca.aws`       S3 bucket, IAM roles, upload
-- :mod:`imagepca.emr`       EMR configuration, staging, cluster and runs
+- :mod:`imagepca.aws`       AWS in deployment order: settings, account, stage, cluster, runs
 - :mod:`imagepca.sample`    the generated sample data set
 - :mod:`imagepca.cli`       ``python -m imagepca``
 """

@@ -330,7 +330,9 @@ class Classification:
     def _fit_spark(self, data: DataFrame) -> tuple[PipelineModel, dict]:
         """The reduced classifier by Spark's distributed LogisticRegression."""
         n_images = sum(self.label_counts[label] for label in self.labels)
-        partitions = max(1, min(default_parallelism(self.spark), -(-n_images // 2000)))
+        partitions = max(
+            1, min(default_parallelism(self.spark), -(-n_images // ROWS_PER_PARTITION))
+        )
         # Every optimizer iteration is a Spark job over these rows: a few cached partitions.
         data = data.coalesce(partitions).persist()
         try:
@@ -553,12 +555,19 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
     fraction = min(1.0, params.sweep_max_images / n_kept)
 
     features = read_features(spark, params.output)
-    split = split_by_label(
-        features.select("path", "label").filter(F.col("label").isin(kept)),
-        params.test_fraction,
-        params.seed,
-        fraction,
-    ).persist()
+    # A cached plan keeps its shuffle's 200 partitions (AQE does not coalesce it), and every
+    # later job over the split would run that many tasks: a few partitions of small rows.
+    partitions = max(1, min(default_parallelism(spark), -(-n_kept // 200_000)))
+    split = (
+        split_by_label(
+            features.select("path", "label").filter(F.col("label").isin(kept)),
+            params.test_fraction,
+            params.seed,
+            fraction,
+        )
+        .coalesce(partitions)
+        .persist()
+    )
     split_counts = {
         row["label"]: {"train": int(row["train"]), "test": int(row["test"])}
         for row in split.groupBy("label")

@@ -21,6 +21,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from . import progress
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
 from .features import features_udf, file_sha256, load_model_payload, resolve_weights
 from .images import (
@@ -180,7 +181,11 @@ def extract_features(spark: SparkSession, params: ExtractParams) -> Extraction:
     try:
         # One job featurizes every image into the cache and counts the outcomes
         # (label x rejection kind; a null kind means featurized).
-        with spark_settings(spark, settings), timer.stage("featurize_s"):
+        with (
+            spark_settings(spark, settings),
+            timer.stage("featurize_s"),
+            progress.track(spark, "featurize", total=len(listing)),
+        ):
             outcomes = (
                 scored.groupBy("label", F.split("reason", ":")[0].alias("kind")).count().collect()
             )

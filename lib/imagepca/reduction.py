@@ -1,13 +1,12 @@
 """StandardScaler + PCA as a Spark ML pipeline, fitted in one distributed pass.
 
 Both stages need the same statistics of the features: their mean, their standard deviation
-and their covariance. One pass computes all three: each Python worker turns its Arrow
-batches of ``features`` into float64 matrices and accumulates the batch mean and the
-centred Gram matrix ``(X - mean)^T (X - mean)`` with one matrix product (level-3 BLAS);
-the partial results are merged with Chan's pairwise formula (exact, and stable for features
-whose mean is large next to their spread) in a tree reduce, and the driver eigen-decomposes
-the correlation matrix once. No row crosses from the JVM to Python except inside Arrow
-batches, and nothing of size n reaches the driver.
+and their covariance. One pass computes all three (:mod:`imagepca.moments`): each Python
+worker accumulates the centred Gram matrix of its Arrow batches with one float64 matrix
+product per batch, the per-partition results are merged on the executors (a tree of
+``mapInArrow`` merges) and the driver eigen-decomposes the correlation matrix once. No row
+crosses from the JVM to Python except inside Arrow batches, and nothing of size n reaches
+the driver.
 
 Spark's own ``StandardScaler.fit`` + ``PCA.fit`` would take two passes, send every row
 through a ``RowMatrix`` of Python objects, and decompose with Breeze's SVD, which on Java 17
@@ -23,11 +22,11 @@ transforms new features after ``array_to_vector``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 from pyspark.ml import PipelineModel
 from pyspark.ml.common import _py2java
 from pyspark.ml.feature import PCAModel, StandardScalerModel
@@ -37,13 +36,13 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .config import ParameterError
+from .moments import MOMENTS_SCHEMA, Moments, merge_partials, partition_moments
 
 VECTOR_COL = "features_vector"
 SCALED_COL = "scaled"
 PCA_COL = "pca_vector"
 # Rows per Arrow batch while accumulating: 2048 x 1280 float64 = 21 MB per Python worker.
 MOMENT_BATCH_ROWS = 2048
-MOMENTS_SCHEMA = "n long, mean binary, m2 binary"
 
 
 def choose_k(cumulative: Sequence[float], variance: float) -> int:
@@ -73,85 +72,30 @@ def to_vectors(features: DataFrame, column: str = "features") -> DataFrame:
     return features.withColumn(VECTOR_COL, array_to_vector(F.col(column))).drop(column)
 
 
-# -- one pass: count, mean and centred Gram matrix ----------------------------------------
-
-
-@dataclass(frozen=True)
-class Moments:
-    """Count, mean and centred sum of squares ``M2 = sum (x - mean)(x - mean)^T``."""
-
-    n: int
-    mean: np.ndarray
-    m2: np.ndarray
-
-    @classmethod
-    def of(cls, rows: np.ndarray) -> Moments:
-        rows = np.asarray(rows, dtype=np.float64)
-        mean = rows.mean(axis=0)
-        centred = rows - mean
-        return cls(len(rows), mean, centred.T @ centred)
-
-    def merge(self, other: Moments) -> Moments:
-        """Chan et al.'s pairwise update: exact, no large-mean cancellation."""
-        if other.n == 0:
-            return self
-        if self.n == 0:
-            return other
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        m2 = self.m2 + other.m2
-        m2 += np.outer(delta, delta) * (self.n * other.n / n)
-        return Moments(n, self.mean + delta * (other.n / n), m2)
-
-    @property
-    def covariance(self) -> np.ndarray:
-        """Sample covariance (divisor n - 1), as Spark's ``StandardScaler`` and ``PCA``."""
-        return self.m2 / (self.n - 1)
-
-    def to_bytes(self) -> dict:
-        return {"n": self.n, "mean": self.mean.tobytes(), "m2": self.m2.tobytes()}
-
-    @classmethod
-    def from_bytes(cls, n: int, mean: bytes, m2: bytes) -> Moments:
-        mean_array = np.frombuffer(mean, dtype=np.float64)
-        side = len(mean_array)
-        return cls(n, mean_array, np.frombuffer(m2, dtype=np.float64).reshape(side, side).copy())
-
-
-def _batch_rows(column: pa.Array) -> np.ndarray:
-    """A list<float> Arrow column of equal-length rows as an (n, d) float64 matrix."""
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    if len(column) and values.size % len(column):
-        raise ValueError("feature vectors of different lengths in one dataset")
-    return values.reshape(len(column), -1)
-
-
-def _partition_moments(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    total = Moments(0, np.zeros(0), np.zeros((0, 0)))
-    for batch in batches:
-        column = batch.column(0)
-        if len(column):
-            total = total.merge(Moments.of(_batch_rows(column)))
-    if total.n:
-        yield pa.RecordBatch.from_pylist([total.to_bytes()])
+# -- one pass: count, mean and centred Gram matrix ---------------------------------------
 
 
 def feature_moments(features: DataFrame, column: str = "features") -> Moments:
-    """:class:`Moments` of an ``array<float>`` column, accumulated on the executors."""
+    """:class:`Moments` of an ``array<float>`` column, accumulated on the executors.
+
+    One partial per partition (``d x d`` float64, 13 MB at d = 1280); past a few
+    partitions they are merged on the executors, a square root of them at a time, so the
+    driver never holds more than a few.
+    """
     spark = features.sparkSession
     key = "spark.sql.execution.arrow.maxRecordsPerBatch"
     previous = spark.conf.get(key, None)
     spark.conf.set(key, str(MOMENT_BATCH_ROWS))
     try:
-        partials = features.select(column).mapInArrow(_partition_moments, MOMENTS_SCHEMA).rdd
-        # Each partial is d x d float64 (13 MB at d = 1280): past a few partitions they
-        # are merged on the executors, so the driver never holds more than a few.
-        depth = 2 if partials.getNumPartitions() > 4 else 1
-        moments = partials.map(lambda row: Moments.from_bytes(row.n, row.mean, row.m2))
-        try:
-            return moments.treeReduce(Moments.merge, depth=depth)
-        except ValueError:  # no rows at all
-            return Moments(0, np.zeros(0), np.zeros((0, 0)))
+        partials = features.select(column).mapInArrow(partition_moments, MOMENTS_SCHEMA)
+        count = features.rdd.getNumPartitions()
+        while count > 4:
+            count = math.isqrt(count - 1) + 1
+            partials = partials.repartition(count).mapInArrow(merge_partials, MOMENTS_SCHEMA)
+        total = Moments.empty()
+        for row in partials.collect():
+            total = total.merge(Moments.from_bytes(row["n"], row["mean"], row["m2"]))
+        return total
     finally:
         if previous is None:
             spark.conf.unset(key)
