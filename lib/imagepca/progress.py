@@ -115,6 +115,7 @@ class Tracker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: Snapshot | None = None
+        self._shown = 0  # length of the line on screen, to write over
 
     # -- Spark's numbers ---------------------------------------------------------------
 
@@ -277,6 +278,7 @@ class Tracker:
         warnings += self._lost_executors()
         if warnings:
             self._write(self.out, "\n")
+            self._shown = 0
             self._write(self.err, "".join(f"{WARNING_PREFIX}{w}\n" for w in warnings))
         if final:
             elapsed = now - self._started
@@ -293,9 +295,17 @@ class Tracker:
                     f"{self.name}: {done:,} {self.unit} in {format_duration(elapsed)}, "
                     f"{rate:.1f} {self.unit}/s"
                 )
-            self._write(self.out, f"\r{text}\n")
+            self._refresh(f"{text}\n")
         else:
-            self._write(self.out, f"\r{self.line(snap, now)}")
+            self._refresh(self.line(snap, now))
+
+    def _refresh(self, text: str) -> None:
+        """Write over the previous line: ``\r``, then spaces past a longer previous line
+        (a notebook's output area, like a terminal, does not clear the rest of the line)."""
+        body = text.rstrip("\n")
+        padded = body.ljust(self._shown)
+        self._shown = 0 if text.endswith("\n") else len(body)
+        self._write(self.out, f"\r{padded}{text[len(body) :]}")
 
     def _loop(self) -> None:
         last_print = -self.interval
