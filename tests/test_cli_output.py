@@ -138,6 +138,8 @@ def test_imagepca_run_shows_notebook_lines_and_keeps_noise_in_the_log(tmp_path):
     first_done = r"\[1/2\] 01_extract_features\.ipynb done in \d+\.\d s"
     assert any(re.fullmatch(first_done, line) for line in err), err
     assert re.fullmatch(r"\[2/2\] 02_reduce_pca\.ipynb done in \d+\.\d s", err[-1]), err
+    featurized = r"featurize: 24 images in \d+ s, \d+\.\d images/s"
+    assert any(re.fullmatch(featurized, line) for line in err), err
     assert not NOISE.search(result.stderr + result.stdout), result.stderr
     log = output / "logs" / "run.log"
     assert f"log: {log}" in result.stdout.splitlines()
