@@ -20,8 +20,10 @@ LAB_PORT ?= 8888
 # command on PATH, or an absolute path) exists.
 #   Java: Spark. Kerberos headers: sparkmagic's gssapi builds from source (dev extra).
 #   shellcheck: lints the EMR bootstrap scripts. Chromium: the JupyterLab browser test.
+#   git: a test lists the repository's files.
 JAVA_DEPS := openjdk-17-jre-headless:java
-TEST_DEPS := $(JAVA_DEPS) libkrb5-dev:krb5-config shellcheck:shellcheck chromium:/usr/bin/chromium
+TEST_DEPS := $(JAVA_DEPS) libkrb5-dev:krb5-config shellcheck:shellcheck chromium:/usr/bin/chromium \
+	git:git
 
 # $(call debian_packages,PACKAGE:PROBE ...): install the missing ones (apt-get update once),
 # or stop with the command to run when this user cannot.

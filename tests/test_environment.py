@@ -42,7 +42,9 @@ def _path_without(tmp_path, *missing: str) -> str:
 
     folder = tmp_path / "bin"
     folder.mkdir()
-    for tool in ("sh", "bash", "make", "id", "env", "java", "shellcheck", "krb5-config", "apt-get"):
+    tools = ("sh", "bash", "make", "id", "env", "java", "shellcheck", "krb5-config", "apt-get")
+    tools += ("git",)
+    for tool in tools:
         found = shutil.which(tool)
         if found and tool not in missing:
             (folder / tool).symlink_to(found)
