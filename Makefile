@@ -99,7 +99,7 @@ format: setup-dev
 LAB_NOTEBOOKS ?= notebooks
 LAB_ARGS ?=
 lab: setup
-	@echo "JupyterLab on http://127.0.0.1:$(LAB_PORT)/lab (notebooks: $(LAB_NOTEBOOKS)); Ctrl+C stops it"
+	@echo "JupyterLab on http://127.0.0.1:$(LAB_PORT)/lab (notebooks: $(LAB_NOTEBOOKS)); Ctrl+C twice stops it"
 	$(BIN)/jupyter-lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --port-retries=0 \
 	    --ServerApp.root_dir=$(LAB_NOTEBOOKS) --MappingKernelManager.root_dir=$(CURDIR) \
 	    $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
