@@ -499,6 +499,16 @@ def test_notebook_execution_needs_a_notebooks_service_role(capsys):
     boto3.client("s3").create_bucket(Bucket=BUCKET)
     assert cli(*argv) == 1
     assert "EMR_Notebooks_DefaultRole" in capsys.readouterr().err
+    parser = argparse.ArgumentParser(prog="imagepca")
+    commands.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([*argv, "--notebook-service-role", "EMR_Notebooks_DefaultRole"])
+    options = commands._run_options(args, settings(), "r9")
+    assert options.notebooks == f"s3://{BUCKET}/artifacts/0.1.0/{stage.PYSPARK_NOTEBOOKS}"
+    (request, *_) = runs.notebook_execution_requests(
+        "j-1", options, "r9", "EMR_Notebooks_DefaultRole"
+    )
+    assert request["NotebookS3Location"]["Key"].startswith("artifacts/0.1.0/notebooks-pyspark/")
+    assert request["ServiceRole"] == "EMR_Notebooks_DefaultRole"
 
 
 def test_run_options_flow_unchanged():
