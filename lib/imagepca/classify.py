@@ -49,7 +49,7 @@ from .pipeline import read_features, timed
 from .plots import save_figure
 from .reduction import PCA_COL
 from .session import default_parallelism
-from .storage import METRICS_FILE, Storage, join
+from .storage import CLASSIFY_ARTIFACTS, METRICS_FILE, Storage, join
 
 MODEL_DIR = "classifier_model"
 LABEL_INDEX_COL = "label_index"
@@ -491,6 +491,12 @@ class Classification:
         timings = dict(self.run_metrics.get("timings_s", {}))
         timings["classify_s"] = round(sum(self.timings.values()), 3)
         merged = {**self.run_metrics, "classification": block, "timings_s": timings}
+        # What notebook 02 removed and this notebook has just made again is not missing.
+        merged["removed_from_earlier_run"] = [
+            name
+            for name in self.run_metrics.get("removed_from_earlier_run", [])
+            if name not in CLASSIFY_ARTIFACTS
+        ]
         self.storage.finish_run(self.params.output, merged)
         self.split.unpersist()
         return merged

@@ -101,6 +101,16 @@ def _add_run(subparsers) -> None:
         default=600,
         help="seconds the Livy session may take to start (at least 300; default 600)",
     )
+    livy.add_argument(
+        "--livy-ca-bundle",
+        metavar="PEM",
+        help="CA bundle to verify an https:// Livy (EMR 7.4+ with in-transit encryption)",
+    )
+    livy.add_argument(
+        "--livy-insecure",
+        action="store_true",
+        help="do not verify the https:// Livy's certificate (loudly warned; prefer a CA bundle)",
+    )
     run.add_argument("--execution-timeout", type=int, help="seconds one notebook cell may run")
     run.add_argument("--skip-classify", action="store_true", help="do not run notebook 03")
     shown = run.add_mutually_exclusive_group()
@@ -170,6 +180,8 @@ def _run(args: argparse.Namespace) -> int:
                 driver_memory=args.livy_driver_memory,
                 startup_timeout=args.livy_startup_timeout,
                 master=args.master,
+                ca_bundle=args.livy_ca_bundle,
+                insecure=args.livy_insecure or None,
             ) as env,
         ):
             metrics = runner.run_notebooks(

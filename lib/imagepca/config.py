@@ -25,6 +25,9 @@ SPARK_SETTINGS = {
     "spark.python.worker.reuse": "true",
     "spark.ui.showConsoleProgress": "false",
     "spark.sql.session.timeZone": "UTC",
+    # Running tasks report their progress (records read) with each heartbeat: every 3 s,
+    # so the featurization progress line moves between task ends on a cluster.
+    "spark.executor.heartbeatInterval": "3s",
 }
 
 
