@@ -9,7 +9,9 @@ and keeps it across tasks; a Scalar-Iterator pandas UDF decodes and featurizes t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import tempfile
 import threading
@@ -170,7 +172,9 @@ def tflite_model_path(
     converter = tf.lite.TFLiteConverter.from_keras_model(
         build_keras_model(image_size, weights_file)
     )
-    flatbuffer = converter.convert()
+    # Keras prints the exported signature (hundreds of TensorSpec lines) into the cell.
+    with contextlib.redirect_stdout(io.StringIO()):
+        flatbuffer = converter.convert()
     with tempfile.NamedTemporaryFile(dir=cached.parent, delete=False) as handle:
         handle.write(flatbuffer)
     os.replace(handle.name, cached)
