@@ -134,16 +134,13 @@ def spark_regression(features_col: str, *, max_iter: int, reg_param: float):
     """Spark's distributed multinomial ``LogisticRegression`` (for training sets too large
     for the driver); the same objective :func:`imagepca.logistic.fit_multinomial` solves."""
     return LogisticRegression(
-        featuresCol=features_col,
-        labelCol=LABEL_INDEX_COL,
-        predictionCol=PREDICTION_COL,
-        family="multinomial",
-        maxIter=max_iter,
-        regParam=reg_param,
-        # Inputs are already on purpose-made scales: standardized features, or PCA scores
-        # whose variance says how much each component matters. Re-standardizing the scores
-        # would give the low-variance (noise) components the same weight under the penalty.
-        standardization=False,
+        **logistic.spark_params(
+            features_col=features_col,
+            label_col=LABEL_INDEX_COL,
+            prediction_col=PREDICTION_COL,
+            reg_param=reg_param,
+            max_iter=max_iter,
+        )
     )
 
 

@@ -73,38 +73,44 @@ def predict(coefficients: np.ndarray, intercepts: np.ndarray, x: np.ndarray) -> 
     return np.argmax(np.asarray(x, dtype=np.float64) @ coefficients.T + intercepts, axis=1)
 
 
+def spark_params(
+    *, features_col: str, label_col: str, prediction_col: str, reg_param: float, max_iter: int
+) -> dict:
+    """Spark ``LogisticRegression`` parameters whose objective :func:`fit_multinomial` solves.
+
+    ``standardization=False``: the inputs are already on purpose-made scales (standardized
+    features, or PCA scores whose variance says how much each component matters);
+    re-standardizing the scores would give the low-variance (noise) components the same
+    weight under the penalty.
+    """
+    return {
+        "featuresCol": features_col,
+        "labelCol": label_col,
+        "predictionCol": prediction_col,
+        "family": "multinomial",
+        "regParam": reg_param,
+        "maxIter": max_iter,
+        "standardization": False,
+    }
+
+
 def spark_model(
-    spark: SparkSession,
-    coefficients: np.ndarray,
-    intercepts: np.ndarray,
-    *,
-    features_col: str,
-    label_col: str,
-    prediction_col: str,
-    reg_param: float,
-    max_iter: int,
+    spark: SparkSession, coefficients: np.ndarray, intercepts: np.ndarray, **params
 ) -> LogisticRegressionModel:
-    """A Spark ``LogisticRegressionModel`` (multinomial) holding the given coefficients."""
+    """A Spark ``LogisticRegressionModel`` (multinomial) holding the given coefficients;
+    ``params`` are :func:`spark_params`'s keywords."""
     context = spark.sparkContext
     n_classes, n_dims = coefficients.shape
-    matrix = DenseMatrix(n_classes, n_dims, np.ravel(coefficients, order="F").tolist())
+    matrix = DenseMatrix(n_classes, n_dims, np.ravel(coefficients, order="F"))
     java_model = context._jvm.org.apache.spark.ml.classification.LogisticRegressionModel(
         "LogisticRegression_imagepca",
         _py2java(context, matrix),
-        _py2java(context, DenseVector(np.asarray(intercepts, dtype=float).tolist())),
+        _py2java(context, DenseVector(np.asarray(intercepts, dtype=float))),
         n_classes,
         True,
     )
     model = LogisticRegressionModel(java_model)
-    model._set(
-        featuresCol=features_col,
-        labelCol=label_col,
-        predictionCol=prediction_col,
-        family="multinomial",
-        regParam=reg_param,
-        maxIter=max_iter,
-        standardization=False,
-    )
+    model._set(**spark_params(**params))
     model._transfer_params_to_java()
     return model
 
