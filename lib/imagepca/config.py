@@ -222,8 +222,10 @@ class ClassifyParams:
         photos scored 0.717 instead of 0.933.
     sweep_max_images : int
         Most images used by the full-feature comparison and the k sweep (a stratified,
-        seeded subset above that): bounds the driver's memory at about
-        ``sweep_max_images x 1280`` floats. The saved classifier always uses every image.
+        seeded subset above that): bounds their cost and the driver's memory (about
+        ``sweep_max_images x 1280`` floats). With the default 5,000, 1,250 test images put
+        an accuracy of 0.9 within about +-0.01 (one standard error). The saved classifier
+        always uses every image.
     driver_max_mb : int
         Largest training matrix (float64 megabytes) fitted on the driver; a larger
         ``reduced/`` is fitted by Spark's distributed LogisticRegression instead.
@@ -235,7 +237,7 @@ class ClassifyParams:
     k_values: tuple[int, ...] | None = None
     max_iter: int = 100
     reg_param: float = 0.01
-    sweep_max_images: int = 20_000
+    sweep_max_images: int = 5_000
     driver_max_mb: int = 1024
 
     def __post_init__(self) -> None:
