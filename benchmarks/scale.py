@@ -99,7 +99,8 @@ def stage_copies(n: int, target: Path) -> Path:
 
     files = sorted(p for p in FRUIT360.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     for i in range(n):
-        source = files[i % len(files)]
+        # Evenly over the sorted listing, so every class keeps its share at any n.
+        source = files[(i * len(files)) // n if n <= len(files) else i % len(files)]
         dest = target / source.parent.name / f"{i:07d}-{source.name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:

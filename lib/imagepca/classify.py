@@ -369,11 +369,11 @@ class Classification:
     def fit_reduced(self) -> ClassifierResult:
         """The classifier on ``reduced/`` (the chosen k): the model that is saved."""
         params = self.params
-        n_train = sum(c["train"] for c in self.split_counts.values())
+        n_rows = sum(c["train"] + c["test"] for c in self.split_counts.values())
         with timed(self.timings, "reduced_s"):
             if self.subset_is_everything:
                 data, x = self.subset, self.scores_of(self.k)
-            elif logistic.fits_on_driver(n_train, self.k, params.driver_max_mb):
+            elif logistic.fits_on_driver(n_rows, self.k, params.driver_max_mb):
                 data = TrainingMatrix.collect(self._reduced_split(), "pca", self.labels)
                 x = data.x
             else:
@@ -430,7 +430,10 @@ class Classification:
         with timed(self.timings, "k_sweep_s"):
             largest = self.scores_of(max(self.sweep_ks()))
             for k in self.sweep_ks():
-                *_, scores = self._fit_driver(f"k={k}", self.subset, largest[:, :k])
+                if k == self.k and self.subset_is_everything and "reduced" in self.results:
+                    scores = self.results["reduced"].scores  # the same fit on the same rows
+                else:
+                    *_, scores = self._fit_driver(f"k={k}", self.subset, largest[:, :k])
                 self.sweep.append(
                     {
                         "k": k,

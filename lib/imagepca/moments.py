@@ -1,9 +1,12 @@
-"""Count, mean and centred Gram matrix of feature vectors, from Arrow batches.
+"""Count, mean and centred Gram matrix of feature vectors, and their projection, on Arrow
+batches.
 
 What the scaler + PCA fit needs, in one pass: each Python worker turns its Arrow batches into
 float64 matrices and accumulates them with one matrix product per batch (level-3 BLAS);
 partial results merge with Chan et al.'s pairwise update, exact and stable for features
-whose mean is large next to their spread. This module imports only numpy and pyarrow: Spark
+whose mean is large next to their spread. The fitted scaler + PCA then projects the same
+batches with one matrix product each (:func:`projector`), where Spark's ``PCAModel`` would
+run a JVM matrix-vector product per row. This module imports only numpy and pyarrow: Spark
 workers load it (by reference, from the functions given to ``mapInArrow``) in milliseconds.
 """
 
@@ -91,3 +94,24 @@ def merge_partials(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch
             total = total.merge(Moments.from_bytes(row["n"], row["mean"], row["m2"]))
     if total.n:
         yield pa.RecordBatch.from_pylist([total.to_bytes()])
+
+
+def projector(mean: np.ndarray, std: np.ndarray, components: np.ndarray):
+    """A ``mapInArrow`` function: ``path``, ``label``, ``features`` batches to ``path``,
+    ``label``, ``pca`` (float32), as ``StandardScaler(withMean, withStd)`` then ``PCAModel``
+    compute it (a constant feature, std 0, scales to 0)."""
+    inverse = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
+    k = components.shape[1]
+
+    def project(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            rows = _batch_rows(batch.column(2)) if batch.num_rows else np.zeros((0, len(mean)))
+            scores = ((rows - mean) * inverse) @ components
+            values = pa.array(scores.astype(np.float32).ravel())
+            offsets = pa.array(np.arange(0, (batch.num_rows + 1) * k, k, dtype=np.int32))
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(0), batch.column(1), pa.ListArray.from_arrays(offsets, values)],
+                names=["path", "label", "pca"],
+            )
+
+    return project

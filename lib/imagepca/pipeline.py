@@ -331,7 +331,11 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     features = read_features(spark, params.output)
     with timer.stage("fit_s"):
         fit = fit_pca(features, k=params.k, variance=params.variance)
-    with timer.stage("reduce_write_s"):
+    with (
+        timer.stage("reduce_write_s"),
+        # The projection holds a batch as float64 in the worker: 2048 x 1280 x 8 = 21 MB.
+        spark_settings(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": "2048"}),
+    ):
         storage.publish(params.output, "pca_model", lambda uri: fit.model.save(uri))
         storage.publish(params.output, "pca_components", lambda uri: fit.components.save(uri))
         reduced_uri = storage.publish_dataframe(fit.transform(features), params.output, "reduced")

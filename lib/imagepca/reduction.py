@@ -36,7 +36,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .config import ParameterError
-from .moments import MOMENTS_SCHEMA, Moments, merge_partials, partition_moments
+from .moments import MOMENTS_SCHEMA, Moments, merge_partials, partition_moments, projector
 
 VECTOR_COL = "features_vector"
 SCALED_COL = "scaled"
@@ -126,8 +126,14 @@ class PCAFit:
         return float(self.cumulative_variance[self.k - 1])
 
     def transform(self, features: DataFrame) -> DataFrame:
-        """``path``, ``label``, ``pca`` (k floats) for a features DataFrame."""
-        return reduce_with(self.model, features)
+        """``path``, ``label``, ``pca`` (k floats) for a features DataFrame: what
+        :func:`reduce_with` gives with :attr:`model`, computed with one matrix product per
+        Arrow batch."""
+        scaler, pca = self.model.stages
+        project = projector(scaler.mean.toArray(), scaler.std.toArray(), pca.pc.toArray())
+        return features.select("path", "label", "features").mapInArrow(
+            project, "path string, label string, pca array<float>"
+        )
 
 
 def reduce_with(model: PipelineModel, features: DataFrame) -> DataFrame:
