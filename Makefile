@@ -48,7 +48,7 @@ define debian_packages
 	fi
 endef
 
-.PHONY: setup setup-dev system-deps system-deps-test demo test lint format lab bench clean
+.PHONY: setup setup-dev system-deps system-deps-test demo test lint format lab bench bench-scale clean
 
 system-deps:
 	$(call debian_packages,$(JAVA_DEPS))
@@ -106,6 +106,10 @@ lab: setup
 
 bench: setup-dev
 	$(BIN)/python benchmarks/featurize.py
+
+# How a whole run's cost grows with n (about 40 minutes): docs/performance.md, docs/scale.png.
+bench-scale: setup-dev
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf $(OUTPUT) $(SAMPLE) .pytest_cache .ruff_cache build dist test-artifacts
