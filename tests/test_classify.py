@@ -22,21 +22,12 @@ from pyspark.ml.linalg import Vectors
 from pyspark.sql import functions as F
 
 from imagepca import logistic
-from imagepca.classify import (
-    IN_SUBSET_COL,
-    IS_TEST_COL,
-    MODEL_DIR,
-    PREDICTED_LABEL_COL,
-    ClassifyParams,
-    n_test_images,
-    predict,
-    prepare,
-    split_by_label,
-    sweep_ks,
-)
-from imagepca.config import ParameterError
+from imagepca.classify import MODEL_DIR, predict, prepare, sweep_ks
+from imagepca.config import ClassifyParams, ParameterError
 from imagepca.images import classifiable, small_labels
+from imagepca.logistic import PREDICTED_LABEL_COL
 from imagepca.plots import plot_confusion_matrix, plot_k_sweep
+from imagepca.split import IN_SUBSET_COL, IS_TEST_COL, n_test_images, split_by_label
 
 FRUITS = ("apple", "banana", "orange")
 REG_PARAM = 0.01

@@ -12,13 +12,14 @@ module per stage of the data flow:
 - :mod:`imagepca.plots`     figures
 - :mod:`imagepca.storage`   output location: staged writes, markers
 - :mod:`imagepca.pipeline`  the two stages, top to bottom
+- :mod:`imagepca.split`     notebook 03's train/test split and driver-side training rows
 - :mod:`imagepca.logistic`  Spark's logistic regression objective fitted on the driver
 - :mod:`imagepca.classify`  classifier on the reduced features (notebook 03)
 - :mod:`imagepca.progress`  a progress line for long Spark jobs
 - :mod:`imagepca.runner`    papermill execution of the notebooks
 - :mod:`imagepca.livy`      the same notebooks through sparkmagic and Livy
 - :mod:`imagepca.aws`       AWS in deployment order: settings, account, stage, cluster, runs
-- :mod:`imagepca.sample`    the generated sample data set
+- :mod:`imagepca.sample`    the generated sample data set (painted by :mod:`imagepca.fruits`)
 - :mod:`imagepca.cli`       ``python -m imagepca``
 """
 

@@ -26,7 +26,6 @@ then ``_SUCCESS`` written again.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,112 +35,33 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from pyspark.ml import Pipeline, PipelineModel
-from pyspark.ml.classification import LogisticRegression
-from pyspark.ml.feature import IndexToString, PCAModel, StandardScalerModel, StringIndexerModel
+from pyspark.ml.feature import PCAModel, StandardScalerModel, StringIndexerModel
 from pyspark.ml.functions import array_to_vector
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from . import logistic
 from .config import ClassifyParams, ParameterError
-from .images import MIN_IMAGES_PER_LABEL, classifiable, small_labels
+from .images import classifiable, small_labels
+from .logistic import (
+    LABEL_INDEX_COL,
+    PREDICTED_LABEL_COL,
+    PREDICTION_COL,
+    ClassifierResult,
+    classifier_pipeline,
+    label_indexer,
+    spark_regression,
+)
 from .pipeline import read_features, timed
 from .plots import save_figure
 from .reduction import PCA_COL
 from .session import default_parallelism
+from .split import IN_SUBSET_COL, IS_TEST_COL, TrainingMatrix, split_by_label
 from .storage import CLASSIFY_ARTIFACTS, METRICS_FILE, Storage, join
 
 MODEL_DIR = "classifier_model"
-LABEL_INDEX_COL = "label_index"
-PREDICTION_COL = "prediction"
-PREDICTED_LABEL_COL = "predicted_label"
-IS_TEST_COL = "is_test"
-IN_SUBSET_COL = "in_subset"
 DEFAULT_K_VALUES = (2, 5, 10, 20, 50, 100)
 ROWS_PER_PARTITION = 2000  # ~20 MB of 1280-d features per cached partition
-
-
-# -- split ------------------------------------------------------------------------------
-
-
-def n_test_images(n: int, test_fraction: float) -> int:
-    """Test images for a label of ``n`` images: rounded share, at least 1 on each side."""
-    if n < MIN_IMAGES_PER_LABEL:
-        return 0
-    return max(1, min(n - 1, math.floor(n * test_fraction + 0.5)))
-
-
-def split_by_label(
-    df: DataFrame, test_fraction: float, seed: int, subset_fraction: float = 1.0
-) -> DataFrame:
-    """Add a boolean ``is_test`` (an exact, seeded, per-label split) and ``in_subset``.
-
-    ``DataFrame.sampleBy`` draws each row independently, so a label's test share only
-    approximates the fraction (and a small label can end up with no test image). Here each
-    label's rows are ranked by a seeded hash of their path and the first
-    :func:`n_test_images` of them are the test set. The assignment depends only on the seed
-    and the paths, not on partitioning, so ``features/`` and ``reduced/`` split alike.
-
-    ``in_subset`` keeps the first ``subset_fraction`` of each label's test rows and of its
-    training rows in the same ranking (at least one of each): a stratified subset for the
-    sweep that never loses a label. A label with fewer than ``MIN_IMAGES_PER_LABEL`` images
-    stays in the training rows; :func:`prepare` leaves such labels out (see
-    :func:`small_labels`).
-    """
-    by_label = Window.partitionBy("label")
-    ranked = Window.partitionBy("label").orderBy(F.xxhash64(F.lit(seed), "path"), "path")
-    n = F.count(F.lit(1)).over(by_label)
-    rank = F.row_number().over(ranked)
-    rounded = F.floor(n * F.lit(float(test_fraction)) + F.lit(0.5))
-    n_test = F.when(n >= MIN_IMAGES_PER_LABEL, F.greatest(F.lit(1), F.least(n - 1, rounded)))
-    n_test = n_test.otherwise(F.lit(0))
-    fraction = F.lit(float(subset_fraction))
-    keep_test = F.greatest(F.lit(1), F.ceil(n_test * fraction))
-    keep_train = F.greatest(F.lit(1), F.ceil((n - n_test) * fraction))
-    return (
-        df.withColumn("_n_test", n_test)
-        .withColumn("_rank", rank)
-        .withColumn(IS_TEST_COL, F.col("_rank") <= F.col("_n_test"))
-        .withColumn(
-            IN_SUBSET_COL,
-            F.when(F.col(IS_TEST_COL), F.col("_rank") <= keep_test).otherwise(
-                F.col("_rank") - F.col("_n_test") <= keep_train
-            ),
-        )
-        .drop("_n_test", "_rank")
-    )
-
-
-# -- classifier -------------------------------------------------------------------------
-
-
-def label_indexer(labels: Sequence[str]) -> StringIndexerModel:
-    """Label strings to indices 0..n-1 in alphabetical order (stable across runs)."""
-    return StringIndexerModel.from_labels(
-        sorted(labels), inputCol="label", outputCol=LABEL_INDEX_COL, handleInvalid="error"
-    )
-
-
-def classifier_pipeline(indexer: StringIndexerModel, regression) -> PipelineModel:
-    """Label indexer -> logistic regression -> label strings: what ``predict`` applies."""
-    to_label = IndexToString(
-        inputCol=PREDICTION_COL, outputCol=PREDICTED_LABEL_COL, labels=list(indexer.labels)
-    )
-    return PipelineModel(stages=[indexer, regression, to_label])
-
-
-def spark_regression(features_col: str, *, max_iter: int, reg_param: float):
-    """Spark's distributed multinomial ``LogisticRegression`` (for training sets too large
-    for the driver); the same objective :func:`imagepca.logistic.fit_multinomial` solves."""
-    return LogisticRegression(
-        **logistic.spark_params(
-            features_col=features_col,
-            label_col=LABEL_INDEX_COL,
-            prediction_col=PREDICTION_COL,
-            reg_param=reg_param,
-            max_iter=max_iter,
-        )
-    )
 
 
 def predict(model: PipelineModel, reduced: DataFrame) -> DataFrame:
@@ -172,57 +92,6 @@ def sweep_ks(k_values: Sequence[int] | None, k: int, n_components: int) -> list[
 
 
 # -- the stage --------------------------------------------------------------------------
-
-
-@dataclass
-class ClassifierResult:
-    """One fitted classifier and its test-set scores."""
-
-    name: str
-    model: PipelineModel | None
-    scores: dict
-
-    def summary(self) -> str:
-        s = self.scores
-        return (
-            f"{self.name}: {s['dims']} inputs, accuracy {s['accuracy']:.3f}, "
-            f"macro F1 {s['f1_macro']:.3f} on {s['n_test']} test images "
-            f"(fit {s['fit_s']:.2f} s, {s['fitted_by']})"
-        )
-
-    def per_class_table(self) -> str:
-        """One line per label: precision, recall, F1 and test images."""
-        per_class = self.scores["per_class"]
-        width = max(5, *(len(label) for label in per_class))
-        lines = [f"{'label':<{width}}  precision  recall     F1  support"]
-        for label, s in per_class.items():
-            lines.append(
-                f"{label:<{width}}  {s['precision']:>9.3f}  {s['recall']:>6.3f}  {s['f1']:>5.3f}"
-                f"  {s['support']:>7}"
-            )
-        return "\n".join(lines)
-
-
-@dataclass
-class TrainingMatrix:
-    """Rows collected to the driver once: path, label index, split flag, float32 values."""
-
-    paths: np.ndarray
-    y: np.ndarray
-    is_test: np.ndarray
-    x: np.ndarray
-
-    @classmethod
-    def collect(cls, df: DataFrame, column: str, labels: Sequence[str]) -> TrainingMatrix:
-        rows = df.select("path", "label", IS_TEST_COL, column).toPandas()
-        x = np.stack(rows[column].to_numpy()) if len(rows) else np.zeros((0, 0), np.float32)
-        index = {label: i for i, label in enumerate(labels)}
-        return cls(
-            paths=rows["path"].to_numpy(),
-            y=rows["label"].map(index).to_numpy(dtype=np.int64),
-            is_test=rows[IS_TEST_COL].to_numpy(dtype=bool),
-            x=np.asarray(x, dtype=np.float32),
-        )
 
 
 @dataclass

@@ -1,0 +1,91 @@
+"""Notebook 03's train/test split, and the rows it collects to the driver.
+
+The split is exact, seeded and per label, computed by Spark from the paths alone, so
+``features/`` and ``reduced/`` split alike on any cluster; :class:`TrainingMatrix` is one
+collection of split rows for the driver-side fits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from .images import MIN_IMAGES_PER_LABEL
+
+IS_TEST_COL = "is_test"
+IN_SUBSET_COL = "in_subset"
+
+
+def n_test_images(n: int, test_fraction: float) -> int:
+    """Test images for a label of ``n`` images: rounded share, at least 1 on each side."""
+    if n < MIN_IMAGES_PER_LABEL:
+        return 0
+    return max(1, min(n - 1, math.floor(n * test_fraction + 0.5)))
+
+
+def split_by_label(
+    df: DataFrame, test_fraction: float, seed: int, subset_fraction: float = 1.0
+) -> DataFrame:
+    """Add a boolean ``is_test`` (an exact, seeded, per-label split) and ``in_subset``.
+
+    ``DataFrame.sampleBy`` draws each row independently, so a label's test share only
+    approximates the fraction (and a small label can end up with no test image). Here each
+    label's rows are ranked by a seeded hash of their path and the first
+    :func:`n_test_images` of them are the test set. The assignment depends only on the seed
+    and the paths, not on partitioning, so ``features/`` and ``reduced/`` split alike.
+
+    ``in_subset`` keeps the first ``subset_fraction`` of each label's test rows and of its
+    training rows in the same ranking (at least one of each): a stratified subset for the
+    sweep that never loses a label. A label with fewer than ``MIN_IMAGES_PER_LABEL`` images
+    stays in the training rows; :func:`prepare` leaves such labels out (see
+    :func:`small_labels`).
+    """
+    by_label = Window.partitionBy("label")
+    ranked = Window.partitionBy("label").orderBy(F.xxhash64(F.lit(seed), "path"), "path")
+    n = F.count(F.lit(1)).over(by_label)
+    rank = F.row_number().over(ranked)
+    rounded = F.floor(n * F.lit(float(test_fraction)) + F.lit(0.5))
+    n_test = F.when(n >= MIN_IMAGES_PER_LABEL, F.greatest(F.lit(1), F.least(n - 1, rounded)))
+    n_test = n_test.otherwise(F.lit(0))
+    fraction = F.lit(float(subset_fraction))
+    keep_test = F.greatest(F.lit(1), F.ceil(n_test * fraction))
+    keep_train = F.greatest(F.lit(1), F.ceil((n - n_test) * fraction))
+    return (
+        df.withColumn("_n_test", n_test)
+        .withColumn("_rank", rank)
+        .withColumn(IS_TEST_COL, F.col("_rank") <= F.col("_n_test"))
+        .withColumn(
+            IN_SUBSET_COL,
+            F.when(F.col(IS_TEST_COL), F.col("_rank") <= keep_test).otherwise(
+                F.col("_rank") - F.col("_n_test") <= keep_train
+            ),
+        )
+        .drop("_n_test", "_rank")
+    )
+
+
+@dataclass
+class TrainingMatrix:
+    """Rows collected to the driver once: path, label index, split flag, float32 values."""
+
+    paths: np.ndarray
+    y: np.ndarray
+    is_test: np.ndarray
+    x: np.ndarray
+
+    @classmethod
+    def collect(cls, df: DataFrame, column: str, labels: Sequence[str]) -> TrainingMatrix:
+        rows = df.select("path", "label", IS_TEST_COL, column).toPandas()
+        x = np.stack(rows[column].to_numpy()) if len(rows) else np.zeros((0, 0), np.float32)
+        index = {label: i for i, label in enumerate(labels)}
+        return cls(
+            paths=rows["path"].to_numpy(),
+            y=rows["label"].map(index).to_numpy(dtype=np.int64),
+            is_test=rows[IS_TEST_COL].to_numpy(dtype=bool),
+            x=np.asarray(x, dtype=np.float32),
+        )
