@@ -32,8 +32,8 @@ from .images import (
     read_images,
     scan_settings,
 )
-from .reduction import PCAFit, check_k, fit_pca
-from .session import default_parallelism
+from .reduction import FLOAT64_BATCH_ROWS, PCAFit, check_k, fit_pca
+from .session import ARROW_BATCH_KEY, default_parallelism, spark_settings
 from .storage import CLASSIFY_ARTIFACTS, Storage, join
 
 EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
@@ -70,22 +70,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-@contextmanager
-def spark_settings(spark: SparkSession, settings: dict[str, str]):
-    """Set session settings for the jobs run inside the block, then restore them."""
-    previous = {key: spark.conf.get(key, None) for key in settings}
-    for key, value in settings.items():
-        spark.conf.set(key, value)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
 
 
 @contextmanager
@@ -167,7 +151,7 @@ def extract_features(spark: SparkSession, params: ExtractParams) -> Extraction:
     udf = features_udf(spark, params, payload)
     settings = {
         **scan_settings(len(listing), default_parallelism(spark), params.tasks_per_core),
-        "spark.sql.execution.arrow.maxRecordsPerBatch": str(params.max_records_per_batch),
+        ARROW_BATCH_KEY: str(params.max_records_per_batch),
     }
     # The cached plan is made here and the files are split when it first runs: the scan
     # settings must be in force for both.
@@ -333,8 +317,8 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         fit = fit_pca(features, k=params.k, variance=params.variance)
     with (
         timer.stage("reduce_write_s"),
-        # The projection holds a batch as float64 in the worker: 2048 x 1280 x 8 = 21 MB.
-        spark_settings(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": "2048"}),
+        # The projection holds a batch as float64 in the worker.
+        spark_settings(spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS)}),
     ):
         storage.publish(params.output, "pca_model", lambda uri: fit.model.save(uri))
         storage.publish(params.output, "pca_components", lambda uri: fit.components.save(uri))

@@ -37,12 +37,14 @@ from pyspark.sql import functions as F
 
 from .config import ParameterError
 from .moments import MOMENTS_SCHEMA, Moments, merge_partials, partition_moments, projector
+from .session import ARROW_BATCH_KEY, spark_settings
 
 VECTOR_COL = "features_vector"
 SCALED_COL = "scaled"
 PCA_COL = "pca_vector"
-# Rows per Arrow batch while accumulating: 2048 x 1280 float64 = 21 MB per Python worker.
-MOMENT_BATCH_ROWS = 2048
+# Rows per Arrow batch when a worker turns them into float64 (accumulating, projecting):
+# 2048 x 1280 x 8 bytes = 21 MB per Python worker.
+FLOAT64_BATCH_ROWS = 2048
 
 
 def choose_k(cumulative: Sequence[float], variance: float) -> int:
@@ -83,10 +85,7 @@ def feature_moments(features: DataFrame, column: str = "features") -> Moments:
     driver never holds more than a few.
     """
     spark = features.sparkSession
-    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    previous = spark.conf.get(key, None)
-    spark.conf.set(key, str(MOMENT_BATCH_ROWS))
-    try:
+    with spark_settings(spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS)}):
         partials = features.select(column).mapInArrow(partition_moments, MOMENTS_SCHEMA)
         count = features.rdd.getNumPartitions()
         while count > 4:
@@ -96,11 +95,6 @@ def feature_moments(features: DataFrame, column: str = "features") -> Moments:
         for row in partials.collect():
             total = total.merge(Moments.from_bytes(row["n"], row["mean"], row["m2"]))
         return total
-    finally:
-        if previous is None:
-            spark.conf.unset(key)
-        else:
-            spark.conf.set(key, previous)
 
 
 # -- the fit ------------------------------------------------------------------------------
@@ -226,9 +220,3 @@ def pca_model(spark: SparkSession, components: np.ndarray, explained: np.ndarray
     model._set(inputCol=SCALED_COL, outputCol=PCA_COL, k=k)
     model._transfer_params_to_java()
     return model
-
-
-def first_components(spark: SparkSession, components: PCAModel, k: int) -> PCAModel:
-    """The first ``k`` of a ``PCAModel``'s components (e.g. of ``pca_components/``)."""
-    matrix = components.pc.toArray()
-    return pca_model(spark, matrix[:, :k], components.explainedVariance.toArray())

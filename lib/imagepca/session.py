@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 from pyspark.sql import SparkSession
 
 from .config import SPARK_SETTINGS
 
 DEFAULT_MASTER = "local[*]"
+# Rows per Arrow batch between the JVM and a Python worker: what one worker holds at once.
+ARROW_BATCH_KEY = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
 _BASE_CONF = SPARK_SETTINGS
 
@@ -70,3 +73,19 @@ def default_parallelism(spark: SparkSession) -> int:
 def task_cpus(spark: SparkSession) -> int:
     """Cores each Spark task owns: the threads one model interpreter may use."""
     return max(1, int(spark.conf.get("spark.task.cpus", "1")))
+
+
+@contextmanager
+def spark_settings(spark: SparkSession, settings: dict[str, str]):
+    """Set session settings for the jobs run inside the block, then restore them."""
+    previous = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
