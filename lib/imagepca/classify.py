@@ -211,28 +211,24 @@ class Classification:
             )
             fit_s = round(time.perf_counter() - start, 3)
             model = classifier_pipeline(self.indexer, fitted.stages[1])
-            counts = (
-                model.transform(data.filter(F.col(IS_TEST_COL)))
-                .groupBy(LABEL_INDEX_COL, PREDICTION_COL)
-                .count()
-                .collect()
-            )
+            predicted = model.transform(data.filter(F.col(IS_TEST_COL))).persist()
+            counts = predicted.groupBy(LABEL_INDEX_COL, PREDICTION_COL).count().collect()
             self._misclassified = (
-                model.transform(data.filter(F.col(IS_TEST_COL)))
-                .filter(F.col("label") != F.col(PREDICTED_LABEL_COL))
+                predicted.filter(F.col("label") != F.col(PREDICTED_LABEL_COL))
                 .select("path", "label", PREDICTED_LABEL_COL)
                 .orderBy("label", "path")
                 .limit(1000)
                 .toPandas()
             )
-            n_train = data.filter(~F.col(IS_TEST_COL)).count()
+            predicted.unpersist()
         finally:
             data.unpersist()
         matrix = np.zeros((len(self.labels), len(self.labels)), dtype=np.int64)
         for row in counts:
             matrix[int(row[LABEL_INDEX_COL]), int(row[PREDICTION_COL])] += row["count"]
         scores = logistic.scores(matrix, self.labels)
-        scores.update(dims=self.k, fit_s=fit_s, n_train=int(n_train), fitted_by="spark")
+        n_train = sum(split["train"] for split in self.split_counts.values())
+        scores.update(dims=self.k, fit_s=fit_s, n_train=n_train, fitted_by="spark")
         return model, scores
 
     def fit_reduced(self) -> ClassifierResult:
