@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from imagepca.config import ExtractParams, ParameterError, ReduceParams
-from imagepca.images import extension_glob, label_of, scan_settings
+from imagepca.images import extension_glob, label_of
+from imagepca.inputs import scan_settings
 from imagepca.reduction import check_k, choose_k
 from imagepca.storage import join, normalize_uri
 

@@ -15,7 +15,8 @@ from pyspark.ml.functions import array_to_vector
 from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca.config import ExtractParams, ParameterError, ReduceParams
 from imagepca.features import WeightsError, resolve_weights
-from imagepca.images import InputError, list_images
+from imagepca.images import InputError
+from imagepca.inputs import list_folder
 from imagepca.pipeline import extract_features, reduce_features
 from imagepca.reduction import reduce_with
 
@@ -23,7 +24,7 @@ PHOTO_COUNT = sum(1 for p in FRUIT_PHOTOS.rglob("*") if p.is_file())
 
 
 def test_listing_finds_every_photo_with_its_label(spark):
-    listing = list_images(spark, str(FRUIT_PHOTOS))
+    listing = list_folder(spark, str(FRUIT_PHOTOS))
     assert len(listing) == PHOTO_COUNT == 240
     assert listing.labels() == {"apple": 75, "banana": 73, "mixed": 20, "orange": 72}
 
@@ -129,11 +130,11 @@ def test_weights_given_as_a_uri_are_fetched_through_hadoop(spark):
 
 def test_bad_input_locations_are_named(spark, tmp_path):
     with pytest.raises(InputError, match="cannot be read"):
-        list_images(spark, str(tmp_path / "missing"))
+        list_folder(spark, str(tmp_path / "missing"))
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     (tmp_path / "empty" / "cls" / "notes.txt").write_text("no images here")
     with pytest.raises(InputError, match="no image files .* under .*empty"):
-        list_images(spark, str(tmp_path / "empty"))
+        list_folder(spark, str(tmp_path / "empty"))
 
 
 def test_k_larger_than_the_data_is_refused(spark, photos_run):

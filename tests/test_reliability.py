@@ -151,7 +151,7 @@ def bad_corpus(tmp_path_factory):
     vanishing = [f"{CLASSES[0]}/vanishing{i}.jpg" for i in range(2)]
     for relative in vanishing:
         (root / relative).write_bytes(_encode(_noise(rng, 16), "JPEG"))
-        expected[relative] = "unreadable file"
+        expected[relative] = "missing"
     # Not image files: never listed, never counted.
     (root / CLASSES[1] / "README.txt").write_text("not an image")
     (root / CLASSES[1] / "labels.csv").write_text("path,label\n")
@@ -166,17 +166,17 @@ def bad_run(spark, bad_corpus, tmp_path_factory):
     scan reads it: as root, permissions cannot make a local file unreadable."""
     import imagepca.pipeline as pipeline
 
-    real_list_images = pipeline.list_images
+    real_list_inputs = pipeline.list_inputs
 
-    def list_then_delete(spark_session, input_uri):
-        listing = real_list_images(spark_session, input_uri)
+    def list_then_delete(spark_session, params):
+        listing = real_list_inputs(spark_session, params)
         for relative in bad_corpus["vanishing"]:
             (bad_corpus["root"] / relative).unlink()
         return listing
 
     output = str(tmp_path_factory.mktemp("bad_run") / "out")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "list_images", list_then_delete)
+        patch.setattr(pipeline, "list_inputs", list_then_delete)
         extraction = extract_features(
             spark,
             ExtractParams(input=str(bad_corpus["root"]), output=output, weights=str(WEIGHTS)),
@@ -241,7 +241,7 @@ def test_bad_input_run_succeeds_and_reports_counts(bad_corpus, bad_run):
     assert len(pd.read_parquet(output / "reduced")) == extraction.n_images
     summary = extraction.summary()
     assert f"{extraction.n_images} featurized, {extraction.n_rejected} rejected" in summary
-    assert "2 decompression bomb" in summary and "2 unreadable file" in summary
+    assert "2 decompression bomb" in summary and "2 missing" in summary
 
 
 def test_bad_share_above_max_fails_after_writing_rejected(spark, bad_corpus, tmp_path):
@@ -276,14 +276,16 @@ def test_dangling_symlink_is_invisible_to_the_listing(spark, tmp_path):
     """A dangling symlink named like an image is not listed at all (Hadoop's local listing
     skips entries it cannot stat), so it is neither featurized nor reported. Documented
     here so that a change in that behaviour is noticed; see the issue 6 report."""
-    from imagepca.images import list_images
+    from imagepca.inputs import list_folder
 
     folder = tmp_path / "input" / "apple"
     folder.mkdir(parents=True)
     (folder / "ok.png").write_bytes(_encode(np.zeros((8, 8, 3), np.uint8), "PNG"))
     (folder / "dangling.jpg").symlink_to(tmp_path / "does-not-exist.jpg")
-    listing = list_images(spark, str(tmp_path / "input"))
-    assert [_relative(p, tmp_path / "input") for p in listing.files] == ["apple/ok.png"]
+    listing = list_folder(spark, str(tmp_path / "input"))
+    paths = [row["path"] for row in listing.files.collect()]
+    assert len(listing) == 1
+    assert [_relative(p, tmp_path / "input") for p in paths] == ["apple/ok.png"]
 
 
 def test_garbled_jpeg_data_is_not_detected(bad_corpus):
@@ -493,12 +495,12 @@ def run_both(spark, input_dir: Path, output: Path, **extract) -> tuple:
 
 def part_files(dataset: Path) -> dict[str, float]:
     """Data files of a Parquet dataset with their mtimes."""
-    return {p.name: p.stat().st_mtime for p in dataset.glob("part-*")}
+    return {p.name: p.stat().st_mtime for p in dataset.rglob("part-*")}
 
 
 def write_ids(dataset: Path) -> set[str]:
     """The write job ids in the part-file names: one per write that produced them."""
-    return {p.name.split("-", 2)[2].rsplit("-c", 1)[0] for p in dataset.glob("part-*")}
+    return {p.name.split("-", 2)[2].rsplit("-c", 1)[0] for p in dataset.rglob("part-*")}
 
 
 def snapshot(output: Path) -> dict[str, dict[str, bytes]]:

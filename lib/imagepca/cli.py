@@ -28,7 +28,13 @@ def _add_run(subparsers) -> None:
         "StandardScaler + PCA, by executing the project's notebooks with papermill. "
         "Executed notebooks, datasets, model, metrics and plots go to --output.",
     )
-    run.add_argument("--input", required=True, help="folder or URI with one sub-folder per class")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="folder or URI with one sub-folder per class")
+    source.add_argument(
+        "--manifest",
+        help="instead of --input: CSV/Parquet file of image URIs (column `path`, optional "
+        "`label`, `size`, `modified`) or an S3 Inventory manifest.json; nothing is listed",
+    )
     run.add_argument("--output", required=True, help="output folder or URI (replaced by the run)")
     run.add_argument(
         "--weights",
@@ -69,6 +75,12 @@ def _add_run(subparsers) -> None:
         "--reuse-features",
         action="store_true",
         help="keep features/ when input and extraction parameters are unchanged (redo PCA only)",
+    )
+    run.add_argument(
+        "--incremental",
+        action="store_true",
+        help="featurize only files new or changed since the features in --output, append "
+        "them as a batch, drop those of files that are gone; then PCA on the whole set",
     )
     run.add_argument(
         "--max-image-pixels",
@@ -132,6 +144,7 @@ def _run(args: argparse.Namespace) -> int:
 
     extract = ExtractParams(
         input=args.input,
+        manifest=args.manifest,
         output=args.output,
         weights=args.weights,
         engine=args.engine,
@@ -142,6 +155,7 @@ def _run(args: argparse.Namespace) -> int:
         tasks_per_core=args.tasks_per_core,
         max_rejected_fraction=args.max_rejected_fraction,
         reuse_features=args.reuse_features,
+        incremental=args.incremental,
         max_image_pixels=args.max_image_pixels,
     )
     reduce = ReduceParams(

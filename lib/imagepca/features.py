@@ -26,6 +26,7 @@ from pyspark.sql import functions as F
 
 from .config import FEATURE_DIM, KERAS_WEIGHTS_FILE, ExtractParams
 from .images import ImageDecodeError, decode_image
+from .inputs import ReadOptions, read_files
 from .session import task_cpus
 from .storage import Storage
 
@@ -314,8 +315,18 @@ def featurize_batch(
     return pd.DataFrame({"features": features, "reason": reasons})
 
 
-def features_udf(spark: SparkSession, params: ExtractParams, payload: ModelPayload):
-    """A Scalar-Iterator pandas UDF: ``content`` -> struct(features, reason)."""
+def features_udf(
+    spark: SparkSession,
+    params: ExtractParams,
+    payload: ModelPayload,
+    read: ReadOptions | None = None,
+):
+    """A Scalar-Iterator pandas UDF: ``content`` -> struct(features, reason).
+
+    With ``read``, the UDF's input is ``path`` instead, and the worker reads each file's
+    bytes itself (a manifest's URIs, or the new files of an incremental run): a file that
+    cannot be read gets the reason why.
+    """
     broadcast = spark.sparkContext.broadcast(payload)
     threads = task_cpus(spark)
     options = dict(
@@ -328,7 +339,15 @@ def features_udf(spark: SparkSession, params: ExtractParams, payload: ModelPaylo
     @F.pandas_udf(FEATURES_SCHEMA)
     def mobilenet_v2_features(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         runner = get_runner(broadcast.value, threads)
-        for contents in batches:
-            yield featurize_batch(contents, runner, **options)
+        for column in batches:
+            if read is None:
+                yield featurize_batch(column, runner, **options)
+                continue
+            contents, failures = read_files(column, read)
+            out = featurize_batch(pd.Series(contents, dtype=object), runner, **options)
+            out["reason"] = [
+                failure or reason for failure, reason in zip(failures, out["reason"], strict=True)
+            ]
+            yield out
 
     return mobilenet_v2_features

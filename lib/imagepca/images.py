@@ -1,23 +1,18 @@
-"""Finding image files, reading them with Spark, and decoding them on the executors.
-
-The listing is taken separately from the ``binaryFile`` scan because the scan silently
-drops zero-byte files (and, with ``ignoreCorruptFiles``, files that vanish or cannot be
-read): comparing the two accounts for every image file found.
+"""What an image file is (extensions, label) and how it becomes a model input: decoding
+on the executors. Where the files come from is :mod:`imagepca.inputs`.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps
-from pyspark.errors import AnalysisException
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, SparkSession
 from pyspark.sql import functions as F
 
-from .storage import Storage, normalize_uri
+from .storage import Storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -41,78 +36,6 @@ def extension_glob(extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> str:
         for ext in extensions
     ]
     return "*.{" + ",".join(alternatives) + "}"
-
-
-def _reader(spark: SparkSession):
-    return (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", extension_glob())
-        # A file that disappears or cannot be read is skipped by the scan and then
-        # reported as rejected by the listing comparison, instead of failing the job.
-        .option("ignoreCorruptFiles", "true")
-        .option("ignoreMissingFiles", "true")
-    )
-
-
-@dataclass(frozen=True)
-class ImageListing:
-    """Every image file under the input, spelled as Spark's ``path`` column spells it.
-
-    ``relation`` is the ``binaryFile`` DataFrame the listing was taken from: scanning it
-    reads exactly these files, without listing the input a second time.
-    """
-
-    root: str
-    files: tuple[str, ...]
-    relation: DataFrame | None = field(default=None, compare=False, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def labels(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for path in self.files:
-            label = label_of(path)
-            counts[label] = counts.get(label, 0) + 1
-        return dict(sorted(counts.items()))
-
-    def sample(self, per_label: int, max_labels: int = 12) -> list[str]:
-        """A few files of each of the first labels, for a quick look at the input."""
-        chosen: dict[str, list[str]] = {}
-        for path in sorted(self.files):
-            group = chosen.setdefault(label_of(path), [])
-            if len(group) < per_label:
-                group.append(path)
-        return [p for label in sorted(chosen)[:max_labels] for p in chosen[label]]
-
-
-def list_images(spark: SparkSession, input_uri: str) -> ImageListing:
-    """List the image files under ``input_uri`` (recursively, by extension, any case).
-
-    Raises
-    ------
-    InputError
-        When the location does not exist or holds no image file.
-    """
-    try:
-        relation = _reader(spark).load(input_uri)
-        files = relation.inputFiles()
-    except AnalysisException as error:
-        raise InputError(
-            f"input location {input_uri!r} cannot be read: {str(error).splitlines()[0]}. "
-            "Pass a folder (or s3:// prefix) that holds one sub-folder of images per class."
-        ) from None
-    if not files:
-        raise InputError(
-            f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {input_uri!r}. "
-            "Expected one sub-folder per class, e.g. INPUT/apple/1.jpg, INPUT/banana/2.jpg."
-        )
-    return ImageListing(
-        root=input_uri,
-        files=tuple(sorted(normalize_uri(f) for f in files)),
-        relation=relation,
-    )
 
 
 def label_of(path: str) -> str:
@@ -149,35 +72,6 @@ def _some(label_counts: dict[str, int], shown: int = 5) -> str:
 def label_column(path: Column) -> Column:
     """:func:`label_of` as a Spark column expression (no Python round trip)."""
     return F.element_at(F.split(path, "/"), -2)
-
-
-def read_images(spark: SparkSession, listing: ImageListing) -> DataFrame:
-    """The listed image files as rows of ``path``, ``label``, ``content`` (bytes), lazily.
-
-    Files added after the listing are not read; listed files that vanish or are empty are
-    skipped by the scan, and the caller accounts for them by comparing with the listing.
-    """
-    relation = listing.relation
-    if relation is None:  # a listing built by hand: list again
-        relation = _reader(spark).load(listing.root)
-    return relation.select("path", label_column(F.col("path")).alias("label"), "content")
-
-
-def scan_settings(n_files: int, cores: int, tasks_per_core: int) -> dict[str, str]:
-    """Spark file-scan settings that split ``n_files`` into even tasks by file count.
-
-    Spark packs files into scan tasks by bytes plus a per-file "open cost". Featurizing
-    costs about the same for every image whatever its size, so an open cost far above any
-    image's size makes Spark pack by count: about ``cores * tasks_per_core`` tasks, instead
-    of hundreds of tiny ones for small JPEGs or too few for large ones.
-    """
-    tasks = max(1, min(n_files, cores * tasks_per_core))
-    open_cost = 1 << 30
-    return {
-        "spark.sql.files.openCostInBytes": str(open_cost),
-        "spark.sql.files.maxPartitionBytes": str(-(-n_files // tasks) * (open_cost + (1 << 20))),
-        "spark.sql.files.minPartitionNum": str(tasks),
-    }
 
 
 # -- decoding (runs in the executors' Python workers) -----------------------------------
@@ -258,14 +152,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_samples(
-    spark: SparkSession, listing: ImageListing, *, per_label: int = 3, size: int = 224
+    spark: SparkSession, listing, *, per_label: int = 3, size: int = 224
 ) -> list[tuple[str, np.ndarray]]:
-    """Decode a few images per label on the driver, for a first look at the input."""
+    """Decode a few images per label on the driver, for a first look at the input.
+
+    ``listing`` is an :class:`imagepca.inputs.ImageListing`.
+    """
     storage = Storage(spark)
     samples = []
-    for path in listing.sample(per_label):
+    for label, path in listing.sample(per_label):
         try:
-            samples.append((label_of(path), decode_image(storage.read_bytes(path), size)))
+            samples.append((label, decode_image(storage.read_bytes(path), size)))
         except ImageDecodeError:
             continue  # shown in the rejected report instead
     return samples

@@ -7,7 +7,6 @@ can be re-run alone, and each publishes its datasets whole (see :mod:`imagepca.s
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import time
 from contextlib import contextmanager
@@ -24,22 +23,30 @@ from pyspark.sql import functions as F
 from . import progress
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
 from .features import features_udf, file_sha256, load_model_payload, resolve_weights
-from .images import (
-    ImageListing,
-    InputError,
-    classifiable,
-    list_images,
-    read_images,
-    scan_settings,
+from .images import InputError, classifiable, label_column
+from .increments import (
+    LAYOUT,
+    ROW_KEY,
+    STORED_COLUMNS,
+    Increment,
+    batch_folder,
+    batches,
+    commit_batch,
+    new_batch_id,
+    plan_increment,
+    stage_batch,
+    why_not_incremental,
 )
+from .inputs import ImageListing, fingerprint, list_inputs, read_options, scan_settings
 from .reduction import FLOAT64_BATCH_ROWS, PCAFit, check_k, fit_pca
 from .session import ARROW_BATCH_KEY, default_parallelism, spark_settings
-from .storage import CLASSIFY_ARTIFACTS, Storage, join
+from .storage import CLASSIFY_ARTIFACTS, STAGING_DIR, Storage, join
 
 EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
 REUSE_KEYS = (
     "input",
-    "listing_sha256",
+    "manifest",
+    "listing_fingerprint",
     "weights_sha256",
     "engine",
     "image_size",
@@ -115,17 +122,28 @@ class Extraction:
             if self.reused
             else (f"{m['timings_s']['featurize_s']:.1f} s, {m['images_per_s']:.1f} images/s")
         )
+        increment = m.get("incremental") or {}
+        if "kept" in increment:
+            how = (
+                f"incremental: {increment['featurized']} new or changed featurized, "
+                f"{increment['kept']} kept, {increment['dropped']} dropped; {how}"
+            )
+        elif "full_run_because" in increment:
+            how = f"full run ({increment['full_run_because']}); {how}"
         return (
             f"{m['n_files_found']} image files in {m['n_classes']} classes: "
             f"{m['n_images']} featurized, {m['n_rejected']} rejected ({rejected}); {how}"
         )
 
 
-def extract_features(spark: SparkSession, params: ExtractParams) -> Extraction:
-    """Featurize every image under ``params.input`` into ``OUTPUT/features`` and ``rejected``.
+def extract_features(
+    spark: SparkSession, params: ExtractParams, listing: ImageListing | None = None
+) -> Extraction:
+    """Featurize the run's images into ``OUTPUT/features`` and ``OUTPUT/rejected``.
 
     The weights are resolved first, so a missing weights file fails before any Spark job.
-    Every image file found ends up in exactly one of the two datasets.
+    Every image file found ends up in exactly one of the two datasets. ``listing`` (from
+    :func:`imagepca.inputs.list_inputs`) saves listing the input a second time.
     """
     timer = _Timer()
     storage = Storage(spark)
@@ -133,34 +151,55 @@ def extract_features(spark: SparkSession, params: ExtractParams) -> Extraction:
         weights_file = resolve_weights(params.weights, spark)
         weights_sha = file_sha256(weights_file)
     with timer.stage("list_s"):
-        listing = list_images(spark, params.input)
+        listing = listing or list_inputs(spark, params)
     storage.begin_run(params.output)
-
-    identity = {
-        **params.as_dict(),
-        "weights_sha256": weights_sha,
-        "listing_sha256": hashlib.sha256("\n".join(listing.files).encode()).hexdigest(),
-    }
-    if params.reuse_features:
-        stored = _stored_extraction(storage, params.output)
-        if stored and all(stored["params"].get(key) == identity[key] for key in REUSE_KEYS):
+    features_uri = join(params.output, "features")
+    identity = {**params.as_dict(), "weights_sha256": weights_sha}
+    stored = _stored_extraction(storage, params.output)
+    if params.reuse_features and stored:
+        identity["listing_fingerprint"] = fingerprint(listing.files, listing.n_files)
+        if all(stored["params"].get(key) == identity.get(key) for key in REUSE_KEYS):
             return _checked(Extraction(listing, stored, reused=True), params)
+
+    increment, full_run_reason = None, None
+    if params.incremental:
+        full_run_reason = why_not_incremental(stored, identity)
+        if full_run_reason is None:
+            with timer.stage("plan_s"):
+                listing.files.persist(StorageLevel.MEMORY_AND_DISK)
+                increment = plan_increment(spark, features_uri, listing.files)
 
     with timer.stage("model_s"):
         payload = load_model_payload(params, weights_file, storage)
-    udf = features_udf(spark, params, payload)
-    settings = {
-        **scan_settings(len(listing), default_parallelism(spark), params.tasks_per_core),
-        ARROW_BATCH_KEY: str(params.max_records_per_batch),
-    }
+    settings = {ARROW_BATCH_KEY: str(params.max_records_per_batch)}
+    tasks = default_parallelism(spark) * params.tasks_per_core
+    if increment is None and listing.relation is not None:
+        # A folder's bytes through Spark's own reader, split into even tasks by count.
+        settings.update(
+            scan_settings(listing.n_files, default_parallelism(spark), params.tasks_per_core)
+        )
+        udf = features_udf(spark, params, payload)
+        rows = listing.relation.select(
+            "path",
+            label_column(F.col("path")).alias("label"),
+            F.col("length").alias("size"),
+            F.col("modificationTime").alias("modified"),
+            udf("content").alias("out"),
+        )
+        n_todo = listing.n_files
+    else:
+        # A list of URIs (a manifest, or the new files of an increment): read on executors.
+        todo = increment.todo if increment else listing.files
+        n_todo = increment.n_todo if increment else listing.n_files
+        udf = features_udf(spark, params, payload, read=read_options(spark))
+        rows = todo.repartition(max(1, min(tasks, n_todo))).select(
+            *ROW_KEY, udf("path").alias("out")
+        )
     # The cached plan is made here and the files are split when it first runs: the scan
     # settings must be in force for both.
     with spark_settings(spark, settings):
-        scored = (
-            read_images(spark, listing)
-            .select("path", "label", udf("content").alias("out"))
-            .select("path", "label", "out.features", "out.reason")
-            .persist(StorageLevel.MEMORY_AND_DISK)
+        scored = rows.select(*ROW_KEY, "out.features", "out.reason").persist(
+            StorageLevel.MEMORY_AND_DISK
         )
     try:
         # One job featurizes every image into the cache and counts the outcomes
@@ -168,61 +207,119 @@ def extract_features(spark: SparkSession, params: ExtractParams) -> Extraction:
         with (
             spark_settings(spark, settings),
             timer.stage("featurize_s"),
-            progress.track(spark, "featurize", total=len(listing)),
+            progress.track(spark, "featurize", total=n_todo),
         ):
             outcomes = (
                 scored.groupBy("label", F.split("reason", ":")[0].alias("kind")).count().collect()
             )
         with timer.stage("write_s"):
-            # The scan reads the listed files only, so fewer rows than files means some
-            # were skipped (empty, vanished, unreadable): find which, only then.
-            scanned = sum(row["count"] for row in outcomes)
-            unread = _unread(spark, storage, listing, scored) if scanned < len(listing) else []
-            rejected = scored.filter(F.col("reason").isNotNull()).select("path", "reason")
-            if unread:
-                rejected = rejected.unionByName(
-                    spark.createDataFrame(unread, "path string, reason string")
-                )
-            features = scored.filter(F.col("reason").isNull()).select("path", "label", "features")
-            labels: dict[str, int] = {}
-            by_kind: dict[str, int] = {}
-            for row in outcomes:
-                if row["kind"] is None:
-                    labels[row["label"]] = row["count"]
-                else:
-                    by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + row["count"]
-            for _, reason in unread:
-                kind = reason.split(":")[0]
-                by_kind[kind] = by_kind.get(kind, 0) + 1
-            labels, by_kind = dict(sorted(labels.items())), dict(sorted(by_kind.items()))
-            n_images, n_rejected = sum(labels.values()), sum(by_kind.values())
+            rejected, by_kind, n_new = _rejected(spark, storage, listing, scored, outcomes,
+                                                 increment)  # fmt: skip
+            features = scored.filter(F.col("reason").isNull()).select(*STORED_COLUMNS)
+            batch_id = new_batch_id()
             metadata = {
-                "input": params.input,
-                "n_files_found": len(listing),
-                "n_images": n_images,
-                "n_rejected": n_rejected,
+                "input": params.source,
+                "input_kind": listing.kind,
+                "layout": LAYOUT,
+                "n_files_found": listing.n_files,
+                "n_duplicate_uris": listing.n_duplicates,
                 "rejected_by_kind": by_kind,
-                "n_classes": len(labels),
-                "images_per_label": labels,
-                "params": identity,
+                "n_rejected": sum(by_kind.values()),
+                "params": {
+                    **identity,
+                    "listing_fingerprint": fingerprint(
+                        listing.files if increment else scored, listing.n_files
+                    ),
+                },
                 "versions": library_versions(),
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
-
-            def write_features(uri: str) -> None:
-                features.write.parquet(uri)
-                storage.write_json(join(uri, EXTRACTION_FILE), metadata)
-
             storage.publish(params.output, "rejected", lambda uri: rejected.write.parquet(uri))
-            storage.publish(params.output, "features", write_features)
+            if increment is None:
+
+                def write_features(uri: str) -> None:
+                    features.write.parquet(batch_folder(uri, batch_id))
+
+                storage.publish(params.output, "features", write_features)
+            else:
+                staged = join(params.output, STAGING_DIR, f"features-{batch_id}")
+                stage_batch(features, increment, staged)
+                commit_batch(storage, features_uri, staged, increment, batch_id)
+            labels = _label_counts(read_features(spark, params.output))
+            metadata.update(
+                n_images=sum(labels.values()),
+                n_classes=len(labels),
+                images_per_label=labels,
+                batches=batches(storage, features_uri),
+            )
+            if params.incremental:
+                metadata["incremental"] = (
+                    {
+                        "featurized": n_new,
+                        "kept": increment.n_kept,
+                        "dropped": increment.n_stale,
+                        "rewritten_part_files": len(increment.stale_files),
+                        "batch": batch_id,
+                    }
+                    if increment
+                    else {"featurized": n_new, "full_run_because": full_run_reason}
+                )
     finally:
         scored.unpersist()
+        listing.release()
+        if increment:
+            increment.release()
     metadata["timings_s"] = timer.timings
-    metadata["images_per_s"] = round(len(listing) / max(timer.timings["featurize_s"], 1e-9), 2)
-    # Again, now with the write stage's own time: the staged copy made the metadata part of
-    # the published dataset, so features/ never exists without it.
-    storage.write_json(join(params.output, "features", EXTRACTION_FILE), metadata)
+    metadata["images_per_s"] = round(n_todo / max(timer.timings["featurize_s"], 1e-9), 2)
+    # Written last: features/ never has a description of another run's rows.
+    storage.write_json(join(features_uri, EXTRACTION_FILE), metadata)
     return _checked(Extraction(listing, metadata), params)
+
+
+def _rejected(
+    spark: SparkSession,
+    storage: Storage,
+    listing: ImageListing,
+    scored: DataFrame,
+    outcomes: list,
+    increment: Increment | None,
+) -> tuple[DataFrame, dict[str, int], int]:
+    """The run's rejected files with reasons, their count by kind, and the featurized count.
+
+    A folder's scan reads the listed files only, so fewer rows than files means some were
+    skipped (empty, vanished, unreadable): only then are they looked for, with Spark.
+    """
+    n_new, by_kind = 0, {}
+    for row in outcomes:
+        if row["kind"] is None:
+            n_new += row["count"]
+        else:
+            by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + row["count"]
+    rejected = scored.filter(F.col("reason").isNotNull()).select("path", "reason")
+    scanned = (
+        (increment.n_todo + increment.n_kept)
+        if increment
+        else sum(row["count"] for row in outcomes)
+    )
+    if listing.relation is not None and scanned < listing.n_files:
+        seen = listing.files if increment else scored
+        unread = [
+            (row["path"], _unread_reason(storage, row["path"]))
+            for row in listing.unscanned(seen).collect()  # the few files no scan returned
+        ]
+        for _, reason in unread:
+            kind = reason.split(":")[0]
+            by_kind[kind] = by_kind.get(kind, 0) + 1
+        if unread:
+            rejected = rejected.unionByName(
+                spark.createDataFrame(unread, "path string, reason string")
+            )
+    return rejected, dict(sorted(by_kind.items())), n_new
+
+
+def _label_counts(features: DataFrame) -> dict[str, int]:
+    rows = features.groupBy("label").count().collect()
+    return dict(sorted((row["label"], row["count"]) for row in rows))
 
 
 def _checked(extraction: Extraction, params: ExtractParams) -> Extraction:
@@ -230,9 +327,10 @@ def _checked(extraction: Extraction, params: ExtractParams) -> Extraction:
     found, rejected = extraction.metadata["n_files_found"], extraction.n_rejected
     report = join(params.output, "rejected")
     if extraction.n_images == 0:
+        where = "under" if params.input is not None else "listed in"
         kinds = ", ".join(f"{n} {k}" for k, n in extraction.metadata["rejected_by_kind"].items())
         raise InputError(
-            f"none of the {found} image files under {params.input!r} could be used ({kinds}); "
+            f"none of the {found} image files {where} {params.source!r} could be used ({kinds}); "
             f"see {report} for each file's reason"
         )
     share = rejected / found
@@ -249,31 +347,24 @@ def _stored_extraction(storage: Storage, output: str) -> dict | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def _unread(
-    spark: SparkSession, storage: Storage, listing: ImageListing, scored: DataFrame
-) -> list[tuple[str, str]]:
-    """Files listed but never returned by the scan (empty, vanished, unreadable), with why."""
-    found = spark.createDataFrame([(path,) for path in listing.files], "path string")
-    missing = found.join(scored.select("path"), "path", "left_anti").collect()
-    return [(row["path"], _unread_reason(storage, row["path"])) for row in missing]
-
-
 def _unread_reason(storage: Storage, path: str) -> str:
     try:
         size = storage.size(path)
     except Exception as error:  # vanished or inaccessible since the listing
         java = error.java_exception if isinstance(error, Py4JJavaError) else None
         if java is not None:
-            return f"unreadable file: {java.getClass().getSimpleName()}: {java.getMessage()}"
-        return f"unreadable file: {type(error).__name__}: {str(error).splitlines()[0]}"
+            name = java.getClass().getSimpleName()
+            kind = "missing" if name == "FileNotFoundException" else "unreadable"
+            return f"{kind}: {name}: {java.getMessage()}"
+        return f"unreadable: {type(error).__name__}: {str(error).splitlines()[0]}"
     if size == 0:
         return "empty file: 0 bytes"
-    return "unreadable file: the scan could not read it (I/O error)"
+    return "unreadable: the scan could not read it (I/O error)"
 
 
 def read_features(spark: SparkSession, output: str) -> DataFrame:
-    """The ``features/`` dataset of a run (``path``, ``label``, ``features``)."""
-    return spark.read.parquet(join(output, "features"))
+    """The ``features/`` dataset of a run (``path``, ``label``, ``features``), every batch."""
+    return spark.read.parquet(join(output, "features")).select("path", "label", "features")
 
 
 # -- stage 2: features -> scaler + PCA ---------------------------------------------------

@@ -77,6 +77,14 @@ class Storage:
         if fs.exists(path):
             fs.delete(path, True)
 
+    def list_names(self, uri: str) -> list[str]:
+        """Names of the entries directly inside a folder (none when it does not exist)."""
+        path = self._path(uri)
+        fs = self._fs(path)
+        if not fs.exists(path):
+            return []
+        return sorted(status.getPath().getName() for status in fs.listStatus(path))
+
     def rename(self, src: str, dst: str) -> None:
         source, target = self._path(src), self._path(dst)
         fs = self._fs(source)

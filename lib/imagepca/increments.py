@@ -1,0 +1,138 @@
+"""``features/`` as batches appended by runs: what an incremental run must featurize, and
+the commit that makes its rows visible exactly once.
+
+Layout: ``OUTPUT/features/batch=<id>/part-*.parquet`` with ``path``, ``label``, ``size``,
+``modified`` and ``features``, beside ``_extraction.json``. A full run writes one batch; an
+incremental run adds one. The folder itself is the record of what has been featurized:
+there is no log to keep in step with it, so any Parquet reader sees exactly the committed
+rows.
+
+An incremental run:
+
+1. plans: the listing's rows that ``features/`` lacks (matched on path, label, size and
+   modification time) are to be featurized; stored rows the listing no longer has (files
+   gone or changed) are stale, and the part files holding them are known;
+2. writes the new rows, plus the rows of those part files that are not stale, into
+   ``OUTPUT/_staging/`` (nothing in ``features/`` changes);
+3. commits: deletes those part files, then moves the staged folder in as a new batch.
+
+A run killed before step 3 leaves ``features/`` as it was. A kill inside step 3 can only
+*remove* rows (a deleted part file's unchanged rows, or staged rows not moved yet), never
+duplicate them: the next run finds those files missing from ``features/`` and featurizes
+them again, so the rows end up there exactly once.
+
+Why not Structured Streaming's file source with ``Trigger.AvailableNow``: it notices new
+paths only (a rewritten file keeps its old features, a deleted one is never dropped), it
+reads a folder and not a manifest, and it keeps every path it has seen in a log the driver
+loads into memory, the per-file driver state this design avoids. A table format (Delta
+Lake, Iceberg: both on EMR) would give the same transactions off the shelf, but needs jars
+this project cannot assume everywhere it runs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from .storage import Storage, join, normalize_uri
+
+BATCH_COLUMN = "batch"
+LAYOUT = "batches-v1"  # features/_extraction.json "layout": what plan_increment can extend
+ROW_KEY = ("path", "label", "size", "modified")
+STORED_COLUMNS = (*ROW_KEY, "features")
+# Extraction parameters that change the features: an increment must share them all.
+FEATURE_KEYS = ("weights_sha256", "engine", "image_size", "fast_decode")
+
+
+def new_batch_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def batch_folder(features_uri: str, batch_id: str) -> str:
+    return join(features_uri, f"{BATCH_COLUMN}={batch_id}")
+
+
+def why_not_incremental(stored: dict | None, identity: dict) -> str | None:
+    """Why the stored features cannot be extended (a full run is needed), or None."""
+    if stored is None:
+        return "no features in the output yet"
+    if stored.get("layout") != LAYOUT:
+        return "the stored features predate incremental runs (no batches)"
+    changed = [key for key in FEATURE_KEYS if stored["params"].get(key) != identity[key]]
+    if changed:
+        return f"the stored features were made with other {', '.join(changed)}"
+    return None
+
+
+@dataclass
+class Increment:
+    """What an incremental run does to ``features/``."""
+
+    todo: DataFrame  # listing rows to featurize (path, label, size, modified)
+    n_todo: int
+    n_stale: int  # stored rows of files gone or changed: dropped
+    stale_files: list[str]  # part files holding them: rewritten without them
+    survivors: DataFrame | None  # the other rows of those part files
+    n_kept: int  # stored rows carried over unchanged
+
+    def release(self) -> None:
+        self.todo.unpersist()
+
+
+def plan_increment(spark: SparkSession, features_uri: str, listing: DataFrame) -> Increment:
+    """Compare the listing with ``features/``: only counts and the (few) part-file names of
+    stale rows reach the driver."""
+    stored = spark.read.parquet(features_uri).select(*ROW_KEY, F.input_file_name().alias("file"))
+    same = [listing[c].eqNullSafe(stored[c]) for c in ROW_KEY]
+    todo = listing.join(stored, same, "left_anti").persist(StorageLevel.MEMORY_AND_DISK)
+    stale = stored.join(listing, [stored[c].eqNullSafe(listing[c]) for c in ROW_KEY], "left_anti")
+    by_file = stale.groupBy("file").count().collect()
+    stale_files = sorted(normalize_uri(row["file"]) for row in by_file)
+    n_stale = sum(row["count"] for row in by_file)
+    survivors = None
+    if stale_files:
+        survivors = (
+            spark.read.parquet(*stale_files)
+            .select(*STORED_COLUMNS)
+            .join(stale.select("path"), "path", "left_anti")
+        )
+    n_stored = stored.count()
+    return Increment(
+        todo=todo,
+        n_todo=todo.count(),
+        n_stale=n_stale,
+        stale_files=stale_files,
+        survivors=survivors,
+        n_kept=n_stored - n_stale,
+    )
+
+
+def stage_batch(new_rows: DataFrame, increment: Increment, staged_uri: str) -> None:
+    """Write the batch an increment adds: its new rows and the survivors of rewritten files."""
+    rows = new_rows.select(*STORED_COLUMNS)
+    if increment.survivors is not None:
+        rows = rows.unionByName(increment.survivors)
+    rows.write.parquet(staged_uri)
+
+
+def commit_batch(
+    storage: Storage, features_uri: str, staged_uri: str, increment: Increment, batch_id: str
+) -> None:
+    """Swap the rewritten part files for the staged batch (see the module's protocol)."""
+    for part_file in increment.stale_files:
+        storage.delete(part_file)
+    storage.rename(staged_uri, batch_folder(features_uri, batch_id))
+
+
+def batches(storage: Storage, features_uri: str) -> list[str]:
+    """The batch ids under ``features/``, oldest first."""
+    return sorted(
+        name.split("=", 1)[1]
+        for name in storage.list_names(features_uri)
+        if name.startswith(f"{BATCH_COLUMN}=")
+    )

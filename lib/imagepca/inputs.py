@@ -1,0 +1,429 @@
+"""Where a run's images come from: a folder listed by Spark, or a manifest of image URIs.
+
+Either way the driver gets a :class:`ImageListing` whose rows (``path``, ``label``,
+``size``, ``modified``) are a Spark DataFrame: counts, labels, the listing's fingerprint
+and the accounting of files that could not be read are Spark jobs, and no Python
+collection of every path is ever built on the driver.
+
+* A folder (``input``) is listed by Spark's ``binaryFile`` source. Spark lists on the
+  executors when a level holds many folders, but its file index keeps every file's status
+  in the driver's JVM: fine for millions of files, not for 10^8.
+* A manifest (``manifest``) is a table of URIs that Spark reads like any data: a CSV or
+  Parquet file with a ``path`` column (optional ``label``, ``size``, ``modified``), or the
+  ``manifest.json`` of an S3 Inventory report. Nothing is listed at all; the executors read
+  each image's bytes themselves (:func:`read_files`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from pyspark import StorageLevel
+from pyspark.errors import AnalysisException
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from .config import ExtractParams
+from .images import IMAGE_EXTENSIONS, InputError, extension_glob, label_column
+from .storage import Storage
+
+LISTING_COLUMNS = ("path", "label", "size", "modified")
+# Column names an S3 Inventory report uses: CSV reports name them in ``fileSchema``,
+# Parquet and ORC reports carry them (in snake case) in the data files.
+INVENTORY_COLUMNS = {
+    "bucket": "bucket",
+    "key": "key",
+    "size": "size",
+    "lastmodifieddate": "last_modified_date",
+    "islatest": "is_latest",
+    "isdeletemarker": "is_delete_marker",
+}
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """The image files of a run, as a Spark DataFrame of ``path``, ``label``, ``size``,
+    ``modified`` (the last two null when a manifest does not give them).
+
+    ``n_files`` counts every image file found, including those no scan can return (a
+    folder's empty files); ``relation`` is a folder's ``binaryFile`` DataFrame, which reads
+    exactly the listed files' bytes without listing again.
+    """
+
+    source: str
+    kind: str  # "folder" or "manifest"
+    files: DataFrame = field(compare=False, repr=False)
+    n_files: int
+    relation: DataFrame | None = field(default=None, compare=False, repr=False)
+    n_duplicates: int = 0
+
+    def __len__(self) -> int:
+        return self.n_files
+
+    def labels(self) -> dict[str, int]:
+        """Files per label (one row per label reaches the driver)."""
+        rows = self.files.groupBy("label").count().collect()
+        return dict(sorted((row["label"], row["count"]) for row in rows))
+
+    def sample(self, per_label: int, max_labels: int = 12) -> list[tuple[str, str]]:
+        """``(label, path)`` of a few files of each of the first labels, for a first look."""
+        first = Window.partitionBy("label").orderBy("path")
+        labels = self.files.select("label").distinct().orderBy("label").limit(max_labels)
+        rows = (
+            self.files.join(F.broadcast(labels), "label")
+            .withColumn("rank", F.row_number().over(first))
+            .where(F.col("rank") <= per_label)
+            .orderBy("label", "path")
+            .collect()
+        )
+        return [(row["label"], row["path"]) for row in rows]
+
+    def unscanned(self, scanned: DataFrame) -> DataFrame:
+        """Listed files with no row in ``scanned``: a folder's empty, vanished or unreadable
+        files, which Spark's file scan drops without a word. Only the JVM holds the list."""
+        if self.relation is None:
+            return scanned.sparkSession.createDataFrame([], "path string")
+        spark = self.relation.sparkSession
+        jvm = spark.sparkContext._jvm
+        # WrappedArray.make takes the String[] as an Object: py4j cannot pass it as varargs.
+        uris = jvm.scala.collection.mutable.WrappedArray.make(self.relation._jdf.inputFiles())
+        found = DataFrame(
+            spark._jsparkSession.createDataset(
+                uris, jvm.org.apache.spark.sql.Encoders.STRING()
+            ).toDF(),
+            spark,
+        )
+        listed = found.select(_path_spelling(F.col("value")).alias("path"))
+        return listed.join(scanned.select("path"), "path", "left_anti")
+
+    def release(self) -> None:
+        self.files.unpersist()
+
+
+def list_inputs(spark: SparkSession, params: ExtractParams) -> ImageListing:
+    """The run's image files: its manifest's URIs, or the files under its input folder."""
+    if params.manifest is not None:
+        return read_manifest(spark, params.manifest)
+    return list_folder(spark, params.input)
+
+
+def fingerprint(rows: DataFrame, n_files: int) -> str:
+    """An order-independent hash of ``(path, label, size, modified)`` over ``rows``, summed on
+    the executors: two listings get the same value when they hold the same files unchanged."""
+    key = F.concat_ws(
+        "\u0000",
+        "path",
+        "label",
+        F.coalesce(F.col("size").cast("string"), F.lit("")),
+        F.coalesce(F.col("modified").cast("string"), F.lit("")),
+    )
+    row = rows.agg(
+        F.count(F.lit(1)).alias("n"),
+        F.sum(F.xxhash64(key).cast("decimal(38,0)")).alias("a"),
+        F.sum(F.hash(key).cast("decimal(38,0)")).alias("b"),
+    ).first()
+    return hashlib.sha256(f"{n_files}:{row['n']}:{row['a']}:{row['b']}".encode()).hexdigest()
+
+
+# -- a folder -------------------------------------------------------------------------------
+
+
+def folder_reader(spark: SparkSession):
+    return (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .option("pathGlobFilter", extension_glob())
+        # A file that disappears or cannot be read is skipped by the scan and then
+        # reported as rejected by the listing comparison, instead of failing the job.
+        .option("ignoreCorruptFiles", "true")
+        .option("ignoreMissingFiles", "true")
+    )
+
+
+def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
+    """List the image files under ``input_uri`` (recursively, by extension, any case).
+
+    Raises
+    ------
+    InputError
+        When the location does not exist or holds no image file.
+    """
+    try:
+        relation = folder_reader(spark).load(input_uri)
+        n_files = len(relation._jdf.inputFiles())  # counted in the JVM: no Python copy
+    except AnalysisException as error:
+        raise InputError(
+            f"input location {input_uri!r} cannot be read: {str(error).splitlines()[0]}. "
+            "Pass a folder (or s3:// prefix) that holds one sub-folder of images per class, "
+            "or a manifest of image URIs (manifest=...)."
+        ) from None
+    if not n_files:
+        raise InputError(
+            f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {input_uri!r}. "
+            "Expected one sub-folder per class, e.g. INPUT/apple/1.jpg, INPUT/banana/2.jpg."
+        )
+    # Statuses only: binaryFile reads a file's bytes only when `content` is selected.
+    files = relation.select(
+        "path",
+        label_column(F.col("path")).alias("label"),
+        F.col("length").alias("size"),
+        F.col("modificationTime").alias("modified"),
+    )
+    return ImageListing(input_uri, "folder", files, n_files, relation=relation)
+
+
+def _path_spelling(uri: Column) -> Column:
+    """``inputFiles()`` spelling (``file:///a%20b``) -> the ``path`` column's (``file:/a b``).
+
+    ``+`` is protected first: URI paths keep it literally, form decoding would not.
+    """
+    unencoded = F.regexp_replace(uri, r"^file:///", "file:/")
+    return F.url_decode(F.replace(unencoded, F.lit("+"), F.lit("%2B")))
+
+
+def scan_settings(n_files: int, cores: int, tasks_per_core: int) -> dict[str, str]:
+    """Spark file-scan settings that split ``n_files`` into even tasks by file count.
+
+    Spark packs files into scan tasks by bytes plus a per-file "open cost". Featurizing
+    costs about the same for every image whatever its size, so an open cost far above any
+    image's size makes Spark pack by count: about ``cores * tasks_per_core`` tasks, instead
+    of hundreds of tiny ones for small JPEGs or too few for large ones.
+    """
+    tasks = max(1, min(n_files, cores * tasks_per_core))
+    open_cost = 1 << 30
+    return {
+        "spark.sql.files.openCostInBytes": str(open_cost),
+        "spark.sql.files.maxPartitionBytes": str(-(-n_files // tasks) * (open_cost + (1 << 20))),
+        "spark.sql.files.minPartitionNum": str(tasks),
+    }
+
+
+# -- a manifest -----------------------------------------------------------------------------
+
+
+def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
+    """The image URIs of a manifest: CSV (header row), Parquet, or S3 Inventory JSON.
+
+    Rows whose URI does not end in an image extension are dropped (an inventory lists
+    every object of a bucket); a URI listed twice counts once (``n_duplicates``).
+
+    Raises
+    ------
+    InputError
+        When the manifest cannot be read, has no ``path`` column, or lists no image.
+    """
+    try:
+        if manifest_uri.rstrip("/").endswith(".json"):
+            table = _inventory_table(spark, manifest_uri)
+        else:
+            table = _uri_table(spark, manifest_uri)
+    except AnalysisException as error:
+        raise InputError(
+            f"manifest {manifest_uri!r} cannot be read: {str(error).splitlines()[0]}. "
+            "Pass a CSV or Parquet file with a `path` column, or an S3 Inventory manifest.json."
+        ) from None
+    images = table.where(_is_image(F.col("path")))
+    files = (
+        images.dropDuplicates(["path"])
+        .select(
+            "path",
+            F.coalesce(F.col("label"), label_column(F.col("path"))).alias("label"),
+            F.col("size").cast("long").alias("size"),
+            F.col("modified").cast("timestamp").alias("modified"),
+        )
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    counts = images.agg(F.count(F.lit(1)).alias("rows")).first()
+    n_files = files.count()
+    if not n_files:
+        files.unpersist()
+        raise InputError(
+            f"manifest {manifest_uri!r} lists no image file ({', '.join(IMAGE_EXTENSIONS)}); "
+            "its `path` column must hold image URIs such as s3://bucket/apple/1.jpg"
+        )
+    return ImageListing(
+        manifest_uri, "manifest", files, n_files, n_duplicates=counts["rows"] - n_files
+    )
+
+
+def _is_image(path: Column) -> Column:
+    alternatives = "|".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+    return path.rlike(f"(?i)\\.({alternatives})$")
+
+
+def _uri_table(spark: SparkSession, uri: str) -> DataFrame:
+    """A CSV or Parquet manifest as ``path``, ``label``, ``size``, ``modified``."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1].lower()
+    if name.endswith((".csv", ".csv.gz", ".txt")):
+        table = spark.read.option("header", "true").csv(uri)
+    else:
+        table = spark.read.parquet(uri)
+    columns = {c.lower(): c for c in table.columns}
+    if "path" not in columns:
+        raise InputError(
+            f"manifest {uri!r} has no `path` column (columns: {', '.join(table.columns)}). "
+            "Name the column of image URIs `path` (optional: `label`, `size`, `modified`)."
+        )
+    base = uri.rstrip("/").rsplit("/", 1)[0]
+    path = F.trim(F.col(columns["path"]))
+    return table.select(
+        _absolute(path, base).alias("path"),
+        *(
+            (F.col(columns[name]) if name in columns else F.lit(None)).alias(name)
+            for name in ("label", "size", "modified")
+        ),
+    )
+
+
+def _absolute(path: Column, base: str) -> Column:
+    """URIs as Spark's ``path`` column spells them; a relative path is taken relative to
+    the manifest's folder, a local absolute path becomes ``file:/...``."""
+    with_scheme = path.rlike(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+    base_uri = base if "://" in base or base.startswith("file:") else f"file:{base}"
+    return (
+        F.when(with_scheme, F.regexp_replace(path, r"^file://(?=/)", "file:"))
+        .when(path.startswith("/"), F.concat(F.lit("file:"), path))
+        .otherwise(F.concat(F.lit(base_uri.rstrip("/") + "/"), path))
+    )
+
+
+def _inventory_table(spark: SparkSession, manifest_uri: str) -> DataFrame:
+    """The objects of an S3 Inventory report (the data files its ``manifest.json`` names)."""
+    storage = Storage(spark)
+    try:
+        manifest = json.loads(storage.read_bytes(manifest_uri))
+        bucket = manifest["destinationBucket"].rsplit(":", 1)[-1]
+        file_format = manifest["fileFormat"].lower()
+        data_files = [f"s3://{bucket}/{entry['key']}" for entry in manifest["files"]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(
+            f"{manifest_uri!r} is not an S3 Inventory manifest.json ({type(error).__name__}: "
+            f"{error}); expected destinationBucket, fileFormat, fileSchema and files[].key"
+        ) from None
+    scheme = urlsplit(manifest_uri).scheme
+    if scheme and scheme != "s3":  # the report's own scheme (s3a:// off EMR)
+        data_files = [f"{scheme}{uri[2:]}" for uri in data_files]
+    if not data_files:
+        return spark.createDataFrame([], "path string, label string, size long, modified string")
+    if file_format == "csv":
+        schema = [c.strip() for c in manifest["fileSchema"].split(",")]
+        table = spark.read.csv(data_files, schema=", ".join(f"`{c}` string" for c in schema))
+        table = table.toDF(*(INVENTORY_COLUMNS.get(c.lower(), c.lower()) for c in schema))
+        # CSV reports URL-encode keys (spaces as +); Parquet and ORC reports do not.
+        key = F.url_decode(F.col("key"))
+    elif file_format in ("parquet", "orc"):
+        table = spark.read.format(file_format).load(data_files)
+        key = F.col("key")
+    else:
+        raise InputError(f"S3 Inventory fileFormat {manifest['fileFormat']!r} is not supported")
+    keep = F.lit(True)
+    if "is_latest" in table.columns:  # versioned reports list old versions too
+        keep = keep & (F.lower(F.col("is_latest").cast("string")) == "true")
+    if "is_delete_marker" in table.columns:
+        keep = keep & ~F.coalesce(F.lower(F.col("is_delete_marker").cast("string")) == "true",
+                                  F.lit(False))  # fmt: skip
+    source_scheme = scheme if scheme else "s3"
+    modified = F.col("last_modified_date") if "last_modified_date" in table.columns else None
+    return table.where(keep).select(
+        F.concat(F.lit(f"{source_scheme}://"), F.col("bucket"), F.lit("/"), key).alias("path"),
+        F.lit(None).cast("string").alias("label"),
+        (F.col("size") if "size" in table.columns else F.lit(None)).alias("size"),
+        (modified if modified is not None else F.lit(None)).alias("modified"),
+    )
+
+
+# -- reading bytes on the executors ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How executors reach the images: S3 settings taken from the Hadoop configuration
+    (the ``fs.s3a.*`` keys), so a manifest's images are read where Spark would read them."""
+
+    s3: dict = field(default_factory=dict)
+    threads: int = 16
+
+
+def read_options(spark: SparkSession) -> ReadOptions:
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    s3: dict = {}
+    endpoint = conf.get("fs.s3a.endpoint")
+    if endpoint and "amazonaws.com" not in endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
+        ssl = (conf.get("fs.s3a.connection.ssl.enabled") or "true").lower() == "true"
+        s3["endpoint_override"] = parts.netloc
+        s3["scheme"] = parts.scheme or ("https" if ssl else "http")
+    for option, key in (
+        ("access_key", "fs.s3a.access.key"),
+        ("secret_key", "fs.s3a.secret.key"),
+        ("session_token", "fs.s3a.session.token"),
+        ("region", "fs.s3a.endpoint.region"),
+    ):
+        if conf.get(key):
+            s3[option] = conf.get(key)
+    return ReadOptions(s3=s3)
+
+
+_FILESYSTEMS: dict[tuple, object] = {}
+_FILESYSTEMS_LOCK = threading.Lock()
+
+
+def _filesystem(uri: str, options: ReadOptions):
+    """A pyarrow file system and the path within it; one per worker and bucket."""
+    from pyarrow import fs
+
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme in ("", "file"):
+        path = uri.split(":", 1)[1] if scheme else uri
+        return fs.LocalFileSystem(), "/" + path.lstrip("/")
+    key = (scheme, parts.netloc)
+    with _FILESYSTEMS_LOCK:
+        if key not in _FILESYSTEMS:
+            if scheme in ("s3", "s3a", "s3n"):
+                settings = dict(options.s3)
+                if "endpoint_override" not in settings and "region" not in settings:
+                    settings["region"] = fs.resolve_s3_region(parts.netloc)
+                _FILESYSTEMS[key] = fs.S3FileSystem(**settings)
+            else:  # hdfs://, gs://...: whatever pyarrow supports there
+                _FILESYSTEMS[key] = fs.FileSystem.from_uri(f"{scheme}://{parts.netloc}/")[0]
+    path = parts.path if scheme not in ("s3", "s3a", "s3n") else parts.netloc + parts.path
+    return _FILESYSTEMS[key], path
+
+
+def read_file(uri: str, options: ReadOptions) -> bytes:
+    filesystem, path = _filesystem(uri, options)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def read_files(
+    uris: Iterable[str], options: ReadOptions
+) -> tuple[list[bytes | None], list[str | None]]:
+    """Each URI's bytes, or why it has none (``missing: ...`` / ``unreadable: ...``).
+
+    Reads run in a small thread pool: an object store answers each GET after tens of
+    milliseconds, which would otherwise leave the core idle between images.
+    """
+
+    def one(uri: str) -> tuple[bytes | None, str | None]:
+        try:
+            return read_file(uri, options), None
+        except FileNotFoundError:
+            return None, f"missing: {uri} does not exist"
+        except Exception as error:  # permissions, network, unknown scheme
+            message = str(error).splitlines()[0] if str(error) else ""
+            if "not found" in message.lower() or "does not exist" in message.lower():
+                return None, f"missing: {message}"
+            return None, f"unreadable: {type(error).__name__}: {message}"
+
+    uris = list(uris)
+    with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(uris)))) as pool:
+        results = list(pool.map(one, uris))
+    return [data for data, _ in results], [reason for _, reason in results]
