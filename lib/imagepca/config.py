@@ -47,14 +47,18 @@ def _check_location(name: str, value: object) -> None:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExtractParams:
     """Parameters of feature extraction (notebook 01).
 
     Parameters
     ----------
-    input : str
+    input : str or None
         Folder or URI holding one sub-folder per class (label = parent folder name).
+    manifest : str or None
+        Instead of ``input``: a CSV or Parquet file of image URIs (column ``path``, optional
+        ``label``, ``size``, ``modified``), or an S3 Inventory ``manifest.json``. Nothing is
+        listed; the executors read each URI.
     output : str
         Output folder or URI; features land in ``OUTPUT/features``.
     weights : str
@@ -80,11 +84,16 @@ class ExtractParams:
     reuse_features : bool
         Keep existing ``features/`` when they were made from the same input and
         extraction parameters, so only the PCA is redone.
+    incremental : bool
+        Featurize only the files that are new or changed (path, size, modification time)
+        since the features already in ``output`` (same weights, engine, image size and
+        decoding), append them as a new batch, drop the features of files that are gone.
     max_image_pixels : int
         Larger images are rejected as decompression bombs.
     """
 
-    input: str
+    input: str | None = None
+    manifest: str | None = None
     output: str
     weights: str = "imagenet"
     engine: str = DEFAULT_ENGINE
@@ -95,21 +104,28 @@ class ExtractParams:
     tasks_per_core: int = 4
     max_rejected_fraction: float = 1.0
     reuse_features: bool = False
+    incremental: bool = False
     max_image_pixels: int = 89_478_485
 
     def __post_init__(self) -> None:
-        _check_location("input", self.input)
+        _require(
+            (self.input is None) != (self.manifest is None),
+            "give exactly one of input (a folder of images) and manifest (a list of image "
+            f"URIs); got input={self.input!r}, manifest={self.manifest!r}",
+        )
+        _check_location("manifest" if self.input is None else "input", self.source)
         _check_location("output", self.output)
-        source, target = location_key(self.input), location_key(self.output)
-        _require(
-            source != target,
-            "output must differ from input: the output folder is replaced on every run",
-        )
-        _require(
-            not target.startswith(source + "/"),
-            "output must not be inside input: the next run would read the run's own plots "
-            f"as images; choose an output outside {self.input!r}",
-        )
+        if self.input is not None:
+            source, target = location_key(self.input), location_key(self.output)
+            _require(
+                source != target,
+                "output must differ from input: the output folder is replaced on every run",
+            )
+            _require(
+                not target.startswith(source + "/"),
+                "output must not be inside input: the next run would read the run's own "
+                f"plots as images; choose an output outside {self.input!r}",
+            )
         _check_location("weights", self.weights)
         _require(
             self.engine in ENGINES,
@@ -133,10 +149,11 @@ class ExtractParams:
             isinstance(self.fast_decode, bool),
             f"fast_decode must be True or False, got {self.fast_decode!r}",
         )
-        _require(
-            isinstance(self.reuse_features, bool),
-            f"reuse_features must be True or False, got {self.reuse_features!r}",
-        )
+        for name in ("reuse_features", "incremental"):
+            _require(
+                isinstance(getattr(self, name), bool),
+                f"{name} must be True or False, got {getattr(self, name)!r}",
+            )
         _require(
             _is_int(self.tasks_per_core) and 1 <= self.tasks_per_core <= 64,
             f"tasks_per_core must be an integer from 1 to 64, got {self.tasks_per_core!r}",
@@ -150,6 +167,11 @@ class ExtractParams:
             _is_int(self.max_image_pixels) and self.max_image_pixels >= 64 * 64,
             f"max_image_pixels must be an integer >= 4096, got {self.max_image_pixels!r}",
         )
+
+    @property
+    def source(self) -> str:
+        """Where the images are listed: the input folder or the manifest."""
+        return self.input if self.input is not None else self.manifest
 
     def as_dict(self) -> dict:
         return asdict(self)
