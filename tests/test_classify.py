@@ -266,6 +266,9 @@ def test_split_is_stratified_and_repeatable(spark, classified) -> None:
         assert block["reduced"]["per_class"][label]["support"] == split["test"]
     test = set(clf.subset.paths[clf.subset.is_test])
     assert len(test) == 60 and not test & set(clf.subset.paths[~clf.subset.is_test])
+    # Cached in one partition (240 images), whatever the session's shuffle partitions.
+    assert clf.split.rdd.getNumPartitions() == 1
+    assert spark.conf.get("spark.sql.shuffle.partitions") == "4"  # the test session's, restored
     # Same seed, same split, computed again from the stored reduced/ data.
     again = split_by_label(spark.read.parquet(str(classified["output"] / "reduced")), 0.25, 42)
     assert {r["path"] for r in again.filter(IS_TEST_COL).select("path").collect()} == test

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from pyspark.ml import PipelineModel
-from pyspark.ml.feature import PCA, StandardScaler
+from pyspark.ml.feature import PCA, PCAModel, StandardScaler
 from pyspark.ml.functions import array_to_vector, vector_to_array
 
-from imagepca.reduction import Moments, feature_moments, fit_pca, reduce_with
+from imagepca.reduction import Moments, feature_moments, fit_pca, read_pca, reduce_with
 
 
 def test_merged_moments_are_exact_and_stable_for_large_means():
@@ -80,3 +80,35 @@ def test_fit_equals_sparks_own_scaler_and_pca(spark, synthetic, tmp_path):
     b = np.stack(theirs.sort_values("path")["pca"].to_numpy())
     # Components are defined up to their sign.
     np.testing.assert_allclose(np.abs(a), np.abs(b), atol=1e-3)
+
+
+def test_read_pca_gives_what_sparks_loaders_give(spark, synthetic, tmp_path):
+    """Notebook 03 reads the saved scaler + PCA without Spark ML's loaders: same arrays."""
+    df, values = synthetic
+    fit = fit_pca(df, k=6, variance=0.95)
+    fit.model.save(str(tmp_path / "pca_model"))
+    fit.components.save(str(tmp_path / "pca_components"))
+    stored = read_pca(spark, str(tmp_path))
+    scaler, pca = PipelineModel.load(str(tmp_path / "pca_model")).stages
+    components = PCAModel.load(str(tmp_path / "pca_components"))
+    assert stored.k == pca.getK() == 6
+    np.testing.assert_array_equal(stored.mean, scaler.mean.toArray())
+    np.testing.assert_array_equal(stored.std, scaler.std.toArray())
+    np.testing.assert_array_equal(stored.components, components.pc.toArray())
+    np.testing.assert_array_equal(stored.explained_variance, components.explainedVariance.toArray())
+    assert stored.components.shape == (40, 40)
+    # Its scores are the pipeline's projection (float64 here, float32 in reduced/).
+    rows = reduce_with(fit.model, df).toPandas()
+    order = rows["path"].str.extract(r"/(\d+)\.jpg$")[0].astype(int).argsort().to_numpy()
+    projected = np.stack(rows["pca"].to_numpy()[order])  # in the order of ``values``
+    np.testing.assert_allclose(stored.scores(values, 6), projected, rtol=1e-4, atol=1e-3)
+    assert stored.scores(values, None)[:, 7].max() == 0  # the constant feature scales to 0
+
+
+def test_read_pca_rejects_another_pipeline(spark, synthetic, tmp_path):
+    df, _ = synthetic
+    fit = fit_pca(df, k=3, variance=0.95)
+    PipelineModel(stages=fit.model.stages[:1]).save(str(tmp_path / "pca_model"))
+    fit.components.save(str(tmp_path / "pca_components"))
+    with pytest.raises(ValueError, match="not a pca_model of this project"):
+        read_pca(spark, str(tmp_path))

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from pyspark.ml import Pipeline, PipelineModel
-from pyspark.ml.feature import PCAModel, StandardScalerModel, StringIndexerModel
+from pyspark.ml.feature import StringIndexerModel
 from pyspark.ml.functions import array_to_vector
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -54,9 +54,9 @@ from .logistic import (
 )
 from .pipeline import read_features, timed
 from .plots import save_figure
-from .reduction import PCA_COL
-from .session import default_parallelism
-from .split import IN_SUBSET_COL, IS_TEST_COL, TrainingMatrix, split_by_label
+from .reduction import PCA_COL, StoredPCA, read_pca
+from .session import SHUFFLE_PARTITIONS_KEY, default_parallelism, spark_settings
+from .split import IN_SUBSET_COL, IS_TEST_COL, TrainingMatrix, n_test_images, split_by_label
 from .storage import CLASSIFY_ARTIFACTS, METRICS_FILE, Storage, join
 
 MODEL_DIR = "classifier_model"
@@ -113,8 +113,7 @@ class Classification:
     indexer: StringIndexerModel
     split: DataFrame
     split_counts: dict[str, dict[str, int]]
-    scaler: StandardScalerModel
-    components: np.ndarray
+    pca: StoredPCA
     subset: TrainingMatrix
     subset_is_everything: bool
     results: dict[str, ClassifierResult] = field(default_factory=dict)
@@ -159,11 +158,7 @@ class Classification:
 
     def scores_of(self, k: int | None) -> np.ndarray:
         """The subset's first ``k`` PCA scores (None: its standardized features)."""
-        scaler = self.scaler
-        mean, std = scaler.mean.toArray(), scaler.std.toArray()
-        inverse = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
-        scaled = (self.subset.x.astype(np.float64) - mean) * inverse
-        return scaled if k is None else scaled @ self.components[:, :k]
+        return self.pca.scores(self.subset.x, k)
 
     def _fit_driver(self, name: str, data: TrainingMatrix, x: np.ndarray) -> tuple:
         train, test = ~data.is_test, data.is_test
@@ -367,21 +362,6 @@ class Classification:
         return merged
 
 
-def _pca_stages(pca_model: PipelineModel, model_uri: str) -> tuple[StandardScalerModel, int]:
-    """The scaler of a ``pca_model`` and the k its PCA keeps."""
-    stages = pca_model.stages
-    if (
-        len(stages) != 2
-        or not isinstance(stages[0], StandardScalerModel)
-        or not isinstance(stages[1], PCAModel)
-    ):
-        raise ValueError(
-            f"{model_uri} is not a pca_model of this project (StandardScaler -> PCA): "
-            "re-run notebook 02"
-        )
-    return stages[0], stages[1].getK()
-
-
 def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
     """Read the run's outputs, split them by label and collect the comparison subset.
 
@@ -407,9 +387,9 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
         )
     run_metrics = storage.read_json(metrics_uri)
     run_metrics.pop("classification", None)
-    scaler, k = _pca_stages(PipelineModel.load(needed[1]), needed[1])
-    components = PCAModel.load(needed[2])
-    cumulative = np.cumsum(components.explainedVariance.toArray()).tolist()
+    pca = read_pca(spark, params.output)
+    k = pca.k
+    cumulative = np.cumsum(pca.explained_variance).tolist()
     if run_metrics.get("k", k) != k:
         raise ValueError(
             f"metrics.json says k = {run_metrics['k']} but {needed[1]} keeps {k} components: "
@@ -426,35 +406,29 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
     fraction = min(1.0, params.sweep_max_images / n_kept)
 
     features = read_features(spark, params.output)
-    # A cached plan keeps its shuffle's 200 partitions (AQE does not coalesce it), and every
-    # later job over the split would run that many tasks: a few partitions of small rows.
+    # The split is cached with few partitions of small rows (path, label, flags): the
+    # window's shuffle gets that many, not the session's default (200 unless set), which
+    # made one task walk 200 nearly empty partitions (5 s on 240 images) and every later
+    # job over the split run 200 tasks. Set while the cached plan is made and first run.
     partitions = max(1, min(default_parallelism(spark), -(-n_kept // 200_000)))
-    split = (
-        split_by_label(
+    with spark_settings(spark, {SHUFFLE_PARTITIONS_KEY: str(partitions)}):
+        split = split_by_label(
             features.select("path", "label").filter(F.col("label").isin(kept)),
             params.test_fraction,
             params.seed,
             fraction,
+        ).persist()
+        # At most sweep_max_images paths: broadcast them, never shuffle the 1280-d rows.
+        subset = TrainingMatrix.collect(
+            features.join(F.broadcast(split.filter(IN_SUBSET_COL)), ["path", "label"]),
+            "features",
+            sorted(kept),
         )
-        .coalesce(partitions)
-        .persist()
-    )
-    split_counts = {
-        row["label"]: {"train": int(row["train"]), "test": int(row["test"])}
-        for row in split.groupBy("label")
-        .agg(
-            F.sum((~F.col(IS_TEST_COL)).cast("int")).alias("train"),
-            F.sum(F.col(IS_TEST_COL).cast("int")).alias("test"),
-        )
-        .orderBy("label")
-        .collect()
-    }
-    # At most sweep_max_images paths: broadcast them, never shuffle the 1280-d rows.
-    subset = TrainingMatrix.collect(
-        features.join(F.broadcast(split.filter(IN_SUBSET_COL)), ["path", "label"]),
-        "features",
-        sorted(kept),
-    )
+    # The split is exact: each label's counts follow from its number of images.
+    split_counts = {}
+    for label in kept:
+        n_test = n_test_images(label_counts[label], params.test_fraction)
+        split_counts[label] = {"train": label_counts[label] - n_test, "test": n_test}
     return Classification(
         spark=spark,
         params=params,
@@ -467,8 +441,7 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
         indexer=label_indexer(kept),
         split=split,
         split_counts=split_counts,
-        scaler=scaler,
-        components=components.pc.toArray(),
+        pca=pca,
         subset=subset,
         subset_is_everything=len(subset.y) == n_kept,
         timings={"prepare_s": round(time.perf_counter() - start, 3)},

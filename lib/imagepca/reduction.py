@@ -31,13 +31,15 @@ from pyspark.ml import PipelineModel
 from pyspark.ml.common import _py2java
 from pyspark.ml.feature import PCAModel, StandardScalerModel
 from pyspark.ml.functions import array_to_vector, vector_to_array
-from pyspark.ml.linalg import DenseMatrix, DenseVector
+from pyspark.ml.linalg import DenseMatrix, DenseVector, MatrixUDT, VectorUDT
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StructField, StructType
 
 from .config import ParameterError
 from .moments import MOMENTS_SCHEMA, Moments, merge_partials, partition_moments, projector
 from .session import ARROW_BATCH_KEY, spark_settings
+from .storage import Storage, join
 
 VECTOR_COL = "features_vector"
 SCALED_COL = "scaled"
@@ -172,6 +174,74 @@ def fit_pca(
         explained_variance=explained.tolist(),
         n_images=moments.n,
         n_features=n_features,
+    )
+
+
+# -- reading a fitted model back as arrays ------------------------------------------------
+
+SCALER_CLASS = "org.apache.spark.ml.feature.StandardScalerModel"
+PCA_CLASS = "org.apache.spark.ml.feature.PCAModel"
+# What Spark ML's writers store in a model's data/ folder (one row, one Parquet file).
+_SCALER_DATA = StructType([StructField("std", VectorUDT()), StructField("mean", VectorUDT())])
+_PCA_DATA = StructType(
+    [StructField("pc", MatrixUDT()), StructField("explainedVariance", VectorUDT())]
+)
+
+
+@dataclass(frozen=True)
+class StoredPCA:
+    """Notebook 02's scaler and PCA as numpy arrays: what notebook 03 needs of them."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    k: int
+    components: np.ndarray  # every component, d x min(images, features)
+    explained_variance: np.ndarray  # of every component
+
+    def scores(self, features: np.ndarray, k: int | None) -> np.ndarray:
+        """Standardized ``features`` (k None), or their first ``k`` PCA scores, in float64:
+        what the saved scaler then ``PCAModel`` compute."""
+        inverse = np.divide(1.0, self.std, out=np.zeros_like(self.std), where=self.std > 0)
+        scaled = (np.asarray(features, dtype=np.float64) - self.mean) * inverse
+        return scaled if k is None else scaled @ self.components[:, :k]
+
+
+def read_pca(spark: SparkSession, output: str) -> StoredPCA:
+    """``OUTPUT/pca_model`` (scaler, k) and ``OUTPUT/pca_components`` (every component).
+
+    The values are those ``PipelineModel.load`` and ``PCAModel.load`` give, read from the
+    same files in two small Spark jobs: Spark ML's loaders run about ten jobs for these two
+    models (a text job per metadata file, a schema job and a read job per data folder) and
+    hand the component matrix to Python through py4j, several seconds of a small run. The
+    metadata files are JSON (Spark writes each as ``metadata/part-00000``); the data are
+    read with the schema Spark ML wrote, so no schema inference job either.
+
+    Raises
+    ------
+    ValueError
+        When ``pca_model`` is not this project's ``StandardScaler -> PCA`` pipeline.
+    """
+    storage = Storage(spark)
+    model_uri = join(output, "pca_model")
+    stage_uids = storage.read_json(join(model_uri, "metadata", "part-00000"))["paramMap"][
+        "stageUids"
+    ]
+    # A PipelineModel stores its i-th stage under stages/{i}_{uid}.
+    stage_uris = [join(model_uri, "stages", f"{i}_{uid}") for i, uid in enumerate(stage_uids)]
+    stages = [storage.read_json(join(uri, "metadata", "part-00000")) for uri in stage_uris]
+    if [stage["class"] for stage in stages] != [SCALER_CLASS, PCA_CLASS]:
+        raise ValueError(
+            f"{model_uri} is not a pca_model of this project (StandardScaler -> PCA): "
+            "re-run notebook 02"
+        )
+    scaler = spark.read.schema(_SCALER_DATA).parquet(join(stage_uris[0], "data")).head()
+    pca = spark.read.schema(_PCA_DATA).parquet(join(output, "pca_components", "data")).head()
+    return StoredPCA(
+        mean=scaler["mean"].toArray(),
+        std=scaler["std"].toArray(),
+        k=int(stages[1]["paramMap"]["k"]),
+        components=pca["pc"].toArray(),
+        explained_variance=pca["explainedVariance"].toArray(),
     )
 
 

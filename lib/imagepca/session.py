@@ -18,6 +18,8 @@ from .config import SPARK_SETTINGS
 DEFAULT_MASTER = "local[*]"
 # Rows per Arrow batch between the JVM and a Python worker: what one worker holds at once.
 ARROW_BATCH_KEY = "spark.sql.execution.arrow.maxRecordsPerBatch"
+# Partitions of a shuffle (joins, aggregations, windows) when nothing else decides.
+SHUFFLE_PARTITIONS_KEY = "spark.sql.shuffle.partitions"
 
 _BASE_CONF = SPARK_SETTINGS
 
