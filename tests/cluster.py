@@ -144,8 +144,9 @@ killed = {}
 
 
 def kill_worker_when_running():
-    """Once a stage of >= min_tasks tasks has completed min_completed of them and still runs
-    some, SIGKILL a process group (a worker: ``pgid``) or tell the test to (``signal_file``)."""
+    """Once a stage of >= min_tasks tasks (named with stage_contains, when given: the call
+    site) has completed min_completed of them and still runs some, SIGKILL a process group
+    (a worker: ``pgid``) or tell the test to (``signal_file``)."""
     tracker = sc.statusTracker()
     deadline = time.time() + kill["timeout_s"]
     while time.time() < deadline:
@@ -156,6 +157,7 @@ def kill_worker_when_running():
                 and info.numTasks >= kill["min_tasks"]
                 and info.numCompletedTasks >= kill.get("min_completed", 1)
                 and info.numActiveTasks >= 1
+                and kill.get("stage_contains", "") in info.name
             ):
                 if "pgid" in kill:
                     os.killpg(kill["pgid"], signal.SIGKILL)

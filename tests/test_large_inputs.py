@@ -1,0 +1,317 @@
+"""Issue 16 on real Spark: manifests instead of a listing, and incremental runs that
+featurize only what is new, exactly once even when a run is killed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cluster import (
+    base_conf,
+    clean_python,
+    local_cluster_master,
+    run_driver,
+    ship_lib,
+    write_driver,
+)
+from conftest import FRUIT_PHOTOS, WEIGHTS
+from imagepca.config import ExtractParams, ReduceParams
+from imagepca.pipeline import extract_features, finish_run, reduce_features
+
+LABELS = ("apple", "banana", "orange")
+
+
+def photos(label: str, start: int, stop: int) -> list[Path]:
+    return sorted((FRUIT_PHOTOS / label).glob("*.jpg"))[start:stop]
+
+
+def features_by_path(output: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(output / "features")
+    return frame.set_index("path").sort_index()
+
+
+def spelled(path: Path) -> str:
+    """A local file as Spark's ``path`` column spells it."""
+    return f"file:{path}"
+
+
+# -- manifests ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def manifest_run(spark, tmp_path_factory):
+    """A CSV manifest of 12 shared photos spelled three ways, a label column for some rows,
+    a relative path, a duplicate row and three keys that do not exist."""
+    work = tmp_path_factory.mktemp("manifest")
+    chosen = [p for label in LABELS for p in photos(label, 0, 4)]
+    rows = []
+    for i, path in enumerate(chosen):
+        uri = [path.as_uri(), str(path), spelled(path)][i % 3]  # file:///, /, file:/
+        rows.append({"path": uri, "label": "pomme" if "apple" in path.parent.name else ""})
+    (work / "local").mkdir()
+    relative = work / "local" / "banana" / "copy.jpg"
+    relative.parent.mkdir()
+    shutil.copy(photos("banana", 10, 11)[0], relative)
+    rows.append({"path": "local/banana/copy.jpg", "label": ""})
+    rows.append(rows[0])  # the same URI twice counts once
+    missing = [spelled(FRUIT_PHOTOS / "apple" / f"gone{i}.jpg") for i in range(3)]
+    rows += [{"path": uri, "label": ""} for uri in missing]
+    manifest = work / "images.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    output = work / "out"
+    extraction = extract_features(
+        spark, ExtractParams(manifest=str(manifest), output=str(output), weights=str(WEIGHTS))
+    )
+    return {
+        "output": output,
+        "extraction": extraction,
+        "chosen": chosen,
+        "relative": relative,
+        "missing": missing,
+    }
+
+
+def test_manifest_accounts_for_every_uri(manifest_run):
+    metadata = manifest_run["extraction"].metadata
+    assert metadata["input_kind"] == "manifest"
+    assert metadata["n_files_found"] == 12 + 1 + 3
+    assert metadata["n_duplicate_uris"] == 1
+    assert metadata["n_images"] == 13 and metadata["n_rejected"] == 3
+    assert metadata["rejected_by_kind"] == {"missing": 3}
+    rejected = pd.read_parquet(manifest_run["output"] / "rejected")
+    assert sorted(rejected.path) == sorted(manifest_run["missing"])
+    assert all(reason.startswith("missing: ") for reason in rejected.reason)
+
+
+def test_manifest_labels_and_paths(manifest_run):
+    features = features_by_path(manifest_run["output"])
+    expected = {spelled(p) for p in manifest_run["chosen"]} | {spelled(manifest_run["relative"])}
+    assert set(features.index) == expected
+    labels = features.label.to_dict()
+    for path in manifest_run["chosen"]:
+        want = "pomme" if path.parent.name == "apple" else path.parent.name  # empty: folder
+        assert labels[spelled(path)] == want
+    assert labels[spelled(manifest_run["relative"])] == "banana"
+    # This manifest gives no size or modification time: changes are noticed by path only.
+    assert features["size"].isna().all() and features["modified"].isna().all()
+
+
+def test_manifest_features_equal_the_folder_run(manifest_run, photos_run):
+    """Bytes read by the executors (pyarrow) give the features Spark's reader gives."""
+    features = features_by_path(manifest_run["output"])
+    reference = features_by_path(Path(photos_run["output"]))
+    paths = [spelled(p) for p in manifest_run["chosen"]]
+    np.testing.assert_allclose(
+        np.stack(features.loc[paths, "features"]),
+        np.stack(reference.loc[paths, "features"]),
+        atol=1e-5,
+    )
+
+
+def test_parquet_manifest_without_labels(spark, tmp_path):
+    chosen = [p for label in ("apple", "orange") for p in photos(label, 0, 2)]
+    manifest = tmp_path / "images.parquet"
+    pd.DataFrame({"path": [spelled(p) for p in chosen]}).to_parquet(manifest)
+    extraction = extract_features(
+        spark,
+        ExtractParams(manifest=str(manifest), output=str(tmp_path / "out"), weights=str(WEIGHTS)),
+    )
+    assert extraction.metadata["images_per_label"] == {"apple": 2, "orange": 2}
+    assert extraction.n_rejected == 0
+
+
+# -- incremental runs -----------------------------------------------------------------------
+
+
+def copy_photos(root: Path, files: list[Path]) -> None:
+    for path in files:
+        (root / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, root / path.parent.name / path.name)
+
+
+def run(spark, input_dir: Path, output: Path, **extract):
+    extraction = extract_features(
+        spark,
+        ExtractParams(input=str(input_dir), output=str(output), weights=str(WEIGHTS), **extract),
+    )
+    reduction = reduce_features(spark, ReduceParams(output=str(output), k=5))
+    finish_run(spark, str(output), reduction.metrics)
+    return extraction, reduction
+
+
+@pytest.fixture(scope="module")
+def incremental(spark, tmp_path_factory):
+    """30 photos, then 20 added and 5 removed: an incremental run, and a fresh full run of
+    the final folder to compare it with."""
+    work = tmp_path_factory.mktemp("incremental")
+    root = work / "input"
+    copy_photos(root, [p for label in LABELS for p in photos(label, 0, 10)])
+    output = work / "out"
+    first, _ = run(spark, root, output, incremental=True)
+    first_parts = {p: p.stat().st_mtime_ns for p in (output / "features").rglob("*.parquet")}
+
+    added = [p for label in LABELS for p in photos(label, 10, 16)] + photos("mixed", 0, 2)
+    copy_photos(root, added)
+    removed = [root / "apple" / p.name for p in photos("apple", 0, 3)]
+    removed += [root / "orange" / p.name for p in photos("orange", 5, 7)]
+    for path in removed:
+        path.unlink()
+    second, second_reduction = run(spark, root, output, incremental=True)
+    fresh_out = work / "fresh"
+    fresh, fresh_reduction = run(spark, root, fresh_out)
+    return locals()
+
+
+def test_first_incremental_run_is_a_full_run(incremental):
+    increment = incremental["first"].metadata["incremental"]
+    assert increment["full_run_because"] == "no features in the output yet"
+    assert increment["featurized"] == 30
+
+
+def test_incremental_run_featurizes_only_new_files(incremental):
+    increment = incremental["second"].metadata["incremental"]
+    assert increment["featurized"] == 20
+    assert increment["dropped"] == 5
+    assert increment["kept"] == 25
+    assert len(incremental["second"].metadata["batches"]) == 2
+
+
+def test_incremental_equals_a_fresh_full_run(incremental):
+    features = pd.read_parquet(incremental["output"] / "features")
+    assert features.path.is_unique
+    fresh = features_by_path(incremental["fresh_out"])
+    ours = features.set_index("path").sort_index()
+    assert list(ours.index) == list(fresh.index)
+    assert (ours.label == fresh.label).all()
+    np.testing.assert_allclose(np.stack(ours.features), np.stack(fresh.features), atol=1e-5)
+    np.testing.assert_allclose(
+        incremental["second_reduction"].fit.explained_variance,
+        incremental["fresh_reduction"].fit.explained_variance,
+        atol=1e-6,
+    )
+    assert (
+        incremental["second"].metadata["images_per_label"]
+        == (incremental["fresh"].metadata["images_per_label"])
+    )
+
+
+def test_incremental_run_appends_without_rewriting_other_files(incremental):
+    """Part files of the first batch that held no removed row are untouched; those that did
+    are gone (their other rows moved to the new batch)."""
+    output = incremental["output"]
+    now = {p: p.stat().st_mtime_ns for p in (output / "features").rglob("*.parquet")}
+    first = incremental["first_parts"]
+    kept = [p for p in first if p in now]
+    assert kept, "every part file of the first batch was rewritten"
+    assert all(now[p] == first[p] for p in kept)
+    rewritten = incremental["second"].metadata["incremental"]["rewritten_part_files"]
+    assert len(first) - len(kept) == rewritten >= 1
+
+
+def test_killed_incremental_run_then_rerun_is_exactly_once(spark, tmp_path):
+    """SIGKILL the driver while the incremental run featurizes: features/ is unchanged
+    (byte for byte); the next incremental run adds every new file once."""
+    root = tmp_path / "input"
+    copy_photos(root, [p for label in LABELS[:2] for p in photos(label, 0, 8)])
+    output = tmp_path / "out"
+    run(spark, root, output)
+    before = {
+        str(p.relative_to(output)): p.read_bytes()
+        for p in sorted((output / "features").rglob("*"))
+        if p.is_file() and not p.name.startswith("_")
+    }
+    copy_photos(root, [p for label in LABELS for p in photos(label, 20, 26)])
+
+    work = tmp_path / "driver"
+    work.mkdir()
+    signal_file = work / "featurizing"
+    killed = run_driver(
+        write_driver(work),
+        {
+            "master": "local[1]",
+            "conf": base_conf(),
+            "check_imports": False,
+            "kill": {
+                "signal_file": str(signal_file),
+                "min_tasks": 2,
+                "min_completed": 1,
+                "stage_contains": "pipeline.py",
+                "timeout_s": 240,
+            },
+            "extract": {
+                "input": str(root),
+                "output": str(output),
+                "weights": str(WEIGHTS),
+                "incremental": True,
+            },
+            "reduce": {"output": str(output), "k": 5},
+            "result": str(work / "result.json"),
+        },
+        python=Path(os.environ["PYSPARK_PYTHON"]),
+        cwd=work,
+        timeout_s=300,
+        kill_on_file=signal_file,
+    )
+    assert killed.killed_on_signal, killed.stderr[-3000:]
+    after = {
+        str(p.relative_to(output)): p.read_bytes()
+        for p in sorted((output / "features").rglob("*"))
+        if p.is_file() and not p.name.startswith("_")
+    }
+    assert after == before, "the killed run changed features/"
+    assert not (output / "_SUCCESS").exists()
+
+    extraction, _ = run(spark, root, output, incremental=True)
+    assert extraction.metadata["incremental"]["featurized"] == 18
+    features = pd.read_parquet(output / "features")
+    assert features.path.is_unique and len(features) == 16 + 18
+    on_disk = {spelled(p) for p in root.rglob("*.jpg")}
+    assert set(features.path) == on_disk
+    assert (output / "_SUCCESS").exists() and not (output / "_staging").exists()
+
+
+@pytest.mark.cluster
+def test_manifest_on_a_local_cluster(manifest_run, tmp_path):
+    """The manifest path with two executor JVMs importing the shipped zip: the executors
+    read every URI themselves, and the result equals the local run."""
+    work = tmp_path / "driver"
+    work.mkdir()
+    python = clean_python(tmp_path)
+    archive = ship_lib(work)
+    manifest = tmp_path / "images.csv"
+    uris = [spelled(p) for p in manifest_run["chosen"]] + manifest_run["missing"][:1]
+    pd.DataFrame({"path": uris}).to_csv(manifest, index=False)
+    output = tmp_path / "cluster"
+    result = run_driver(
+        write_driver(work),
+        {
+            "master": local_cluster_master(2, 1, 1024),
+            "conf": base_conf(),
+            "executors": 2,
+            "pyfile": str(archive),
+            "extract": {"manifest": str(manifest), "output": str(output), "weights": str(WEIGHTS)},
+            "reduce": {"output": str(output), "k": 3},
+            "result": str(work / "result.json"),
+        },
+        python=python,
+        cwd=work,
+        timeout_s=400,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    extraction = result.result["extraction"]
+    assert extraction["n_files_found"] == 13 and extraction["n_rejected"] == 1
+    assert result.result["executors_at_start"] == 2
+    cluster = features_by_path(output)
+    local = features_by_path(manifest_run["output"])
+    paths = [spelled(p) for p in manifest_run["chosen"]]
+    assert list(cluster.index) == sorted(paths)
+    np.testing.assert_allclose(
+        np.stack(cluster.loc[paths, "features"]),
+        np.stack(local.loc[paths, "features"]),
+        atol=1e-4,
+    )
