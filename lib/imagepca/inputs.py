@@ -306,9 +306,11 @@ def _inventory_table(spark: SparkSession, manifest_uri: str) -> DataFrame:
             f"{manifest_uri!r} is not an S3 Inventory manifest.json ({type(error).__name__}: "
             f"{error}); expected destinationBucket, fileFormat, fileSchema and files[].key"
         ) from None
-    scheme = urlsplit(manifest_uri).scheme
-    if scheme and scheme != "s3":  # the report's own scheme (s3a:// off EMR)
-        data_files = [f"{scheme}{uri[2:]}" for uri in data_files]
+    # The report's objects live in S3: spelled with the manifest's own S3 scheme (s3a://
+    # off EMR), s3:// otherwise.
+    scheme = urlsplit(manifest_uri).scheme.lower()
+    scheme = scheme if scheme in ("s3a", "s3n") else "s3"
+    data_files = [f"{scheme}{uri[2:]}" for uri in data_files]
     if not data_files:
         return spark.createDataFrame([], "path string, label string, size long, modified string")
     if file_format == "csv":
@@ -328,10 +330,9 @@ def _inventory_table(spark: SparkSession, manifest_uri: str) -> DataFrame:
     if "is_delete_marker" in table.columns:
         keep = keep & ~F.coalesce(F.lower(F.col("is_delete_marker").cast("string")) == "true",
                                   F.lit(False))  # fmt: skip
-    source_scheme = scheme if scheme else "s3"
     modified = F.col("last_modified_date") if "last_modified_date" in table.columns else None
     return table.where(keep).select(
-        F.concat(F.lit(f"{source_scheme}://"), F.col("bucket"), F.lit("/"), key).alias("path"),
+        F.concat(F.lit(f"{scheme}://"), F.col("bucket"), F.lit("/"), key).alias("path"),
         F.lit(None).cast("string").alias("label"),
         (F.col("size") if "size" in table.columns else F.lit(None)).alias("size"),
         (modified if modified is not None else F.lit(None)).alias("modified"),
