@@ -521,6 +521,24 @@ def test_run_options_flow_unchanged():
         runs.RunOptions(input="/local", output="s3://b/o", weights="s3://b/w", notebooks="s3://b/n")
 
 
+def test_run_options_carry_a_manifest_and_incremental():
+    listed = runs.RunOptions(
+        input=None, manifest="s3://b/inventory/manifest.json", output="s3://b/runs/x",
+        weights="s3://b/w.h5", notebooks="s3://b/artifacts/1/notebooks", incremental=True,
+    )  # fmt: skip
+    command = runs.step_command(listed)
+    assert "--input" not in command and command[-1] == "--incremental"
+    assert command[command.index("--manifest") + 1] == "s3://b/inventory/manifest.json"
+    extract = runs.notebook_runs(listed)[0].parameters
+    assert extract["manifest"] == "s3://b/inventory/manifest.json" and extract["input"] is None
+    assert extract["incremental"] is True
+    with pytest.raises(AwsError, match="not both"):
+        runs.RunOptions(
+            input="s3://b/in/", manifest="s3://b/m.csv", output="s3://b/o", weights="s3://b/w",
+            notebooks="s3://b/n",
+        )  # fmt: skip
+
+
 @pytest.mark.usefixtures("aws_env")
 def test_down_terminates(capsys):
     _, cluster_id, _ = start_cluster()

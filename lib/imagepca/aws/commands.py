@@ -269,7 +269,9 @@ def _run_options(args: argparse.Namespace, settings: EmrSettings, run_id: str) -
     base = settings.artifacts_uri
     folder = stage.PYSPARK_NOTEBOOKS if args.via == "notebook-execution" else "notebooks"
     options = runs.RunOptions(
-        input=args.input or f"s3://{settings.bucket}/input/",
+        input=None if args.manifest else (args.input or f"s3://{settings.bucket}/input/"),
+        manifest=args.manifest,
+        incremental=args.incremental,
         output=args.output or f"s3://{settings.bucket}/runs/{run_id}",
         weights=args.weights or f"{base}/models/{stage.WEIGHTS_FILE}",
         notebooks=f"{base}/{folder}",
@@ -342,7 +344,16 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     _add_settings_options(run)
     run.add_argument("--cluster-id", required=True)
-    run.add_argument("--input", help="s3:// input (default: s3://BUCKET/input/)")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("--input", help="s3:// input (default: s3://BUCKET/input/)")
+    source.add_argument(
+        "--manifest", help="s3:// CSV/Parquet list of image URIs or S3 Inventory manifest.json"
+    )
+    run.add_argument(
+        "--incremental",
+        action="store_true",
+        help="featurize only images new or changed since the features in --output",
+    )
     run.add_argument("--output", help="s3:// output (default: s3://BUCKET/runs/RUN_ID)")
     run.add_argument("--run-id", help="run id (default: UTC time + random suffix)")
     run.add_argument("--weights", help="s3:// weights (default: the staged weights)")

@@ -35,7 +35,7 @@ from .settings import AwsError, parse_s3_uri
 class RunOptions:
     """One headless run; options flow to ``imagepca run`` unchanged."""
 
-    input: str
+    input: str | None
     output: str
     weights: str
     notebooks: str
@@ -43,11 +43,15 @@ class RunOptions:
     variance: float | None = None
     engine: str | None = None
     skip_classify: bool = False
+    manifest: str | None = None  # instead of input: a list of image URIs (issue 16)
+    incremental: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("input", "output", "weights", "notebooks"):
+        if (self.input is None) == (self.manifest is None):
+            raise AwsError("give an input folder or a manifest, not both")
+        for name in ("input", "manifest", "output", "weights", "notebooks"):
             value = getattr(self, name)
-            if not value.startswith("s3://"):
+            if value is not None and not value.startswith("s3://"):
                 raise AwsError(f"{name} must be an s3:// URI on EMR, got {value!r}")
         if self.k is not None and self.variance is not None:
             raise AwsError("give --k or --variance, not both")
@@ -86,7 +90,13 @@ def notebook_runs(options: RunOptions, *, master: str | None = "yarn") -> list:
     from imagepca import runner
     from imagepca.config import ExtractParams, ReduceParams
 
-    extract = {"input": options.input, "output": options.output, "weights": options.weights}
+    extract = {
+        "input": options.input,
+        "manifest": options.manifest,
+        "output": options.output,
+        "weights": options.weights,
+        "incremental": options.incremental,
+    }
     if options.engine:
         extract["engine"] = options.engine
     reduce: dict[str, Any] = {"output": options.output}
@@ -107,9 +117,10 @@ def notebook_runs(options: RunOptions, *, master: str | None = "yarn") -> list:
 
 def _run_arguments(options: RunOptions) -> list[str]:
     """``imagepca run`` options of the run: locations, then the user's choices."""
+    source = ["--input", options.input] if options.input else ["--manifest", options.manifest]
     command = [
         "--notebooks", options.notebooks,
-        "--input", options.input,
+        *source,
         "--output", options.output,
         "--weights", options.weights,
         "--master", "yarn",
@@ -122,6 +133,8 @@ def _run_arguments(options: RunOptions) -> list[str]:
         command += ["--engine", options.engine]
     if options.skip_classify:
         command.append("--skip-classify")
+    if options.incremental:
+        command.append("--incremental")
     return command
 
 
