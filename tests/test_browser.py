@@ -243,7 +243,7 @@ def test_extract_features_notebook_runs_in_jupyterlab(lab, browser):
         shot = _screenshot(page, page.locator(".jp-OutputArea-output img").first, name)
         assert shot.stat().st_size > 10_000
         features = lab["output"] / "features"
-        assert list(features.glob("part-*.parquet")), "features/ written"
+        assert list(features.rglob("part-*.parquet")), "features/ written"
         assert (lab["output"] / "samples.png").is_file()
     finally:
         page.close()

@@ -245,7 +245,11 @@ def extract_features(
                 staged = join(params.output, STAGING_DIR, f"features-{batch_id}")
                 stage_batch(features, increment, staged)
                 commit_batch(storage, features_uri, staged, increment, batch_id)
-            labels = _label_counts(read_features(spark, params.output))
+            if increment is None:  # this run's outcomes are the whole of features/
+                labels = {r["label"]: r["count"] for r in outcomes if r["kind"] is None}
+                labels = dict(sorted(labels.items()))
+            else:
+                labels = _label_counts(read_features(spark, params.output))
             metadata.update(
                 n_images=sum(labels.values()),
                 n_classes=len(labels),
