@@ -159,7 +159,7 @@ def test_subset_is_stratified_and_keeps_every_label(spark) -> None:
 
 @pytest.mark.parametrize("n_classes", [2, 4])
 def test_driver_fit_minimizes_sparks_objective(spark, n_classes) -> None:
-    """Same data, same objective: scikit-learn's and Spark's optima agree."""
+    """Same data, same objective: the driver fit's and Spark's optima agree."""
     rng = np.random.default_rng(n_classes)
     centres = rng.normal(0, 2, (n_classes, 6))
     y = rng.integers(0, n_classes, 300)
@@ -196,6 +196,29 @@ def test_driver_fit_minimizes_sparks_objective(spark, n_classes) -> None:
     spark_predictions = [r["prediction"] for r in model.transform(frame).collect()]
     np.testing.assert_array_equal(spark_predictions, logistic.predict(coefficients, intercepts, x))
     assert (logistic.predict(coefficients, intercepts, x) == y).mean() > 1 / n_classes + 0.2
+
+
+@pytest.mark.parametrize(("n_classes", "n_dims"), [(2, 5), (6, 40)])
+def test_driver_fit_is_scikit_learns(n_classes, n_dims) -> None:
+    """scipy's L-BFGS-B with scikit-learn's settings: scikit-learn's own solution."""
+    from sklearn.linear_model import LogisticRegression as SklearnLogisticRegression
+
+    rng = np.random.default_rng(n_classes)
+    y = np.arange(240) % n_classes
+    x = rng.normal(0, 1, (n_classes, n_dims))[y] + rng.normal(0, 2, (240, n_dims))
+    coefficients, intercepts = logistic.fit_multinomial(
+        x, y, n_classes, reg_param=0.01, max_iter=100
+    )
+    c = 1 / (240 * 0.01)
+    theirs = SklearnLogisticRegression(C=2 * c if n_classes == 2 else c, tol=1e-6).fit(x, y)
+    if n_classes == 2:  # scikit-learn fits one vector w: the multinomial [-w/2, w/2]
+        w, b = theirs.coef_[0], theirs.intercept_[0]
+        expected, expected_intercepts = np.stack([-w / 2, w / 2]), np.array([-b / 2, b / 2])
+    else:
+        expected = theirs.coef_
+        expected_intercepts = theirs.intercept_ - theirs.intercept_.mean()
+    np.testing.assert_allclose(coefficients, expected, atol=1e-5)
+    np.testing.assert_allclose(intercepts, expected_intercepts, atol=1e-5)
 
 
 def test_scores_from_a_confusion_matrix() -> None:

@@ -11,7 +11,7 @@ stratified train/test split, so they are comparable:
   of the PCA, no second feature extraction.
 
 Cost stays bounded as the data grows. The classifiers are fitted on the driver
-(:mod:`imagepca.logistic`: Spark's objective, scikit-learn's L-BFGS, no Spark job per
+(:mod:`imagepca.logistic`: Spark's objective, scipy's L-BFGS-B, no Spark job per
 iteration) when their float64 training matrix fits in ``driver_max_mb``; a larger
 ``reduced/`` is fitted by Spark's distributed ``LogisticRegression`` instead. The full
 comparison and the sweep use one training matrix collected once: every image up to
