@@ -112,6 +112,11 @@ class PCAFit:
     explained_variance: list[float]
     n_images: int
     n_features: int
+    # The model's numbers as numpy arrays (reading them back from the JVM costs a py4j
+    # conversion of the d x k matrix): the scaler's mean and std, the k chosen components.
+    mean: np.ndarray
+    std: np.ndarray
+    chosen_components: np.ndarray
 
     @property
     def cumulative_variance(self) -> list[float]:
@@ -125,8 +130,7 @@ class PCAFit:
         """``path``, ``label``, ``pca`` (k floats) for a features DataFrame: what
         :func:`reduce_with` gives with :attr:`model`, computed with one matrix product per
         Arrow batch."""
-        scaler, pca = self.model.stages
-        project = projector(scaler.mean.toArray(), scaler.std.toArray(), pca.pc.toArray())
+        project = projector(self.mean, self.std, self.chosen_components)
         return features.select("path", "label", "features").mapInArrow(
             project, "path string, label string, pca array<float>"
         )
@@ -174,6 +178,9 @@ def fit_pca(
         explained_variance=explained.tolist(),
         n_images=moments.n,
         n_features=n_features,
+        mean=moments.mean,
+        std=std,
+        chosen_components=components[:, :chosen],
     )
 
 
