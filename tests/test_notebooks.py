@@ -98,3 +98,31 @@ def test_bad_parameters_stop_at_the_edge(tmp_path, capsys):
     assert status == 2
     assert "variance must be a fraction in (0, 1]" in capsys.readouterr().err
     assert not any(Path(tmp_path).iterdir())
+
+
+def test_stop_spark_ends_the_jvm_the_kernel_launched(tmp_path):
+    """What ``imagepca run`` runs in its kernel before shutting it down: the session stops
+    and the JVM this process launched has exited and been waited for (no child left for
+    ipykernel's shutdown to wait on)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, psutil\n"
+        "from pyspark import SparkContext\n"
+        "from imagepca.session import get_spark, stop_spark\n"
+        "spark = get_spark('local[1]', conf={'spark.ui.enabled': 'false'})\n"
+        "assert spark.range(3).count() == 3\n"
+        "jvm = SparkContext._gateway.proc\n"
+        "stop_spark()\n"
+        "assert jvm.returncode is not None, 'JVM still running'\n"
+        "assert SparkContext._gateway is None and SparkContext._active_spark_context is None\n"
+        "assert not psutil.Process().children(recursive=True), 'a child process is left'\n"
+        "stop_spark()  # nothing to stop: no error\n"
+        "print('stopped')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("stopped")

@@ -34,6 +34,11 @@ REDUCE_NOTEBOOK = "02_reduce_pca.ipynb"
 CLASSIFY_NOTEBOOK = "03_classify.ipynb"
 
 
+# The kernel of local runs: the notebooks' Python runs in it, with its own Spark JVM (not so
+# for sparkmagic's pysparkkernel, whose code runs in a Livy session on the cluster).
+LOCAL_KERNEL = "python3"
+STOP_SPARK_CODE = "from imagepca.session import stop_spark\nstop_spark()"
+
 LOG_FILE = "logs/run.log"  # under the output (a local file first when the output is remote)
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
 _WARNING = re.compile(r"^warning: ")  # lowercase: ours (progress), not a library's WARNING:
@@ -299,6 +304,7 @@ def run_notebooks(
     NotebookFailed
         When a cell raises or times out.
     """
+    _skip_slow_optional_imports()
     import papermill
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.utils import run_sync
@@ -358,6 +364,8 @@ def run_notebooks(
             _ended(console, label, started)
     finally:
         if kernel_manager.has_kernel:
+            if kernel == LOCAL_KERNEL:
+                run_sync(_stop_kernel_spark)(kernel_manager)
             run_sync(kernel_manager.shutdown_kernel)(now=False)
         for key, value in saved_env.items():
             if value is None:
@@ -365,6 +373,36 @@ def run_notebooks(
             else:
                 os.environ[key] = value
     return read_metrics(output)
+
+
+def _skip_slow_optional_imports() -> None:
+    """Keep jsonschema from importing ``rfc3987_syntax`` in this process.
+
+    papermill imports nbformat, which imports jsonschema, whose format checkers import
+    ``rfc3987_syntax`` when it is installed (JupyterLab's dependencies bring it) to check
+    the ``iri`` format; that module builds a Lark grammar when imported: 1.5 s of every
+    ``imagepca run`` here. Notebook schemas use no such format, and jsonschema treats the
+    module as absent. Has no effect when something imported it already.
+    """
+    sys.modules.setdefault("rfc3987_syntax", None)
+
+
+async def _stop_kernel_spark(kernel_manager) -> None:
+    """Stop the kernel's Spark (session and JVM) before the kernel is shut down; see
+    :func:`imagepca.session.stop_spark`. Best effort: the kernel shutdown follows anyway."""
+    if not await kernel_manager.is_alive():
+        return
+    client = kernel_manager.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=30)
+        await client.execute_interactive(
+            STOP_SPARK_CODE, silent=True, store_history=False, timeout=120
+        )
+    except Exception as error:  # a dead or busy kernel: its shutdown still ends it
+        logging.getLogger(__name__).warning("could not stop the kernel's Spark: %s", error)
+    finally:
+        client.stop_channels()
 
 
 def _ended(console: Console | None, label: str, started: float, failed: bool = False) -> None:
