@@ -35,6 +35,7 @@ from pyspark.ml.linalg import DenseMatrix, DenseVector, MatrixUDT, VectorUDT
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructField, StructType
+from threadpoolctl import threadpool_limits
 
 from .config import ParameterError
 from .moments import MOMENTS_SCHEMA, Moments, merge_partials, partition_moments, projector
@@ -258,8 +259,14 @@ def principal_axes(correlation: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     The explained-variance ratios are Spark's ``PCA``'s: eigenvalues over their sum, so
     with k = min(images, features) they sum to 1. Each component's sign is fixed (largest
     loading positive) so that runs are reproducible.
+
+    One BLAS thread: the driver shares its cores with Spark (and, on a laptop, with
+    everything else), and OpenBLAS's spinning threads then take 5 to 8 s for this 1280 x
+    1280 ``eigh`` instead of 0.5 s on one thread (measured on this 2-core machine under
+    load; idle, the two take 0.2-0.4 s).
     """
-    eigenvalues, eigenvectors = np.linalg.eigh(correlation)
+    with threadpool_limits(1):
+        eigenvalues, eigenvectors = np.linalg.eigh(correlation)
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues = np.abs(eigenvalues[order])  # rank-deficient data: round-off below zero
     eigenvectors = eigenvectors[:, order[:k]]

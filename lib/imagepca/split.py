@@ -53,19 +53,19 @@ def split_by_label(
     n_test = F.when(n >= MIN_IMAGES_PER_LABEL, F.greatest(F.lit(1), F.least(n - 1, rounded)))
     n_test = n_test.otherwise(F.lit(0))
     fraction = F.lit(float(subset_fraction))
-    keep_test = F.greatest(F.lit(1), F.ceil(n_test * fraction))
-    keep_train = F.greatest(F.lit(1), F.ceil((n - n_test) * fraction))
-    return (
-        df.withColumn("_n_test", n_test)
-        .withColumn("_rank", rank)
-        .withColumn(IS_TEST_COL, F.col("_rank") <= F.col("_n_test"))
-        .withColumn(
-            IN_SUBSET_COL,
-            F.when(F.col(IS_TEST_COL), F.col("_rank") <= keep_test).otherwise(
-                F.col("_rank") - F.col("_n_test") <= keep_train
-            ),
-        )
-        .drop("_n_test", "_rank")
+    # Over the projected columns: the label's count and test count, computed once.
+    keep_test = F.greatest(F.lit(1), F.ceil(F.col("_n_test") * fraction))
+    keep_train = F.greatest(F.lit(1), F.ceil((F.col("_n") - F.col("_n_test")) * fraction))
+    # Two projections, not a withColumn per column: each is analysed on the driver.
+    ranked_rows = df.select("*", n.alias("_n"), n_test.alias("_n_test"), rank.alias("_rank"))
+    is_test = F.col("_rank") <= F.col("_n_test")
+    in_subset = F.when(is_test, F.col("_rank") <= keep_test).otherwise(
+        F.col("_rank") - F.col("_n_test") <= keep_train
+    )
+    return ranked_rows.select(
+        *[ranked_rows[name] for name in df.columns],
+        is_test.alias(IS_TEST_COL),
+        in_subset.alias(IN_SUBSET_COL),
     )
 
 
