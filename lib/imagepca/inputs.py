@@ -72,17 +72,20 @@ class ImageListing:
         return dict(sorted((row["label"], row["count"]) for row in rows))
 
     def sample(self, per_label: int, max_labels: int = 12) -> list[tuple[str, str]]:
-        """``(label, path)`` of a few files of each of the first labels, for a first look."""
+        """``(label, path)`` of a few files of each of the first labels, for a first look.
+
+        One job; per_label rows per label reach the driver.
+        """
         first = Window.partitionBy("label").orderBy("path")
-        labels = self.files.select("label").distinct().orderBy("label").limit(max_labels)
         rows = (
-            self.files.join(F.broadcast(labels), "label")
+            self.files.select("label", "path")
             .withColumn("rank", F.row_number().over(first))
             .where(F.col("rank") <= per_label)
-            .orderBy("label", "path")
             .collect()
         )
-        return [(row["label"], row["path"]) for row in rows]
+        labels = sorted({row["label"] for row in rows})[:max_labels]
+        chosen = sorted((row["label"], row["path"]) for row in rows if row["label"] in labels)
+        return chosen
 
     def unscanned(self, scanned: DataFrame) -> DataFrame:
         """Listed files with no row in ``scanned``: a folder's empty, vanished or unreadable
@@ -168,13 +171,14 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {input_uri!r}. "
             "Expected one sub-folder per class, e.g. INPUT/apple/1.jpg, INPUT/banana/2.jpg."
         )
-    # Statuses only: binaryFile reads a file's bytes only when `content` is selected.
+    # Statuses only: binaryFile reads a file's bytes only when `content` is selected. Kept
+    # once computed (paths and sizes: small), for the labels, the sample and an increment.
     files = relation.select(
         "path",
         label_column(F.col("path")).alias("label"),
         F.col("length").alias("size"),
         F.col("modificationTime").alias("modified"),
-    )
+    ).persist(StorageLevel.MEMORY_AND_DISK)
     return ImageListing(input_uri, "folder", files, n_files, relation=relation)
 
 

@@ -159,6 +159,7 @@ def extract_features(
     if params.reuse_features and stored:
         identity["listing_fingerprint"] = fingerprint(listing.files, listing.n_files)
         if all(stored["params"].get(key) == identity.get(key) for key in REUSE_KEYS):
+            listing.release()
             return _checked(Extraction(listing, stored, reused=True), params)
 
     increment, full_run_reason = None, None
@@ -166,7 +167,6 @@ def extract_features(
         full_run_reason = why_not_incremental(stored, identity)
         if full_run_reason is None:
             with timer.stage("plan_s"):
-                listing.files.persist(StorageLevel.MEMORY_AND_DISK)
                 increment = plan_increment(spark, features_uri, listing.files)
 
     with timer.stage("model_s"):
