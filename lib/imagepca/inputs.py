@@ -173,13 +173,19 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
         )
     # Statuses only: binaryFile reads a file's bytes only when `content` is selected. Kept
     # once computed (paths and sizes: small), for the labels, the sample and an increment.
-    files = relation.select(
+    files = folder_rows(relation).persist(StorageLevel.MEMORY_AND_DISK)
+    return ImageListing(input_uri, "folder", files, n_files, relation=relation)
+
+
+def folder_rows(relation: DataFrame, *extra: Column) -> DataFrame:
+    """A ``binaryFile`` relation's rows as listing columns (plus ``extra``, e.g. content)."""
+    return relation.select(
         "path",
         label_column(F.col("path")).alias("label"),
         F.col("length").alias("size"),
         F.col("modificationTime").alias("modified"),
-    ).persist(StorageLevel.MEMORY_AND_DISK)
-    return ImageListing(input_uri, "folder", files, n_files, relation=relation)
+        *extra,
+    )
 
 
 def _path_spelling(uri: Column) -> Column:

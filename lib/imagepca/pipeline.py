@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 from . import progress
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
 from .features import features_udf, file_sha256, load_model_payload, resolve_weights
-from .images import InputError, classifiable, label_column
+from .images import InputError, classifiable
 from .increments import (
     LAYOUT,
     ROW_KEY,
@@ -37,7 +37,14 @@ from .increments import (
     stage_batch,
     why_not_incremental,
 )
-from .inputs import ImageListing, fingerprint, list_inputs, read_options, scan_settings
+from .inputs import (
+    ImageListing,
+    fingerprint,
+    folder_rows,
+    list_inputs,
+    read_options,
+    scan_settings,
+)
 from .reduction import FLOAT64_BATCH_ROWS, PCAFit, check_k, fit_pca
 from .session import ARROW_BATCH_KEY, default_parallelism, spark_settings
 from .storage import CLASSIFY_ARTIFACTS, STAGING_DIR, Storage, join
@@ -172,27 +179,19 @@ def extract_features(
     with timer.stage("model_s"):
         payload = load_model_payload(params, weights_file, storage)
     settings = {ARROW_BATCH_KEY: str(params.max_records_per_batch)}
-    tasks = default_parallelism(spark) * params.tasks_per_core
+    cores = default_parallelism(spark)
     if increment is None and listing.relation is not None:
         # A folder's bytes through Spark's own reader, split into even tasks by count.
-        settings.update(
-            scan_settings(listing.n_files, default_parallelism(spark), params.tasks_per_core)
-        )
+        settings.update(scan_settings(listing.n_files, cores, params.tasks_per_core))
         udf = features_udf(spark, params, payload)
-        rows = listing.relation.select(
-            "path",
-            label_column(F.col("path")).alias("label"),
-            F.col("length").alias("size"),
-            F.col("modificationTime").alias("modified"),
-            udf("content").alias("out"),
-        )
+        rows = folder_rows(listing.relation, udf("content").alias("out"))
         n_todo = listing.n_files
     else:
         # A list of URIs (a manifest, or the new files of an increment): read on executors.
         todo = increment.todo if increment else listing.files
         n_todo = increment.n_todo if increment else listing.n_files
         udf = features_udf(spark, params, payload, read=read_options(spark))
-        rows = todo.repartition(max(1, min(tasks, n_todo))).select(
+        rows = todo.repartition(max(1, min(cores * params.tasks_per_core, n_todo))).select(
             *ROW_KEY, udf("path").alias("out")
         )
     # The cached plan is made here and the files are split when it first runs: the scan
