@@ -31,9 +31,11 @@ from pyspark.sql import functions as F
 
 from .config import ExtractParams
 from .images import IMAGE_EXTENSIONS, InputError, extension_glob, label_column
+from .session import default_parallelism, spark_settings
 from .storage import Storage
 
 LISTING_COLUMNS = ("path", "label", "size", "modified")
+LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
 # Column names an S3 Inventory report uses: CSV reports name them in ``fileSchema``,
 # Parquet and ORC reports carry them (in snake case) in the data files.
 INVENTORY_COLUMNS = {
@@ -53,13 +55,15 @@ class ImageListing:
 
     ``n_files`` counts every image file found, including those no scan can return (a
     folder's empty files); ``relation`` is a folder's ``binaryFile`` DataFrame, which reads
-    exactly the listed files' bytes without listing again.
+    exactly the listed files' bytes without listing again. ``label_counts`` comes from the
+    job that filled the cache of ``files``.
     """
 
     source: str
     kind: str  # "folder" or "manifest"
     files: DataFrame = field(compare=False, repr=False)
     n_files: int
+    label_counts: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
     relation: DataFrame | None = field(default=None, compare=False, repr=False)
     n_duplicates: int = 0
 
@@ -67,9 +71,8 @@ class ImageListing:
         return self.n_files
 
     def labels(self) -> dict[str, int]:
-        """Files per label (one row per label reaches the driver)."""
-        rows = self.files.groupBy("label").count().collect()
-        return dict(sorted((row["label"], row["count"]) for row in rows))
+        """Files per label, as the listing's scan returned them."""
+        return dict(self.label_counts)
 
     def sample(self, per_label: int, max_labels: int = 12) -> list[tuple[str, str]]:
         """``(label, path)`` of a few files of each of the first labels, for a first look.
@@ -172,9 +175,21 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
             "Expected one sub-folder per class, e.g. INPUT/apple/1.jpg, INPUT/banana/2.jpg."
         )
     # Statuses only: binaryFile reads a file's bytes only when `content` is selected. Kept
-    # once computed (paths and sizes: small), for the labels, the sample and an increment.
-    files = folder_rows(relation).persist(StorageLevel.MEMORY_AND_DISK)
-    return ImageListing(input_uri, "folder", files, n_files, relation=relation)
+    # (paths and sizes: small) for the sample, the fingerprint and an increment, and filled
+    # now by the job that counts the labels. Spark would pack small files into hundreds of
+    # scan tasks (10 s for 10,000 files here); the cached plan is made and split under
+    # settings that give a few even tasks instead.
+    settings = scan_settings(n_files, default_parallelism(spark), LISTING_TASKS_PER_CORE)
+    with spark_settings(spark, settings):
+        files = folder_rows(relation).persist(StorageLevel.MEMORY_AND_DISK)
+        counts = count_labels(files)
+    return ImageListing(input_uri, "folder", files, n_files, counts, relation=relation)
+
+
+def count_labels(files: DataFrame) -> dict[str, int]:
+    """Rows per label, sorted by label (one row per label reaches the driver)."""
+    rows = files.groupBy("label").count().collect()
+    return dict(sorted((row["label"], row["count"]) for row in rows))
 
 
 def folder_rows(relation: DataFrame, *extra: Column) -> DataFrame:
@@ -250,15 +265,17 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
     counts = images.agg(F.count(F.lit(1)).alias("rows")).first()
-    n_files = files.count()
+    label_counts = count_labels(files)
+    n_files = sum(label_counts.values())
     if not n_files:
         files.unpersist()
         raise InputError(
             f"manifest {manifest_uri!r} lists no image file ({', '.join(IMAGE_EXTENSIONS)}); "
             "its `path` column must hold image URIs such as s3://bucket/apple/1.jpg"
         )
+    n_duplicates = counts["rows"] - n_files
     return ImageListing(
-        manifest_uri, "manifest", files, n_files, n_duplicates=counts["rows"] - n_files
+        manifest_uri, "manifest", files, n_files, label_counts, n_duplicates=n_duplicates
     )
 
 
