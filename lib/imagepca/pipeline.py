@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from importlib import metadata
 
 import pandas as pd
@@ -46,7 +47,7 @@ from .inputs import (
     scan_settings,
 )
 from .reduction import FLOAT64_BATCH_ROWS, PCAFit, check_k, fit_pca
-from .session import ARROW_BATCH_KEY, default_parallelism, spark_settings
+from .session import ARROW_BATCH_KEY, default_parallelism, run_concurrently, spark_settings
 from .storage import CLASSIFY_ARTIFACTS, STAGING_DIR, Storage, join
 
 EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
@@ -216,6 +217,21 @@ def extract_features(
                                                  increment)  # fmt: skip
             features = scored.filter(F.col("reason").isNull()).select(*STORED_COLUMNS)
             batch_id = new_batch_id()
+
+            def write_features(uri: str) -> None:
+                features.write.parquet(batch_folder(uri, batch_id))
+
+            # Small jobs over the cache, side by side: their latencies overlap.
+            listing_fingerprint, *_ = run_concurrently(
+                partial(fingerprint, listing.files if increment else scored, listing.n_files),
+                partial(storage.publish, params.output, "rejected", rejected.write.parquet),
+                *([partial(storage.publish, params.output, "features", write_features)]
+                  if increment is None else []),
+            )  # fmt: skip
+            if increment is not None:
+                staged = join(params.output, STAGING_DIR, f"features-{batch_id}")
+                stage_batch(features, increment, staged)
+                commit_batch(storage, features_uri, staged, increment, batch_id)
             metadata = {
                 "input": params.source,
                 "input_kind": listing.kind,
@@ -224,26 +240,10 @@ def extract_features(
                 "n_duplicate_uris": listing.n_duplicates,
                 "rejected_by_kind": by_kind,
                 "n_rejected": sum(by_kind.values()),
-                "params": {
-                    **identity,
-                    "listing_fingerprint": fingerprint(
-                        listing.files if increment else scored, listing.n_files
-                    ),
-                },
+                "params": {**identity, "listing_fingerprint": listing_fingerprint},
                 "versions": library_versions(),
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
-            storage.publish(params.output, "rejected", lambda uri: rejected.write.parquet(uri))
-            if increment is None:
-
-                def write_features(uri: str) -> None:
-                    features.write.parquet(batch_folder(uri, batch_id))
-
-                storage.publish(params.output, "features", write_features)
-            else:
-                staged = join(params.output, STAGING_DIR, f"features-{batch_id}")
-                stage_batch(features, increment, staged)
-                commit_batch(storage, features_uri, staged, increment, batch_id)
             if increment is None:  # this run's outcomes are the whole of features/
                 labels = {r["label"]: r["count"] for r in outcomes if r["kind"] is None}
                 labels = dict(sorted(labels.items()))
@@ -414,9 +414,15 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         # The projection holds a batch as float64 in the worker.
         spark_settings(spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS)}),
     ):
-        storage.publish(params.output, "pca_model", lambda uri: fit.model.save(uri))
-        storage.publish(params.output, "pca_components", lambda uri: fit.components.save(uri))
-        reduced_uri = storage.publish_dataframe(fit.transform(features), params.output, "reduced")
+        reduced = fit.transform(features)
+        *_, reduced_uri = storage.publish_all(
+            params.output,
+            {
+                "pca_model": fit.model.save,
+                "pca_components": fit.components.save,
+                "reduced": lambda uri: reduced.write.parquet(uri),
+            },
+        )
     with timer.stage("projection_s"):
         # The plot's points: a bounded sample of the first two components.
         fraction = min(1.0, params.projection_points / max(fit.n_images, 1))

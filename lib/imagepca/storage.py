@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from functools import partial
 from urllib.parse import unquote, urlsplit
 
 from pyspark.sql import DataFrame, SparkSession
+
+from .session import run_concurrently
 
 SUCCESS_MARKER = "_SUCCESS"
 METRICS_FILE = "metrics.json"
@@ -156,6 +159,13 @@ class Storage:
         self.delete(final)
         self.rename(staging, final)
         return final
+
+    def publish_all(self, output: str, writes: dict[str, Callable[[str], None]]) -> list[str]:
+        """:meth:`publish` several datasets side by side (see
+        :func:`imagepca.session.run_concurrently`); the final URIs in order."""
+        return run_concurrently(
+            *(partial(self.publish, output, name, write) for name, write in writes.items())
+        )
 
     def publish_dataframe(self, df: DataFrame, output: str, name: str) -> str:
         return self.publish(output, name, lambda uri: df.write.parquet(uri))
