@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -54,6 +55,17 @@ def test_executed_notebooks_ran_every_cell_with_injected_parameters(sample_run):
         assert not any(o.output_type == "error" for c in code for o in c.outputs)
         images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
         assert len(images) == (1 if name.startswith("01") else 2)
+        # %matplot shows the PNG file the run saved, not another drawing of the figure.
+        saved = (
+            ["samples.png"]
+            if name.startswith("01")
+            else ["explained_variance.png", "projection.png"]
+        )
+        for output, file_name in zip(images, saved, strict=True):
+            assert (
+                base64.b64decode(output["data"]["image/png"])
+                == (sample_run / file_name).read_bytes()
+            )
 
 
 def test_sample_classes_separate_on_the_principal_components(sample_run):

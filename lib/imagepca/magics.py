@@ -8,6 +8,18 @@ Outside IPython (Livy's own shell, scripts, Spark workers) this does nothing.
 
 from __future__ import annotations
 
+import weakref
+
+# The PNG each figure was last saved as (plots.save_figure): %matplot shows those bytes, the
+# file the run wrote, instead of drawing the figure twice more (bbox "tight" draws twice;
+# a 60-class confusion matrix takes about a second per drawing).
+_SAVED_PNG: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def remember_png(figure, data: bytes) -> None:
+    """Record that ``figure`` was saved as ``data`` (a PNG), for ``%matplot``."""
+    _SAVED_PNG[figure] = data
+
 
 def matplot(line: str) -> None:
     """Show the current figure of the pyplot module named in ``line`` and close it.
@@ -25,9 +37,12 @@ def matplot(line: str) -> None:
     pyplot = (shell.user_ns.get(name) if shell else None) or sys.modules["matplotlib.pyplot"]
     figure = pyplot.gcf()
     # PNG bytes, as Livy sends them: independent of the kernel's matplotlib backend.
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    display(Image(data=buffer.getvalue(), format="png"))
+    data = _SAVED_PNG.pop(figure, None)
+    if data is None:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", bbox_inches="tight")
+        data = buffer.getvalue()
+    display(Image(data=data, format="png"))
     pyplot.close(figure)
 
 

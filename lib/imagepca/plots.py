@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .magics import remember_png
 from .storage import Storage, join
 
 
@@ -92,6 +93,7 @@ def save_figure(fig: Figure, storage: Storage, output: str, name: str) -> str:
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     uri = join(output, name)
     storage.write_bytes(uri, buffer.getvalue())
+    remember_png(fig, buffer.getvalue())  # %matplot then shows this file, not a new drawing
     return uri
 
 
