@@ -15,7 +15,7 @@ from collections.abc import Callable
 from functools import partial
 from urllib.parse import unquote, urlsplit
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 
 from .session import run_concurrently
 
@@ -166,9 +166,6 @@ class Storage:
         return run_concurrently(
             *(partial(self.publish, output, name, write) for name, write in writes.items())
         )
-
-    def publish_dataframe(self, df: DataFrame, output: str, name: str) -> str:
-        return self.publish(output, name, lambda uri: df.write.parquet(uri))
 
     def finish_run(self, output: str, metrics: dict) -> None:
         """Write ``metrics.json`` and then ``_SUCCESS``: the last two files of a run."""
