@@ -218,16 +218,18 @@ def extract_features(
             features = scored.filter(F.col("reason").isNull()).select(*STORED_COLUMNS)
             batch_id = new_batch_id()
 
-            def write_features(uri: str) -> None:
-                features.write.parquet(batch_folder(uri, batch_id))
-
-            # Small jobs over the cache, side by side: their latencies overlap.
-            listing_fingerprint, *_ = run_concurrently(
+            # Independent jobs over the cache, side by side (see run_concurrently).
+            jobs = [
                 partial(fingerprint, listing.files if increment else scored, listing.n_files),
                 partial(storage.publish, params.output, "rejected", rejected.write.parquet),
-                *([partial(storage.publish, params.output, "features", write_features)]
-                  if increment is None else []),
-            )  # fmt: skip
+            ]
+            if increment is None:
+
+                def write_features(uri: str) -> None:
+                    features.write.parquet(batch_folder(uri, batch_id))
+
+                jobs.append(partial(storage.publish, params.output, "features", write_features))
+            listing_fingerprint, *_ = run_concurrently(*jobs)
             if increment is not None:
                 staged = join(params.output, STAGING_DIR, f"features-{batch_id}")
                 stage_batch(features, increment, staged)
@@ -420,7 +422,7 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
             {
                 "pca_model": fit.model.save,
                 "pca_components": fit.components.save,
-                "reduced": lambda uri: reduced.write.parquet(uri),
+                "reduced": reduced.write.parquet,
             },
         )
     with timer.stage("projection_s"):

@@ -130,9 +130,10 @@ def run_concurrently(*calls: Callable[[], object]) -> list:
     raised, after every call has ended).
 
     For independent Spark jobs that are small next to their scheduling cost (a model's
-    metadata file, an empty dataset, a checksum): side by side their latencies overlap
-    instead of adding up. PySpark gives each Python thread its own JVM thread, and Spark
-    runs the jobs of several threads at once.
+    metadata file, an empty dataset, a checksum): PySpark gives each Python thread its own
+    JVM thread, and Spark runs the jobs of several threads at once, so a small job's latency
+    overlaps a larger job instead of adding to it. Measured: notebook 02's three publishes at
+    10,000 images 5.9 -> 4.9 s; less on a cold JVM, whose small jobs are CPU-bound too.
     """
     with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
         futures = [pool.submit(call) for call in calls]
