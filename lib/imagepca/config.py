@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 ENGINES = ("tflite", "keras")
 DEFAULT_ENGINE = "tflite"
@@ -17,6 +18,17 @@ FEATURE_DIM = 1280  # MobileNetV2 (alpha 1.0) without its top, after global aver
 # The file name Keras' MobileNetV2(weights="imagenet", include_top=False) caches and staging
 # uploads; every input size uses these 224-pixel weights.
 KERAS_WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+
+
+def cache_dir() -> Path:
+    """Where this machine's one-time work is kept (``$IMAGEPCA_CACHE``): converted models,
+    fetched weights, the local JVM's class archive."""
+    root = os.environ.get("IMAGEPCA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "imagepca"
+    )
+    return Path(root)
+
+
 # Session settings the pipeline relies on: given to a session get_spark builds, and to the
 # Livy sessions the PySpark kernel creates (cluster-wide spark-defaults still win).
 SPARK_SETTINGS = {

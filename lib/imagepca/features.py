@@ -24,7 +24,7 @@ import pandas as pd
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from .config import FEATURE_DIM, KERAS_WEIGHTS_FILE, ExtractParams
+from .config import FEATURE_DIM, KERAS_WEIGHTS_FILE, ExtractParams, cache_dir
 from .images import ImageDecodeError, decode_image
 from .inputs import ReadOptions, read_files
 from .session import task_cpus
@@ -39,14 +39,6 @@ FEATURES_SCHEMA = "features array<float>, reason string"
 
 class WeightsError(RuntimeError):
     """The MobileNetV2 weights cannot be found or fetched; the message says how to fix it."""
-
-
-def cache_dir() -> Path:
-    """Where converted models and fetched weights are kept (``$IMAGEPCA_CACHE``)."""
-    root = os.environ.get("IMAGEPCA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "imagepca"
-    )
-    return Path(root)
 
 
 def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:

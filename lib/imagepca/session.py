@@ -7,15 +7,20 @@ sparkmagic PySpark kernel, where Livy has already created ``spark``.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
+import pyspark
 from pyspark.sql import SparkSession
 
-from .config import SPARK_SETTINGS
+from .config import SPARK_SETTINGS, cache_dir
 
 DEFAULT_MASTER = "local[*]"
 # Rows per Arrow batch between the JVM and a Python worker: what one worker holds at once.
@@ -23,7 +28,16 @@ ARROW_BATCH_KEY = "spark.sql.execution.arrow.maxRecordsPerBatch"
 # Partitions of a shuffle (joins, aggregations, windows) when nothing else decides.
 SHUFFLE_PARTITIONS_KEY = "spark.sql.shuffle.partitions"
 
+# "0" turns the local JVM's class archive off (see class_archive_options).
+CLASS_ARCHIVE_ENV = "IMAGEPCA_JVM_CLASS_ARCHIVE"
+JAVA_OPTIONS_KEY = "spark.driver.extraJavaOptions"
+# The archive's own warnings (classes it cannot hold, an archive it cannot map) are noise:
+# the JVM loads such classes the ordinary way.
+_QUIET_ARCHIVE = "-Xlog:cds=off,cds+dynamic=off"
+
 _BASE_CONF = SPARK_SETTINGS
+# The archive this process's JVM writes when it exits: (where it writes, where it belongs).
+_pending_archive: tuple[Path, Path] | None = None
 
 
 def get_spark(
@@ -62,11 +76,109 @@ def get_spark(
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         settings["spark.driver.memory"] = driver_memory
     settings.update(conf or {})
+    if master.startswith("local") and os.environ.get(CLASS_ARCHIVE_ENV, "1") != "0":
+        options = class_archive_options(settings.get("spark.driver.extraClassPath", ""))
+        if options:
+            settings[JAVA_OPTIONS_KEY] = f"{settings.get(JAVA_OPTIONS_KEY, '')} {options}".strip()
     for key, value in settings.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
+    if _pending_archive is not None:
+        atexit.register(stop_spark)  # the archive is kept only once its JVM has exited
     return spark
+
+
+def class_archive_options(extra_class_path: str = "") -> str:
+    """JVM options that map the archive of the classes a local Spark loads, or, when there
+    is none yet, write it as this JVM exits ("" where Java cannot, before Java 13).
+
+    A local JVM spends seconds of every run loading and verifying the same tens of
+    thousands of Spark classes. Java's dynamic class data sharing maps them from an archive
+    instead: measured here, session start + listing + a first query 11.7-12.4 -> 7.1-8.6 s,
+    and ``make demo`` about 5 s faster. Writing the archive costs the first run about
+    10 s (and ~150 MB in the cache), once per Java, Spark and class path. The archive is
+    written under a temporary name and kept by :func:`stop_spark` once the JVM has exited
+    cleanly; a JVM that cannot use an archive (another JDK build) loads classes the
+    ordinary way.
+    """
+    global _pending_archive
+    java_home = _java_home()
+    if java_home is None or (_java_major(java_home) or 0) < 13:
+        return ""
+    jars = Path(pyspark.__file__).parent / "jars"
+    identity = "\n".join(
+        [
+            str(java_home.resolve()),
+            (java_home / "release").read_text(errors="replace"),
+            pyspark.__version__,
+            str(jars.resolve()),
+            str(jars.stat().st_mtime_ns) if jars.is_dir() else "",
+            extra_class_path,
+        ]
+    )
+    folder = cache_dir() / "jvm"
+    archive = folder / f"spark-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.jsa"
+    if archive.is_file():
+        return f"-XX:SharedArchiveFile={archive} {_QUIET_ARCHIVE}"
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_archives(folder)
+    writing = archive.with_name(f"{archive.name}.{os.getpid()}.tmp")
+    _pending_archive = (writing, archive)
+    return f"-XX:ArchiveClassesAtExit={writing} {_QUIET_ARCHIVE}"
+
+
+def _java_home() -> Path | None:
+    """The Java that Spark's launcher runs: ``$JAVA_HOME``, else ``java`` on the PATH."""
+    if os.environ.get("JAVA_HOME"):
+        return Path(os.environ["JAVA_HOME"])
+    java = shutil.which("java")
+    return Path(os.path.realpath(java)).parent.parent if java else None
+
+
+def _java_major(java_home: Path) -> int | None:
+    """17 for ``JAVA_VERSION="17.0.15"``, 8 for ``"1.8.0_402"`` (the JDK's release file)."""
+    try:
+        release = (java_home / "release").read_text(errors="replace")
+    except OSError:
+        return None
+    for line in release.splitlines():
+        if line.startswith("JAVA_VERSION="):
+            parts = line.split("=", 1)[1].strip().strip('"').split(".")
+            major = parts[1] if parts[0] == "1" and len(parts) > 1 else parts[0]
+            return int(major) if major.isdigit() else None
+    return None
+
+
+def _remove_abandoned_archives(folder: Path) -> None:
+    """Partial archives of JVMs whose Python process has ended without keeping them."""
+    for partial in folder.glob("*.tmp"):
+        pid = partial.suffixes[-2].lstrip(".") if len(partial.suffixes) > 1 else ""
+        if pid.isdigit() and not _process_alive(int(pid)):
+            partial.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _keep_class_archive(exit_code: int | None) -> None:
+    """Give the archive the exited JVM wrote its final name (a failed JVM's is dropped)."""
+    global _pending_archive
+    if _pending_archive is None:
+        return
+    writing, archive = _pending_archive
+    _pending_archive = None
+    if exit_code == 0 and writing.is_file() and writing.stat().st_size > 0:
+        os.replace(writing, archive)
+    else:
+        writing.unlink(missing_ok=True)
 
 
 def stop_spark(timeout: float = 60.0) -> None:
@@ -77,8 +189,10 @@ def stop_spark(timeout: float = 60.0) -> None:
     ipykernel signals the kernel's child processes and sleeps in growing steps (0.01 s up to
     3 s) until none is left, and a JVM that has exited but was not waited for still counts,
     which cost 2 s at the end of every run. Stopping here is Spark's ordinary shutdown (the
-    JVM exits when its standard input closes). Nothing happens without a session, or for a
-    JVM this process did not launch (a ``pyspark`` shell's, Livy's).
+    JVM exits when its standard input closes). A JVM writing its class archive (see
+    :func:`class_archive_options`) has written it once it has exited, and the archive is
+    kept. Nothing happens without a session, or for a JVM this process did not launch (a
+    ``pyspark`` shell's, Livy's).
     """
     from pyspark import SparkContext
 
@@ -97,6 +211,7 @@ def stop_spark(timeout: float = 60.0) -> None:
     SparkContext._jvm = None
     process.stdin.close()
     process.wait(timeout)
+    _keep_class_archive(process.returncode)
 
 
 def default_parallelism(spark: SparkSession) -> int:
