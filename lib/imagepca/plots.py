@@ -76,14 +76,20 @@ def plot_projection(points: pd.DataFrame) -> Figure:
 def plot_samples(samples: Sequence[tuple[str, np.ndarray]], columns: int = 6) -> Figure:
     """A grid of input images (as the model sees them) with their labels."""
     rows = max(1, -(-len(samples) // columns))
-    fig = plt.figure(figsize=(columns * 1.8, rows * 2.0))
+    height = rows * 2.0 + 0.6
+    fig = plt.figure(figsize=(columns * 1.8, height))
+    # Fixed spacing (inches: 0.6 for the title and the first labels, a label's line above
+    # each image) instead of tight_layout, which draws the whole grid once more to measure
+    # it: 1.8-2.2 -> 1.3-1.5 s for 36 images, drawn and saved.
+    fig.subplots_adjust(
+        left=0.01, right=0.99, bottom=0.01, top=1 - 0.6 / height, wspace=0.05, hspace=0.2
+    )
     for index, (label, pixels) in enumerate(samples):
         ax = fig.add_subplot(rows, columns, index + 1)
         ax.imshow(pixels)
         ax.set_title(label, fontsize=9)
         ax.axis("off")
-    fig.suptitle("Sample input images")
-    fig.tight_layout()
+    fig.suptitle("Sample input images", y=1 - 0.1 / height, va="top")
     return fig
 
 
