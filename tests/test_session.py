@@ -66,3 +66,17 @@ def test_no_archive_before_java_13(tmp_path, monkeypatch):
     (tmp_path / "release").write_text('JAVA_VERSION="11.0.22"\n')
     monkeypatch.setenv("JAVA_HOME", str(tmp_path))
     assert session.class_archive_options() == ""
+
+
+def test_no_archive_when_spark_defaults_set_the_drivers_java_options(tmp_path, monkeypatch):
+    """An EMR node's spark-defaults.conf sets them: a session setting would replace them."""
+    (tmp_path / "spark-defaults.conf").write_text(
+        "spark.driver.memory 2g\n"
+        "spark.driver.extraJavaOptions    -XX:+UseG1GC -XX:OnOutOfMemoryError='kill -9 %p'\n"
+    )
+    monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path))
+    monkeypatch.setenv("IMAGEPCA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(session, "_pending_archive", None)  # this process's JVM keeps its own
+    assert session.class_archive_options() == ""
+    (tmp_path / "spark-defaults.conf").write_text("spark.driver.extraClassPath=/opt/x.jar\n")
+    assert session.class_archive_options().startswith("-XX:ArchiveClassesAtExit=")

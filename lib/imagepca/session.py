@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pyspark
+from pyspark.find_spark_home import _find_spark_home
 from pyspark.sql import SparkSession
 
 from .config import SPARK_SETTINGS, cache_dir
@@ -104,9 +106,10 @@ def class_archive_options(extra_class_path: str = "") -> str:
     """
     global _pending_archive
     java_home = _java_home()
-    if java_home is None or (_java_major(java_home) or 0) < 13:
+    spark_home = Path(_find_spark_home())
+    if java_home is None or (_java_major(java_home) or 0) < 13 or _admin_java_options(spark_home):
         return ""
-    jars = Path(pyspark.__file__).parent / "jars"
+    jars = spark_home / "jars"
     identity = "\n".join(
         [
             str(java_home.resolve()),
@@ -121,11 +124,26 @@ def class_archive_options(extra_class_path: str = "") -> str:
     archive = folder / f"spark-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.jsa"
     if archive.is_file():
         return f"-XX:SharedArchiveFile={archive} {_QUIET_ARCHIVE}"
-    folder.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_archives(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_archives(folder)
+    except OSError:
+        return ""  # a read-only cache: runs as before
     writing = archive.with_name(f"{archive.name}.{os.getpid()}.tmp")
     _pending_archive = (writing, archive)
     return f"-XX:ArchiveClassesAtExit={writing} {_QUIET_ARCHIVE}"
+
+
+def _admin_java_options(spark_home: Path) -> bool:
+    """Whether ``spark-defaults.conf`` sets the driver's Java options (an EMR node's does):
+    a session's own setting would replace them, so they win and there is no archive."""
+    conf_dir = Path(os.environ.get("SPARK_CONF_DIR") or spark_home / "conf")
+    try:
+        lines = (conf_dir / "spark-defaults.conf").read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    setting = re.compile(rf"\s*{re.escape(JAVA_OPTIONS_KEY)}\s*[=:\s]")  # Java properties
+    return any(setting.match(line) for line in lines)
 
 
 def _java_home() -> Path | None:
