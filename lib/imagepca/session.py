@@ -98,7 +98,7 @@ def class_archive_options(extra_class_path: str = "") -> str:
     A local JVM spends seconds of every run loading and verifying the same tens of
     thousands of Spark classes. Java's dynamic class data sharing maps them from an archive
     instead: measured here, session start + listing + a first query 11.7-12.4 -> 7.1-8.6 s,
-    and ``make demo`` about 5 s faster. Writing the archive costs the first run about
+    and ``make demo`` about 6 s faster. Writing the archive costs the first run about
     10 s (and ~150 MB in the cache), once per Java, Spark and class path. The archive is
     written under a temporary name and kept by :func:`stop_spark` once the JVM has exited
     cleanly; a JVM that cannot use an archive (another JDK build) loads classes the
