@@ -129,6 +129,26 @@ def browser():
         chromium.close()
 
 
+def _run_all_cells(page, attempts: int = 3) -> None:
+    """Run > Run All Cells, until a cell is queued or running.
+
+    Seen once in CI: the menu click did not take, and every prompt stayed ``[ ]:`` for
+    600 s. Clicking again is safe only while no cell has started, which is what is checked.
+    """
+    for _ in range(attempts):
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        for _ in range(60):
+            prompts = page.eval_on_selector_all(
+                f"{PANEL} .jp-CodeCell .jp-InputPrompt", "els => els.map(e => e.textContent)"
+            )
+            if any(p.strip("[]: ") for p in prompts):
+                return
+            time.sleep(0.5)
+        page.keyboard.press("Escape")  # a menu left open
+    pytest.fail(f"Run All Cells started no cell after {attempts} attempts")
+
+
 def _run_in_lab(browser, lab, name: str, assignments: dict[str, str]) -> tuple:
     """Open ``name``, append ``assignments`` to its parameters cell, run all cells, save.
 
@@ -156,8 +176,7 @@ def _run_in_lab(browser, lab, name: str, assignments: dict[str, str]) -> tuple:
     for key, value in assignments.items():
         assert f"{key} = {value!r}" in source, source
 
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    _run_all_cells(page)
     code_cells = page.locator(f"{PANEL} .jp-CodeCell")
     n_code = code_cells.count()
     deadline = time.monotonic() + RUN_TIMEOUT_S
