@@ -30,7 +30,12 @@ def plot_explained_variance(
     components = np.arange(1, shown + 1)
     fig = plt.figure(figsize=(9, 4.5))
     ax = fig.add_subplot()
-    ax.bar(components, explained[:shown], color="#4c72b0", label="per component")
+    # One filled step outline, not a bar per component: hundreds of bars are hundreds of
+    # artists to lay out and draw (0.4-0.6 s of the figure for k = 387).
+    ax.stairs(
+        explained[:shown], np.arange(shown + 1) + 0.5, fill=True, color="#4c72b0",
+        label="per component",
+    )  # fmt: skip
     ax.step(components, cumulative[:shown], where="mid", color="#dd8452", label="cumulative")
     if threshold is not None:
         ax.axhline(threshold, color="#55a868", linestyle="--", label=f"threshold {threshold:g}")
@@ -74,29 +79,43 @@ def plot_projection(points: pd.DataFrame) -> Figure:
 
 
 def plot_samples(samples: Sequence[tuple[str, np.ndarray]], columns: int = 6) -> Figure:
-    """A grid of input images (as the model sees them) with their labels."""
+    """A grid of input images (as the model sees them) with their labels.
+
+    The grid is one image (the samples pasted into a white canvas) under one axes, labels
+    written on the figure: an axes per sample made matplotlib lay out and draw 36 axes,
+    1.5-1.9 s of every run for 36 images, drawn and saved.
+    """
     rows = max(1, -(-len(samples) // columns))
-    height = rows * 2.0 + 0.6
-    fig = plt.figure(figsize=(columns * 1.8, height))
-    # Fixed spacing (inches: 0.6 for the title and the first labels, a label's line above
-    # each image) instead of tight_layout, which draws the whole grid once more to measure
-    # it: 1.8-2.2 -> 1.3-1.5 s for 36 images, drawn and saved.
-    fig.subplots_adjust(
-        left=0.01, right=0.99, bottom=0.01, top=1 - 0.6 / height, wspace=0.05, hspace=0.2
-    )
-    for index, (label, pixels) in enumerate(samples):
-        ax = fig.add_subplot(rows, columns, index + 1)
-        ax.imshow(pixels)
-        ax.set_title(label, fontsize=9)
-        ax.axis("off")
-    fig.suptitle("Sample input images", y=1 - 0.1 / height, va="top")
+    side = max((pixels.shape[0] for _, pixels in samples), default=1)
+    label_px, gap_px = side // 7, side // 14  # a label's line above each image, a gap
+    cell_w, cell_h = side + gap_px, side + label_px + gap_px
+    canvas = np.full((rows * cell_h, columns * cell_w, 3), 255, dtype=np.uint8)
+    for index, (_, pixels) in enumerate(samples):
+        top = (index // columns) * cell_h + label_px
+        left = (index % columns) * cell_w + gap_px // 2
+        canvas[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels[..., :3]
+    title_in = 0.5
+    width_in = columns * 1.8
+    grid_in = width_in * canvas.shape[0] / canvas.shape[1]
+    fig = plt.figure(figsize=(width_in, grid_in + title_in))
+    ax = fig.add_axes((0, 0, 1, grid_in / (grid_in + title_in)))
+    ax.imshow(canvas, interpolation="antialiased")
+    ax.axis("off")
+    for index, (label, _) in enumerate(samples):
+        x = (index % columns) * cell_w + cell_w / 2
+        y = (index // columns) * cell_h + label_px * 0.55
+        ax.text(x, y, label, ha="center", va="center", fontsize=9, clip_on=True)
+    fig.suptitle("Sample input images", y=1 - 0.08 / (grid_in + title_in), va="top")
     return fig
 
 
 def save_figure(fig: Figure, storage: Storage, output: str, name: str) -> str:
     """Write ``fig`` as ``OUTPUT/name`` (PNG) through the output's file system."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    # Each figure lays itself out (tight_layout or fixed margins): bbox_inches="tight"
+    # would draw it once more to measure it. zlib level 3 here gave smaller files than
+    # the default 6 (the samples: 406 against 440 kB), in two thirds of the time.
+    fig.savefig(buffer, format="png", dpi=110, pil_kwargs={"compress_level": 3})
     uri = join(output, name)
     storage.write_bytes(uri, buffer.getvalue())
     remember_png(fig, buffer.getvalue())  # %matplot then shows this file, not a new drawing
