@@ -297,8 +297,9 @@ def pca_model(spark: SparkSession, components: np.ndarray, explained: np.ndarray
     n_features, k = components.shape
     java_model = context._jvm.org.apache.spark.ml.feature.PCAModel(
         "PCA_imagepca",
-        _py2java(context, DenseMatrix(n_features, k, components.ravel(order="F").tolist())),
-        _py2java(context, DenseVector(np.asarray(explained[:k]).tolist())),
+        # Arrays, not lists: a list of 1.6M Python floats cost 0.15 s to make and convert.
+        _py2java(context, DenseMatrix(n_features, k, np.ravel(components, order="F"))),
+        _py2java(context, DenseVector(np.asarray(explained[:k], dtype=np.float64))),
     )
     model = PCAModel(java_model)
     model._set(inputCol=SCALED_COL, outputCol=PCA_COL, k=k)
