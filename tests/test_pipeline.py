@@ -29,6 +29,19 @@ def test_listing_finds_every_photo_with_its_label(spark):
     assert listing.labels() == {"apple": 75, "banana": 73, "mixed": 20, "orange": 72}
 
 
+def test_listing_brings_a_few_files_of_each_label(spark):
+    listing = list_folder(spark, str(FRUIT_PHOTOS))
+    kept = listing.sample(3)  # from the counting job
+    assert {label for label, _ in kept} == {"apple", "banana", "mixed", "orange"}
+    for label in ("apple", "banana", "mixed", "orange"):
+        paths = [path for name, path in kept if name == label]
+        assert 1 <= len(paths) == len(set(paths)) <= 3
+        assert all(f"/{label}/" in path for path in paths)
+    assert kept == list_folder(spark, str(FRUIT_PHOTOS)).sample(3)  # seeded, not random
+    more = listing.sample(5, max_labels=2)  # past what the listing kept: a job
+    assert [label for label, _ in more] == ["apple"] * 5 + ["banana"] * 5
+
+
 def test_every_image_is_accounted_for(photos_run):
     output = Path(photos_run["output"])
     features = pd.read_parquet(output / "features")  # pandas, no Spark: arrays of floats
