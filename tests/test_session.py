@@ -14,12 +14,17 @@ SESSION = (
     "    conf['spark.driver.extraJavaOptions'] = f'-Xlog:class+load=info:file={sys.argv[1]}'\n"
     "spark = get_spark('local[1]', conf=conf)\n"
     "assert spark.range(5).count() == 5\n"
+    "jvm = spark.sparkContext._jvm\n"
+    "bean = jvm.java.lang.Class.forName('com.sun.management.HotSpotDiagnosticMXBean')\n"
+    "flag = jvm.java.lang.management.ManagementFactory.getPlatformMXBean(bean)\n"
+    "print('TieredStopAtLevel', flag.getVMOption('TieredStopAtLevel').getValue())\n"
     "print('counted')\n"
 )
 
 
-def run_session(cache, *args):
+def run_session(cache, *args, quick_jit=False):
     env = {**os.environ, "IMAGEPCA_CACHE": str(cache)}
+    env["IMAGEPCA_JVM_QUICK_JIT"] = "1" if quick_jit else "0"
     done = subprocess.run(
         [sys.executable, "-c", SESSION, *args],
         capture_output=True,
@@ -34,13 +39,15 @@ def run_session(cache, *args):
 
 def test_first_jvm_writes_the_archive_and_the_next_loads_spark_from_it(tmp_path):
     cache = tmp_path / "cache"
-    run_session(cache)  # no stop_spark: the exit hook waits for the JVM and keeps its archive
+    first = run_session(cache)  # no stop_spark: the exit hook waits for the JVM and keeps it
+    assert "TieredStopAtLevel 4" in first.stdout  # both compilers by default
     archives = sorted((cache / "jvm").iterdir())
     assert [path.suffix for path in archives] == [".jsa"], archives  # no partial file left
     assert archives[0].stat().st_size > 10 * 2**20
 
     log = tmp_path / "classes.log"
-    run_session(cache, str(log))
+    second = run_session(cache, str(log), quick_jit=True)
+    assert "TieredStopAtLevel 1" in second.stdout  # C1 only, as imagepca run asks for small runs
     loaded = log.read_text()
     assert "org.apache.spark.SparkContext source: shared objects file (top)" in loaded
     assert sorted((cache / "jvm").iterdir()) == archives  # mapped, not written again
@@ -68,7 +75,7 @@ def test_no_archive_before_java_13(tmp_path, monkeypatch):
     assert session.class_archive_options() == ""
 
 
-def test_no_archive_when_spark_defaults_set_the_drivers_java_options(tmp_path, monkeypatch):
+def test_no_jvm_options_when_spark_defaults_set_the_drivers_java_options(tmp_path, monkeypatch):
     """An EMR node's spark-defaults.conf sets them: a session setting would replace them."""
     (tmp_path / "spark-defaults.conf").write_text(
         "spark.driver.memory 2g\n"
@@ -77,6 +84,36 @@ def test_no_archive_when_spark_defaults_set_the_drivers_java_options(tmp_path, m
     monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path))
     monkeypatch.setenv("IMAGEPCA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(session, "_pending_archive", None)  # this process's JVM keeps its own
-    assert session.class_archive_options() == ""
+    assert session.local_jvm_options() == ""
     (tmp_path / "spark-defaults.conf").write_text("spark.driver.extraClassPath=/opt/x.jar\n")
-    assert session.class_archive_options().startswith("-XX:ArchiveClassesAtExit=")
+    assert session.local_jvm_options().startswith("-XX:ArchiveClassesAtExit=")
+    monkeypatch.setenv("IMAGEPCA_JVM_QUICK_JIT", "1")
+    assert session.local_jvm_options().split()[-1] == session.QUICK_JIT_OPTION
+    monkeypatch.setenv("IMAGEPCA_JVM_CLASS_ARCHIVE", "0")
+    assert session.local_jvm_options() == session.QUICK_JIT_OPTION
+
+
+def test_imagepca_run_asks_for_c1_only_on_small_local_folders(tmp_path, monkeypatch):
+    from imagepca import runner
+    from imagepca.config import ExtractParams
+
+    images = tmp_path / "images"
+    for name in ("a/1.jpg", "a/2.JPEG", "b/3.png", "b/notes.txt"):
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        (images / name).write_bytes(b"x")
+    monkeypatch.delenv("IMAGEPCA_JVM_QUICK_JIT", raising=False)
+
+    def env(input_uri=str(images), manifest=None, master=None, kernel="python3"):
+        params = ExtractParams(input=input_uri, manifest=manifest, output=str(tmp_path / "o"))
+        return runner.jvm_environment(params, master=master, kernel=kernel)
+
+    assert env() == env(master="local[2]") == {"IMAGEPCA_JVM_QUICK_JIT": "1"}
+    monkeypatch.setattr(runner, "QUICK_JIT_MAX_IMAGES", 2)  # 3 images: a long run
+    assert env() == {}
+    monkeypatch.setattr(runner, "QUICK_JIT_MAX_IMAGES", 3)
+    assert env(input_uri=f"file://{images}") == {"IMAGEPCA_JVM_QUICK_JIT": "1"}
+    assert env(master="yarn") == env(kernel="pysparkkernel") == {}
+    assert env(input_uri="s3://bucket/images") == {}
+    assert env(input_uri=None, manifest=str(tmp_path / "m.csv")) == {}
+    monkeypatch.setenv("IMAGEPCA_JVM_QUICK_JIT", "0")  # the user's own choice wins
+    assert env() == {}

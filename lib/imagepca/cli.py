@@ -204,7 +204,10 @@ def _run(args: argparse.Namespace) -> int:
                 notebooks=args.notebooks,
                 kernel=args.kernel,
                 execution_timeout=args.execution_timeout,
-                env=env,
+                env={
+                    **(env or {}),
+                    **runner.jvm_environment(extract, master=args.master, kernel=args.kernel),
+                },
                 console=console,
             )
     except BaseException:
