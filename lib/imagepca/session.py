@@ -37,7 +37,7 @@ CLASS_ARCHIVE_ENV = "IMAGEPCA_JVM_CLASS_ARCHIVE"
 QUICK_JIT_ENV = "IMAGEPCA_JVM_QUICK_JIT"
 # C2, the optimizing compiler, spends a short run's seconds compiling Spark on the cores the
 # Python workers featurize on; its code pays off only over a long run. On 2 cores, whole runs
-# with C1 only against both compilers: 2,000 images 46 s against 55 s (four pairs), 10,000
+# with C1 only against both compilers: 2,000 images 46 s against 54 s (medians of six), 10,000
 # images 84 s against 91 s, but 100,000 images 624 s against 603 s, and the PCA fit alone on
 # 100,000 rows 13.8 s against 10.8 s (Parquet's and Arrow's per-value loops want C2).
 QUICK_JIT_OPTION = "-XX:TieredStopAtLevel=1"
