@@ -16,6 +16,7 @@ import pytest
 
 from conftest import REPO, WEIGHTS
 from imagepca import runner
+from imagepca.console import NORMAL, VERBOSE, Console, log_path
 
 NOISE = re.compile(r"NativeCodeLoader|WARN |without encryption|XNNPACK|absl|Stage \d+:")
 
@@ -73,7 +74,7 @@ def _stand_in(folder, name="progress.ipynb"):
     return name
 
 
-@pytest.mark.parametrize("mode", [runner.NORMAL, runner.VERBOSE])
+@pytest.mark.parametrize("mode", [NORMAL, VERBOSE])
 def test_runner_console_shows_notebooks_progress_and_warnings_only(tmp_path, mode):
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
@@ -81,7 +82,7 @@ def test_runner_console_shows_notebooks_progress_and_warnings_only(tmp_path, mod
     output = tmp_path / "out"
     terminal = io.StringIO()
     runs = [runner.NotebookRun(name, {"output": str(output), "images": str(tmp_path / "images")})]
-    with runner.Console(mode, stream=terminal, log=runner.log_path(str(output))) as console:
+    with Console(mode, stream=terminal, log=log_path(str(output))) as console:
         console.NON_TTY_PROGRESS_S = 0.0  # every refresh, to see several
         metrics = runner.run_notebooks(runs, str(output), notebooks=str(notebooks), console=console)
     assert metrics == {"ok": True}
@@ -95,7 +96,7 @@ def test_runner_console_shows_notebooks_progress_and_warnings_only(tmp_path, mod
     assert "warning: 1 image file rejected (test)" in lines
     log = (output / "logs" / "run.log").read_text()
     assert "a cell's own chatter" in log and "WARNING: a library's log line" in log
-    if mode == runner.NORMAL:
+    if mode == NORMAL:
         assert "chatter" not in shown and "a library's log line" not in shown
         assert not NOISE.search(shown), shown
     else:

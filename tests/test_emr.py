@@ -447,7 +447,7 @@ def tls_livy(tmp_path):
 def test_run_via_livy_over_https_with_a_ca_bundle(tls_livy, monkeypatch, capsys):
     """papermill here with the PySpark kernel; the CA bundle reaches Livy's REST calls and
     the kernel (REQUESTS_CA_BUNDLE, which sparkmagic's requests session reads)."""
-    from imagepca import runner
+    from imagepca import console, runner
 
     server, pki = tls_livy
     _, cluster_id, _ = start_cluster()
@@ -463,7 +463,7 @@ def test_run_via_livy_over_https_with_a_ca_bundle(tls_livy, monkeypatch, capsys)
         return {}
 
     monkeypatch.setattr(runner, "run_notebooks", run_notebooks)
-    monkeypatch.setattr(runner, "summary", lambda metrics, output: "summary")
+    monkeypatch.setattr(console, "summary", lambda metrics, output: "summary")
     base = [
         "emr", "run", "--cluster-id", cluster_id, "--run-id", "r3", "--via", "livy",
         "--bucket", BUCKET, "--region", REGION, "--subnet-id", SETTINGS["subnet_id"],

@@ -141,6 +141,7 @@ def _add_run(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from . import livy, runner
+    from .console import NORMAL, QUIET, VERBOSE, Console, is_local, log_path, summary, upload_log
 
     extract = ExtractParams(
         input=args.input,
@@ -174,18 +175,12 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # The terminal shows the notebooks' progress; Spark's, TensorFlow's and the kernel's own
     # logs go to the log file (all of it with --verbose, only the summary with --quiet).
-    mode = (
-        runner.QUIET
-        if args.quiet
-        else runner.VERBOSE
-        if args.verbose or args.log_output
-        else runner.NORMAL
-    )
-    log = runner.log_path(args.output)
-    remote_log = None if runner.is_local(args.output) else f"{args.output.rstrip('/')}/logs/run.log"
+    mode = QUIET if args.quiet else VERBOSE if args.verbose or args.log_output else NORMAL
+    log = log_path(args.output)
+    remote_log = None if is_local(args.output) else f"{args.output.rstrip('/')}/logs/run.log"
     try:
         with (
-            runner.Console(mode, log=log) as console,
+            Console(mode, log=log) as console,
             console.python_logging(),
             livy.kernel_environment(
                 args.kernel,
@@ -215,9 +210,9 @@ def _run(args: argparse.Namespace) -> int:
         raise
     finally:
         if remote_log and log.is_file():
-            remote_log = runner.upload_log(log, remote_log)
+            remote_log = upload_log(log, remote_log)
     shown_log = f"{log} (copied to {remote_log})" if remote_log else str(log)
-    print(runner.summary(metrics, args.output, log=shown_log))
+    print(summary(metrics, args.output, log=shown_log))
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -303,7 +303,7 @@ def run_via_livy(
     The notebooks are read from S3 by papermill on this machine, their cells run in the
     Livy session, so input and output are the cluster's ``s3://`` paths.
     """
-    from imagepca import livy, runner
+    from imagepca import console, livy, runner
 
     out = out or sys.stdout
     runs = notebook_runs(options, master=None)
@@ -313,5 +313,5 @@ def run_via_livy(
         metrics = runner.run_notebooks(
             runs, options.output, notebooks=options.notebooks, kernel=livy.KERNEL_NAME, env=env
         )
-    print(runner.summary(metrics, options.output), file=out)
+    print(console.summary(metrics, options.output), file=out)
     return metrics
