@@ -141,7 +141,8 @@ def _add_run(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from . import livy, runner
-    from .console import NORMAL, QUIET, VERBOSE, Console, is_local, log_path, summary, upload_log
+    from .console import NORMAL, QUIET, VERBOSE, Console, log_path, summary, upload_log
+    from .storage import is_local
 
     extract = ExtractParams(
         input=args.input,

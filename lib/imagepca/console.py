@@ -20,15 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from .storage import join
+from .storage import is_local, join
 
 LOG_FILE = "logs/run.log"  # under the output (a local file first when the output is remote)
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
 _WARNING = re.compile(r"^warning: ")  # lowercase: ours (progress), not a library's WARNING:
-
-
-def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
 
 
 def log_path(output: str) -> Path:

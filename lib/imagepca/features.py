@@ -28,7 +28,7 @@ from .config import FEATURE_DIM, KERAS_WEIGHTS_FILE, ExtractParams, cache_dir
 from .images import ImageDecodeError, decode_image
 from .inputs import ReadOptions, read_files
 from .session import task_cpus
-from .storage import Storage
+from .storage import Storage, is_local
 
 KERAS_WEIGHTS_ORIGIN = (
     "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
@@ -62,7 +62,7 @@ def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
                 f"{KERAS_WEIGHTS_FILE} into {keras_home}/models/, or pass the file itself: "
                 "weights=/path/to/weights.h5 (or an s3:// URI)."
             ) from None
-    if "://" in source and not source.startswith("file://"):
+    if not is_local(source):
         if spark is None:
             raise WeightsError(f"weights URI {source!r} needs a SparkSession to be read")
         storage = Storage(spark)
@@ -126,7 +126,7 @@ def tflite_file_name(weights_sha256: str, image_size: int) -> str:
 
 def staged_models_uri(weights: str) -> str | None:
     """Where ``imagepca emr stage`` puts converted models: beside remote weights."""
-    if "://" not in weights or weights.startswith("file://"):
+    if is_local(weights):
         return None
     return weights.rsplit("/", 1)[0] + "/tflite"
 

@@ -32,7 +32,7 @@ from pyspark.sql import functions as F
 from .config import ExtractParams
 from .images import IMAGE_EXTENSIONS, InputError, extension_glob, label_column
 from .session import default_parallelism, spark_settings
-from .storage import Storage
+from .storage import Storage, is_local
 
 LISTING_COLUMNS = ("path", "label", "size", "modified")
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
@@ -172,8 +172,7 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
     # Past 32 sub-folders Spark lists them in a job. On the driver's own disk that job costs
     # more than the listing itself (2,000 files in 60 folders: 2.1 -> 0.8 s); an object
     # store keeps Spark's default.
-    on_driver_disk = "://" not in input_uri or input_uri.startswith("file:")
-    discovery = {PARALLEL_DISCOVERY_KEY: str(2**31 - 1)} if on_driver_disk else {}
+    discovery = {PARALLEL_DISCOVERY_KEY: str(2**31 - 1)} if is_local(input_uri) else {}
     try:
         with spark_settings(spark, discovery):
             relation = folder_reader(spark).load(input_uri)

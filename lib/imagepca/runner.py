@@ -20,8 +20,8 @@ from importlib import resources
 from pathlib import Path
 
 from .config import ExtractParams, ReduceParams
-from .console import Console, is_local
-from .storage import METRICS_FILE, join
+from .console import Console
+from .storage import METRICS_FILE, is_local, join
 
 EXTRACT_NOTEBOOK = "01_extract_features.ipynb"
 REDUCE_NOTEBOOK = "02_reduce_pca.ipynb"
@@ -52,7 +52,7 @@ def notebooks_dir() -> str:
 def has_notebook(notebooks: str | None, name: str) -> bool:
     """Whether ``name`` is among the notebooks (remote folders are assumed complete)."""
     source = notebooks or notebooks_dir()
-    if "://" in source and not source.startswith("file://"):
+    if not is_local(source):
         return True
     return Path(source.removeprefix("file://"), name).is_file()
 
@@ -158,7 +158,7 @@ def run_notebooks(
     from papermill.exceptions import PapermillExecutionError
 
     source = notebooks or notebooks_dir()
-    if "://" not in output or output.startswith("file://"):
+    if is_local(output):
         Path(output.removeprefix("file://"), "notebooks").mkdir(parents=True, exist_ok=True)
     saved_env = {key: os.environ.get(key) for key in (env or {})}
     os.environ.update(env or {})

@@ -32,6 +32,11 @@ CLASSIFY_ARTIFACTS = (
 )
 
 
+def is_local(uri: str) -> bool:
+    """Whether ``uri`` is a path on this machine (no scheme, or ``file://``)."""
+    return "://" not in uri or uri.startswith("file://")
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI/path segments with ``/`` (URIs are not OS paths)."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
