@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from imagepca import runner
+from imagepca.config import ExtractParams
+from imagepca.session import QUICK_JIT_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from featurize import REPO, SHARED, WEIGHTS, load_average, machine_info, onednn_enabled  # noqa: E402
@@ -181,8 +183,15 @@ def run_pipeline(n: int, input_dir: Path, output: Path, cache: Path) -> dict:
     return {
         "n": n,
         "wall_s": round(wall, 2),
-        # What `imagepca run` chose for its JVM (imagepca.runner.jvm_environment).
-        "jvm_c1_only": n <= runner.QUICK_JIT_MAX_IMAGES,
+        # What `imagepca run` chose for its JVM.
+        "jvm_c1_only": os.environ.get(QUICK_JIT_ENV) == "1"
+        or bool(
+            runner.jvm_environment(
+                ExtractParams(input=str(input_dir), output=str(output)),
+                master="local[2]",
+                kernel=runner.LOCAL_KERNEL,
+            )
+        ),
         "images_per_s_whole_run": round(n / wall, 2),
         "featurize_images_per_s": metrics.get("images_per_s"),
         "stages_s": stages,
