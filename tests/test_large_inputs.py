@@ -21,7 +21,7 @@ from cluster import (
 )
 from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca.config import ExtractParams, ReduceParams
-from imagepca.pipeline import extract_features, finish_run, reduce_features
+from imagepca.pipeline import MOMENTS_FILE, extract_features, finish_run, reduce_features
 
 LABELS = ("apple", "banana", "orange")
 
@@ -179,6 +179,16 @@ def test_incremental_run_featurizes_only_new_files(incremental):
     assert increment["dropped"] == 5
     assert increment["kept"] == 25
     assert len(incremental["second"].metadata["batches"]) == 2
+
+
+def test_only_a_full_run_keeps_the_pca_statistics_of_its_featurization(incremental):
+    """An increment's featurization sees only the new rows: its fit makes a pass over all
+    of features/, and the first run's statistics file, now stale, is gone."""
+    assert incremental["first"].metadata["moments_file"] == MOMENTS_FILE
+    assert incremental["second"].metadata["moments_file"] is None
+    assert not (incremental["output"] / "features" / MOMENTS_FILE).exists()
+    assert incremental["second_reduction"].metrics["pca_statistics"] == "pass over features/"
+    assert incremental["fresh_reduction"].metrics["pca_statistics"] == "featurization"
 
 
 def test_incremental_equals_a_fresh_full_run(incremental):

@@ -168,6 +168,38 @@ def test_pca_spectrum_matches_numpy_and_repeats(spark, photos_run):
     expected = singular**2 / (singular**2).sum()
     first = np.array(photos_run["reduction"].fit.explained_variance)
     np.testing.assert_allclose(first[:50], expected[:50], atol=1e-6)
+    # The run's fit used the statistics its featurization accumulated; a pass over
+    # features/ gives the same spectrum.
+    assert photos_run["reduction"].metrics["pca_statistics"] == "featurization"
     again = fit_pca(spark.read.parquet(f"{output}/features"), k=None, variance=0.9)
     np.testing.assert_allclose(again.explained_variance, first, atol=1e-9)
     assert again.k == photos_run["reduction"].fit.k
+
+
+def test_statistics_counting_a_task_twice_are_not_kept(spark, tmp_path, monkeypatch):
+    """A task that runs twice (a retry, a recomputed partition) adds its statistics twice:
+    featurization keeps them only when they count each featurized image once; otherwise
+    notebook 02 makes its own pass."""
+    from imagepca import pipeline
+    from imagepca.moments import Moments
+
+    for label in ("apple", "banana"):
+        (tmp_path / "input" / label).mkdir(parents=True)
+        for photo in sorted((FRUIT_PHOTOS / label).glob("*.jpg"))[:4]:
+            (tmp_path / "input" / label / photo.name).write_bytes(photo.read_bytes())
+    accumulator = pipeline.moments_accumulator
+
+    def counted_twice(session):
+        statistics = accumulator(session)
+        statistics.add(Moments.of(np.ones((2, 1280))))  # a duplicate update of 2 images
+        return statistics
+
+    monkeypatch.setattr(pipeline, "moments_accumulator", counted_twice)
+    output = tmp_path / "out"
+    params = ExtractParams(input=str(tmp_path / "input"), output=str(output), weights=str(WEIGHTS))
+    extraction = extract_features(spark, params)
+    assert extraction.n_images == 8
+    assert extraction.metadata["moments_file"] is None
+    assert not (output / "features" / pipeline.MOMENTS_FILE).exists()
+    reduction = reduce_features(spark, ReduceParams(output=str(output), k=3))
+    assert reduction.metrics["pca_statistics"] == "pass over features/"

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pyspark.accumulators import Accumulator, AccumulatorParam
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from .config import FEATURE_DIM, KERAS_WEIGHTS_FILE, ExtractParams, cache_dir
 from .images import ImageDecodeError, decode_image
 from .inputs import ReadOptions, read_files
+from .moments import Moments, vector_moments
 from .session import task_cpus
 from .storage import Storage, is_local
 
@@ -307,17 +309,38 @@ def featurize_batch(
     return pd.DataFrame({"features": features, "reason": reasons})
 
 
+class MomentsParam(AccumulatorParam):
+    """Merges the featurized vectors' :class:`Moments`, one update per task, on the driver."""
+
+    def zero(self, value: Moments) -> Moments:
+        return Moments.empty()
+
+    def addInPlace(self, first: Moments, second: Moments) -> Moments:
+        return first.merge(second)
+
+
+def moments_accumulator(spark: SparkSession) -> Accumulator:
+    """An accumulator for :func:`features_udf`'s ``moments``."""
+    return spark.sparkContext.accumulator(Moments.empty(), MomentsParam())
+
+
 def features_udf(
     spark: SparkSession,
     params: ExtractParams,
     payload: ModelPayload,
     read: ReadOptions | None = None,
+    moments: Accumulator | None = None,
 ):
     """A Scalar-Iterator pandas UDF: ``content`` -> struct(features, reason).
 
     With ``read``, the UDF's input is ``path`` instead, and the worker reads each file's
     bytes itself (a manifest's URIs, or the new files of an incremental run): a file that
     cannot be read gets the reason why.
+
+    With ``moments``, each task also adds the count, mean and centred Gram matrix of the
+    vectors it featurized (what the PCA fit needs) to that accumulator, while the vectors
+    are in its memory: the fit then needs no second pass over ``features/``. A task that
+    runs twice adds twice, so the caller checks the count.
     """
     broadcast = spark.sparkContext.broadcast(payload)
     threads = task_cpus(spark)
@@ -331,15 +354,22 @@ def features_udf(
     @F.pandas_udf(FEATURES_SCHEMA)
     def mobilenet_v2_features(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         runner = get_runner(broadcast.value, threads)
+        total = Moments.empty()
         for column in batches:
             if read is None:
-                yield featurize_batch(column, runner, **options)
-                continue
-            contents, failures = read_files(column, read)
-            out = featurize_batch(pd.Series(contents, dtype=object), runner, **options)
-            out["reason"] = [
-                failure or reason for failure, reason in zip(failures, out["reason"], strict=True)
-            ]
+                out = featurize_batch(column, runner, **options)
+            else:
+                contents, failures = read_files(column, read)
+                out = featurize_batch(pd.Series(contents, dtype=object), runner, **options)
+                out["reason"] = [
+                    failure or reason
+                    for failure, reason in zip(failures, out["reason"], strict=True)
+                ]
+            if moments is not None:
+                vectors = out["features"][out["reason"].isna()].tolist()
+                total = total.merge(vector_moments(vectors))
             yield out
+        if moments is not None and total.n:
+            moments.add(total)
 
     return mobilenet_v2_features

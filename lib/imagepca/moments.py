@@ -12,6 +12,7 @@ workers load it (by reference, from the functions given to ``mapInArrow``) in mi
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -60,6 +61,17 @@ class Moments:
     def to_bytes(self) -> dict:
         return {"n": self.n, "mean": self.mean.tobytes(), "m2": self.m2.tobytes()}
 
+    def to_npz(self) -> bytes:
+        """The moments as one ``.npz`` file's bytes (kept beside the features they describe)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, n=np.int64(self.n), mean=self.mean, m2=self.m2)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_npz(cls, data: bytes) -> Moments:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            return cls(int(arrays["n"]), arrays["mean"], arrays["m2"])
+
     @classmethod
     def from_bytes(cls, n: int, mean: bytes, m2: bytes) -> Moments:
         mean_array = np.frombuffer(mean, dtype=np.float64)
@@ -73,6 +85,11 @@ def _batch_rows(column: pa.Array) -> np.ndarray:
     if len(column) and values.size % len(column):
         raise ValueError("feature vectors of different lengths in one dataset")
     return values.reshape(len(column), -1)
+
+
+def vector_moments(vectors) -> Moments:
+    """:class:`Moments` of a sequence of equal-length vectors (none: empty)."""
+    return Moments.of(np.stack(vectors)) if len(vectors) else Moments.empty()
 
 
 def partition_moments(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

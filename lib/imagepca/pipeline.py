@@ -23,7 +23,13 @@ from pyspark.sql import functions as F
 
 from . import progress
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
-from .features import features_udf, file_sha256, load_model_payload, resolve_weights
+from .features import (
+    features_udf,
+    file_sha256,
+    load_model_payload,
+    moments_accumulator,
+    resolve_weights,
+)
 from .images import InputError, classifiable
 from .increments import (
     LAYOUT,
@@ -46,11 +52,17 @@ from .inputs import (
     read_options,
     scan_settings,
 )
+from .moments import Moments
 from .reduction import FLOAT64_BATCH_ROWS, PCAFit, check_k, fit_pca
 from .session import ARROW_BATCH_KEY, default_parallelism, run_concurrently, spark_settings
 from .storage import CLASSIFY_ARTIFACTS, STAGING_DIR, Storage, join
 
 EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
+MOMENTS_FILE = "_moments.npz"  # the PCA's statistics of features/, from featurization
+# Featurization accumulates the PCA's statistics (one d x d update per task, 13 MB at
+# d = 1280, sent to the driver) when it runs at most this many tasks; a larger cluster's
+# run leaves them to notebook 02's distributed pass, which merges them on the executors.
+FUSED_MOMENTS_MAX_TASKS = 32
 REUSE_KEYS = (
     "input",
     "manifest",
@@ -181,17 +193,23 @@ def extract_features(
         payload = load_model_payload(params, weights_file, storage)
     settings = {ARROW_BATCH_KEY: str(params.max_records_per_batch)}
     cores = default_parallelism(spark)
+    # An increment adds to features/ and the fit needs all of it: no statistics then.
+    accumulator = (
+        moments_accumulator(spark)
+        if increment is None and cores * params.tasks_per_core <= FUSED_MOMENTS_MAX_TASKS
+        else None
+    )
     if increment is None and listing.relation is not None:
         # A folder's bytes through Spark's own reader, split into even tasks by count.
         settings.update(scan_settings(listing.n_files, cores, params.tasks_per_core))
-        udf = features_udf(spark, params, payload)
+        udf = features_udf(spark, params, payload, moments=accumulator)
         rows = folder_rows(listing.relation, udf("content").alias("out"))
         n_todo = listing.n_files
     else:
         # A list of URIs (a manifest, or the new files of an increment): read on executors.
         todo = increment.todo if increment else listing.files
         n_todo = increment.n_todo if increment else listing.n_files
-        udf = features_udf(spark, params, payload, read=read_options(spark))
+        udf = features_udf(spark, params, payload, read=read_options(spark), moments=accumulator)
         rows = todo.repartition(max(1, min(cores * params.tasks_per_core, n_todo))).select(
             *ROW_KEY, udf("path").alias("out")
         )
@@ -212,6 +230,8 @@ def extract_features(
             outcomes = (
                 scored.groupBy("label", F.split("reason", ":")[0].alias("kind")).count().collect()
             )
+        # Taken now: a later job recomputing a lost cached partition would add it again.
+        statistics = accumulator.value if accumulator is not None else None
         with timer.stage("write_s"):
             rejected, by_kind, n_new = _rejected(spark, storage, listing, scored, outcomes,
                                                  increment)  # fmt: skip
@@ -234,6 +254,12 @@ def extract_features(
                 staged = join(params.output, STAGING_DIR, f"features-{batch_id}")
                 stage_batch(features, increment, staged)
                 commit_batch(storage, features_uri, staged, increment, batch_id)
+            moments_uri = join(features_uri, MOMENTS_FILE)
+            if statistics is not None and statistics.n == n_new:
+                storage.write_bytes(moments_uri, statistics.to_npz())
+            else:  # none, or a task counted twice: notebook 02 makes its own pass
+                statistics = None
+                storage.delete(moments_uri)
             metadata = {
                 "input": params.source,
                 "input_kind": listing.kind,
@@ -243,6 +269,7 @@ def extract_features(
                 "rejected_by_kind": by_kind,
                 "n_rejected": sum(by_kind.values()),
                 "params": {**identity, "listing_fingerprint": listing_fingerprint},
+                "moments_file": MOMENTS_FILE if statistics is not None else None,
                 "versions": library_versions(),
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
@@ -352,6 +379,15 @@ def _stored_extraction(storage: Storage, output: str) -> dict | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
+def _stored_moments(storage: Storage, output: str, extraction: dict) -> Moments | None:
+    """The statistics featurization kept beside ``features/``, when they describe all of it."""
+    name = extraction.get("moments_file")
+    if not name:
+        return None
+    moments = Moments.from_npz(storage.read_bytes(join(output, "features", name)))
+    return moments if moments.n == extraction["n_images"] else None
+
+
 def _unread_reason(storage: Storage, path: str) -> str:
     try:
         size = storage.size(path)
@@ -410,7 +446,8 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     removed = storage.remove_artifacts(params.output, CLASSIFY_ARTIFACTS)
     features = read_features(spark, params.output)
     with timer.stage("fit_s"):
-        fit = fit_pca(features, k=params.k, variance=params.variance)
+        moments = _stored_moments(storage, params.output, extraction)
+        fit = fit_pca(features, k=params.k, variance=params.variance, moments=moments)
     with (
         timer.stage("reduce_write_s"),
         # The projection holds a batch as float64 in the worker.
@@ -459,6 +496,8 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         "params": {"extract": extraction["params"], "reduce": params.as_dict()},
         "versions": library_versions(),
         "removed_from_earlier_run": removed,
+        # Where the fit's count, mean and covariance came from.
+        "pca_statistics": "featurization" if moments is not None else "pass over features/",
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     unclassifiable = classifiable(labels)
