@@ -9,6 +9,7 @@ from pyspark.ml import PipelineModel
 from pyspark.ml.feature import PCA, PCAModel, StandardScaler
 from pyspark.ml.functions import array_to_vector, vector_to_array
 
+from imagepca.moments import MomentsBuilder
 from imagepca.reduction import Moments, feature_moments, fit_pca, read_pca, reduce_with
 
 
@@ -28,6 +29,24 @@ def test_merged_moments_are_exact_and_stable_for_large_means():
     np.testing.assert_allclose(merged.covariance, np.cov(rows, rowvar=False), rtol=1e-7)
     naive = (rows.T @ rows - 1000 * np.outer(rows.mean(0), rows.mean(0))) / 999
     assert not np.allclose(naive, np.cov(rows, rowvar=False), rtol=1e-3)  # why the merge
+
+
+def test_batched_moments_are_exact_and_stable_for_large_means():
+    """A task's batches, summed about the first batch's mean, against numpy; then tasks
+    merged pairwise, as featurization's statistics are."""
+    rng = np.random.default_rng(2)
+    rows = 1e8 + rng.normal(size=(1000, 5)) @ rng.normal(size=(5, 5))
+    merged = Moments.empty()
+    for task in np.array_split(rows, 3):
+        builder = MomentsBuilder()
+        builder.add([])  # a batch of rejected images only
+        for batch in np.array_split(task, 4):
+            builder.add(list(batch))
+        merged = merged.merge(builder.moments())
+    assert merged.n == 1000
+    np.testing.assert_allclose(merged.mean, rows.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(merged.covariance, np.cov(rows, rowvar=False), rtol=1e-7)
+    assert MomentsBuilder().moments().n == 0
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from pyspark.sql import functions as F
 from .config import FEATURE_DIM, KERAS_WEIGHTS_FILE, ExtractParams, cache_dir
 from .images import ImageDecodeError, decode_image
 from .inputs import ReadOptions, read_files
-from .moments import Moments, vector_moments
+from .moments import Moments, MomentsBuilder
 from .session import task_cpus
 from .storage import Storage, is_local
 
@@ -354,7 +354,7 @@ def features_udf(
     @F.pandas_udf(FEATURES_SCHEMA)
     def mobilenet_v2_features(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         runner = get_runner(broadcast.value, threads)
-        total = Moments.empty()
+        statistics = MomentsBuilder()
         for column in batches:
             if read is None:
                 out = featurize_batch(column, runner, **options)
@@ -366,10 +366,9 @@ def features_udf(
                     for failure, reason in zip(failures, out["reason"], strict=True)
                 ]
             if moments is not None:
-                vectors = out["features"][out["reason"].isna()].tolist()
-                total = total.merge(vector_moments(vectors))
+                statistics.add(out["features"][out["reason"].isna()].tolist())
             yield out
-        if moments is not None and total.n:
-            moments.add(total)
+        if moments is not None and statistics.n:
+            moments.add(statistics.moments())
 
     return mobilenet_v2_features

