@@ -16,7 +16,7 @@ from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca.config import ExtractParams, ParameterError, ReduceParams
 from imagepca.features import WeightsError, resolve_weights
 from imagepca.images import InputError
-from imagepca.inputs import list_folder
+from imagepca.inputs import fingerprint, list_folder
 from imagepca.pipeline import extract_features, reduce_features
 from imagepca.reduction import reduce_with
 
@@ -40,6 +40,14 @@ def test_listing_brings_a_few_files_of_each_label(spark):
     assert kept == list_folder(spark, str(FRUIT_PHOTOS)).sample(3)  # seeded, not random
     more = listing.sample(5, max_labels=2)  # past what the listing kept: a job
     assert [label for label, _ in more] == ["apple"] * 5 + ["banana"] * 5
+
+
+def test_featurization_sums_the_listings_fingerprint(spark, photos_run):
+    """The featurization job's groups add up to the fingerprint of the listing itself:
+    what ``reuse_features`` compares a new listing with."""
+    listing = list_folder(spark, str(FRUIT_PHOTOS))
+    stored = photos_run["extraction"].metadata["params"]["listing_fingerprint"]
+    assert stored == fingerprint(listing.files, listing.n_files)
 
 
 def test_every_image_is_accounted_for(photos_run):

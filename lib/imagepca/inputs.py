@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from decimal import Decimal
 from urllib.parse import urlsplit
 
 from pyspark import StorageLevel
@@ -131,6 +132,13 @@ def list_inputs(spark: SparkSession, params: ExtractParams) -> ImageListing:
 def fingerprint(rows: DataFrame, n_files: int) -> str:
     """An order-independent hash of ``(path, label, size, modified)`` over ``rows``, summed on
     the executors: two listings get the same value when they hold the same files unchanged."""
+    row = rows.agg(*fingerprint_sums()).first()
+    return fingerprint_digest(n_files, [row])
+
+
+def fingerprint_sums() -> list[Column]:
+    """The aggregates :func:`fingerprint` sums, for a job that has other counting to do:
+    sums over groups of rows add up to the sums over all of them."""
     key = F.concat_ws(
         "\u0000",
         "path",
@@ -138,12 +146,18 @@ def fingerprint(rows: DataFrame, n_files: int) -> str:
         F.coalesce(F.col("size").cast("string"), F.lit("")),
         F.coalesce(F.col("modified").cast("string"), F.lit("")),
     )
-    row = rows.agg(
-        F.count(F.lit(1)).alias("n"),
+    return [
+        F.count(F.lit(1)).alias("count"),
         F.sum(F.xxhash64(key).cast("decimal(38,0)")).alias("a"),
         F.sum(F.hash(key).cast("decimal(38,0)")).alias("b"),
-    ).first()
-    return hashlib.sha256(f"{n_files}:{row['n']}:{row['a']}:{row['b']}".encode()).hexdigest()
+    ]
+
+
+def fingerprint_digest(n_files: int, groups: list) -> str:
+    """The fingerprint from :func:`fingerprint_sums` over one or more groups of rows."""
+    n = sum(group["count"] for group in groups)
+    a, b = (sum((group[name] or 0 for group in groups), Decimal(0)) for name in ("a", "b"))
+    return hashlib.sha256(f"{n_files}:{n}:{a}:{b}".encode()).hexdigest()
 
 
 # -- a folder -------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ from .increments import (
 from .inputs import (
     ImageListing,
     fingerprint,
+    fingerprint_digest,
+    fingerprint_sums,
     folder_rows,
     list_inputs,
     read_options,
@@ -228,7 +230,9 @@ def extract_features(
             progress.track(spark, "featurize", total=n_todo),
         ):
             outcomes = (
-                scored.groupBy("label", F.split("reason", ":")[0].alias("kind")).count().collect()
+                scored.groupBy("label", F.split("reason", ":")[0].alias("kind"))
+                .agg(*fingerprint_sums())
+                .collect()
             )
         # Taken now: a later job recomputing a lost cached partition would add it again.
         statistics = accumulator.value if accumulator is not None else None
@@ -239,18 +243,20 @@ def extract_features(
             batch_id = new_batch_id()
 
             # Independent jobs over the cache, side by side (see run_concurrently).
-            jobs = [
-                partial(fingerprint, listing.files if increment else scored, listing.n_files),
-                partial(storage.publish, params.output, "rejected", rejected.write.parquet),
-            ]
+            jobs = [partial(storage.publish, params.output, "rejected", rejected.write.parquet)]
             if increment is None:
 
                 def write_features(uri: str) -> None:
                     features.write.parquet(batch_folder(uri, batch_id))
 
                 jobs.append(partial(storage.publish, params.output, "features", write_features))
-            listing_fingerprint, *_ = run_concurrently(*jobs)
+                # The featurization job summed the files it scanned.
+                listing_fingerprint = fingerprint_digest(listing.n_files, outcomes)
+            else:
+                jobs.append(partial(fingerprint, listing.files, listing.n_files))
+            *_, last = run_concurrently(*jobs)
             if increment is not None:
+                listing_fingerprint = last
                 staged = join(params.output, STAGING_DIR, f"features-{batch_id}")
                 stage_batch(features, increment, staged)
                 commit_batch(storage, features_uri, staged, increment, batch_id)
