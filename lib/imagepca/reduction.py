@@ -1,12 +1,12 @@
-"""StandardScaler + PCA as a Spark ML pipeline, fitted in one distributed pass.
+"""StandardScaler + PCA as a Spark ML pipeline, fitted from one pass's statistics.
 
 Both stages need the same statistics of the features: their mean, their standard deviation
-and their covariance. One pass computes all three (:mod:`imagepca.moments`): each Python
-worker accumulates the centred Gram matrix of its Arrow batches with one float64 matrix
-product per batch, the per-partition results are merged on the executors (a tree of
-``mapInArrow`` merges) and the driver eigen-decomposes the correlation matrix once. No row
-crosses from the JVM to Python except inside Arrow batches, and nothing of size n reaches
-the driver.
+and their covariance (:mod:`imagepca.moments`). Featurization usually sums them as it goes
+(``features/_moments.npz``); otherwise one pass computes all three: each Python worker
+accumulates the centred Gram matrix of its Arrow batches with one float64 matrix product per
+batch, the per-partition results are merged on the executors (a tree of ``mapInArrow``
+merges). The driver eigen-decomposes the correlation matrix once. No row crosses from the
+JVM to Python except inside Arrow batches, and nothing of size n reaches the driver.
 
 Spark's own ``StandardScaler.fit`` + ``PCA.fit`` would take two passes, send every row
 through a ``RowMatrix`` of Python objects, and decompose with Breeze's SVD, which on Java 17
