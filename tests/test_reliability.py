@@ -35,12 +35,8 @@ from cluster import (
 from conftest import FRUIT360, WEIGHTS
 from imagepca.config import ExtractParams, ParameterError, ReduceParams
 from imagepca.images import InputError
-from imagepca.pipeline import (
-    RejectedShareError,
-    extract_features,
-    finish_run,
-    reduce_features,
-)
+from imagepca.pipeline import extract_features, finish_run, reduce_features
+from imagepca.rejects import RejectedShareError
 
 # -- generated input ------------------------------------------------------------------------
 

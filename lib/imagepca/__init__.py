@@ -7,10 +7,12 @@ module per stage of the data flow:
 - :mod:`imagepca.session`   the SparkSession (the cluster's, or a local one)
 - :mod:`imagepca.images`    listing, reading and decoding images
 - :mod:`imagepca.features`  MobileNetV2 feature extraction on the executors
-- :mod:`imagepca.moments`   one-pass mean and Gram matrix of the features (executors)
+- :mod:`imagepca.moments`   one-pass mean and Gram matrix of the features (executors;
+                            summed while featurizing, or in a pass of their own)
 - :mod:`imagepca.reduction` StandardScaler + PCA pipeline, choice of k
 - :mod:`imagepca.plots`     figures
 - :mod:`imagepca.storage`   output location: staged writes, markers
+- :mod:`imagepca.rejects`   every file found in features/ or rejected/, with its reason
 - :mod:`imagepca.pipeline`  the two stages, top to bottom
 - :mod:`imagepca.split`     notebook 03's train/test split and driver-side training rows
 - :mod:`imagepca.logistic`  Spark's logistic regression objective fitted on the driver

@@ -16,7 +16,6 @@ from functools import partial
 from importlib import metadata
 
 import pandas as pd
-from py4j.protocol import Py4JJavaError
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -30,12 +29,11 @@ from .features import (
     moments_accumulator,
     resolve_weights,
 )
-from .images import InputError, classifiable
+from .images import classifiable
 from .increments import (
     LAYOUT,
     ROW_KEY,
     STORED_COLUMNS,
-    Increment,
     batch_folder,
     batches,
     commit_batch,
@@ -56,6 +54,7 @@ from .inputs import (
 )
 from .moments import Moments
 from .reduction import FLOAT64_BATCH_ROWS, PCAFit, check_k, fit_pca
+from .rejects import checked, rejected_files
 from .session import ARROW_BATCH_KEY, default_parallelism, run_concurrently, spark_settings
 from .storage import CLASSIFY_ARTIFACTS, STAGING_DIR, Storage, join
 
@@ -75,10 +74,6 @@ REUSE_KEYS = (
     "fast_decode",
     "max_image_pixels",
 )
-
-
-class RejectedShareError(RuntimeError):
-    """More images were rejected than the run allows (``max_rejected_fraction``)."""
 
 
 def library_versions() -> dict[str, str]:
@@ -182,7 +177,7 @@ def extract_features(
         identity["listing_fingerprint"] = fingerprint(listing.files, listing.n_files)
         if all(stored["params"].get(key) == identity.get(key) for key in REUSE_KEYS):
             listing.release()
-            return _checked(Extraction(listing, stored, reused=True), params)
+            return checked(Extraction(listing, stored, reused=True), params)
 
     increment, full_run_reason = None, None
     if params.incremental:
@@ -237,7 +232,7 @@ def extract_features(
         # Taken now: a later job recomputing a lost cached partition would add it again.
         statistics = accumulator.value if accumulator is not None else None
         with timer.stage("write_s"):
-            rejected, by_kind, n_new = _rejected(spark, storage, listing, scored, outcomes,
+            rejected, by_kind, n_new = rejected_files(spark, storage, listing, scored, outcomes,
                                                  increment)  # fmt: skip
             features = scored.filter(F.col("reason").isNull()).select(*STORED_COLUMNS)
             batch_id = new_batch_id()
@@ -311,73 +306,12 @@ def extract_features(
     metadata["images_per_s"] = round(n_todo / max(timer.timings["featurize_s"], 1e-9), 2)
     # Written last: features/ never has a description of another run's rows.
     storage.write_json(join(features_uri, EXTRACTION_FILE), metadata)
-    return _checked(Extraction(listing, metadata), params)
-
-
-def _rejected(
-    spark: SparkSession,
-    storage: Storage,
-    listing: ImageListing,
-    scored: DataFrame,
-    outcomes: list,
-    increment: Increment | None,
-) -> tuple[DataFrame, dict[str, int], int]:
-    """The run's rejected files with reasons, their count by kind, and the featurized count.
-
-    A folder's scan reads the listed files only, so fewer rows than files means some were
-    skipped (empty, vanished, unreadable): only then are they looked for, with Spark.
-    """
-    n_new, by_kind = 0, {}
-    for row in outcomes:
-        if row["kind"] is None:
-            n_new += row["count"]
-        else:
-            by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + row["count"]
-    rejected = scored.filter(F.col("reason").isNotNull()).select("path", "reason")
-    scanned = (
-        (increment.n_todo + increment.n_kept)
-        if increment
-        else sum(row["count"] for row in outcomes)
-    )
-    if listing.relation is not None and scanned < listing.n_files:
-        seen = listing.files if increment else scored
-        unread = [
-            (row["path"], _unread_reason(storage, row["path"]))
-            for row in listing.unscanned(seen).collect()  # the few files no scan returned
-        ]
-        for _, reason in unread:
-            kind = reason.split(":")[0]
-            by_kind[kind] = by_kind.get(kind, 0) + 1
-        if unread:
-            rejected = rejected.unionByName(
-                spark.createDataFrame(unread, "path string, reason string")
-            )
-    return rejected, dict(sorted(by_kind.items())), n_new
+    return checked(Extraction(listing, metadata), params)
 
 
 def _label_counts(features: DataFrame) -> dict[str, int]:
     rows = features.groupBy("label").count().collect()
     return dict(sorted((row["label"], row["count"]) for row in rows))
-
-
-def _checked(extraction: Extraction, params: ExtractParams) -> Extraction:
-    """Stop a run that has nothing to reduce, or more rejects than the user allows."""
-    found, rejected = extraction.metadata["n_files_found"], extraction.n_rejected
-    report = join(params.output, "rejected")
-    if extraction.n_images == 0:
-        where = "under" if params.input is not None else "listed in"
-        kinds = ", ".join(f"{n} {k}" for k, n in extraction.metadata["rejected_by_kind"].items())
-        raise InputError(
-            f"none of the {found} image files {where} {params.source!r} could be used ({kinds}); "
-            f"see {report} for each file's reason"
-        )
-    share = rejected / found
-    if share > params.max_rejected_fraction:
-        raise RejectedShareError(
-            f"{rejected} of {found} image files ({share:.1%}) were rejected, more than "
-            f"max_rejected_fraction={params.max_rejected_fraction:g}; see {report} for the reasons"
-        )
-    return extraction
 
 
 def _stored_extraction(storage: Storage, output: str) -> dict | None:
@@ -392,21 +326,6 @@ def _stored_moments(storage: Storage, output: str, extraction: dict) -> Moments 
         return None
     moments = Moments.from_npz(storage.read_bytes(join(output, "features", name)))
     return moments if moments.n == extraction["n_images"] else None
-
-
-def _unread_reason(storage: Storage, path: str) -> str:
-    try:
-        size = storage.size(path)
-    except Exception as error:  # vanished or inaccessible since the listing
-        java = error.java_exception if isinstance(error, Py4JJavaError) else None
-        if java is not None:
-            name = java.getClass().getSimpleName()
-            kind = "missing" if name == "FileNotFoundException" else "unreadable"
-            return f"{kind}: {name}: {java.getMessage()}"
-        return f"unreadable: {type(error).__name__}: {str(error).splitlines()[0]}"
-    if size == 0:
-        return "empty file: 0 bytes"
-    return "unreadable: the scan could not read it (I/O error)"
 
 
 def read_features(spark: SparkSession, output: str) -> DataFrame:
