@@ -221,6 +221,21 @@ def test_driver_fit_is_scikit_learns(n_classes, n_dims) -> None:
     np.testing.assert_allclose(intercepts, expected_intercepts, atol=1e-5)
 
 
+def test_float32_products_approximate_the_float64_fit() -> None:
+    """The diagnostics' single-precision products: the same classifier, nearly the same
+    coefficients, the same predictions."""
+    rng = np.random.default_rng(6)
+    y = np.arange(240) % 6
+    x = rng.normal(0, 1, (6, 40))[y] + rng.normal(0, 2, (240, 40))
+    exact = logistic.fit_multinomial(x, y, 6, reg_param=0.01, max_iter=100)
+    single = logistic.fit_multinomial(x, y, 6, reg_param=0.01, max_iter=100, dtype=np.float32)
+    assert single[0].dtype == np.float64  # what Spark's model holds
+    np.testing.assert_allclose(single[0], exact[0], atol=1e-3)
+    np.testing.assert_allclose(single[1], exact[1], atol=5e-3)
+    assert not np.array_equal(single[0], exact[0])  # the products did run in float32
+    np.testing.assert_array_equal(logistic.predict(*single, x), logistic.predict(*exact, x))
+
+
 def test_scores_from_a_confusion_matrix() -> None:
     scores = logistic.scores(np.array([[3, 1, 0], [0, 2, 0], [1, 0, 0]]), ["a", "b", "c"])
     assert scores["accuracy"] == pytest.approx(5 / 7) and scores["n_test"] == 7
@@ -309,6 +324,21 @@ def test_sweep_scores_are_the_stored_reduced_vectors(classified) -> None:
     reduced = np.stack(stored.loc[clf.subset.paths, "pca"].to_numpy())
     assert scores.shape == reduced.shape == (240, k)
     assert np.max(np.abs(scores - reduced)) < 1e-3  # reduced/ stores float32
+
+
+def test_sweep_fits_side_by_side_equal_fits_alone(classified) -> None:
+    """The sweep's small fits run side by side on one BLAS thread each: each scores what
+    the same fit scores alone. The diagnostics' products are float32, the saved model's
+    float64."""
+    clf, block = classified["clf"], classified["metrics"]["classification"]
+    for row in block["k_sweep"]:
+        if row["k"] == clf.k:  # the saved classifier's own fit on the same rows
+            assert row["accuracy"] == block["reduced"]["accuracy"]
+            continue
+        *_, alone = clf._fit_driver("alone", clf.subset, clf.scores_of(row["k"]), np.float32)
+        assert (row["accuracy"], row["f1_macro"]) == (alone["accuracy"], alone["f1_macro"])
+    assert [row["accuracy"] for row in block["k_sweep"]] != [block["k_sweep"][0]["accuracy"]] * 3
+    assert block["reduced"]["products"] == "float64" and block["full"]["products"] == "float32"
 
 
 def test_large_data_paths_spark_fit_and_sweep_subset(spark, classified) -> None:
