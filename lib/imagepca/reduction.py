@@ -260,18 +260,12 @@ def read_pca(spark: SparkSession, output: str) -> StoredPCA:
         raise ValueError(
             f"{join(output, 'pca_components')} holds no dense matrix: re-run notebook 02"
         )
-    # A DenseMatrix stores its values column by column unless isTransposed.
-    shape = (pca["numRows"], pca["numCols"])
-    components = np.asarray(pca["values"], dtype=np.float64)
-    if pca["isTransposed"]:
-        components = components.reshape(shape)
-    else:
-        components = components.reshape(shape[::-1]).T
+    matrix = DenseMatrix(pca["numRows"], pca["numCols"], pca["values"], pca["isTransposed"])
     return StoredPCA(
         mean=scaler["mean"].toArray(),
         std=scaler["std"].toArray(),
         k=int(stages[1]["paramMap"]["k"]),
-        components=components,
+        components=matrix.toArray(),
         explained_variance=np.asarray(pca["explained_variance"], dtype=np.float64),
     )
 
