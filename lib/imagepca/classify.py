@@ -172,19 +172,20 @@ class Classification:
         self, name: str, data: TrainingMatrix, x: np.ndarray, dtype: type = np.float64
     ) -> tuple:
         train, test = ~data.is_test, data.is_test
+        labels = self.labels  # one call into the JVM's indexer, also from the sweep's threads
         start = time.perf_counter()
         coefficients, intercepts = logistic.fit_multinomial(
             x[train],
             data.y[train],
-            len(self.labels),
+            len(labels),
             reg_param=self.params.reg_param,
             max_iter=self.params.max_iter,
             dtype=dtype,
         )
         fit_s = round(time.perf_counter() - start, 3)
         predicted = logistic.predict(coefficients, intercepts, x[test])
-        matrix = logistic.confusion_matrix(data.y[test], predicted, len(self.labels))
-        scores = logistic.scores(matrix, self.labels)
+        matrix = logistic.confusion_matrix(data.y[test], predicted, len(labels))
+        scores = logistic.scores(matrix, labels)
         scores.update(
             dims=int(x.shape[1]),
             fit_s=fit_s,
@@ -197,8 +198,8 @@ class Classification:
             self._misclassified = pd.DataFrame(
                 {
                     "path": data.paths[test][wrong],
-                    "label": np.asarray(self.labels)[data.y[test][wrong]],
-                    PREDICTED_LABEL_COL: np.asarray(self.labels)[predicted[wrong]],
+                    "label": np.asarray(labels)[data.y[test][wrong]],
+                    PREDICTED_LABEL_COL: np.asarray(labels)[predicted[wrong]],
                 }
             ).sort_values(["label", "path"], ignore_index=True)
         return coefficients, intercepts, scores
