@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from cluster import (
@@ -221,6 +222,24 @@ def test_incremental_run_appends_without_rewriting_other_files(incremental):
     assert all(now[p] == first[p] for p in kept)
     rewritten = incremental["second"].metadata["incremental"]["rewritten_part_files"]
     assert len(first) - len(kept) == rewritten >= 1
+
+
+def test_batches_in_both_list_layouts_read_as_one(incremental):
+    """The increment's batch carries rows read back from the first batch's rewritten files
+    (Spark forgets that their floats are never null), so it keeps Parquet's standard lists;
+    the first batch's files hold two-level ones. Spark (the second run's PCA, equal to a
+    fresh run's above) and pandas read the two as one dataset."""
+    layouts: dict[str, set[str]] = {}
+    for part in (incremental["output"] / "features").rglob("*.parquet"):
+        column = pq.ParquetFile(part).schema.column(4).path
+        layouts.setdefault(part.parent.name, set()).add(column)
+    first, second = incremental["second"].metadata["batches"]
+    assert layouts == {
+        f"batch={first}": {"features.array"},
+        f"batch={second}": {"features.list.element"},
+    }
+    features = pd.read_parquet(incremental["output"] / "features")
+    assert {len(vector) for vector in features["features"]} == {1280}
 
 
 def test_killed_incremental_run_then_rerun_is_exactly_once(spark, tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from pyspark.ml import PipelineModel
 from pyspark.ml.classification import LogisticRegression
@@ -91,6 +92,32 @@ def test_explained_variance_is_a_sorted_spectrum(photos_run):
     ):
         assert key in metrics
     assert metrics["versions"]["pyspark"].startswith("3.5")
+
+
+def column_paths(dataset: Path) -> set[tuple[str, ...]]:
+    """The Parquet column paths of every part file under ``dataset`` (one per layout)."""
+    return {
+        tuple(tuple(column.path.split(".")) for column in pq.ParquetFile(part).schema)
+        for part in dataset.rglob("*.parquet")
+    }
+
+
+def test_vectors_are_written_as_two_level_lists(spark, photos_run):
+    """features/, reduced/ and the models' vectors are Parquet's two-level lists of required
+    floats (``repeated float array``: the fast layout to write, see
+    imagepca.storage.list_layout_settings), which Spark and pandas read as arrays."""
+    output = Path(photos_run["output"])
+    assert column_paths(output / "features") == {
+        (("path",), ("label",), ("size",), ("modified",), ("features", "array"))
+    }
+    assert column_paths(output / "reduced") == {(("path",), ("label",), ("pca", "array"))}
+    pca_data = next((output / "pca_components" / "data").glob("*.parquet"))
+    values = [c.path for c in pq.ParquetFile(pca_data).schema if c.path.startswith("pc.values")]
+    assert values == ["pc.values.array"]
+    stored = spark.read.parquet(str(output / "features")).schema["features"].dataType
+    assert stored.simpleString() == "array<float>"
+    frame = pd.read_parquet(output / "reduced")
+    assert {len(v) for v in frame["pca"]} == {photos_run["reduction"].fit.k}
 
 
 def test_reloaded_model_reproduces_reduced(spark, photos_run):

@@ -24,19 +24,23 @@ import pandas as pd
 from pyspark.accumulators import Accumulator, AccumulatorParam
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StringType, StructField, StructType
 
 from .config import FEATURE_DIM, KERAS_WEIGHTS_FILE, ExtractParams, cache_dir
 from .images import ImageDecodeError, decode_image
 from .inputs import ReadOptions, read_files
 from .moments import Moments, MomentsBuilder
 from .session import task_cpus
-from .storage import Storage, is_local
+from .storage import FLOAT_VECTOR, Storage, is_local
 
 KERAS_WEIGHTS_ORIGIN = (
     "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
     + KERAS_WEIGHTS_FILE
 )
-FEATURES_SCHEMA = "features array<float>, reason string"
+# Elements that cannot be null: stored as compact Parquet lists (storage.list_layout_settings).
+FEATURES_SCHEMA = StructType(
+    [StructField("features", FLOAT_VECTOR), StructField("reason", StringType())]
+)
 
 
 class WeightsError(RuntimeError):

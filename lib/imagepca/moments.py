@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 MOMENTS_SCHEMA = "n long, mean binary, m2 binary"
+# Arrow's spelling of imagepca.storage.FLOAT_VECTOR: float32 values, none of them null.
+SCORES_TYPE = pa.list_(pa.field("element", pa.float32(), nullable=False))
 
 
 @dataclass(frozen=True)
@@ -146,9 +148,9 @@ def projector(mean: np.ndarray, std: np.ndarray, components: np.ndarray):
             scores = ((rows - mean) * inverse) @ components
             values = pa.array(scores.astype(np.float32).ravel())
             offsets = pa.array(np.arange(0, (batch.num_rows + 1) * k, k, dtype=np.int32))
+            pca = pa.ListArray.from_arrays(offsets, values, type=SCORES_TYPE)
             yield pa.RecordBatch.from_arrays(
-                [batch.column(0), batch.column(1), pa.ListArray.from_arrays(offsets, values)],
-                names=["path", "label", "pca"],
+                [batch.column(0), batch.column(1), pca], names=["path", "label", "pca"]
             )
 
     return project

@@ -56,7 +56,7 @@ from .moments import Moments
 from .reduction import FLOAT64_BATCH_ROWS, PCAFit, check_k, fit_pca
 from .rejects import checked, rejected_files
 from .session import ARROW_BATCH_KEY, default_parallelism, run_concurrently, spark_settings
-from .storage import CLASSIFY_ARTIFACTS, STAGING_DIR, Storage, join
+from .storage import CLASSIFY_ARTIFACTS, STAGING_DIR, Storage, join, list_layout_settings
 
 EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
 MOMENTS_FILE = "_moments.npz"  # the PCA's statistics of features/, from featurization
@@ -249,7 +249,8 @@ def extract_features(
                 listing_fingerprint = fingerprint_digest(listing.n_files, outcomes)
             else:
                 jobs.append(partial(fingerprint, listing.files, listing.n_files))
-            *_, last = run_concurrently(*jobs)
+            with spark_settings(spark, list_layout_settings(features)):
+                *_, last = run_concurrently(*jobs)
             if increment is not None:
                 listing_fingerprint = last
                 staged = join(params.output, STAGING_DIR, f"features-{batch_id}")
@@ -373,12 +374,15 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     with timer.stage("fit_s"):
         moments = _stored_moments(storage, params.output, extraction)
         fit = fit_pca(features, k=params.k, variance=params.variance, moments=moments)
+    reduced = fit.transform(features)
     with (
         timer.stage("reduce_write_s"),
-        # The projection holds a batch as float64 in the worker.
-        spark_settings(spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS)}),
+        # The projection holds a batch as float64 in the worker. The models' vectors are
+        # written in the same list layout as reduced/'s.
+        spark_settings(
+            spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS), **list_layout_settings(reduced)}
+        ),
     ):
-        reduced = fit.transform(features)
         *_, reduced_uri = storage.publish_all(
             params.output,
             {

@@ -34,13 +34,13 @@ from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.ml.linalg import DenseMatrix, DenseVector, MatrixUDT, VectorUDT
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import StructField, StructType
+from pyspark.sql.types import StringType, StructField, StructType
 from threadpoolctl import threadpool_limits
 
 from .config import ParameterError
 from .moments import MOMENTS_SCHEMA, Moments, merge_partials, partition_moments, projector
 from .session import ARROW_BATCH_KEY, spark_settings
-from .storage import Storage, join
+from .storage import FLOAT_VECTOR, Storage, join
 
 VECTOR_COL = "features_vector"
 SCALED_COL = "scaled"
@@ -48,6 +48,13 @@ PCA_COL = "pca_vector"
 # Rows per Arrow batch when a worker turns them into float64 (accumulating, projecting):
 # 2048 x 1280 x 8 bytes = 21 MB per Python worker.
 FLOAT64_BATCH_ROWS = 2048
+REDUCED_SCHEMA = StructType(
+    [
+        StructField("path", StringType()),
+        StructField("label", StringType()),
+        StructField("pca", FLOAT_VECTOR),
+    ]
+)
 
 
 def choose_k(cumulative: Sequence[float], variance: float) -> int:
@@ -132,9 +139,7 @@ class PCAFit:
         :func:`reduce_with` gives with :attr:`model`, computed with one matrix product per
         Arrow batch."""
         project = projector(self.mean, self.std, self.chosen_components)
-        return features.select("path", "label", "features").mapInArrow(
-            project, "path string, label string, pca array<float>"
-        )
+        return features.select("path", "label", "features").mapInArrow(project, REDUCED_SCHEMA)
 
 
 def reduce_with(model: PipelineModel, features: DataFrame) -> DataFrame:
