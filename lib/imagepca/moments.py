@@ -18,10 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from pyspark.sql.pandas.types import to_arrow_type
+
+from .storage import FLOAT_VECTOR
 
 MOMENTS_SCHEMA = "n long, mean binary, m2 binary"
-# Arrow's spelling of imagepca.storage.FLOAT_VECTOR: float32 values, none of them null.
-SCORES_TYPE = pa.list_(pa.field("element", pa.float32(), nullable=False))
+# The projection's output column, as Spark's Arrow conversion spells the stored vector type.
+SCORES_TYPE = to_arrow_type(FLOAT_VECTOR)
 
 
 @dataclass(frozen=True)
