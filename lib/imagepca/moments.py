@@ -6,10 +6,8 @@ float64 matrices and accumulates them with one matrix product per batch (level-3
 partial results merge with Chan et al.'s pairwise update, exact and stable for features
 whose mean is large next to their spread. The fitted scaler + PCA then projects the same
 batches with one matrix product each (:func:`projector`), where Spark's ``PCAModel`` would
-run a JVM matrix-vector product per row. Spark workers import this module (by reference,
-from the functions given to ``mapInArrow``): besides numpy and pyarrow it needs only pyspark's
-Arrow types and :mod:`imagepca.storage`'s vector type, about 10 ms in a worker, where pyspark
-is already loaded (2 ms when it imported numpy and pyarrow alone).
+run a JVM matrix-vector product per row. This module imports only numpy and pyarrow: Spark
+workers load it (by reference, from the functions given to ``mapInArrow``) in milliseconds.
 """
 
 from __future__ import annotations
@@ -20,13 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from pyspark.sql.pandas.types import to_arrow_type
-
-from .storage import FLOAT_VECTOR
 
 MOMENTS_SCHEMA = "n long, mean binary, m2 binary"
-# The projection's output column, as Spark's Arrow conversion spells the stored vector type.
-SCORES_TYPE = to_arrow_type(FLOAT_VECTOR)
 
 
 @dataclass(frozen=True)
@@ -140,10 +133,11 @@ def merge_partials(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch
         yield pa.RecordBatch.from_pylist([total.to_bytes()])
 
 
-def projector(mean: np.ndarray, std: np.ndarray, components: np.ndarray):
+def projector(mean: np.ndarray, std: np.ndarray, components: np.ndarray, scores_type: pa.DataType):
     """A ``mapInArrow`` function: ``path``, ``label``, ``features`` batches to ``path``,
-    ``label``, ``pca`` (float32), as ``StandardScaler(withMean, withStd)`` then ``PCAModel``
-    compute it (a constant feature, std 0, scales to 0)."""
+    ``label``, ``pca`` (float32 lists of ``scores_type``, the Arrow spelling of the output
+    schema's column), as ``StandardScaler(withMean, withStd)`` then ``PCAModel`` compute it
+    (a constant feature, std 0, scales to 0)."""
     inverse = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
     k = components.shape[1]
 
@@ -153,7 +147,7 @@ def projector(mean: np.ndarray, std: np.ndarray, components: np.ndarray):
             scores = ((rows - mean) * inverse) @ components
             values = pa.array(scores.astype(np.float32).ravel())
             offsets = pa.array(np.arange(0, (batch.num_rows + 1) * k, k, dtype=np.int32))
-            pca = pa.ListArray.from_arrays(offsets, values, type=SCORES_TYPE)
+            pca = pa.ListArray.from_arrays(offsets, values, type=scores_type)
             yield pa.RecordBatch.from_arrays(
                 [batch.column(0), batch.column(1), pca], names=["path", "label", "pca"]
             )

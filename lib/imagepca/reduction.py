@@ -34,6 +34,7 @@ from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.ml.linalg import DenseMatrix, DenseVector, MatrixUDT, VectorUDT
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import to_arrow_type
 from pyspark.sql.types import StringType, StructField, StructType
 from threadpoolctl import threadpool_limits
 
@@ -138,7 +139,9 @@ class PCAFit:
         """``path``, ``label``, ``pca`` (k floats) for a features DataFrame: what
         :func:`reduce_with` gives with :attr:`model`, computed with one matrix product per
         Arrow batch."""
-        project = projector(self.mean, self.std, self.chosen_components)
+        # Derived here, on the driver: the workers' module stays free of pyspark imports.
+        scores_type = to_arrow_type(REDUCED_SCHEMA["pca"].dataType)
+        project = projector(self.mean, self.std, self.chosen_components, scores_type)
         return features.select("path", "label", "features").mapInArrow(project, REDUCED_SCHEMA)
 
 
