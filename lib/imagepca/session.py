@@ -227,11 +227,12 @@ def stop_spark(timeout: float = 60.0) -> None:
     """Stop this process's SparkContext and, when this process launched the JVM, let the JVM
     exit and wait for it.
 
-    ``imagepca run`` calls this in its kernel before shutting the kernel down: on shutdown
-    ipykernel signals the kernel's child processes and sleeps in growing steps (0.01 s up to
-    3 s) until none is left, and a JVM that has exited but was not waited for still counts,
-    which cost 2 s at the end of every run. Stopping here is Spark's ordinary shutdown (the
-    JVM exits when its standard input closes). A JVM writing its class archive (see
+    ``imagepca run`` calls this in its kernel before ending the kernel, which it then kills
+    (see :func:`imagepca.runner.run_notebooks`): a JVM killed with its kernel's process
+    group would leave its scratch directories and no class archive. Stopping here is
+    Spark's ordinary shutdown (the JVM exits when its standard input closes), and waiting
+    for the JVM also spares an orderly kernel shutdown the 2 s ipykernel sleeps while a
+    child that has exited but was not waited for is left. A JVM writing its class archive (see
     :func:`class_archive_options`) has written it once it has exited, and the archive is
     kept. Nothing happens without a session, or for a JVM this process did not launch (a
     ``pyspark`` shell's, Livy's).
