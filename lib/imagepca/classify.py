@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -57,7 +58,12 @@ from .logistic import (
 from .pipeline import read_features, timed
 from .plots import save_figure
 from .reduction import PCA_COL, StoredPCA, read_pca
-from .session import SHUFFLE_PARTITIONS_KEY, default_parallelism, spark_settings
+from .session import (
+    SHUFFLE_PARTITIONS_KEY,
+    default_parallelism,
+    run_concurrently,
+    spark_settings,
+)
 from .split import IN_SUBSET_COL, IS_TEST_COL, TrainingMatrix, n_test_images, split_by_label
 from .storage import CLASSIFY_ARTIFACTS, METRICS_FILE, Storage, join
 
@@ -422,15 +428,8 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
         )
     run_metrics = storage.read_json(metrics_uri)
     run_metrics.pop("classification", None)
-    pca = read_pca(spark, params.output)
-    k = pca.k
-    cumulative = np.cumsum(pca.explained_variance).tolist()
-    if run_metrics.get("k", k) != k:
-        raise ValueError(
-            f"metrics.json says k = {run_metrics['k']} but {needed[1]} keeps {k} components: "
-            "the output mixes two runs; re-run notebook 02"
-        )
-    sweep_ks(params.k_values, k, len(cumulative))  # reject impossible k before any work
+    # Impossible k values are rejected before any work, from notebook 02's metrics.
+    sweep_ks(params.k_values, run_metrics["k"], len(run_metrics["explained_variance"]))
     label_counts = dict(sorted(run_metrics["images_per_label"].items()))
     reason = classifiable(label_counts)
     if reason:
@@ -446,7 +445,8 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
     # made one task walk 200 nearly empty partitions (5 s on 240 images) and every later
     # job over the split run 200 tasks. Set while the cached plan is made and first run.
     partitions = max(1, min(default_parallelism(spark), -(-n_kept // 200_000)))
-    with spark_settings(spark, {SHUFFLE_PARTITIONS_KEY: str(partitions)}):
+
+    def split_and_collect() -> tuple[DataFrame, TrainingMatrix]:
         split = split_by_label(
             features.select("path", "label").filter(F.col("label").isin(kept)),
             params.test_fraction,
@@ -458,6 +458,21 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
             features.join(F.broadcast(split.filter(IN_SUBSET_COL)), ["path", "label"]),
             "features",
             sorted(kept),
+        )
+        return split, subset
+
+    # The PCA's few small jobs run beside the split and the collect: 0.3 s of notebook 03.
+    with spark_settings(spark, {SHUFFLE_PARTITIONS_KEY: str(partitions)}):
+        pca, (split, subset) = run_concurrently(
+            partial(read_pca, spark, params.output), split_and_collect
+        )
+    k = pca.k
+    cumulative = np.cumsum(pca.explained_variance).tolist()
+    if run_metrics["k"] != k:
+        split.unpersist()
+        raise ValueError(
+            f"metrics.json says k = {run_metrics['k']} but {needed[1]} keeps {k} components: "
+            "the output mixes two runs; re-run notebook 02"
         )
     # The split is exact: each label's counts follow from its number of images.
     split_counts = {}
