@@ -18,8 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMAGEPCA_SHARED", REPO.parent / "shared")).resolve()
 WEIGHTS = SHARED / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 FRUIT_PHOTOS = SHARED / "datasets" / "fruit-photos"
-# What a local `imagepca run` starts: its kernel and the JVM the kernel launches.
-RUN_PROCESSES = ("ipykernel_launcher", "org.apache.spark.deploy.SparkSubmit")
 FRUIT360 = SHARED / "datasets" / "fruit360-shapes"
 # What notebooks 01 and 02 leave in the output folder (notebook 03 adds its own files).
 OUTPUT_LAYOUT = (
@@ -109,20 +107,14 @@ def photos_run(spark, tmp_path_factory):
     return {"output": output, "extraction": extraction, "reduction": reduction}
 
 
-def run_processes() -> dict[int, str]:
-    """Kernels and Spark JVMs alive on this machine, by process id (with their commands)."""
+def processes_with(marker: str) -> dict[int, str]:
+    """Processes alive whose environment holds ``marker`` (what a run's kernel and its JVM
+    inherit), with their commands."""
     found = {}
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        line = " ".join(process.info["cmdline"] or [])
-        if any(part in line for part in RUN_PROCESSES):
-            found[process.info["pid"]] = line[:200]
+    for process in psutil.process_iter(["pid", "cmdline", "environ"]):
+        if marker in (process.info["environ"] or {}):
+            found[process.info["pid"]] = " ".join(process.info["cmdline"] or [])[:200]
     return found
-
-
-def spark_scratch_dirs() -> set[Path]:
-    """Spark's scratch directories (``spark.local.dir``: Java's temporary folder, ``/tmp`` on
-    Linux, unless set): a JVM removes its own when it stops."""
-    return set(Path("/tmp").glob("spark-*"))
 
 
 @pytest.fixture(scope="session")
@@ -131,15 +123,22 @@ def sample_run(sample_dir, tmp_path_factory, test_environment):
     from imagepca.cli import main
 
     output = tmp_path_factory.mktemp("sample_run") / "out"
-    processes, scratch = run_processes(), spark_scratch_dirs()
-    status = main(
-        ["run", "--input", str(sample_dir), "--output", str(output), "--master", "local[2]"]
-    )
+    # The run's processes inherit a marker, and its JVM a scratch folder of its own.
+    marker, scratch = f"IMAGEPCA_TEST_RUN_{os.getpid()}", output.parent / "spark-local"
+    scratch.mkdir()
+    os.environ.update({marker: "1", "SPARK_LOCAL_DIRS": str(scratch)})
+    try:
+        status = main(
+            ["run", "--input", str(sample_dir), "--output", str(output), "--master", "local[2]"]
+        )
+    finally:
+        os.environ.pop(marker)
+        os.environ.pop("SPARK_LOCAL_DIRS")
     assert status == 0
     # The kernel is killed once its Spark has stopped: no process of the run is left, and
     # the JVM stopped in order first (a JVM killed with its kernel leaves its scratch
     # directories behind).
-    left = {pid: line for pid, line in run_processes().items() if pid not in processes}
+    left = processes_with(marker)
     assert not left, f"processes of the run still alive: {left}"
-    assert not spark_scratch_dirs() - scratch, "the run's JVM did not stop in order"
+    assert not any(scratch.iterdir()), "the run's JVM did not stop in order"
     return output

@@ -440,6 +440,24 @@ def test_missing_inputs_fail_with_advice(spark, tmp_path) -> None:
         prepare(spark, ClassifyParams(output=str(tmp_path / "nothing")))
 
 
+@pytest.mark.parametrize("change", ["k", "components"])
+def test_an_output_mixing_two_runs_is_refused(spark, photos_run, tmp_path, change) -> None:
+    """metrics.json from one notebook 02 run, the PCA from another: refused, and the split
+    cached on the way released (the PCA is read beside the split)."""
+    output = tmp_path / "out"
+    shutil.copytree(photos_run["output"], output)
+    metrics = json.loads((output / "metrics.json").read_text())
+    if change == "k":
+        metrics["k"] += 1
+    else:
+        metrics["explained_variance"] = metrics["explained_variance"][:-1]
+    (output / "metrics.json").write_text(json.dumps(metrics))
+    cached = len(spark.sparkContext._jsc.getPersistentRDDs())
+    with pytest.raises(ValueError, match="mixes two runs; re-run notebook 02"):
+        prepare(spark, ClassifyParams(output=str(output)))
+    assert len(spark.sparkContext._jsc.getPersistentRDDs()) == cached
+
+
 # -- notebook 03 as the CLI runs it ----------------------------------------------------
 
 

@@ -70,8 +70,8 @@ from .storage import CLASSIFY_ARTIFACTS, METRICS_FILE, Storage, join
 MODEL_DIR = "classifier_model"
 DEFAULT_K_VALUES = (2, 5, 10, 20, 50, 100)
 ROWS_PER_PARTITION = 2000  # ~20 MB of 1280-d features per cached partition
-# Every driver fit does its matrix products in float32 (the loss and the gradient are still
-# summed in float64): 1.6x to 1.8x faster. The 1280-d comparison of a 10,000-image run:
+# Every driver fit does its matrix products in float32 (the loss and the intercepts' gradient
+# are still summed in float64): 1.6x to 1.8x faster. The 1280-d comparison of a 10,000-image run:
 # 2.5 -> 1.45 s, its accuracy moved by 0.001; the saved classifier of that run (7,481 x 521,
 # 60 classes): 2.25 -> 1.27 s, the same objective to 6 digits (0.400828 against 0.400829),
 # accuracy 0.9778 against 0.9782 (one of 2,519 test images). The largest change measured was
@@ -446,6 +446,8 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
     # job over the split run 200 tasks. Set while the cached plan is made and first run.
     partitions = max(1, min(default_parallelism(spark), -(-n_kept // 200_000)))
 
+    cached: list[DataFrame] = []  # the split, released again if prepare fails
+
     def split_and_collect() -> tuple[DataFrame, TrainingMatrix]:
         split = split_by_label(
             features.select("path", "label").filter(F.col("label").isin(kept)),
@@ -453,6 +455,7 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
             params.seed,
             fraction,
         ).persist()
+        cached.append(split)
         # At most sweep_max_images paths: broadcast them, never shuffle the 1280-d rows.
         subset = TrainingMatrix.collect(
             features.join(F.broadcast(split.filter(IN_SUBSET_COL)), ["path", "label"]),
@@ -461,19 +464,26 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
         )
         return split, subset
 
-    # The PCA's few small jobs run beside the split and the collect: 0.3 s of notebook 03.
-    with spark_settings(spark, {SHUFFLE_PARTITIONS_KEY: str(partitions)}):
-        pca, (split, subset) = run_concurrently(
-            partial(read_pca, spark, params.output), split_and_collect
-        )
+    # The PCA's small jobs run beside the split and the collect: 0.3 s of notebook 03.
+    try:
+        with spark_settings(spark, {SHUFFLE_PARTITIONS_KEY: str(partitions)}):
+            pca, (split, subset) = run_concurrently(
+                partial(read_pca, spark, params.output), split_and_collect
+            )
+        stored = (pca.k, len(pca.explained_variance))
+        noted = (run_metrics["k"], len(run_metrics["explained_variance"]))
+        if stored != noted:
+            raise ValueError(
+                f"metrics.json says k = {noted[0]} of {noted[1]} components but "
+                f"{needed[1]} and {needed[2]} keep k = {stored[0]} of {stored[1]}: the output "
+                "mixes two runs; re-run notebook 02"
+            )
+    except BaseException:
+        for frame in cached:
+            frame.unpersist()
+        raise
     k = pca.k
     cumulative = np.cumsum(pca.explained_variance).tolist()
-    if run_metrics["k"] != k:
-        split.unpersist()
-        raise ValueError(
-            f"metrics.json says k = {run_metrics['k']} but {needed[1]} keeps {k} components: "
-            "the output mixes two runs; re-run notebook 02"
-        )
     # The split is exact: each label's counts follow from its number of images.
     split_counts = {}
     for label in kept:

@@ -241,11 +241,12 @@ async def _stop_kernel_spark(kernel_manager) -> bool:
     """Stop the kernel's Spark (session and JVM) before the kernel is shut down; see
     :func:`imagepca.session.stop_spark`. Whether it stopped: best effort, the kernel
     shutdown follows anyway."""
-    if not await kernel_manager.is_alive():
-        return False
-    client = kernel_manager.client()
-    client.start_channels()
+    client = None
     try:
+        if not await kernel_manager.is_alive():
+            return False
+        client = kernel_manager.client()
+        client.start_channels()
         await client.wait_for_ready(timeout=30)
         reply = await client.execute_interactive(
             STOP_SPARK_CODE, silent=True, store_history=False, timeout=120
@@ -254,7 +255,8 @@ async def _stop_kernel_spark(kernel_manager) -> bool:
         logging.getLogger(__name__).warning("could not stop the kernel's Spark: %s", error)
         return False
     finally:
-        client.stop_channels()
+        if client is not None:
+            client.stop_channels()
     if reply["content"]["status"] != "ok":
         logging.getLogger(__name__).warning(
             "could not stop the kernel's Spark: %s", reply["content"].get("evalue", "")
