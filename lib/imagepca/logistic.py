@@ -82,11 +82,10 @@ def fit_multinomial(
 
     ``dtype=np.float32`` does the matrix products (the coefficients' gradient among them)
     and the softmax in single precision; the loss and the intercepts' gradient are still
-    summed in float64: 1.6x
-    to 1.8x faster on the fits of notebook 03, which uses it for every fit. Its iterates
-    differ from float64's in the digits float32 does not keep (the features are float32
-    to begin with); the minimum reached and the predictions are the same to what a test
-    set can tell (see :data:`imagepca.classify.PRODUCTS_DTYPE`).
+    summed in float64: 1.6x to 1.8x faster on the fits of notebook 03, which uses it for
+    every fit. Its iterates differ from float64's in the digits float32 does not keep (the
+    features are float32 to begin with); the minimum reached and the predictions are the
+    same to what a test set can tell (see :data:`imagepca.classify.PRODUCTS_DTYPE`).
     """
     from scipy.optimize import minimize
 

@@ -232,9 +232,9 @@ def stop_spark(timeout: float = 60.0) -> None:
     group would leave its scratch directories and no class archive. Stopping here is
     Spark's ordinary shutdown (the JVM exits when its standard input closes), and waiting
     for the JVM also spares an orderly kernel shutdown the 2 s ipykernel sleeps while a
-    child that has exited but was not waited for is left. A JVM writing its class archive (see
-    :func:`class_archive_options`) has written it once it has exited, and the archive is
-    kept. Nothing happens without a session, or for a JVM this process did not launch (a
+    child that has exited but was not waited for is left. A JVM writing its class archive
+    (see :func:`class_archive_options`) has written it once it has exited, and the archive
+    is kept. Nothing happens without a session, or for a JVM this process did not launch (a
     ``pyspark`` shell's, Livy's).
     """
     from pyspark import SparkContext
