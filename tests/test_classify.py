@@ -334,7 +334,7 @@ def test_sweep_fits_side_by_side_equal_fits_alone(classified) -> None:
         if row["k"] == clf.k:  # the saved classifier's own fit on the same rows
             assert row["accuracy"] == block["reduced"]["accuracy"]
             continue
-        *_, alone = clf._fit_driver("alone", clf.subset, clf.scores_of(row["k"]), np.float32)
+        *_, alone = clf._fit_driver("alone", clf.subset, clf.scores_of(row["k"]))
         assert (row["accuracy"], row["f1_macro"]) == (alone["accuracy"], alone["f1_macro"])
     assert [row["accuracy"] for row in block["k_sweep"]] != [block["k_sweep"][0]["accuracy"]] * 3
     assert block["reduced"]["products"] == block["full"]["products"] == "float32"

@@ -16,6 +16,7 @@ module per stage of the data flow:
 - :mod:`imagepca.pipeline`  the two stages, top to bottom
 - :mod:`imagepca.split`     notebook 03's train/test split and driver-side training rows
 - :mod:`imagepca.logistic`  Spark's logistic regression objective fitted on the driver
+- :mod:`imagepca.classify_inputs` notebook 03's inputs: metrics, PCA, split, subset
 - :mod:`imagepca.classify`  classifier on the reduced features (notebook 03)
 - :mod:`imagepca.progress`  a progress line for long Spark jobs
 - :mod:`imagepca.runner`    papermill execution of the notebooks

@@ -18,6 +18,10 @@ comparison and the sweep use one training matrix collected once: every image up 
 ``sweep_max_images``, above that a stratified, seeded subset of that many (documented in
 the metrics), so the driver never holds 1280 x n floats for large n.
 
+:func:`prepare` reads its inputs through :mod:`imagepca.classify_inputs` (the run's
+metrics, the PCA, the split by label, the comparison subset) and returns a
+:class:`Classification`, which fits, sweeps and publishes.
+
 The scores go into ``metrics.json`` under ``"classification"``. While the classifiers are
 fitted the output is left as notebook 02 completed it; only when the new model is
 published are the completion markers withdrawn, the model swapped in, and ``metrics.json``
@@ -27,11 +31,9 @@ then ``_SUCCESS`` written again.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -44,8 +46,8 @@ from pyspark.sql import functions as F
 from threadpoolctl import ThreadpoolController
 
 from . import logistic
-from .config import ClassifyParams, ParameterError
-from .images import classifiable, small_labels
+from .classify_inputs import read_inputs, sweep_ks
+from .config import ClassifyParams
 from .logistic import (
     LABEL_INDEX_COL,
     PREDICTED_LABEL_COL,
@@ -55,20 +57,14 @@ from .logistic import (
     label_indexer,
     spark_regression,
 )
-from .pipeline import read_features, timed
+from .pipeline import timed
 from .plots import save_figure
-from .reduction import PCA_COL, StoredPCA, read_pca
-from .session import (
-    SHUFFLE_PARTITIONS_KEY,
-    default_parallelism,
-    run_concurrently,
-    spark_settings,
-)
-from .split import IN_SUBSET_COL, IS_TEST_COL, TrainingMatrix, n_test_images, split_by_label
-from .storage import CLASSIFY_ARTIFACTS, METRICS_FILE, Storage, join
+from .reduction import PCA_COL, StoredPCA
+from .session import default_parallelism
+from .split import IS_TEST_COL, TrainingMatrix
+from .storage import CLASSIFY_ARTIFACTS, Storage, join
 
 MODEL_DIR = "classifier_model"
-DEFAULT_K_VALUES = (2, 5, 10, 20, 50, 100)
 ROWS_PER_PARTITION = 2000  # ~20 MB of 1280-d features per cached partition
 # Every driver fit does its matrix products in float32 (the loss and the intercepts' gradient
 # are still summed in float64): 1.6x to 1.8x faster. The 1280-d comparison of a 10,000-image run:
@@ -88,22 +84,6 @@ def predict(model: PipelineModel, reduced: DataFrame) -> DataFrame:
     """
     vectors = reduced.withColumn(PCA_COL, array_to_vector("pca"))
     return model.transform(vectors).select("path", "label", PREDICTED_LABEL_COL)
-
-
-def sweep_ks(k_values: Sequence[int] | None, k: int, n_components: int) -> list[int]:
-    """The k values of the sweep: the requested ones, or the defaults plus the chosen k.
-
-    Defaults beyond the components the PCA has are dropped; requested ones are an error.
-    """
-    if k_values is None:
-        return sorted(value for value in {*DEFAULT_K_VALUES, k} if value <= n_components)
-    too_large = [value for value in k_values if value > n_components]
-    if too_large:
-        raise ParameterError(
-            f"k_values {too_large} exceed the {n_components} components the PCA has "
-            f"(min(images, features)); use values from 1 to {n_components}"
-        )
-    return sorted(set(k_values))
 
 
 # -- the stage --------------------------------------------------------------------------
@@ -175,9 +155,7 @@ class Classification:
         """The subset's first ``k`` PCA scores (None: its standardized features)."""
         return self.pca.scores(self.subset.x, k)
 
-    def _fit_driver(
-        self, name: str, data: TrainingMatrix, x: np.ndarray, dtype: type = PRODUCTS_DTYPE
-    ) -> tuple:
+    def _fit_driver(self, name: str, data: TrainingMatrix, x: np.ndarray) -> tuple:
         train, test = ~data.is_test, data.is_test
         labels = self.labels  # one call into the JVM's indexer, also from the sweep's threads
         start = time.perf_counter()
@@ -187,7 +165,7 @@ class Classification:
             len(labels),
             reg_param=self.params.reg_param,
             max_iter=self.params.max_iter,
-            dtype=dtype,
+            dtype=PRODUCTS_DTYPE,
         )
         fit_s = round(time.perf_counter() - start, 3)
         predicted = logistic.predict(coefficients, intercepts, x[test])
@@ -198,7 +176,7 @@ class Classification:
             fit_s=fit_s,
             n_train=int(train.sum()),
             fitted_by="driver",
-            products=np.dtype(dtype).name,
+            products=np.dtype(PRODUCTS_DTYPE).name,
         )
         if name == "reduced":
             wrong = predicted != data.y[test]
@@ -404,105 +382,25 @@ class Classification:
 
 
 def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
-    """Read the run's outputs, split them by label and collect the comparison subset.
-
-    Raises
-    ------
-    FileNotFoundError
-        When notebook 02 has not completed on ``params.output``.
-    ValueError
-        When fewer than two labels have enough images to train and test a classifier.
-    """
-    storage = Storage(spark)
+    """Read the run's outputs, split them by label and collect the comparison subset (see
+    :func:`imagepca.classify_inputs.read_inputs`, which says what it raises)."""
     start = time.perf_counter()
-    metrics_uri = join(params.output, METRICS_FILE)
-    needed = [
-        join(params.output, name) for name in ("features", "pca_model", "pca_components", "reduced")
-    ]
-    missing = [uri for uri in [metrics_uri, *needed] if not storage.exists(uri)]
-    if missing:
-        raise FileNotFoundError(
-            f"missing {', '.join(missing)}: notebook 02 has not completed on this output "
-            "(or an earlier classification was interrupted); run notebooks 01 and 02 "
-            "(`imagepca run`, or `--reuse-features` to keep the features) first"
-        )
-    run_metrics = storage.read_json(metrics_uri)
-    run_metrics.pop("classification", None)
-    # Impossible k values are rejected before any work, from notebook 02's metrics.
-    sweep_ks(params.k_values, run_metrics["k"], len(run_metrics["explained_variance"]))
-    label_counts = dict(sorted(run_metrics["images_per_label"].items()))
-    reason = classifiable(label_counts)
-    if reason:
-        raise ValueError(reason)
-    excluded = small_labels(label_counts)
-    kept = [label for label in label_counts if label not in excluded]
-    n_kept = sum(label_counts[label] for label in kept)
-    fraction = min(1.0, params.sweep_max_images / n_kept)
-
-    features = read_features(spark, params.output)
-    # The split is cached with few partitions of small rows (path, label, flags): the
-    # window's shuffle gets that many, not the session's default (200 unless set), which
-    # made one task walk 200 nearly empty partitions (5 s on 240 images) and every later
-    # job over the split run 200 tasks. Set while the cached plan is made and first run.
-    partitions = max(1, min(default_parallelism(spark), -(-n_kept // 200_000)))
-
-    cached: list[DataFrame] = []  # the split, released again if prepare fails
-
-    def split_and_collect() -> tuple[DataFrame, TrainingMatrix]:
-        split = split_by_label(
-            features.select("path", "label").filter(F.col("label").isin(kept)),
-            params.test_fraction,
-            params.seed,
-            fraction,
-        ).persist()
-        cached.append(split)
-        # At most sweep_max_images paths: broadcast them, never shuffle the 1280-d rows.
-        subset = TrainingMatrix.collect(
-            features.join(F.broadcast(split.filter(IN_SUBSET_COL)), ["path", "label"]),
-            "features",
-            sorted(kept),
-        )
-        return split, subset
-
-    # The PCA's small jobs run beside the split and the collect: 0.3 s of notebook 03.
-    try:
-        with spark_settings(spark, {SHUFFLE_PARTITIONS_KEY: str(partitions)}):
-            pca, (split, subset) = run_concurrently(
-                partial(read_pca, spark, params.output), split_and_collect
-            )
-        stored = (pca.k, len(pca.explained_variance))
-        noted = (run_metrics["k"], len(run_metrics["explained_variance"]))
-        if stored != noted:
-            raise ValueError(
-                f"metrics.json says k = {noted[0]} of {noted[1]} components but "
-                f"{needed[1]} and {needed[2]} keep k = {stored[0]} of {stored[1]}: the output "
-                "mixes two runs; re-run notebook 02"
-            )
-    except BaseException:
-        for frame in cached:
-            frame.unpersist()
-        raise
-    k = pca.k
-    cumulative = np.cumsum(pca.explained_variance).tolist()
-    # The split is exact: each label's counts follow from its number of images.
-    split_counts = {}
-    for label in kept:
-        n_test = n_test_images(label_counts[label], params.test_fraction)
-        split_counts[label] = {"train": label_counts[label] - n_test, "test": n_test}
+    storage = Storage(spark)
+    inputs = read_inputs(spark, params, storage)
     return Classification(
         spark=spark,
         params=params,
         storage=storage,
-        run_metrics=run_metrics,
-        k=k,
-        cumulative_variance=[float(v) for v in cumulative],
-        label_counts=label_counts,
-        excluded=excluded,
-        indexer=label_indexer(kept),
-        split=split,
-        split_counts=split_counts,
-        pca=pca,
-        subset=subset,
-        subset_is_everything=len(subset.y) == n_kept,
+        run_metrics=inputs.run_metrics,
+        k=inputs.pca.k,
+        cumulative_variance=np.cumsum(inputs.pca.explained_variance).tolist(),
+        label_counts=inputs.label_counts,
+        excluded=inputs.excluded,
+        indexer=label_indexer(inputs.labels),
+        split=inputs.split,
+        split_counts=inputs.split_counts,
+        pca=inputs.pca,
+        subset=inputs.subset,
+        subset_is_everything=inputs.subset_is_everything,
         timings={"prepare_s": round(time.perf_counter() - start, 3)},
     )
