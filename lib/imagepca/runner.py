@@ -252,17 +252,16 @@ async def _stop_kernel_spark(kernel_manager) -> bool:
             STOP_SPARK_CODE, silent=True, store_history=False, timeout=120
         )
     except Exception as error:  # a dead or busy kernel: its shutdown still ends it
-        logging.getLogger(__name__).warning("could not stop the kernel's Spark: %s", error)
-        return False
+        problem = str(error)
+    else:
+        if reply["content"]["status"] == "ok":
+            return True
+        problem = reply["content"].get("evalue", "")
     finally:
         if client is not None:
             client.stop_channels()
-    if reply["content"]["status"] != "ok":
-        logging.getLogger(__name__).warning(
-            "could not stop the kernel's Spark: %s", reply["content"].get("evalue", "")
-        )
-        return False
-    return True
+    logging.getLogger(__name__).warning("could not stop the kernel's Spark: %s", problem)
+    return False
 
 
 def _ended(console: Console | None, label: str, started: float, failed: bool = False) -> None:
