@@ -117,3 +117,44 @@ def test_imagepca_run_asks_for_c1_only_on_small_local_folders(tmp_path, monkeypa
     assert env(input_uri=None, manifest=str(tmp_path / "m.csv")) == {}
     monkeypatch.setenv("IMAGEPCA_JVM_QUICK_JIT", "0")  # the user's own choice wins
     assert env() == {}
+
+
+LAUNCH = (
+    "import signal\n"
+    "from imagepca import session\n"
+    "conf = {'spark.ui.enabled': 'false', 'spark.sql.shuffle.partitions': '3'}\n"
+    "session.start_spark('local[1]', conf=conf)\n"
+    "launched = session._launch[1]\n"
+    "spark = session.get_spark('local[1]', conf=conf)\n"
+    "assert spark.sparkContext._gateway is launched.result()  # the launched JVM, adopted\n"
+    "assert spark.range(5).count() == 5\n"
+    "assert spark.conf.get('spark.sql.shuffle.partitions') == '3'\n"
+    "assert spark.sparkContext.master == 'local[1]' and spark.sparkContext.appName == 'imagepca'\n"
+    "# The context was made on the main thread: PySpark's job-cancelling interrupt handler.\n"
+    "assert signal.getsignal(signal.SIGINT).__qualname__.startswith('SparkContext')\n"
+    "session.stop_spark()\n"
+    "session.start_spark('local[1]', conf=conf)\n"
+    "other = session._launch[1]\n"
+    "spark = session.get_spark('local[2]', conf=conf)  # not what was launched\n"
+    "assert other.result().proc.poll() is not None  # that JVM was shut down\n"
+    "assert spark.sparkContext._gateway is not other.result()\n"
+    "assert spark.sparkContext.master == 'local[2]' and spark.range(3).count() == 3\n"
+    "session.stop_spark()\n"
+    "print('adopted')\n"
+)
+
+
+def test_get_spark_adopts_the_jvm_start_spark_launched_with_the_same_arguments(tmp_path):
+    env = {**os.environ, "IMAGEPCA_CACHE": str(tmp_path / "cache")}
+    env["IMAGEPCA_JVM_CLASS_ARCHIVE"] = "0"  # the archive is the test above's
+    done = subprocess.run(
+        [sys.executable, "-c", LAUNCH], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("adopted")
+
+
+def test_start_spark_does_nothing_beside_an_active_session(spark):
+    session.start_spark("local[1]")
+    assert session._launch is None
+    assert session.get_spark("local[1]") is spark
