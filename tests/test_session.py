@@ -158,3 +158,34 @@ def test_start_spark_does_nothing_beside_an_active_session(spark):
     session.start_spark("local[1]")
     assert session._launch is None
     assert session.get_spark("local[1]") is spark
+
+
+STOP = (
+    "import time\n"
+    "import pandas as pd\n"
+    "from pyspark import SparkContext\n"
+    "from pyspark.sql import functions as F\n"
+    "from imagepca.session import get_spark, stop_spark\n"
+    "spark = get_spark('local[1]', conf={'spark.ui.enabled': 'false'})\n"
+    "plus = F.pandas_udf(lambda values: values + 1, 'long')\n"
+    "assert [row[0] for row in spark.range(3).select(plus('id')).collect()] == [1, 2, 3]\n"
+    "server = SparkContext._active_spark_context._accumulatorServer\n"
+    "stop_spark()\n"
+    "deadline = time.monotonic() + 10\n"
+    "while server.socket.fileno() != -1 and time.monotonic() < deadline:\n"
+    "    time.sleep(0.05)\n"
+    "assert server.socket.fileno() == -1, 'the accumulator server was not shut down'\n"
+    "print('stopped')\n"
+)
+
+
+def test_stop_spark_shuts_the_accumulator_server_down_without_a_traceback(tmp_path):
+    """After a Python UDF's job, the server is connected to the JVM, which exits first."""
+    env = {**os.environ, "IMAGEPCA_CACHE": str(tmp_path / "cache")}
+    env["IMAGEPCA_JVM_CLASS_ARCHIVE"] = "0"
+    done = subprocess.run(
+        [sys.executable, "-c", STOP], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("stopped")
+    assert "Traceback" not in done.stderr and "Exception" not in done.stderr, done.stderr

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -299,6 +300,7 @@ def stop_spark(timeout: float = 60.0) -> None:
     """
     from pyspark import SparkContext
 
+    _stop_accumulator_server_aside(SparkContext._active_spark_context)
     session = SparkSession.getActiveSession()
     if session is not None:
         session.stop()
@@ -315,6 +317,24 @@ def stop_spark(timeout: float = 60.0) -> None:
     process.stdin.close()
     process.wait(timeout)
     _keep_class_archive(process.returncode)
+
+
+def _stop_accumulator_server_aside(context) -> None:
+    """Shut the context's accumulator server down on a thread of its own.
+
+    ``SparkContext.stop`` shuts it down and waits: its handler looks for the shutdown once
+    a second, between reads of the JVM's updates, so every stop after a Python UDF's job
+    waited 0-1 s (0.53-0.90 s measured here), the end of every run. Nothing reaches the
+    server once the jobs are over; it now ends on its own (within a second), and a JVM
+    exiting first, which closes its connection, ends it silently (the closed connection
+    would otherwise print a traceback).
+    """
+    server = getattr(context, "_accumulatorServer", None)
+    if server is None:
+        return
+    context._accumulatorServer = None
+    server.handle_error = lambda request, client_address: None
+    threading.Thread(target=server.shutdown, name="imagepca-accumulators", daemon=True).start()
 
 
 def default_parallelism(spark: SparkSession) -> int:
