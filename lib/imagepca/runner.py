@@ -245,14 +245,19 @@ async def _stop_kernel_spark(kernel_manager) -> bool:
     try:
         if not await kernel_manager.is_alive():
             return False
+        # The shell channel alone: the reply says whether the code raised. Waiting for the
+        # kernel's IOPub stream as well (wait_for_ready, execute_interactive) cost 0.2 s,
+        # the quiet period wait_for_ready lets pass before it returns.
         client = kernel_manager.client()
-        client.start_channels()
-        await client.wait_for_ready(timeout=30)
-        reply = await client.execute_interactive(
-            STOP_SPARK_CODE, silent=True, store_history=False, timeout=120
-        )
+        client.start_channels(iopub=False, stdin=False, hb=False, control=False)
+        request = client.execute(STOP_SPARK_CODE, silent=True, store_history=False)
+        deadline = time.monotonic() + 120
+        while True:
+            reply = await client.get_shell_msg(timeout=max(0.0, deadline - time.monotonic()))
+            if reply["parent_header"].get("msg_id") == request:
+                break
     except Exception as error:  # a dead or busy kernel: its shutdown still ends it
-        problem = str(error)
+        problem = f"{type(error).__name__}: {error}"
     else:
         if reply["content"]["status"] == "ok":
             return True
