@@ -362,6 +362,7 @@ def test_large_data_paths_spark_fit_and_sweep_subset(spark, classified) -> None:
     assert len(clf.misclassified()) == round((1 - reduced.scores["accuracy"]) * 60)
     assert clf.fit_full().scores["n_test"] == int(clf.subset.is_test.sum())
     assert [row["k"] for row in clf.k_sweep()] == [2, 10]
+    assert clf._staged_model is None  # nothing written to the output: nothing staged
 
 
 def test_metrics_block_and_markers(classified) -> None:
@@ -456,6 +457,30 @@ def test_an_output_mixing_two_runs_is_refused(spark, photos_run, tmp_path, chang
     with pytest.raises(ValueError, match="mixes two runs; re-run notebook 02"):
         prepare(spark, ClassifyParams(output=str(output)))
     assert len(spark.sparkContext._jsc.getPersistentRDDs()) == cached
+
+
+def test_model_staged_once_the_stage_writes_and_swapped_in_by_publish(spark, photos_run, tmp_path):
+    """The model's save runs in the background only once notebook 03 writes to the output
+    (markers withdrawn); a refit drops what the earlier save staged; publish swaps it in."""
+    output = tmp_path / "out"
+    shutil.copytree(photos_run["output"], output)
+    clf = prepare(spark, ClassifyParams(output=str(output), k_values=[2], reg_param=REG_PARAM))
+    reduced = clf.fit_reduced()
+    assert (output / "_SUCCESS").exists() and not (output / "_staging").exists()
+    clf.save_figure(plot_confusion_matrix(**reduced.scores["confusion_matrix"]), "cm.png")
+    assert not (output / "_SUCCESS").exists()
+    first = Path(clf._staged_model.result().removeprefix("file:"))
+    assert first.parent == output / "_staging" and (first / "stages").is_dir()
+    assert not (output / MODEL_DIR).exists()
+    clf.fit_reduced()  # a refit, after the first model was staged
+    assert not first.exists()
+    second = Path(clf._staged_model.result().removeprefix("file:"))
+    assert (second / "stages").is_dir()
+    clf.fit_full()
+    clf.k_sweep()
+    clf.publish()
+    assert (output / MODEL_DIR / "stages").is_dir() and not second.exists()
+    assert not (output / "_staging").exists() and (output / "_SUCCESS").exists()
 
 
 # -- notebook 03 as the CLI runs it ----------------------------------------------------

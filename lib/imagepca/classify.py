@@ -22,16 +22,17 @@ the metrics), so the driver never holds 1280 x n floats for large n.
 metrics, the PCA, the split by label, the comparison subset) and returns a
 :class:`Classification`, which fits, sweeps and publishes.
 
-The scores go into ``metrics.json`` under ``"classification"``. While the classifiers are
-fitted the output is left as notebook 02 completed it; only when the new model is
-published are the completion markers withdrawn, the model swapped in, and ``metrics.json``
-then ``_SUCCESS`` written again.
+The scores go into ``metrics.json`` under ``"classification"``. The output is left as
+notebook 02 completed it until this stage's first write (a figure, or the model's): the
+completion markers are withdrawn then, and the fitted model is saved under ``_staging/``
+while the notebook goes on; :meth:`Classification.publish` swaps it in and writes
+``metrics.json``, then ``_SUCCESS``, again.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -116,6 +117,7 @@ class Classification:
     timings: dict[str, float] = field(default_factory=dict)
     writing: bool = False
     _misclassified: pd.DataFrame | None = None
+    _staged_model: Future | None = None  # the saved classifier's staging URI, once written
 
     @property
     def labels(self) -> list[str]:
@@ -130,6 +132,36 @@ class Classification:
         if not self.writing:
             self.storage.begin_run(self.params.output)
             self.writing = True
+        self._stage_model()
+
+    def _stage_model(self) -> None:
+        """Start writing the reduced classifier under ``OUTPUT/_staging/``, on a thread of
+        its own, once it is fitted and this stage writes to the output.
+
+        Spark ML's save (six small jobs, 0.5 s) then runs beside what follows in notebook 03
+        (the confusion matrix's drawing, the comparison's fits), none of which runs a Spark
+        job; :meth:`publish` waits for it and swaps it in. The output's completion markers
+        are already withdrawn: the staged model never sits in an output that looks complete.
+        """
+        if not self.writing or "reduced" not in self.results or self._staged_model is not None:
+            return
+        model = self.results["reduced"].model
+        saver = ThreadPoolExecutor(1, thread_name_prefix="imagepca-model")
+        self._staged_model = saver.submit(
+            self.storage.stage, self.params.output, MODEL_DIR, model.save
+        )
+        saver.shutdown(wait=False)  # its thread ends with the save
+
+    def _discard_staged_model(self) -> None:
+        """Before a refit: wait for the earlier model's save and remove what it staged."""
+        staged, self._staged_model = self._staged_model, None
+        if staged is None:
+            return
+        try:
+            staging = staged.result()
+        except Exception:
+            return  # a failed save: its debris goes with _staging/ when the run completes
+        self.storage.delete(staging)
 
     def save_figure(self, fig: Figure, name: str) -> str:
         """Write ``fig`` as ``OUTPUT/name`` (withdrawing the completion markers first)."""
@@ -232,6 +264,7 @@ class Classification:
     def fit_reduced(self) -> ClassifierResult:
         """The classifier on ``reduced/`` (the chosen k): the model that is saved."""
         params = self.params
+        self._discard_staged_model()
         n_rows = sum(c["train"] + c["test"] for c in self.split_counts.values())
         with timed(self.timings, "reduced_s"):
             if self.subset_is_everything:
@@ -262,6 +295,7 @@ class Classification:
         scores["input"] = "reduced/ (array_to_vector(pca))"
         result = ClassifierResult("reduced", model, scores)
         self.results["reduced"] = result
+        self._stage_model()
         return result
 
     def _reduced_split(self) -> DataFrame:
@@ -362,10 +396,9 @@ class Classification:
         before the model is replaced; ``metrics.json`` and ``_SUCCESS`` are written last.
         """
         block = self.metrics()
-        model = self.results["reduced"].model
-        self._begin_writes()
-        with timed(self.timings, "save_s"):
-            self.storage.publish(self.params.output, MODEL_DIR, lambda uri: model.save(uri))
+        self._begin_writes()  # which starts the model's save, unless a figure's write did
+        with timed(self.timings, "save_s"):  # the wait for that save, and the swap
+            self.storage.swap_in(self.params.output, MODEL_DIR, self._staged_model.result())
         block["timings_s"] = dict(self.timings)
         timings = dict(self.run_metrics.get("timings_s", {}))
         timings["classify_s"] = round(sum(self.timings.values()), 3)

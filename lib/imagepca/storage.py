@@ -184,8 +184,17 @@ class Storage:
         A crash before the swap leaves the previous ``name`` untouched (and only debris
         under ``_staging/``); the swap itself is a delete plus a rename.
         """
+        return self.swap_in(output, name, self.stage(output, name, write))
+
+    def stage(self, output: str, name: str, write: Callable[[str], None]) -> str:
+        """The first half of :meth:`publish`: ``write`` into a new folder under
+        ``OUTPUT/_staging/``, whose URI is returned."""
         staging = join(output, STAGING_DIR, f"{name}-{uuid.uuid4().hex[:12]}")
         write(staging)
+        return staging
+
+    def swap_in(self, output: str, name: str, staging: str) -> str:
+        """The second half of :meth:`publish`: replace ``OUTPUT/name`` with ``staging``."""
         final = join(output, name)
         self.delete(final)
         self.rename(staging, final)
