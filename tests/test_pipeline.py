@@ -20,6 +20,7 @@ from imagepca.images import InputError
 from imagepca.inputs import fingerprint, list_folder
 from imagepca.pipeline import extract_features, reduce_features
 from imagepca.reduction import reduce_with
+from imagepca.storage import Storage, local_file_path
 
 PHOTO_COUNT = sum(1 for p in FRUIT_PHOTOS.rglob("*") if p.is_file())
 
@@ -28,6 +29,30 @@ def test_listing_finds_every_photo_with_its_label(spark):
     listing = list_folder(spark, str(FRUIT_PHOTOS))
     assert len(listing) == PHOTO_COUNT == 240
     assert listing.labels() == {"apple": 75, "banana": 73, "mixed": 20, "orange": 72}
+
+
+def test_listed_files_read_by_python_as_hadoop_reads_them(spark, tmp_path):
+    """The listing's file: URIs are read without the JVM; names that URIs would escape
+    (space, %, #, ?, non-ASCII) reach the same bytes."""
+    names = ["a b.jpg", "100%.jpg", "x#1.jpg", "why?.jpg", "café.jpg"]
+    for index, name in enumerate(names):
+        (tmp_path / "label" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "label" / name).write_bytes(bytes([index]) * (index + 1))
+    listing = list_folder(spark, str(tmp_path))
+    storage = Storage(spark)
+    paths = [row["path"] for row in listing.files.select("path").collect()]
+    assert len(paths) == len(names) and all(local_file_path(p) for p in paths)
+    for path in paths:
+        jvm = storage._path(path)
+        with_jvm = bytes(storage._fs(jvm).open(jvm).readAllBytes())
+        assert (
+            storage.read_bytes(path)
+            == with_jvm
+            == (tmp_path / "label" / Path(local_file_path(path)).name).read_bytes()
+        )
+    assert local_file_path("file:///tmp/a b") == "/tmp/a b" == local_file_path("file:/tmp/a b")
+    assert local_file_path("/tmp/a") is None and local_file_path("s3://b/a") is None
+    assert local_file_path("file://otherhost/a") is None
 
 
 def test_listing_brings_a_few_files_of_each_label(spark):
