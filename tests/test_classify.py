@@ -481,6 +481,9 @@ def test_model_staged_once_the_stage_writes_and_swapped_in_by_publish(spark, pho
     clf.publish()
     assert (output / MODEL_DIR / "stages").is_dir() and not second.exists()
     assert not (output / "_staging").exists() and (output / "_SUCCESS").exists()
+    clf.publish()  # again (a cell run twice): the model is saved again, not lost
+    assert (output / MODEL_DIR / "stages").is_dir() and (output / "_SUCCESS").exists()
+    assert not (output / "_staging").exists()
 
 
 # -- notebook 03 as the CLI runs it ----------------------------------------------------

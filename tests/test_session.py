@@ -140,6 +140,10 @@ LAUNCH = (
     "assert spark.sparkContext._gateway is not other.result()\n"
     "assert spark.sparkContext.master == 'local[2]' and spark.range(3).count() == 3\n"
     "session.stop_spark()\n"
+    "session.start_spark('local[1]', conf=conf)\n"
+    "unused = session._launch[1]\n"
+    "session.stop_spark()  # no session took it: killed\n"
+    "assert session._launch is None and unused.result().proc.poll() is not None\n"
     "print('adopted')\n"
 )
 

@@ -397,8 +397,10 @@ class Classification:
         """
         block = self.metrics()
         self._begin_writes()  # which starts the model's save, unless a figure's write did
+        # Taken: a second publish (a cell run again, a retry) saves the model again.
+        staged, self._staged_model = self._staged_model, None
         with timed(self.timings, "save_s"):  # the wait for that save, and the swap
-            self.storage.swap_in(self.params.output, MODEL_DIR, self._staged_model.result())
+            self.storage.swap_in(self.params.output, MODEL_DIR, staged.result())
         block["timings_s"] = dict(self.timings)
         timings = dict(self.run_metrics.get("timings_s", {}))
         timings["classify_s"] = round(sum(self.timings.values()), 3)

@@ -245,17 +245,15 @@ async def _stop_kernel_spark(kernel_manager) -> bool:
     try:
         if not await kernel_manager.is_alive():
             return False
-        # The shell channel alone: the reply says whether the code raised. Waiting for the
-        # kernel's IOPub stream as well (wait_for_ready, execute_interactive) cost 0.2 s,
-        # the quiet period wait_for_ready lets pass before it returns.
+        # The shell channel alone: its replies say whether the kernel is free (a kernel
+        # still running a timed-out cell answers nothing within 30 s) and whether the code
+        # raised. Waiting for the kernel's IOPub stream as well (wait_for_ready,
+        # execute_interactive) cost 0.2 s, the quiet period wait_for_ready lets pass.
         client = kernel_manager.client()
         client.start_channels(iopub=False, stdin=False, hb=False, control=False)
+        await _shell_reply(client, client.kernel_info(), timeout=30)
         request = client.execute(STOP_SPARK_CODE, silent=True, store_history=False)
-        deadline = time.monotonic() + 120
-        while True:
-            reply = await client.get_shell_msg(timeout=max(0.0, deadline - time.monotonic()))
-            if reply["parent_header"].get("msg_id") == request:
-                break
+        reply = await _shell_reply(client, request, timeout=120)
     except Exception as error:  # a dead or busy kernel: its shutdown still ends it
         problem = f"{type(error).__name__}: {error}"
     else:
@@ -267,6 +265,15 @@ async def _stop_kernel_spark(kernel_manager) -> bool:
             client.stop_channels()
     logging.getLogger(__name__).warning("could not stop the kernel's Spark: %s", problem)
     return False
+
+
+async def _shell_reply(client, request: str, timeout: float) -> dict:
+    """The kernel's reply to ``request`` (raises ``queue.Empty`` after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = await client.get_shell_msg(timeout=max(0.0, deadline - time.monotonic()))
+        if reply["parent_header"].get("msg_id") == request:
+            return reply
 
 
 def _ended(console: Console | None, label: str, started: float, failed: bool = False) -> None:

@@ -79,9 +79,10 @@ def get_spark(
     """
     active = SparkSession.getActiveSession()
     if active is not None:
+        _discard_launch()  # a session came first: nothing will use that JVM
         return active
     master, settings = _new_session_settings(master, app_name, driver_memory, conf)
-    _adopt_launched_jvm(master, settings)
+    _adopt_launched_jvm(settings)
     builder = SparkSession.builder
     for key, value in settings.items():
         builder = builder.config(key, value)
@@ -107,7 +108,7 @@ def start_spark(
     is still created by :func:`get_spark`, on the main thread, where PySpark installs the
     interrupt handler that cancels running jobs. Nothing happens when a session is active
     (Livy, EMR notebooks) or this process already has a JVM. A :func:`get_spark` with other
-    arguments shuts the launched JVM down and starts its own.
+    arguments, or :func:`stop_spark`, kills the launched JVM.
     """
     global _launch
     from pyspark import SparkContext
@@ -142,22 +143,44 @@ def _new_session_settings(
     return master, settings
 
 
-def _adopt_launched_jvm(master: str, settings: dict[str, str]) -> None:
-    """Create the SparkContext on the JVM :func:`start_spark` launched with ``settings``; a
-    JVM launched with other settings is shut down. A failed launch raises here."""
+def _adopt_launched_jvm(settings: dict[str, str]) -> None:
+    """Create the SparkContext on the JVM :func:`start_spark` launched with ``settings``
+    (a failed launch raises here, as :func:`get_spark`'s own would); one launched with other
+    settings is killed."""
     global _launch
     from pyspark import SparkContext
 
     if _launch is None:
         return
-    (launched_settings, launching), _launch = _launch, None
-    gateway = launching.result()
-    if launched_settings == settings:
-        SparkContext(conf=SparkConf().setAll(settings.items()), gateway=gateway)
+    launched_settings, launching = _launch
+    if launched_settings != settings:
+        _discard_launch()
         return
+    try:
+        gateway = launching.result()
+    except Exception:
+        _launch = None
+        raise
+    _launch = None  # an interrupt above leaves it to _discard_launch
+    SparkContext(conf=SparkConf().setAll(settings.items()), gateway=gateway)
+
+
+def _discard_launch() -> None:
+    """Kill the JVM :func:`start_spark` launched, which no session will use. It holds no
+    SparkContext, so nothing is left to clean up, and a JVM killed writes no class archive
+    (one exiting normally would write one of the gateway's classes alone)."""
+    global _launch
+    if _launch is None:
+        return
+    _, launching = _launch
+    _launch = None
+    try:
+        gateway = launching.result()
+    except Exception:
+        return  # it never started
     gateway.shutdown()
     if gateway.proc is not None:
-        gateway.proc.stdin.close()  # the JVM exits when its standard input closes
+        gateway.proc.kill()
         gateway.proc.wait()
 
 
@@ -296,17 +319,23 @@ def stop_spark(timeout: float = 60.0) -> None:
     child that has exited but was not waited for is left. A JVM writing its class archive
     (see :func:`class_archive_options`) has written it once it has exited, and the archive
     is kept. Nothing happens without a session, or for a JVM this process did not launch (a
-    ``pyspark`` shell's, Livy's).
+    ``pyspark`` shell's, Livy's). A JVM :func:`start_spark` launched that no session took is
+    killed.
     """
     from pyspark import SparkContext
 
-    _stop_accumulator_server_aside(SparkContext._active_spark_context)
+    _discard_launch()
+    accumulators = _detach_accumulator_server(SparkContext._active_spark_context)
     session = SparkSession.getActiveSession()
     if session is not None:
         session.stop()
     context = SparkContext._active_spark_context
     if context is not None:
         context.stop()
+    if accumulators is not None:
+        threading.Thread(
+            target=accumulators.shutdown, name="imagepca-accumulators", daemon=True
+        ).start()
     gateway = SparkContext._gateway
     process = getattr(gateway, "proc", None)
     if gateway is None or process is None:
@@ -319,22 +348,22 @@ def stop_spark(timeout: float = 60.0) -> None:
     _keep_class_archive(process.returncode)
 
 
-def _stop_accumulator_server_aside(context) -> None:
-    """Shut the context's accumulator server down on a thread of its own.
+def _detach_accumulator_server(context):
+    """Take the context's accumulator server, for :func:`stop_spark` to shut down on a thread
+    of its own once the context has stopped.
 
-    ``SparkContext.stop`` shuts it down and waits: its handler looks for the shutdown once
-    a second, between reads of the JVM's updates, so every stop after a Python UDF's job
-    waited 0-1 s (0.53-0.90 s measured here), the end of every run. Nothing reaches the
-    server once the jobs are over; it now ends on its own (within a second), and a JVM
-    exiting first, which closes its connection, ends it silently (the closed connection
-    would otherwise print a traceback).
+    ``SparkContext.stop`` shuts it down and waits: its handler looks for the shutdown once a
+    second, between reads of the JVM's updates, so every stop after a Python UDF's job
+    waited 0-1 s (0.53-0.90 s measured here), the end of every run. Shut down aside, it ends
+    on its own within a second, or at once when the JVM, its only client, exits and closes
+    the connection; the traceback that closing would print is silenced.
     """
     server = getattr(context, "_accumulatorServer", None)
     if server is None:
-        return
+        return None
     context._accumulatorServer = None
     server.handle_error = lambda request, client_address: None
-    threading.Thread(target=server.shutdown, name="imagepca-accumulators", daemon=True).start()
+    return server
 
 
 def default_parallelism(spark: SparkSession) -> int:
