@@ -61,7 +61,7 @@ from .logistic import (
 from .pipeline import timed
 from .plots import save_figure
 from .reduction import PCA_COL, StoredPCA
-from .session import default_parallelism
+from .session import default_parallelism, in_background
 from .split import IS_TEST_COL, TrainingMatrix
 from .storage import CLASSIFY_ARTIFACTS, Storage, join
 
@@ -146,11 +146,9 @@ class Classification:
         if not self.writing or "reduced" not in self.results or self._staged_model is not None:
             return
         model = self.results["reduced"].model
-        saver = ThreadPoolExecutor(1, thread_name_prefix="imagepca-model")
-        self._staged_model = saver.submit(
+        self._staged_model = in_background(
             self.storage.stage, self.params.output, MODEL_DIR, model.save
         )
-        saver.shutdown(wait=False)  # its thread ends with the save
 
     def _discard_staged_model(self) -> None:
         """Before a refit: wait for the earlier model's save and remove what it staged."""

@@ -117,9 +117,7 @@ def start_spark(
     if SparkSession.getActiveSession() is not None or SparkContext._gateway or _launch:
         return
     master, settings = _new_session_settings(master, app_name, driver_memory, conf)
-    launcher = ThreadPoolExecutor(1, thread_name_prefix="imagepca-jvm")
-    _launch = (settings, launcher.submit(launch_gateway, SparkConf().setAll(settings.items())))
-    launcher.shutdown(wait=False)  # its thread ends with the launch
+    _launch = (settings, in_background(launch_gateway, SparkConf().setAll(settings.items())))
 
 
 def _new_session_settings(
@@ -156,13 +154,11 @@ def _adopt_launched_jvm(settings: dict[str, str]) -> None:
     if launched_settings != settings:
         _discard_launch()
         return
-    try:
-        gateway = launching.result()
-    except Exception:
-        _launch = None
-        raise
-    _launch = None  # an interrupt above leaves it to _discard_launch
-    SparkContext(conf=SparkConf().setAll(settings.items()), gateway=gateway)
+    failure = launching.exception()  # an interrupt here leaves the launch to _discard_launch
+    _launch = None
+    if failure is not None:
+        raise failure
+    SparkContext(conf=SparkConf().setAll(settings.items()), gateway=launching.result())
 
 
 def _discard_launch() -> None:
@@ -333,6 +329,8 @@ def stop_spark(timeout: float = 60.0) -> None:
     if context is not None:
         context.stop()
     if accumulators is not None:
+        # A daemon thread: stop_spark also runs at interpreter exit (atexit), where an
+        # executor no longer accepts work.
         threading.Thread(
             target=accumulators.shutdown, name="imagepca-accumulators", daemon=True
         ).start()
@@ -390,6 +388,15 @@ def spark_settings(spark: SparkSession, settings: dict[str, str]):
                 spark.conf.unset(key)
             else:
                 spark.conf.set(key, value)
+
+
+def in_background(call: Callable, *args: object) -> Future:
+    """Start ``call(*args)`` on a thread of its own and return its future at once (the
+    thread ends with the call)."""
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagepca")
+    future = worker.submit(call, *args)
+    worker.shutdown(wait=False)
+    return future
 
 
 def run_concurrently(*calls: Callable[[], object]) -> list:
