@@ -35,6 +35,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -102,8 +103,6 @@ class Classification:
     params: ClassifyParams
     storage: Storage
     run_metrics: dict
-    k: int
-    cumulative_variance: list[float]
     label_counts: dict[str, int]
     excluded: dict[str, int]
     indexer: StringIndexerModel
@@ -118,6 +117,15 @@ class Classification:
     writing: bool = False
     _misclassified: pd.DataFrame | None = None
     _staged_model: Future | None = None  # the saved classifier's staging URI, once written
+
+    @property
+    def k(self) -> int:
+        """The chosen number of components (notebook 02's)."""
+        return self.pca.k
+
+    @cached_property
+    def cumulative_variance(self) -> list[float]:
+        return np.cumsum(self.pca.explained_variance).tolist()
 
     @property
     def labels(self) -> list[str]:
@@ -425,8 +433,6 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
         params=params,
         storage=storage,
         run_metrics=inputs.run_metrics,
-        k=inputs.pca.k,
-        cumulative_variance=np.cumsum(inputs.pca.explained_variance).tolist(),
         label_counts=inputs.label_counts,
         excluded=inputs.excluded,
         indexer=label_indexer(inputs.labels),
