@@ -80,6 +80,9 @@ def test_fit_equals_sparks_own_scaler_and_pca(spark, synthetic, tmp_path):
     fit = fit_pca(df, k=6, variance=0.95)
     assert fit.k == 6 and len(fit.explained_variance) == 40
     assert fit.components.pc.numCols == 40 and fit.model.stages[1].pc.numCols == 6
+    # The JVM's matrices hold the driver's components exactly (sent through a file).
+    np.testing.assert_array_equal(fit.model.stages[1].pc.toArray(), fit.chosen_components)
+    np.testing.assert_array_equal(fit.components.pc.toArray()[:, :6], fit.chosen_components)
     fit.model.save(str(tmp_path / "model"))
     ours = reduce_with(PipelineModel.load(str(tmp_path / "model")), df).toPandas()
 

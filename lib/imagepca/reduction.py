@@ -40,7 +40,7 @@ from threadpoolctl import threadpool_limits
 
 from .config import ParameterError
 from .moments import MOMENTS_SCHEMA, Moments, merge_partials, partition_moments, projector
-from .session import ARROW_BATCH_KEY, spark_settings
+from .session import ARROW_BATCH_KEY, java_doubles, spark_settings
 from .storage import FLOAT_VECTOR, Storage, join
 
 VECTOR_COL = "features_vector"
@@ -322,8 +322,10 @@ def pca_model(spark: SparkSession, components: np.ndarray, explained: np.ndarray
     n_features, k = components.shape
     java_model = context._jvm.org.apache.spark.ml.feature.PCAModel(
         "PCA_imagepca",
-        # Arrays, not lists: a list of 1.6M Python floats cost 0.15 s to make and convert.
-        _py2java(context, DenseMatrix(n_features, k, np.ravel(components, order="F"))),
+        # Column-major, as Spark stores a DenseMatrix; through a file, not py4j's text.
+        context._jvm.org.apache.spark.ml.linalg.DenseMatrix(
+            n_features, k, java_doubles(spark, np.ravel(components, order="F"))
+        ),
         _py2java(context, DenseVector(np.asarray(explained[:k], dtype=np.float64))),
     )
     model = PCAModel(java_model)

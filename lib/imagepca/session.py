@@ -13,12 +13,14 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pyspark
 from pyspark import SparkConf
 from pyspark.find_spark_home import _find_spark_home
@@ -388,6 +390,39 @@ def spark_settings(spark: SparkSession, settings: dict[str, str]):
                 spark.conf.unset(key)
             else:
                 spark.conf.set(key, value)
+
+
+def java_doubles(spark: SparkSession, values: np.ndarray):
+    """A JVM ``double[]`` holding ``values`` (flattened in C order), for a Java constructor.
+
+    py4j sends bytes as base64 text in its command stream: a 1280 x 1280 component matrix
+    (13 MB) took 0.18-0.36 s to reach the JVM that way (PySpark's ``_py2java``), 0.03-0.05 s
+    written to a local temporary file the JVM reads into the array. The driver's Python and
+    its JVM always share a host: PySpark's gateway is local (under Livy and YARN too).
+    """
+    gateway, jvm = spark.sparkContext._gateway, spark.sparkContext._jvm
+    values = np.ascontiguousarray(values, dtype="<f8")
+    handle, name = tempfile.mkstemp(prefix="imagepca-", suffix=".f64")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(values.data)
+        path = jvm.java.nio.file.Paths.get(name, gateway.new_array(jvm.String, 0))
+        channel = jvm.java.nio.channels.FileChannel.open(
+            path, gateway.new_array(jvm.java.nio.file.OpenOption, 0)
+        )
+        try:
+            buffer = jvm.java.nio.ByteBuffer.allocate(values.nbytes)
+            while buffer.hasRemaining():
+                if channel.read(buffer) < 0:
+                    raise EOFError(f"{name} ended before its {values.nbytes} bytes")
+        finally:
+            channel.close()
+    finally:
+        os.unlink(name)
+    buffer.flip()
+    array = gateway.new_array(jvm.double, values.size)
+    buffer.order(jvm.java.nio.ByteOrder.LITTLE_ENDIAN).asDoubleBuffer().get(array)
+    return array
 
 
 def in_background(call: Callable, *args: object) -> Future:
