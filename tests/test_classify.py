@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -484,6 +485,22 @@ def test_model_staged_once_the_stage_writes_and_swapped_in_by_publish(spark, pho
     clf.publish()  # again (a cell run twice): the model is saved again, not lost
     assert (output / MODEL_DIR / "stages").is_dir() and (output / "_SUCCESS").exists()
     assert not (output / "_staging").exists()
+    # After publish the output is complete: a refit writes nothing into it, and the next
+    # write withdraws the markers before anything is staged.
+    clf.fit_reduced()
+    assert clf._staged_model is None
+    assert (output / "_SUCCESS").exists() and not (output / "_staging").exists()
+    clf.save_figure(plot_confusion_matrix(**reduced.scores["confusion_matrix"]), "cm.png")
+    assert not (output / "_SUCCESS").exists() and not (output / "metrics.json").exists()
+    # A background save that failed (an interrupt of another cell cancels its jobs) is
+    # done again by publish.
+    clf._wait_for_staged_model()
+    failed = Future()
+    failed.set_exception(RuntimeError("Job 12 cancelled part of cancelled job group"))
+    clf._staged_model = failed
+    clf.publish()
+    assert (output / MODEL_DIR / "stages").is_dir() and (output / "_SUCCESS").exists()
+    assert not (output / "_staging").exists() and clf._staged_model is None
 
 
 # -- notebook 03 as the CLI runs it ----------------------------------------------------

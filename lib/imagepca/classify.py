@@ -158,16 +158,26 @@ class Classification:
             self.storage.stage, self.params.output, MODEL_DIR, model.save
         )
 
-    def _discard_staged_model(self) -> None:
-        """Before a refit: wait for the earlier model's save and remove what it staged."""
-        staged, self._staged_model = self._staged_model, None
-        if staged is None:
-            return
+    def _wait_for_staged_model(self) -> str | None:
+        """The staged model's URI once its save has ended (None if it failed); it is no
+        longer tracked then. An interrupt of the wait leaves it tracked: a running save is
+        never forgotten (a later :meth:`publish` would otherwise finish the run under it)."""
+        staged = self._staged_model
         try:
-            staging = staged.result()
+            return staged.result()
         except Exception:
-            return  # a failed save: its debris goes with _staging/ when the run completes
-        self.storage.delete(staging)
+            return None
+        finally:
+            if staged.done():
+                self._staged_model = None
+
+    def _discard_staged_model(self) -> None:
+        """Before a refit: wait for the earlier model's save and remove what it staged (a
+        failed save's debris goes with ``_staging/`` when the run completes)."""
+        if self._staged_model is not None:
+            staging = self._wait_for_staged_model()
+            if staging is not None:
+                self.storage.delete(staging)
 
     def save_figure(self, fig: Figure, name: str) -> str:
         """Write ``fig`` as ``OUTPUT/name`` (withdrawing the completion markers first)."""
@@ -403,10 +413,14 @@ class Classification:
         """
         block = self.metrics()
         self._begin_writes()  # which starts the model's save, unless a figure's write did
-        # Taken: a second publish (a cell run again, a retry) saves the model again.
-        staged, self._staged_model = self._staged_model, None
         with timed(self.timings, "save_s"):  # the wait for that save, and the swap
-            self.storage.swap_in(self.params.output, MODEL_DIR, staged.result())
+            staging = self._wait_for_staged_model()
+            if staging is None:
+                # Failed in the background: an interrupt of any cell cancels every running
+                # job in a local kernel, this save's too. Saved here again, or its own error.
+                model = self.results["reduced"].model
+                staging = self.storage.stage(self.params.output, MODEL_DIR, model.save)
+            self.storage.swap_in(self.params.output, MODEL_DIR, staging)
         block["timings_s"] = dict(self.timings)
         timings = dict(self.run_metrics.get("timings_s", {}))
         timings["classify_s"] = round(sum(self.timings.values()), 3)
@@ -418,6 +432,9 @@ class Classification:
             if name not in CLASSIFY_ARTIFACTS
         ]
         self.storage.finish_run(self.params.output, merged)
+        # Complete again: a later write (a figure, a refit's model, another publish)
+        # withdraws the markers first.
+        self.writing = False
         self.split.unpersist()
         return merged
 
