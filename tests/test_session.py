@@ -142,7 +142,7 @@ LAUNCH = (
     "session.stop_spark()\n"
     "session.start_spark('local[1]', conf=conf)\n"
     "unused = session._launch[1]\n"
-    "session.stop_spark()  # no session took it: killed\n"
+    "session.stop_spark()  # no session took it: ended\n"
     "assert session._launch is None and unused.result().proc.poll() is not None\n"
     "print('adopted')\n"
 )
@@ -156,6 +156,39 @@ def test_get_spark_adopts_the_jvm_start_spark_launched_with_the_same_arguments(t
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("adopted")
+
+
+DISCARD = (
+    "import sys\n"
+    "from imagepca import session\n"
+    "conf = {'spark.ui.enabled': 'false', 'spark.driver.extraJavaOptions': sys.argv[1]}\n"
+    "session.start_spark('local[1]', conf=conf)\n"
+    "unused = session._launch[1]\n"
+    "assert 'ArchiveClassesAtExit' in session._launch[0]['spark.driver.extraJavaOptions']\n"
+    "session.stop_spark()  # no session took it\n"
+    "assert unused.result().proc.returncode == 0  # it exited, not killed\n"
+    "print('ended')\n"
+)
+
+
+def test_a_launched_jvm_no_session_takes_exits_and_leaves_nothing(tmp_path):
+    """Its shutdown hooks remove its scratch folder; the class archive it wrote as it exited
+    (of the gateway's classes alone) is not kept."""
+    scratch = tmp_path / "java-tmp"
+    scratch.mkdir()
+    env = {**os.environ, "IMAGEPCA_CACHE": str(tmp_path / "cache")}
+    env.pop("IMAGEPCA_JVM_CLASS_ARCHIVE", None)  # no archive yet: this JVM would write one
+    done = subprocess.run(
+        [sys.executable, "-c", DISCARD, f"-Djava.io.tmpdir={scratch}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ended")
+    assert list(scratch.iterdir()) == []
+    assert list((tmp_path / "cache" / "jvm").iterdir()) == []
 
 
 def test_start_spark_does_nothing_beside_an_active_session(spark):

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -110,7 +111,7 @@ def start_spark(
     is still created by :func:`get_spark`, on the main thread, where PySpark installs the
     interrupt handler that cancels running jobs. Nothing happens when a session is active
     (Livy, EMR notebooks) or this process already has a JVM. A :func:`get_spark` with other
-    arguments, or :func:`stop_spark`, kills the launched JVM.
+    arguments, or :func:`stop_spark`, ends the launched JVM.
     """
     global _launch
     from pyspark import SparkContext
@@ -146,7 +147,7 @@ def _new_session_settings(
 def _adopt_launched_jvm(settings: dict[str, str]) -> None:
     """Create the SparkContext on the JVM :func:`start_spark` launched with ``settings``
     (a failed launch raises here, as :func:`get_spark`'s own would); one launched with other
-    settings is killed."""
+    settings is ended."""
     global _launch
     from pyspark import SparkContext
 
@@ -163,23 +164,32 @@ def _adopt_launched_jvm(settings: dict[str, str]) -> None:
     SparkContext(conf=SparkConf().setAll(settings.items()), gateway=launching.result())
 
 
-def _discard_launch() -> None:
-    """Kill the JVM :func:`start_spark` launched, which no session will use. It holds no
-    SparkContext, so nothing is left to clean up, and a JVM killed writes no class archive
-    (one exiting normally would write one of the gateway's classes alone)."""
+def _discard_launch(timeout: float = 30.0) -> None:
+    """End the JVM :func:`start_spark` launched, which no session will use, as Spark ends its
+    own: its standard input closed, it exits and its shutdown hooks remove its scratch
+    folder (killed, it left one in the temporary folder). It holds no SparkContext. A class
+    archive it wrote as it exited (of the gateway's classes alone) is removed."""
     global _launch
     if _launch is None:
         return
-    _, launching = _launch
+    settings, launching = _launch
     _launch = None
     try:
         gateway = launching.result()
     except Exception:
         return  # it never started
     gateway.shutdown()
-    if gateway.proc is not None:
+    if gateway.proc is None:
+        return
+    gateway.proc.stdin.close()
+    try:
+        gateway.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
         gateway.proc.kill()
         gateway.proc.wait()
+    archive = re.search(r"-XX:ArchiveClassesAtExit=(\S+)", settings.get(JAVA_OPTIONS_KEY, ""))
+    if archive:
+        Path(archive[1]).unlink(missing_ok=True)
 
 
 def local_jvm_options(extra_class_path: str = "") -> str:
@@ -318,24 +328,26 @@ def stop_spark(timeout: float = 60.0) -> None:
     (see :func:`class_archive_options`) has written it once it has exited, and the archive
     is kept. Nothing happens without a session, or for a JVM this process did not launch (a
     ``pyspark`` shell's, Livy's). A JVM :func:`start_spark` launched that no session took is
-    killed.
+    ended too (see :func:`_discard_launch`).
     """
     from pyspark import SparkContext
 
     _discard_launch()
     accumulators = _detach_accumulator_server(SparkContext._active_spark_context)
-    session = SparkSession.getActiveSession()
-    if session is not None:
-        session.stop()
-    context = SparkContext._active_spark_context
-    if context is not None:
-        context.stop()
-    if accumulators is not None:
-        # A daemon thread: stop_spark also runs at interpreter exit (atexit), where an
-        # executor no longer accepts work.
-        threading.Thread(
-            target=accumulators.shutdown, name="imagepca-accumulators", daemon=True
-        ).start()
+    try:
+        session = SparkSession.getActiveSession()
+        if session is not None:
+            session.stop()
+        context = SparkContext._active_spark_context
+        if context is not None:
+            context.stop()
+    finally:  # also when stopping failed (a JVM that died): the server's socket is closed
+        if accumulators is not None:
+            # A daemon thread: stop_spark also runs at interpreter exit (atexit), where an
+            # executor no longer accepts work.
+            threading.Thread(
+                target=accumulators.shutdown, name="imagepca-accumulators", daemon=True
+            ).start()
     gateway = SparkContext._gateway
     process = getattr(gateway, "proc", None)
     if gateway is None or process is None:
