@@ -22,6 +22,7 @@ from cluster import (
 )
 from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca.config import ExtractParams, ReduceParams
+from imagepca.inputs import read_manifest
 from imagepca.pipeline import MOMENTS_FILE, extract_features, finish_run, reduce_features
 
 LABELS = ("apple", "banana", "orange")
@@ -87,6 +88,20 @@ def test_manifest_accounts_for_every_uri(manifest_run):
     rejected = pd.read_parquet(manifest_run["output"] / "rejected")
     assert sorted(rejected.path) == sorted(manifest_run["missing"])
     assert all(reason.startswith("missing: ") for reason in rejected.reason)
+
+
+def test_a_relative_manifest_location_reads_relative_entries_beside_it(
+    spark, manifest_run, monkeypatch
+):
+    """``--manifest images.csv`` from the manifest's own folder: a bare file name too."""
+    monkeypatch.chdir(manifest_run["output"].parent)
+    listing = read_manifest(spark, "images.csv")
+    try:
+        paths = {row.path for row in listing.files.select("path").collect()}
+    finally:
+        listing.release()
+    assert spelled(manifest_run["relative"]) in paths
+    assert all(path.startswith("file:/") for path in paths)
 
 
 def test_manifest_labels_and_paths(manifest_run):

@@ -37,9 +37,12 @@ def test_run_from_an_s3_inventory_report(moto_endpoint, tmp_path):  # noqa: F811
     objects = {}
     for label in ("apple", "banana"):
         for n, path in enumerate(sorted((FRUIT_PHOTOS / label).glob("*.jpg"))[:3]):
-            key = f"images/{label}/{label} photo {n}.jpg"  # spaces: encoded in the CSV
+            # Spaces, "#" and "?": encoded in the CSV, ordinary characters of the key.
+            key = f"images/{label}/{label} photo {('#', '?', '')[n]}{n}.jpg"
             s3.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
             objects[key] = path.stat().st_size
+    # Where a URI parser would cut "apple photo #0.jpg" short: another object, not read.
+    s3.put_object(Bucket=BUCKET, Key="images/apple/apple photo ", Body=b"not this one")
     s3.put_object(Bucket=BUCKET, Key="images/README.txt", Body=b"not an image")
     objects["images/README.txt"] = 12
     objects["images/banana/deleted since the report.jpg"] = 1000  # listed, not there

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +41,7 @@ LISTING_COLUMNS = ("path", "label", "size", "modified")
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
 PARALLEL_DISCOVERY_KEY = "spark.sql.sources.parallelPartitionDiscovery.threshold"
 SAMPLES_PER_LABEL = 3  # paths per label the listing keeps for a first look
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # a URI's scheme (s3:, file:, hdfs:)
 # Column names an S3 Inventory report uses: CSV reports name them in ``fileSchema``,
 # Parquet and ORC reports carry them (in snake case) in the data files.
 INVENTORY_COLUMNS = {
@@ -285,6 +288,10 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
     InputError
         When the manifest cannot be read, has no ``path`` column, or lists no image.
     """
+    if not _SCHEME.match(manifest_uri):
+        # Relative entries are taken relative to the manifest's folder: from its absolute
+        # location (a bare "images.csv" has no folder to cut off).
+        manifest_uri = os.path.abspath(os.path.expanduser(manifest_uri))
     try:
         if manifest_uri.rstrip("/").endswith(".json"):
             table = _inventory_table(spark, manifest_uri)
@@ -354,7 +361,7 @@ def _uri_table(spark: SparkSession, uri: str) -> DataFrame:
 def _absolute(path: Column, base: str) -> Column:
     """URIs as Spark's ``path`` column spells them; a relative path is taken relative to
     the manifest's folder, a local absolute path becomes ``file:/...``."""
-    with_scheme = path.rlike(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+    with_scheme = path.rlike(_SCHEME.pattern)
     base_uri = base if "://" in base or base.startswith("file:") else f"file:{base}"
     return (
         F.when(with_scheme, F.regexp_replace(path, r"^file://(?=/)", "file:"))
@@ -446,26 +453,31 @@ _FILESYSTEMS_LOCK = threading.Lock()
 
 
 def _filesystem(uri: str, options: ReadOptions):
-    """A pyarrow file system and the path within it; one per worker and bucket."""
+    """A pyarrow file system and the path within it; one per worker and bucket.
+
+    The URI is split by hand, not by ``urlsplit``: ``#`` and ``?`` are ordinary characters
+    of an object key or a file name (as Spark's ``path`` column and Hadoop's ``Path`` keep
+    them), not a fragment or a query.
+    """
     from pyarrow import fs
 
-    parts = urlsplit(uri)
-    scheme = parts.scheme.lower()
+    scheme = uri.split(":", 1)[0].lower() if _SCHEME.match(uri) else ""
     if scheme in ("", "file"):
         path = uri.split(":", 1)[1] if scheme else uri
         return fs.LocalFileSystem(), "/" + path.lstrip("/")
-    key = (scheme, parts.netloc)
+    authority, _, path = uri.split(":", 1)[1].removeprefix("//").partition("/")
+    key = (scheme, authority)
     with _FILESYSTEMS_LOCK:
         if key not in _FILESYSTEMS:
             if scheme in ("s3", "s3a", "s3n"):
                 settings = dict(options.s3)
                 if "endpoint_override" not in settings and "region" not in settings:
-                    settings["region"] = fs.resolve_s3_region(parts.netloc)
+                    settings["region"] = fs.resolve_s3_region(authority)
                 _FILESYSTEMS[key] = fs.S3FileSystem(**settings)
             else:  # hdfs://, gs://...: whatever pyarrow supports there
-                _FILESYSTEMS[key] = fs.FileSystem.from_uri(f"{scheme}://{parts.netloc}/")[0]
-    path = parts.path if scheme not in ("s3", "s3a", "s3n") else parts.netloc + parts.path
-    return _FILESYSTEMS[key], path
+                _FILESYSTEMS[key] = fs.FileSystem.from_uri(f"{scheme}://{authority}/")[0]
+    in_bucket = scheme in ("s3", "s3a", "s3n")  # pyarrow's S3 paths start with the bucket
+    return _FILESYSTEMS[key], f"{authority}/{path}" if in_bucket else f"/{path}"
 
 
 def read_file(uri: str, options: ReadOptions) -> bytes:
