@@ -21,6 +21,7 @@ from cluster import (
     write_driver,
 )
 from conftest import FRUIT_PHOTOS, WEIGHTS
+from imagepca import pipeline
 from imagepca.config import ExtractParams, ReduceParams
 from imagepca.inputs import read_manifest
 from imagepca.pipeline import MOMENTS_FILE, extract_features, finish_run, reduce_features
@@ -255,6 +256,39 @@ def test_batches_in_both_list_layouts_read_as_one(incremental):
     }
     features = pd.read_parquet(incremental["output"] / "features")
     assert {len(vector) for vector in features["features"]} == {1280}
+
+
+def test_an_incremental_run_failing_after_its_commit_leaves_no_stale_description(
+    spark, tmp_path, monkeypatch
+):
+    """features/ has changed but its _extraction.json and _moments.npz would describe the
+    rows before: they are gone, notebook 02 asks for notebook 01, the next run is full."""
+    root = tmp_path / "input"
+    copy_photos(root, [p for label in LABELS[:2] for p in photos(label, 0, 4)])
+    output = tmp_path / "out"
+    run(spark, root, output, incremental=True)
+    assert (output / "features" / MOMENTS_FILE).exists()
+    copy_photos(root, [p for label in LABELS[:2] for p in photos(label, 4, 6)])
+
+    def fail(features):
+        raise RuntimeError("the driver fails after the commit")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "_label_counts", fail)
+        with pytest.raises(RuntimeError, match="after the commit"):
+            run(spark, root, output, incremental=True)
+    assert not (output / "features" / "_extraction.json").exists()
+    assert not (output / "features" / MOMENTS_FILE).exists()
+    with pytest.raises(FileNotFoundError, match="run notebook 01"):
+        reduce_features(spark, ReduceParams(output=str(output), k=5))
+
+    extraction, _ = run(spark, root, output, incremental=True)
+    assert extraction.metadata["incremental"] == {
+        "featurized": 12,
+        "full_run_because": "no features in the output yet",
+    }
+    features = pd.read_parquet(output / "features")
+    assert sorted(features.path) == sorted(spelled(p) for p in root.rglob("*.jpg"))
 
 
 def test_killed_incremental_run_then_rerun_is_exactly_once(spark, tmp_path):

@@ -18,8 +18,9 @@ An incremental run:
 
 A run killed before step 3 leaves ``features/`` as it was. A kill inside step 3 can only
 *remove* rows (a deleted part file's unchanged rows, or staged rows not moved yet), never
-duplicate them: the next run finds those files missing from ``features/`` and featurizes
-them again, so the rows end up there exactly once.
+duplicate them. Step 3 starts by deleting ``features/_extraction.json`` and the PCA's
+statistics (:func:`imagepca.pipeline.extract_features` writes them again after it), so a run
+that dies after it leaves no description of other rows: the next run is a full one.
 
 Why not Structured Streaming's file source with ``Trigger.AvailableNow``: it notices new
 paths only (a rewritten file keeps its old features, a deleted one is never dropped), it

@@ -255,6 +255,11 @@ def extract_features(
                 listing_fingerprint = last
                 staged = join(params.output, STAGING_DIR, f"features-{batch_id}")
                 stage_batch(features, increment, staged)
+                # features/ changes from here: its description and statistics go first. A
+                # run that fails before writing them again leaves none of another run's
+                # rows (notebook 02 then asks for notebook 01; the next run is a full one).
+                storage.delete(join(features_uri, EXTRACTION_FILE))
+                storage.delete(join(features_uri, MOMENTS_FILE))
                 commit_batch(storage, features_uri, staged, increment, batch_id)
             moments_uri = join(features_uri, MOMENTS_FILE)
             if statistics is not None and statistics.n == n_new:
