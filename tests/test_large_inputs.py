@@ -62,6 +62,7 @@ def manifest_run(spark, tmp_path_factory):
     shutil.copy(photos("banana", 10, 11)[0], relative)
     rows.append({"path": "local/banana/copy.jpg", "label": ""})
     rows.append(rows[0])  # the same URI twice counts once
+    rows.append({**rows[3], "label": "another"})  # twice, two labels: the smallest wins
     missing = [spelled(FRUIT_PHOTOS / "apple" / f"gone{i}.jpg") for i in range(3)]
     rows += [{"path": uri, "label": ""} for uri in missing]
     manifest = work / "images.csv"
@@ -83,7 +84,7 @@ def test_manifest_accounts_for_every_uri(manifest_run):
     metadata = manifest_run["extraction"].metadata
     assert metadata["input_kind"] == "manifest"
     assert metadata["n_files_found"] == 12 + 1 + 3
-    assert metadata["n_duplicate_uris"] == 1
+    assert metadata["n_duplicate_uris"] == 2
     assert metadata["n_images"] == 13 and metadata["n_rejected"] == 3
     assert metadata["rejected_by_kind"] == {"missing": 3}
     rejected = pd.read_parquet(manifest_run["output"] / "rejected")
@@ -110,8 +111,9 @@ def test_manifest_labels_and_paths(manifest_run):
     expected = {spelled(p) for p in manifest_run["chosen"]} | {spelled(manifest_run["relative"])}
     assert set(features.index) == expected
     labels = features.label.to_dict()
-    for path in manifest_run["chosen"]:
+    for i, path in enumerate(manifest_run["chosen"]):
         want = "pomme" if path.parent.name == "apple" else path.parent.name  # empty: folder
+        want = "another" if i == 3 else want  # listed again with that label
         assert labels[spelled(path)] == want
     assert labels[spelled(manifest_run["relative"])] == "banana"
     # This manifest gives no size or modification time: changes are noticed by path only.

@@ -302,15 +302,19 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
             f"manifest {manifest_uri!r} cannot be read: {str(error).splitlines()[0]}. "
             "Pass a CSV or Parquet file with a `path` column, or an S3 Inventory manifest.json."
         ) from None
-    images = table.where(_is_image(F.col("path")))
+    images = table.where(_is_image(F.col("path"))).select(
+        "path",
+        F.coalesce(F.col("label"), label_column(F.col("path"))).alias("label"),
+        F.col("size").cast("long").alias("size"),
+        F.col("modified").cast("timestamp").alias("modified"),
+    )
+    # A URI listed twice counts once, with the smallest of its rows (label first): the
+    # same choice in every run, where dropDuplicates keeps whichever row comes first.
+    first = F.min(F.struct("label", "size", "modified")).alias("row")
     files = (
-        images.dropDuplicates(["path"])
-        .select(
-            "path",
-            F.coalesce(F.col("label"), label_column(F.col("path"))).alias("label"),
-            F.col("size").cast("long").alias("size"),
-            F.col("modified").cast("timestamp").alias("modified"),
-        )
+        images.groupBy("path")
+        .agg(first)
+        .select("path", "row.*")
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
     counts = images.agg(F.count(F.lit(1)).alias("rows")).first()
