@@ -16,11 +16,15 @@ import argparse
 import io
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import boto3
 import nbformat
 import pytest
+from botocore.stub import Stubber
 from papermill.iorw import papermill_io
 
 from imagepca.aws import account, commands, doctor, stage
@@ -73,6 +77,53 @@ def pass_roles(requests: list[dict], settings: AwsSettings) -> set:
     return needed
 
 
+def notebook_execution_needs(started: list[dict], execution_ids: list[str]) -> set:
+    """What each ``StartNotebookExecution`` sent needs (Service Authorization Reference,
+    the operations table): the action on its cluster, ``iam:PassRole`` for its
+    ``ServiceRole``, ``elasticmapreduce:AddTags`` on the new execution for its ``Tags``;
+    then ``DescribeNotebookExecution`` on it while polling."""
+    emr = f"arn:aws:elasticmapreduce:{REGION}:{ACCOUNT_ID}"
+    needed = set()
+    for body, execution in zip(started, execution_ids, strict=True):
+        cluster = body["ExecutionEngine"]["Id"]
+        needed.add(("elasticmapreduce:StartNotebookExecution", f"{emr}:cluster/{cluster}", None))
+        role = f"arn:aws:iam::{ACCOUNT_ID}:role/{body['ServiceRole']}"
+        needed.add(("iam:PassRole", role, None))
+        if body.get("Tags"):
+            needed.add(("elasticmapreduce:AddTags", f"{emr}:notebook-execution/{execution}", None))
+        needed.add((
+            "elasticmapreduce:DescribeNotebookExecution", f"{emr}:notebook-execution/{execution}",
+            None,
+        ))  # fmt: skip
+    return needed
+
+
+@contextmanager
+def stubbed_emr(started: list[dict], executions: list[str]) -> Iterator[Stubber]:
+    """The commands' EMR client stubbed (moto has no notebook executions), S3 still moto's;
+    each ``StartNotebookExecution`` request is kept in ``started``."""
+    emr = boto3.client("emr")
+    emr.meta.events.register(
+        "provide-client-params.emr.StartNotebookExecution",
+        lambda params, **_: started.append(dict(params)),
+    )
+    stub = Stubber(emr)
+    for execution in executions:
+        stub.add_response("start_notebook_execution", {"NotebookExecutionId": execution})
+        stub.add_response(
+            "describe_notebook_execution",
+            {"NotebookExecution": {"NotebookExecutionId": execution, "Status": "FINISHED"}},
+            {"NotebookExecutionId": execution},
+        )
+    real = commands._client
+
+    def client(service: str, region: str | None):
+        return emr if service == "emr" else real(service, region)
+
+    with stub, mock.patch.object(commands, "_client", client):
+        yield stub
+
+
 @pytest.mark.usefixtures("aws_env")
 def test_operator_policy_allows_every_request_of_the_operator_commands(
     moto_endpoint,  # noqa: F811
@@ -103,6 +154,14 @@ def test_operator_policy_allows_every_request_of_the_operator_commands(
         {"bucket": BUCKET, "region": REGION, "subnet_id": subnet, "artifacts_version": "0.1.0"},
     )
     common = ["--bucket", BUCKET, "--region", REGION, "--subnet-id", subnet, "--version", "0.1.0"]
+    # What notebooks 02 and 03 leave on a cluster, read by the notebook-execution run.
+    for name, body in (
+        ("metrics.json", b'{"classification": {"accuracy": 1.0}}'),
+        ("_SUCCESS", b""),
+    ):
+        s3.put_object(Bucket=BUCKET, Key=f"runs/nb1/{name}", Body=body)
+    started: list[dict] = []
+    executions = ["ex-01", "ex-02", "ex-03"]
 
     with recording(moto_endpoint, tmp_path / "recording.jsonl") as requests:
         assert cli("aws", "upload", str(photos), f"s3://{BUCKET}/input/photos/") == 0
@@ -114,6 +173,10 @@ def test_operator_policy_allows_every_request_of_the_operator_commands(
         assert cli("emr", "up", *common, "--poll-seconds", "0.05") == 0
         cluster_id = boto3.client("emr").list_clusters()["Clusters"][0]["Id"]
         assert cli("emr", "run", *common, "--cluster-id", cluster_id, "--no-wait") == 0
+        with stubbed_emr(started, executions) as stub:
+            via = ["--via", "notebook-execution", "--run-id", "nb1", "--poll-seconds", "0"]
+            assert cli("emr", "run", *common, "--cluster-id", cluster_id, *via) == 0
+            stub.assert_no_pending_responses()
         # --via livy: papermill on this machine reads the staged notebook and writes the
         # executed one with its own S3 handler (what papermill.execute_notebook calls).
         source = f"s3://{BUCKET}/artifacts/0.1.0/notebooks/01_extract_features.ipynb"
@@ -128,6 +191,11 @@ def test_operator_policy_allows_every_request_of_the_operator_commands(
 
     policy = account.render_policy("iam-operator-policy", settings, ROOT / "aws")
     needed = s3_actions(requests, BUCKET, kms_key=key) | pass_roles(requests, settings)
+    assert [body["ServiceRole"] for body in started] == ["EMR_Notebooks_DefaultRole"] * 3
+    needed |= notebook_execution_needs(started, executions)
+    notebooks_role = f"arn:aws:iam::{ACCOUNT_ID}:role/EMR_Notebooks_DefaultRole"
+    assert ("iam:PassRole", notebooks_role, None) in needed
+    assert ("s3:GetObject", f"arn:aws:s3:::{BUCKET}/runs/nb1/metrics.json", None) in needed
     actions = api_actions(requests)
     assert {"elasticmapreduce:RunJobFlow", "kms:GenerateDataKey", "ec2:DescribeVpcs"} <= actions
     assert ("s3:PutObjectAcl", f"arn:aws:s3:::{BUCKET}/runs/r1/notebooks/01_extract_features.ipynb",
@@ -144,6 +212,17 @@ def test_operator_policy_allows_every_request_of_the_operator_commands(
     }  # fmt: skip
     missing = {entry[0] for entry in denied(before, needed)}
     assert {"s3:PutObjectAcl", "kms:GenerateDataKey", "kms:Decrypt"} <= missing
+    # ... and without the notebooks role in PassRole or the notebook-execution tagging.
+    without_notebooks = json.loads(
+        json.dumps(policy).replace(f'"{notebooks_role}"', '"arn:aws:iam::0:role/none"')
+    )
+    without_notebooks["Statement"] = [
+        s for s in without_notebooks["Statement"] if s["Sid"] != "TagNotebookExecutionsAtStart"
+    ]
+    missing = {entry[:2] for entry in denied(without_notebooks, needed)}
+    assert ("iam:PassRole", notebooks_role) in missing
+    execution = f"arn:aws:elasticmapreduce:{REGION}:{ACCOUNT_ID}:notebook-execution/ex-01"
+    assert ("elasticmapreduce:AddTags", execution) in missing
 
 
 def test_policy_check_reads_requests_as_iam_does():

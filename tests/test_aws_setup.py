@@ -142,6 +142,18 @@ def test_setup_rejects_bad_names(capsys):
     assert "invalid bucket name" in capsys.readouterr().err
 
 
+def test_setup_refuses_a_kms_alias_arn(capsys):
+    """A policy's Resource names the key ARN; KMS ignores an alias ARN there for key
+    operations, so every grant the setup writes would silently allow nothing."""
+    argv = ["aws", "setup", "--bucket", BUCKET, "--region", REGION, "--dry-run"]
+    alias = f"arn:aws:kms:{REGION}:{ACCOUNT_ID}:alias/imagepca"
+    assert cli(*argv, "--account-id", ACCOUNT_ID, "--kms-key", alias) == 1
+    err = capsys.readouterr().err
+    assert "pass the key's ARN" in err and "aws kms describe-key --key-id alias/NAME" in err
+    key = f"arn:aws:kms:{REGION}:{ACCOUNT_ID}:key/mrk-1234abcd12ab34cd56ef1234567890ab"
+    assert cli(*argv, "--account-id", ACCOUNT_ID, "--kms-key", key) == 0
+
+
 def make_tree(root):
     files = {
         "apple/a 1.jpg": b"x" * 10,

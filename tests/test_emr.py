@@ -14,12 +14,14 @@ from pathlib import Path
 import boto3
 import botocore.session
 import pytest
+from botocore.exceptions import WaiterError
+from botocore.response import StreamingBody
 from botocore.stub import Stubber
 from botocore.validate import ParamValidator
 
 from imagepca import features
 from imagepca.aws import cluster, commands, runs, stage
-from imagepca.aws.settings import AwsError, EmrSettings
+from imagepca.aws.settings import AwsError, AwsSettings, EmrSettings
 from livy_server import LivyServer, make_test_pki
 from moto_server import REGION, aws_env, moto_endpoint, set_step_states  # noqa: F401
 
@@ -490,18 +492,23 @@ def test_run_via_livy_over_https_with_a_ca_bundle(tls_livy, monkeypatch, capsys)
 
 
 @pytest.mark.usefixtures("aws_env")
-def test_notebook_execution_needs_a_notebooks_service_role(capsys):
-    """Row 7: never the cluster's service role; the PySpark-kernel copies are run."""
+def test_notebook_execution_passes_the_notebooks_service_role_the_policy_allows():
+    """Row 7: never the cluster's service role; the PySpark-kernel copies are run. The
+    default role is the one `aws setup` lets the operator policy pass."""
     argv = [
         "emr", "run", "--cluster-id", "j-1", "--via", "notebook-execution", "--bucket", BUCKET,
         "--region", REGION, "--subnet-id", SETTINGS["subnet_id"], "--version", "0.1.0",
     ]  # fmt: skip
     boto3.client("s3").create_bucket(Bucket=BUCKET)
-    assert cli(*argv) == 1
-    assert "EMR_Notebooks_DefaultRole" in capsys.readouterr().err
     parser = argparse.ArgumentParser(prog="imagepca")
     commands.add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([*argv, "--notebook-service-role", "EMR_Notebooks_DefaultRole"])
+    args = parser.parse_args(argv)
+    policy = AwsSettings(bucket=BUCKET, region=REGION, account_id="123456789012")
+    assert settings().notebook_service_role == policy.notebook_service_role
+    assert policy.notebook_service_role == "EMR_Notebooks_DefaultRole"
+    # emr_settings.example.json's "" means the default as well.
+    assert settings(notebook_service_role="").notebook_service_role == "EMR_Notebooks_DefaultRole"
+
     options = commands._run_options(args, settings(), "r9")
     assert options.notebooks == f"s3://{BUCKET}/artifacts/0.1.0/{stage.PYSPARK_NOTEBOOKS}"
     (request, *_) = runs.notebook_execution_requests(
@@ -509,6 +516,8 @@ def test_notebook_execution_needs_a_notebooks_service_role(capsys):
     )
     assert request["NotebookS3Location"]["Key"].startswith("artifacts/0.1.0/notebooks-pyspark/")
     assert request["ServiceRole"] == "EMR_Notebooks_DefaultRole"
+    with pytest.raises(AwsError, match="notebooks service role.*EMR_Notebooks_DefaultRole"):
+        runs.notebook_execution_requests("j-1", options, "r9", "")
 
 
 def test_run_options_flow_unchanged():
@@ -574,27 +583,182 @@ def test_notebook_execution_requests_validate_and_run_in_order():
     assert extract["input"] == "s3://b/input/" and extract["master"] == "yarn"
     assert json.loads(requests[1]["NotebookParams"])["k"] == 4
 
-    client = boto3.client(
-        "emr", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
-    )
-    with Stubber(client) as stub:
-        for number, request in enumerate(requests):
-            execution = f"ex-{number}"
-            stub.add_response(
-                "start_notebook_execution", {"NotebookExecutionId": execution}, request
-            )
-            for status in ("STARTING", "RUNNING", "FINISHED"):
-                stub.add_response(
-                    "describe_notebook_execution",
-                    {"NotebookExecution": {"NotebookExecutionId": execution, "Status": status}},
-                    {"NotebookExecutionId": execution},
-                )
+    emr, s3 = stubbed("emr"), stubbed("s3")
+    with Stubber(emr) as stub, Stubber(s3) as s3_stub:
+        expect_executions(stub, requests, ("STARTING", "RUNNING", "FINISHED"))
+        s3_stub.add_response("head_object", {}, {"Bucket": "b", "Key": "runs/r3/_SUCCESS"})
         ids = runs.run_notebook_executions(
-            requests, emr_client=client, poll_seconds=0, sleep=lambda _s: None,
-            out=io.StringIO(),
+            requests, "s3://b/runs/r3", emr_client=emr, s3_client=s3, poll_seconds=0,
+            sleep=lambda _s: None, out=io.StringIO(),
         )  # fmt: skip
         stub.assert_no_pending_responses()
+        s3_stub.assert_no_pending_responses()
     assert ids == ["ex-0", "ex-1"]
+
+
+def stubbed(service: str):
+    """A client for botocore's Stubber: it never reaches an endpoint."""
+    return boto3.client(
+        service, region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
+    )
+
+
+def expect_executions(stub: Stubber, requests: list[dict], states=("RUNNING", "FINISHED")):
+    """Each request started once, then described until its last state."""
+    for number, request in enumerate(requests):
+        execution = f"ex-{number}"
+        stub.add_response("start_notebook_execution", {"NotebookExecutionId": execution}, request)
+        for status in states:
+            stub.add_response(
+                "describe_notebook_execution",
+                {"NotebookExecution": {"NotebookExecutionId": execution, "Status": status}},
+                {"NotebookExecutionId": execution},
+            )
+
+
+def metrics_body(metrics: dict) -> dict:
+    data = json.dumps(metrics).encode()
+    return {"Body": StreamingBody(io.BytesIO(data), len(data)), "ContentLength": len(data)}
+
+
+def classify_requests() -> list[dict]:
+    options = runs.RunOptions(
+        input="s3://b/input/", output="s3://b/runs/r4", weights="s3://b/w.h5",
+        notebooks="s3://b/artifacts/0.1.0/notebooks-pyspark",
+    )  # fmt: skip
+    requests = runs.notebook_execution_requests("j-1", options, "r4", "EMR_Notebooks_DefaultRole")
+    assert requests[-1]["NotebookS3Location"]["Key"].endswith("/03_classify.ipynb")
+    return requests
+
+
+def test_notebook_03_is_not_started_when_classification_was_skipped():
+    """Unlabeled or single-label data: notebook 02 records why in metrics.json and
+    notebook 03 would raise, so, as `imagepca run` does, it is not started."""
+    requests = classify_requests()
+    emr, s3 = stubbed("emr"), stubbed("s3")
+    out = io.StringIO()
+    with Stubber(emr) as stub, Stubber(s3) as s3_stub:
+        expect_executions(stub, requests[:2])  # no start_notebook_execution for 03
+        s3_stub.add_response(
+            "get_object",
+            metrics_body({"classification": {"skipped": "1 label: need at least 2"}}),
+            {"Bucket": "b", "Key": "runs/r4/metrics.json"},
+        )
+        s3_stub.add_response("head_object", {}, {"Bucket": "b", "Key": "runs/r4/_SUCCESS"})
+        ids = runs.run_notebook_executions(
+            requests, "s3://b/runs/r4/", emr_client=emr, s3_client=s3, poll_seconds=0,
+            sleep=lambda _s: None, out=out,
+        )  # fmt: skip
+        stub.assert_no_pending_responses()
+        s3_stub.assert_no_pending_responses()
+    assert ids == ["ex-0", "ex-1"]
+    assert "03_classify.ipynb not run: classification skipped (1 label: need at least 2)" in (
+        out.getvalue()
+    )
+
+
+def test_finished_notebooks_without_success_marker_are_a_failed_run():
+    """A PySpark cell can fail while the execution still ends FINISHED: the run is done
+    only when _SUCCESS exists, and the error says where the executed notebooks are."""
+    requests = classify_requests()
+    emr, s3 = stubbed("emr"), stubbed("s3")
+    with Stubber(emr) as stub, Stubber(s3) as s3_stub:
+        expect_executions(stub, requests)  # 03 runs: classification was not skipped
+        s3_stub.add_response(
+            "get_object",
+            metrics_body({"classification": {"accuracy": 0.9}}),
+            {"Bucket": "b", "Key": "runs/r4/metrics.json"},
+        )
+        s3_stub.add_client_error(
+            "head_object", "404", http_status_code=404,
+            expected_params={"Bucket": "b", "Key": "runs/r4/_SUCCESS"},
+        )  # fmt: skip
+        with pytest.raises(AwsError) as error:
+            runs.run_notebook_executions(
+                requests, "s3://b/runs/r4", emr_client=emr, s3_client=s3, poll_seconds=0,
+                sleep=lambda _s: None, out=io.StringIO(),
+            )  # fmt: skip
+        stub.assert_no_pending_responses()
+        s3_stub.assert_no_pending_responses()
+    message = str(error.value)
+    assert (
+        "ex-0, ex-1, ex-2 FINISHED" in message and "s3://b/runs/r4/_SUCCESS is missing" in message
+    )
+    assert "executed notebooks in s3://b/runs/r4/notebooks/" in message
+
+
+def test_notebook_execution_that_outlasts_the_polling_is_stopped():
+    requests = classify_requests()[:1]
+    emr = stubbed("emr")
+    with Stubber(emr) as stub:
+        expect_executions(stub, requests, ("RUNNING", "RUNNING"))
+        stub.add_response("stop_notebook_execution", {}, {"NotebookExecutionId": "ex-0"})
+        with pytest.raises(AwsError, match="ex-0 still running after 2 polls: stopped it"):
+            runs.run_notebook_executions(
+                requests, "s3://b/runs/r4", emr_client=emr, s3_client=None, poll_seconds=0,
+                max_attempts=2, sleep=lambda _s: None, out=io.StringIO(),
+            )  # fmt: skip
+        stub.assert_no_pending_responses()
+
+
+def test_step_run_stops_polling_on_an_interrupted_step():
+    """botocore's step_complete waiter does not stop on INTERRUPTED; the poll does, with
+    EMR's reason and the step's logs."""
+    options = runs.RunOptions(
+        input="s3://b/input/", output="s3://b/runs/r5", weights="s3://b/w.h5",
+        notebooks="s3://b/artifacts/0.1.0/notebooks",
+    )  # fmt: skip
+    emr = stubbed("emr")
+    sleeps = []
+    step = {"ClusterId": "j-1", "StepId": "s-1"}
+    with Stubber(emr) as stub:
+        stub.add_response(
+            "add_job_flow_steps", {"StepIds": ["s-1"]}, runs.step_request("j-1", options, "r5")
+        )
+        for state in ("PENDING", "RUNNING", "INTERRUPTED"):
+            status = {"State": state}
+            if state == "INTERRUPTED":
+                status["FailureDetails"] = {"Reason": "Spot capacity", "Message": "node lost"}
+            stub.add_response("describe_step", {"Step": {"Id": "s-1", "Status": status}}, step)
+        with pytest.raises(AwsError) as error:
+            runs.run_step(
+                "j-1", options, "r5", emr_client=emr, s3_client=None, poll_seconds=7,
+                max_attempts=240, log_bucket="b", sleep=sleeps.append, out=io.StringIO(),
+            )  # fmt: skip
+        stub.assert_no_pending_responses()
+    assert sleeps == [7, 7]  # Delay between polls, none after the last
+    assert str(error.value) == (
+        "step s-1 ended INTERRUPTED: Spot capacity node lost logs: s3://b/logs/emr/j-1/steps/s-1/"
+    )
+
+
+def test_down_accepts_a_cluster_that_ended_with_errors():
+    """After a failed bootstrap `emr up` says to run `emr down`: the cluster ends
+    TERMINATED_WITH_ERRORS, on which botocore's waiter fails, yet it is terminated."""
+    emr = stubbed("emr")
+    failed = {
+        "State": "TERMINATED_WITH_ERRORS",
+        "StateChangeReason": {"Code": "BOOTSTRAP_FAILURE", "Message": "bootstrap action 1"},
+    }
+    described = {"Cluster": {"Id": "j-1", "Name": "imagepca", "Status": failed}}
+    out = io.StringIO()
+    with Stubber(emr) as stub:
+        stub.add_response("terminate_job_flows", {}, {"JobFlowIds": ["j-1"]})
+        stub.add_response("describe_cluster", described, {"ClusterId": "j-1"})  # the waiter
+        stub.add_response("describe_cluster", described, {"ClusterId": "j-1"})  # the reason
+        cluster.down("j-1", emr_client=emr, poll_seconds=0, out=out)
+        stub.assert_no_pending_responses()
+    assert "j-1 terminated with errors: BOOTSTRAP_FAILURE bootstrap action 1" in out.getvalue()
+
+    # Still terminating when the waiter gives up: that is not done.
+    terminating = {"Cluster": {"Id": "j-1", "Name": "imagepca", "Status": {"State": "TERMINATING"}}}
+    with Stubber(emr) as stub:
+        stub.add_response("terminate_job_flows", {}, {"JobFlowIds": ["j-1"]})
+        for _ in range(3):
+            stub.add_response("describe_cluster", terminating, {"ClusterId": "j-1"})
+        with pytest.raises(WaiterError):
+            cluster.down("j-1", emr_client=emr, poll_seconds=0, max_attempts=2, out=out)
+        stub.assert_no_pending_responses()
 
 
 def test_invalid_notebook_execution_request_is_caught_before_sending():

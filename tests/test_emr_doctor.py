@@ -10,6 +10,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from botocore.stub import Stubber
 
 from imagepca.aws import account, commands, doctor, stage
 from imagepca.aws.settings import AwsSettings, EmrSettings
@@ -136,3 +137,59 @@ def test_doctor_command_exit_status(new_account, capsys):
     out = capsys.readouterr().out
     assert "[FAIL] VPC tag" in out and "fix: aws ec2 create-tags" in out
     assert "checks," in out.splitlines()[-1]
+
+
+def stubbed(service: str):
+    return boto3.client(
+        service, region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
+    )
+
+
+@pytest.mark.parametrize(
+    "key", [None, "aws/s3", "alias/aws/s3", f"arn:aws:kms:{REGION}:{ACCOUNT_ID}:alias/aws/s3"]
+)
+def test_bucket_with_the_aws_managed_key_is_fine(key):
+    """SSE-KMS with the AWS managed key aws/s3: its key policy lets the account use it
+    through S3, so there is nothing to grant and no key of ours to check."""
+    settings = EmrSettings.load(
+        None, {"bucket": BUCKET, "region": REGION, "subnet_id": "subnet-0abc12345"}
+    )
+    s3 = stubbed("s3")
+    default = {"SSEAlgorithm": "aws:kms", **({"KMSMasterKeyID": key} if key else {})}
+    clients = {"s3": s3}  # no "kms": asking for it fails the test
+    with Stubber(s3) as stub:
+        stub.add_response("head_bucket", {}, {"Bucket": BUCKET})
+        stub.add_response(
+            "get_bucket_encryption",
+            {"ServerSideEncryptionConfiguration": {
+                "Rules": [{"ApplyServerSideEncryptionByDefault": default}]
+            }},
+            {"Bucket": BUCKET},
+        )  # fmt: skip
+        found = list(doctor.check_bucket(settings, clients.__getitem__))
+        stub.assert_no_pending_responses()
+    assert [(f.level, f.check) for f in found] == [("ok", "bucket"), ("ok", "bucket encryption")]
+    assert "AWS managed key" in found[1].detail
+
+
+def test_network_reads_the_caller_may_not_make_are_reported_not_fatal():
+    """ec2:DescribeVpcs / DescribeSecurityGroups denied: "cannot check", and doctor goes on."""
+    settings = EmrSettings.load(
+        None, {"bucket": BUCKET, "region": REGION, "subnet_id": "subnet-0abc12345"}
+    )
+    ec2 = stubbed("ec2")
+    subnet = {"SubnetId": "subnet-0abc12345", "VpcId": "vpc-0abc", "Tags": [TAG]}
+    with Stubber(ec2) as stub:
+        stub.add_response(
+            "describe_subnets", {"Subnets": [subnet]}, {"SubnetIds": ["subnet-0abc12345"]}
+        )
+        stub.add_client_error("describe_vpcs", "UnauthorizedOperation", http_status_code=403)
+        stub.add_client_error(
+            "describe_security_groups", "UnauthorizedOperation", http_status_code=403
+        )
+        found = {f.check: f for f in doctor.check_network(settings, {"ec2": ec2}.__getitem__)}
+        stub.assert_no_pending_responses()
+    assert found["subnet tag"].level == "ok"
+    for check in ("VPC tag", "security group tag"):
+        assert found[check].level == "warn"
+        assert found[check].detail == "cannot check: UnauthorizedOperation"

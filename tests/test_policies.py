@@ -134,12 +134,40 @@ def test_kms_statement_dropped_without_a_key():
 
 
 def test_pass_role_is_scoped_to_project_roles_and_services():
+    """The two project roles, and the EMR notebooks role `emr run --via
+    notebook-execution` passes to StartNotebookExecution; only to EMR and EC2."""
     document = rendered(ROOT / "aws" / "iam-operator-policy.json")
     (pass_role,) = [s for s in document["Statement"] if s["Action"] == "iam:PassRole"]
-    assert all(
-        r.startswith("arn:aws:iam::123456789012:role/imagepca-") for r in pass_role["Resource"]
-    )
-    assert "iam:PassedToService" in json.dumps(pass_role["Condition"])
+    assert set(pass_role["Resource"]) == {
+        "arn:aws:iam::123456789012:role/imagepca-emr-service-role",
+        "arn:aws:iam::123456789012:role/imagepca-emr-ec2-role",
+        "arn:aws:iam::123456789012:role/EMR_Notebooks_DefaultRole",
+    }
+    assert pass_role["Condition"] == {
+        "StringLike": {
+            "iam:PassedToService": ["elasticmapreduce.amazonaws.com", "ec2.amazonaws.com"]
+        }
+    }
+    custom = AwsSettings(
+        bucket="b-b-b", region="us-east-1", account_id="123456789012",
+        notebook_service_role="team-notebooks",
+    )  # fmt: skip
+    document = account.render_policy("iam-operator-policy", custom, ROOT / "aws")
+    (pass_role,) = [s for s in document["Statement"] if s["Action"] == "iam:PassRole"]
+    assert "arn:aws:iam::123456789012:role/team-notebooks" in pass_role["Resource"]
+
+
+def test_tags_only_on_project_clusters_and_notebook_executions():
+    """RunJobFlow and StartNotebookExecution with Tags also need elasticmapreduce:AddTags
+    (Service Authorization Reference, the operations table): only with project=imagepca."""
+    document = rendered(ROOT / "aws" / "iam-operator-policy.json")
+    tagging = [s for s in document["Statement"] if s["Action"] == "elasticmapreduce:AddTags"]
+    assert {s["Resource"].rsplit(":", 1)[1] for s in tagging} == {
+        "cluster/*",
+        "notebook-execution/*",
+    }
+    for statement in tagging:
+        assert statement["Condition"] == {"StringEquals": {"aws:RequestTag/project": "imagepca"}}
 
 
 def test_service_linked_role_is_only_emrs_cleanup_role():

@@ -304,13 +304,31 @@ def down(
     max_attempts: int = 60,
     out: TextIO | None = None,
 ) -> None:
-    """Terminate the cluster (billing stops when it is TERMINATED)."""
+    """Terminate the cluster (billing stops when it is TERMINATED).
+
+    A cluster that failed (a bootstrap action, say: ``up`` then says to run ``down``) ends
+    ``TERMINATED_WITH_ERRORS``, on which botocore's waiter fails; it is terminated all the
+    same, so that counts as done, with EMR's reason printed.
+    """
     out = out or sys.stdout
     emr_client.terminate_job_flows(JobFlowIds=[cluster_id])
     print(f"terminating {cluster_id}", file=out)
-    if wait:
+    if not wait:
+        return
+    try:
         emr_client.get_waiter("cluster_terminated").wait(
             ClusterId=cluster_id,
             WaiterConfig={"Delay": poll_seconds, "MaxAttempts": max_attempts},
         )
-        print(f"{cluster_id} terminated", file=out)
+    except WaiterError:
+        status = emr_client.describe_cluster(ClusterId=cluster_id)["Cluster"]["Status"]
+        if status["State"] != "TERMINATED_WITH_ERRORS":
+            raise
+        reason = status.get("StateChangeReason", {})
+        print(
+            f"{cluster_id} terminated with errors: "
+            f"{reason.get('Code', '')} {reason.get('Message', '')}".strip(),
+            file=out,
+        )
+        return
+    print(f"{cluster_id} terminated", file=out)

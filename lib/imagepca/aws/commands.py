@@ -22,7 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from imagepca.config import IMAGE_SIZES
 
 from . import account, cluster, doctor, runs, stage
-from .settings import AwsError, AwsSettings, EmrSettings
+from .settings import NOTEBOOK_SERVICE_ROLE, AwsError, AwsSettings, EmrSettings
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -303,8 +303,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             security_group=args.master_security_group,
         )  # fmt: skip
         runs.run_notebook_executions(
-            requests, emr_client=emr, poll_seconds=args.poll_seconds,
-            max_attempts=args.max_attempts,
+            requests, options.output, emr_client=emr, s3_client=s3,
+            poll_seconds=args.poll_seconds, max_attempts=args.max_attempts,
         )  # fmt: skip
     elif args.via == "livy":
         livy_url = args.livy_url or cluster.endpoints(settings, emr).livy_url
@@ -382,8 +382,9 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     )
     run.add_argument(
         "--notebook-service-role",
-        help="EMR notebooks service role for --via notebook-execution "
-        "(e.g. EMR_Notebooks_DefaultRole; not the cluster's service role)",
+        help="EMR notebooks service role for --via notebook-execution (default: the "
+        f"settings' notebook_service_role, {NOTEBOOK_SERVICE_ROLE} unless set; the operator "
+        "policy may pass that one; not the cluster's service role)",
     )
     run.add_argument("--master-security-group", help="notebook-execution engine SG")
     run.add_argument("--no-wait", action="store_true", help="submit and return")

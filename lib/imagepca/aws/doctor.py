@@ -72,8 +72,18 @@ def check_bucket(settings: EmrSettings, clients: Callable[[str], Any]) -> Iterat
     if default["SSEAlgorithm"] != "aws:kms":
         yield Finding("ok", "bucket encryption", default["SSEAlgorithm"])
         return
-    key = default.get("KMSMasterKeyID", "aws/s3")
+    key = default.get("KMSMasterKeyID", "")
+    if _aws_managed_s3_key(key):
+        # Its key policy lets every principal of the account use it through S3: there is
+        # nothing to grant, and no key of ours to describe.
+        yield Finding("ok", "bucket encryption", "aws:kms with the AWS managed key aws/s3")
+        return
     yield from check_kms_key(key, clients("kms"))
+
+
+def _aws_managed_s3_key(key: str) -> bool:
+    """No key id (S3 then uses ``aws/s3``), or that key named by alias or alias ARN."""
+    return not key or key in ("aws/s3", "alias/aws/s3") or key.endswith(":alias/aws/s3")
 
 
 def check_kms_key(key: str, kms: Any) -> Iterator[Finding]:
@@ -163,22 +173,27 @@ def check_network(settings: EmrSettings, clients: Callable[[str], Any]) -> Itera
         return
     tag = f"aws ec2 create-tags --tags Key={EMR_TAG},Value=true --resources"
     vpc = subnet["VpcId"]
-    for kind, resource, tags in (
-        ("subnet", settings.subnet_id, subnet.get("Tags")),
-        ("VPC", vpc, ec2.describe_vpcs(VpcIds=[vpc])["Vpcs"][0].get("Tags")),
-    ):
-        if _tagged(tags):
-            yield Finding("ok", f"{kind} tag", f"{resource} has {EMR_TAG}=true")
-        else:
-            yield Finding(
-                "fail", f"{kind} tag", f"{resource} lacks {EMR_TAG}=true", f"{tag} {resource}"
-            )
-    groups = ec2.describe_security_groups(
-        Filters=[
-            {"Name": "vpc-id", "Values": [vpc]},
-            {"Name": "group-name", "Values": ["ElasticMapReduce-*"]},
-        ]
-    )["SecurityGroups"]
+    yield _tag_finding("subnet", settings.subnet_id, subnet.get("Tags"), tag)
+    try:
+        vpc_tags = ec2.describe_vpcs(VpcIds=[vpc])["Vpcs"][0].get("Tags")
+    except ClientError as error:
+        if not _denied(error):
+            raise
+        yield _cannot("VPC tag", error)
+    else:
+        yield _tag_finding("VPC", vpc, vpc_tags, tag)
+    try:
+        groups = ec2.describe_security_groups(
+            Filters=[
+                {"Name": "vpc-id", "Values": [vpc]},
+                {"Name": "group-name", "Values": ["ElasticMapReduce-*"]},
+            ]
+        )["SecurityGroups"]
+    except ClientError as error:
+        if not _denied(error):
+            raise
+        yield _cannot("security group tag", error)
+        groups = []
     for group in groups:
         if not _tagged(group.get("Tags")):
             yield Finding(
@@ -194,6 +209,12 @@ def check_network(settings: EmrSettings, clients: Callable[[str], Any]) -> Itera
                 "fail", "key pair", f"{settings.key_name}: {_code(error)}",
                 "aws ec2 create-key-pair, or set key_name to an existing one (or \"\")",
             )  # fmt: skip
+
+
+def _tag_finding(kind: str, resource: str, tags: list[dict] | None, tag: str) -> Finding:
+    if _tagged(tags):
+        return Finding("ok", f"{kind} tag", f"{resource} has {EMR_TAG}=true")
+    return Finding("fail", f"{kind} tag", f"{resource} lacks {EMR_TAG}=true", f"{tag} {resource}")
 
 
 def check_security_configuration(settings: EmrSettings, emr: Any) -> Iterator[Finding]:

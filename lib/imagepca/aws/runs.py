@@ -25,10 +25,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from botocore.exceptions import ClientError, WaiterError
+from botocore.exceptions import ClientError
 
 from .cluster import validate_request
-from .settings import AwsError, parse_s3_uri
+from .settings import NOTEBOOK_SERVICE_ROLE, AwsError, parse_s3_uri
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,10 @@ def step_request(cluster_id: str, options: RunOptions, run_id: str) -> dict[str,
     }
 
 
+STEP_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "INTERRUPTED")
+"""Step states that do not change any more (EMR API reference, ``StepStatus``)."""
+
+
 def run_step(
     cluster_id: str,
     options: RunOptions,
@@ -168,9 +172,14 @@ def run_step(
     poll_seconds: float = 30,
     max_attempts: int = 240,
     log_bucket: str | None = None,
+    sleep: Callable[[float], None] = time.sleep,
     out: TextIO | None = None,
 ) -> str:
-    """Add the step, wait for it, then list the run's outputs; returns the step id."""
+    """Add the step, wait for it, then list the run's outputs; returns the step id.
+
+    The step is polled here rather than with botocore's ``step_complete`` waiter, which
+    does not stop on ``INTERRUPTED`` and would wait out every attempt.
+    """
     out = out or sys.stdout
     request = step_request(cluster_id, options, run_id)
     validate_request("AddJobFlowSteps", request)
@@ -178,22 +187,22 @@ def run_step(
     print(f"step {step_id} on {cluster_id}: {' '.join(step_command(options))}", file=out)
     if not wait:
         return step_id
-    try:
-        emr_client.get_waiter("step_complete").wait(
-            ClusterId=cluster_id,
-            StepId=step_id,
-            WaiterConfig={"Delay": poll_seconds, "MaxAttempts": max_attempts},
-        )
-    except WaiterError as error:
+    for attempt in range(1, max(max_attempts, 1) + 1):
         step = emr_client.describe_step(ClusterId=cluster_id, StepId=step_id)["Step"]
+        state = step["Status"]["State"]
+        if state in STEP_ENDED or attempt == max_attempts:
+            break
+        sleep(poll_seconds)
+    if state != "COMPLETED":
         details = step["Status"].get("FailureDetails", {})
         logs = details.get("LogFile") or (
             f"s3://{log_bucket}/logs/emr/{cluster_id}/steps/{step_id}/" if log_bucket else ""
         )
+        ended = f"ended {state}" if state in STEP_ENDED else f"still {state}; gave up waiting"
         raise AwsError(
-            f"step {step_id} ended {step['Status']['State']}: "
+            f"step {step_id} {ended}: "
             f"{details.get('Reason', '')} {details.get('Message', '')} logs: {logs}".strip()
-        ) from error
+        )
     print(f"step {step_id} completed; outputs:", file=out)
     list_outputs(options.output, s3_client=s3_client, out=out)
     return step_id
@@ -215,12 +224,13 @@ def notebook_execution_requests(
     ``options.notebooks`` should be the staged ``notebooks-pyspark/`` copies and
     ``service_role`` an EMR notebooks service role (``EMR_Notebooks_DefaultRole`` or one
     like it), which EMR assumes to run the notebook; the cluster's service role lacks its
-    permissions.
+    permissions. The operator policy lets the caller pass only the notebooks role it was
+    rendered with (``AwsSettings.notebook_service_role``, the same default).
     """
     if not service_role:
         raise AwsError(
             "--via notebook-execution needs an EMR notebooks service role: pass "
-            "--notebook-service-role (e.g. EMR_Notebooks_DefaultRole, created with an EMR "
+            f"--notebook-service-role (e.g. {NOTEBOOK_SERVICE_ROLE}, created with an EMR "
             'Studio) or set "notebook_service_role" in emr_settings.json'
         )
     notebooks_bucket, notebooks_prefix = parse_s3_uri(options.notebooks.rstrip("/") + "/")
@@ -250,8 +260,10 @@ def notebook_execution_requests(
 
 def run_notebook_executions(
     requests: Sequence[Mapping[str, Any]],
+    output: str,
     *,
     emr_client: Any,
+    s3_client: Any,
     poll_seconds: float = 30,
     max_attempts: int = 240,
     sleep: Callable[[float], None] = time.sleep,
@@ -259,32 +271,86 @@ def run_notebook_executions(
 ) -> list[str]:
     """Start each notebook after the previous one finished; stop at the first failure.
 
-    botocore has no waiter for notebook executions, hence the polling loop.
+    botocore has no waiter for notebook executions, hence the polling loop; one that
+    gives up stops its execution, so it does not go on holding the cluster. ``FINISHED``
+    only says the notebook reached its end: a PySpark cell can fail without failing the
+    execution, so the run counts as done only when ``OUTPUT/_SUCCESS`` exists (written
+    last by notebooks 02 and 03). As ``imagepca run`` does, ``03_classify`` is not started
+    when ``metrics.json`` says classification was skipped (fewer than 2 labels: it would
+    raise). Returns the ids of the executions started.
     """
+    from imagepca.runner import CLASSIFY_NOTEBOOK
+    from imagepca.storage import METRICS_FILE, SUCCESS_MARKER
+
     out = out or sys.stdout
-    ids = []
+    output = output.rstrip("/")
+    ids: list[str] = []
     for request in requests:
+        name = request["NotebookS3Location"]["Key"].rsplit("/", 1)[-1]
+        if name == CLASSIFY_NOTEBOOK:
+            metrics = _read_json(s3_client, f"{output}/{METRICS_FILE}")
+            if metrics is None:
+                raise _incomplete(output, METRICS_FILE, ids)
+            skipped = metrics.get("classification", {}).get("skipped")
+            if skipped is not None:
+                print(f"{name} not run: classification skipped ({skipped})", file=out)
+                continue
         execution_id = emr_client.start_notebook_execution(**request)["NotebookExecutionId"]
         ids.append(execution_id)
         print(
             f"notebook execution {execution_id}: {request['NotebookS3Location']['Key']}", file=out
         )
-        for _ in range(max_attempts):
-            status = emr_client.describe_notebook_execution(NotebookExecutionId=execution_id)[
-                "NotebookExecution"
-            ]
-            state = status["Status"]
-            if state == "FINISHED":
-                break
-            if state in ("FAILED", "STOPPED", "FAILING", "STOPPING"):
-                raise AwsError(
-                    f"notebook execution {execution_id} {state}: "
-                    f"{status.get('LastStateChangeReason', '')}"
-                )
-            sleep(poll_seconds)
-        else:
-            raise AwsError(f"notebook execution {execution_id} still running; gave up waiting")
+        _wait_for_notebook(emr_client, execution_id, poll_seconds, max_attempts, sleep)
+    if not s3_exists(s3_client, f"{output}/{SUCCESS_MARKER}"):
+        raise _incomplete(output, SUCCESS_MARKER, ids)
     return ids
+
+
+def _wait_for_notebook(
+    emr_client: Any,
+    execution_id: str,
+    poll_seconds: float,
+    max_attempts: int,
+    sleep: Callable[[float], None],
+) -> None:
+    for _ in range(max_attempts):
+        status = emr_client.describe_notebook_execution(NotebookExecutionId=execution_id)[
+            "NotebookExecution"
+        ]
+        state = status["Status"]
+        if state == "FINISHED":
+            return
+        if state in ("FAILED", "STOPPED", "FAILING", "STOPPING"):
+            raise AwsError(
+                f"notebook execution {execution_id} {state}: "
+                f"{status.get('LastStateChangeReason', '')}"
+            )
+        sleep(poll_seconds)
+    emr_client.stop_notebook_execution(NotebookExecutionId=execution_id)
+    raise AwsError(
+        f"notebook execution {execution_id} still running after {max_attempts} polls: "
+        "stopped it; raise --max-attempts or --poll-seconds for a longer run"
+    )
+
+
+def _read_json(s3_client: Any, uri: str) -> dict | None:
+    """An S3 object's JSON, or ``None`` when there is no such object."""
+    bucket, key = parse_s3_uri(uri)
+    try:
+        body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+    return json.loads(body)
+
+
+def _incomplete(output: str, missing: str, ids: Sequence[str]) -> AwsError:
+    return AwsError(
+        f"notebook executions {', '.join(ids)} FINISHED but {output}/{missing} is missing: "
+        f"a cell failed without failing the execution; read the executed notebooks in "
+        f"{output}/notebooks/"
+    )
 
 
 # --------------------------------------------------------------------------- Livy

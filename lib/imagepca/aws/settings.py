@@ -24,11 +24,18 @@ PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
 BUCKET_NAME = re.compile(r"^(?!xn--)(?!.*-s3alias$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 REGION_NAME = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
 ACCOUNT_ID = re.compile(r"^\d{12}$")
-KMS_KEY_ARN = re.compile(r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:(key|alias)/[A-Za-z0-9/_-]+$")
+KMS_KEY_ARN = re.compile(r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[A-Za-z0-9-]+$")
+"""A key ARN, never an alias ARN: as the ``Resource`` of a policy, KMS matches key
+operations against the key's ARN only, so an alias there grants nothing."""
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 MEMORY = re.compile(r"^\d+[kmgt]$")
 DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+
+NOTEBOOK_SERVICE_ROLE = "EMR_Notebooks_DefaultRole"
+"""The EMR notebooks service role ``emr run --via notebook-execution`` passes, and the one
+the operator policy may pass: the default of both settings, so the two agree unless
+someone changes one of them."""
 
 DEFAULT_RELEASE_LABEL = "emr-7.12.0"
 """EMR 7.x: Python 3.11 packages from emr-7.1.0; 7.12 ships Livy 0.8 and JupyterHub 1.5."""
@@ -136,6 +143,9 @@ class AwsSettings:
         Turn on bucket versioning (protects staged artifacts from overwrites).
     service_role, instance_role, instance_profile, operator_policy : str
         IAM names; the defaults match ``emr_settings.example.json``.
+    notebook_service_role : str
+        EMR notebooks service role the operator may pass to ``StartNotebookExecution``
+        (``emr run --via notebook-execution``); not created here (EMR Studio creates it).
     """
 
     bucket: str
@@ -146,6 +156,7 @@ class AwsSettings:
     service_role: str = "imagepca-emr-service-role"
     instance_role: str = "imagepca-emr-ec2-role"
     instance_profile: str = "imagepca-emr-ec2-profile"
+    notebook_service_role: str = NOTEBOOK_SERVICE_ROLE
     operator_policy: str = "imagepca-operator"
 
     def __post_init__(self) -> None:
@@ -159,7 +170,10 @@ class AwsSettings:
             raise AwsError(f"invalid account id {self.account_id!r}: 12 digits")
         if self.kms_key_arn is not None and not KMS_KEY_ARN.match(self.kms_key_arn):
             raise AwsError(
-                f"invalid KMS key ARN {self.kms_key_arn!r}: arn:aws:kms:REGION:ACCOUNT:key/KEY_ID"
+                f"invalid KMS key ARN {self.kms_key_arn!r}: pass the key's ARN, "
+                "arn:aws:kms:REGION:ACCOUNT:key/KEY_ID, not an alias (a policy naming an "
+                "alias grants no use of the key); `aws kms describe-key --key-id alias/NAME "
+                "--query KeyMetadata.Arn` prints it"
             )
 
     def placeholders(self) -> dict[str, str]:
@@ -171,6 +185,7 @@ class AwsSettings:
             "SERVICE_ROLE": self.service_role,
             "INSTANCE_ROLE": self.instance_role,
             "INSTANCE_PROFILE": self.instance_profile,
+            "NOTEBOOK_SERVICE_ROLE": self.notebook_service_role,
             "KMS_KEY_ARN": self.kms_key_arn or "",
         }
 
@@ -199,7 +214,7 @@ class EmrSettings:
     task_market: str = "SPOT"
     service_role: str = "imagepca-emr-service-role"
     instance_profile: str = "imagepca-emr-ec2-profile"
-    notebook_service_role: str = ""
+    notebook_service_role: str = NOTEBOOK_SERVICE_ROLE
     security_configuration: str = ""
     artifacts_version: str = ""
     offline: bool = False
@@ -260,6 +275,8 @@ class EmrSettings:
             problems.append("tags must be an object of string keys and values")
         if problems:
             raise AwsError("invalid EMR settings:\n  - " + "\n  - ".join(problems))
+        if not self.notebook_service_role:  # the example file's "": the policy's default
+            object.__setattr__(self, "notebook_service_role", NOTEBOOK_SERVICE_ROLE)
 
     @classmethod
     def load(
