@@ -22,19 +22,21 @@ SESSION = (
 )
 
 
+def run_script(script: str, *args: str, env: dict, last_line: str):
+    """Run ``script`` in a fresh interpreter (a JVM of its own); it succeeds and ends by
+    printing ``last_line``."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith(last_line)
+    return done
+
+
 def run_session(cache, *args, quick_jit=False):
     env = {**os.environ, "IMAGEPCA_CACHE": str(cache)}
     env["IMAGEPCA_JVM_QUICK_JIT"] = "1" if quick_jit else "0"
-    done = subprocess.run(
-        [sys.executable, "-c", SESSION, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().endswith("counted")
-    return done
+    return run_script(SESSION, *args, env=env, last_line="counted")
 
 
 def test_first_jvm_writes_the_archive_and_the_next_loads_spark_from_it(tmp_path):
@@ -151,11 +153,7 @@ LAUNCH = (
 def test_get_spark_adopts_the_jvm_start_spark_launched_with_the_same_arguments(tmp_path):
     env = {**os.environ, "IMAGEPCA_CACHE": str(tmp_path / "cache")}
     env["IMAGEPCA_JVM_CLASS_ARCHIVE"] = "0"  # the archive is the test above's
-    done = subprocess.run(
-        [sys.executable, "-c", LAUNCH], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().endswith("adopted")
+    run_script(LAUNCH, env=env, last_line="adopted")
 
 
 DISCARD = (
@@ -178,15 +176,7 @@ def test_a_launched_jvm_no_session_takes_exits_and_leaves_nothing(tmp_path):
     scratch.mkdir()
     env = {**os.environ, "IMAGEPCA_CACHE": str(tmp_path / "cache")}
     env.pop("IMAGEPCA_JVM_CLASS_ARCHIVE", None)  # no archive yet: this JVM would write one
-    done = subprocess.run(
-        [sys.executable, "-c", DISCARD, f"-Djava.io.tmpdir={scratch}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().endswith("ended")
+    run_script(DISCARD, f"-Djava.io.tmpdir={scratch}", env=env, last_line="ended")
     assert list(scratch.iterdir()) == []
     assert list((tmp_path / "cache" / "jvm").iterdir()) == []
 
@@ -220,9 +210,5 @@ def test_stop_spark_shuts_the_accumulator_server_down_without_a_traceback(tmp_pa
     """After a Python UDF's job, the server is connected to the JVM, which exits first."""
     env = {**os.environ, "IMAGEPCA_CACHE": str(tmp_path / "cache")}
     env["IMAGEPCA_JVM_CLASS_ARCHIVE"] = "0"
-    done = subprocess.run(
-        [sys.executable, "-c", STOP], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().endswith("stopped")
+    done = run_script(STOP, env=env, last_line="stopped")
     assert "Traceback" not in done.stderr and "Exception" not in done.stderr, done.stderr
