@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import threading
 import time
@@ -462,6 +463,8 @@ def test_run_via_livy_over_https_with_a_ca_bundle(tls_livy, monkeypatch, capsys)
         seen.update(runs=runs_, output=output, notebooks=notebooks, kernel=kernel, env=env)
         conf = json.loads((Path(env["SPARKMAGIC_CONF_DIR"]) / "config.json").read_text())
         seen["ignore_ssl_errors"] = conf["ignore_ssl_errors"]
+        spec = Path(env["JUPYTER_PATH"].split(os.pathsep)[0], "kernels", kernel, "kernel.json")
+        seen["kernel_env"] = json.loads(spec.read_text())["env"]
         return {}
 
     monkeypatch.setattr(runner, "run_notebooks", run_notebooks)
@@ -476,7 +479,10 @@ def test_run_via_livy_over_https_with_a_ca_bundle(tls_livy, monkeypatch, capsys)
     assert "--livy-ca-bundle" in capsys.readouterr().err
     assert cli(*base, "--livy-ca-bundle", str(pki.ca)) == 0
     assert seen["kernel"] == "pysparkkernel"
-    assert seen["env"]["REQUESTS_CA_BUNDLE"] == str(pki.ca.resolve())
+    # The kernel's environment has the bundle (its kernelspec); this process's does not,
+    # or botocore and papermill's S3 client would trust Livy's certificate alone.
+    assert "REQUESTS_CA_BUNDLE" not in seen["env"]
+    assert seen["kernel_env"]["REQUESTS_CA_BUNDLE"] == str(pki.ca.resolve())
     assert seen["ignore_ssl_errors"] is False
     assert seen["output"] == f"s3://{BUCKET}/runs/r3"
     assert [r.name for r in seen["runs"]] == ["01_extract_features.ipynb", "02_reduce_pca.ipynb"]
@@ -487,7 +493,7 @@ def test_run_via_livy_over_https_with_a_ca_bundle(tls_livy, monkeypatch, capsys)
 
     seen.clear()
     assert cli(*base, "--livy-insecure") == 0  # the loud opt-out
-    assert "REQUESTS_CA_BUNDLE" not in seen["env"] and seen["ignore_ssl_errors"] is True
+    assert "REQUESTS_CA_BUNDLE" not in seen["kernel_env"] and seen["ignore_ssl_errors"] is True
     assert capsys.readouterr().err.count("TLS certificate verification for Livy") == 2
 
 

@@ -399,11 +399,10 @@ def livy_environment(
         livy_url=livy_url,
         session_name=session_name,
         folder=root,
-        env={
-            "SPARKMAGIC_CONF_DIR": str(conf_dir),
-            "JUPYTER_PATH": jupyter_path,
-            **tls.kernel_env(),
-        },
+        # Not the CA bundle: this process's own clients (botocore's, papermill's for an
+        # s3:// output) read REQUESTS_CA_BUNDLE too and would trust nothing but Livy's
+        # certificate. The kernel gets it from its kernelspec.
+        env={"SPARKMAGIC_CONF_DIR": str(conf_dir), "JUPYTER_PATH": jupyter_path},
         known_ids=known,
     )
     try:
