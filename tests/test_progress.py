@@ -8,6 +8,7 @@ failure shows as a warning and is retried.
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
@@ -141,3 +142,34 @@ def test_format_line_and_durations():
     assert format_line("featurize", 1234, 9673, 10.0, 123.4, "images", (2, 8)) == (
         "featurize: 1,234/9,673 images (12.8%), 2/8 tasks, 10 s, 123.4 images/s, ETA 1 min 08 s"
     )
+
+
+def test_a_failing_block_keeps_its_own_error_when_the_jvm_is_gone(spark):
+    """Restoring the thread's job group after a JVM died raised py4j's error, which then
+    replaced the job's own in the cell's output and the run's last line."""
+    from py4j.protocol import Py4JNetworkError
+
+    from imagepca import progress
+
+    class GoneJvm:
+        def __init__(self, context):
+            self.context = context
+
+        def setLocalProperty(self, key, value):
+            raise Py4JNetworkError("Answer from Java side is empty")
+
+        def __getattr__(self, name):
+            return getattr(self.context, name)
+
+    context = spark.sparkContext
+    try:
+        with (
+            pytest.raises(ValueError, match="the job's own error"),
+            progress.track(spark, "gone", out=io.StringIO(), err=io.StringIO()) as tracker,
+        ):
+            previous = dict(tracker._previous)
+            tracker._sc = GoneJvm(context)
+            raise ValueError("the job's own error")
+    finally:
+        for key, value in previous.items():
+            context.setLocalProperty(key, value)

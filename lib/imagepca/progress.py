@@ -339,8 +339,11 @@ class Tracker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        for key, value in self._previous.items():
-            self._sc.setLocalProperty(key, value)
+        # Never raises: a JVM that died would otherwise put py4j's error in place of the
+        # job's own, which is what the user needs to see.
+        with suppress(Exception):
+            for key, value in self._previous.items():
+                self._sc.setLocalProperty(key, value)
         with suppress(Exception):
             self._report(final=True, failed=failed)
 
