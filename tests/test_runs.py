@@ -65,3 +65,20 @@ def test_unlabeled_images_skip_the_classifier_and_succeed(sample_dir, tmp_path, 
 def _input_of(output: Path) -> Path:
     metrics = json.loads((output / "metrics.json").read_text())
     return Path(metrics["params"]["extract"]["input"])
+
+
+def test_a_failed_rerun_leaves_no_completion_markers(sample_run, tmp_path, capsys):
+    """A rerun into a completed output that fails in notebook 01 (here: no weights file,
+    found after the listing and the samples) must not leave the earlier run's _SUCCESS and
+    metrics.json beside its own new files."""
+    output = tmp_path / "out"
+    shutil.copytree(sample_run, output)
+    status = main(
+        ["run", "--input", str(_input_of(output)), "--output", str(output), "--master",
+         "local[2]", "--weights", str(tmp_path / "missing.h5")]
+    )  # fmt: skip
+    printed = capsys.readouterr()
+    assert status != 0
+    assert "missing.h5" in printed.out + printed.err
+    assert (output / "samples.png").exists()  # written again before the failure
+    assert not (output / "_SUCCESS").exists() and not (output / "metrics.json").exists()
