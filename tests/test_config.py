@@ -98,3 +98,15 @@ def test_scan_settings_pack_files_by_count():
     assert 1200 <= max_bytes // open_cost <= 1300
     few = scan_settings(n_files=3, cores=2, tasks_per_core=4)
     assert few["spark.sql.files.minPartitionNum"] == "3"
+
+
+def test_papermill_locations():
+    """papermill knows neither file: URIs nor Hadoop's S3 schemes."""
+    from imagepca.storage import papermill_location
+
+    assert papermill_location("file:///tmp/a b/out") == "/tmp/a b/out"
+    assert papermill_location("file:/tmp/out") == "/tmp/out"
+    assert papermill_location("s3a://bucket/runs/x") == "s3://bucket/runs/x"
+    assert papermill_location("s3n://bucket/runs/x") == "s3://bucket/runs/x"
+    for unchanged in ("s3://bucket/x", "output/sample", "/abs/out", "hdfs://nn/out"):
+        assert papermill_location(unchanged) == unchanged

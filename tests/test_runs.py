@@ -19,7 +19,8 @@ def test_rerun_without_classifier_removes_the_earlier_classifier(sample_run, tmp
     assert all((output / name).exists() for name in CLASSIFY_ARTIFACTS)
     capsys.readouterr()
     status = main(
-        ["run", "--input", str(_input_of(output)), "--output", str(output), "--master",
+        # As a file:// URI, which papermill's handlers do not know (the runner maps it).
+        ["run", "--input", str(_input_of(output)), "--output", output.as_uri(), "--master",
          "local[2]", "--weights", str(WEIGHTS), "--reuse-features", "--k", "5",
          "--skip-classify"]
     )  # fmt: skip

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .config import ExtractParams, ReduceParams
 from .console import Console
-from .storage import METRICS_FILE, is_local, join
+from .storage import METRICS_FILE, is_local, join, papermill_location
 
 EXTRACT_NOTEBOOK = "01_extract_features.ipynb"
 REDUCE_NOTEBOOK = "02_reduce_pca.ipynb"
@@ -51,10 +51,10 @@ def notebooks_dir() -> str:
 
 def has_notebook(notebooks: str | None, name: str) -> bool:
     """Whether ``name`` is among the notebooks (remote folders are assumed complete)."""
-    source = notebooks or notebooks_dir()
+    source = papermill_location(notebooks or notebooks_dir())
     if not is_local(source):
         return True
-    return Path(source.removeprefix("file://"), name).is_file()
+    return Path(source, name).is_file()
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def jvm_environment(extract: ExtractParams, *, master: str | None, kernel: str) 
     if extract.input is None or not is_local(extract.input):
         return {}  # a manifest, or an object store: nothing cheap to count, large runs
     count = 0
-    for _, _, names in os.walk(extract.input.removeprefix("file://")):
+    for _, _, names in os.walk(papermill_location(extract.input)):
         count += sum(name.lower().endswith(IMAGE_EXTENSIONS) for name in names)
         if count > QUICK_JIT_MAX_IMAGES:
             return {}
@@ -157,9 +157,9 @@ def run_notebooks(
     from jupyter_core.utils import run_sync
     from papermill.exceptions import PapermillExecutionError
 
-    source = notebooks or notebooks_dir()
+    source = papermill_location(notebooks or notebooks_dir())
     if is_local(output):
-        Path(output.removeprefix("file://"), "notebooks").mkdir(parents=True, exist_ok=True)
+        Path(papermill_location(output), "notebooks").mkdir(parents=True, exist_ok=True)
     saved_env = {key: os.environ.get(key) for key in (env or {})}
     os.environ.update(env or {})
     # One kernel for every notebook of the run: its Spark session (or Livy session), the
@@ -175,7 +175,7 @@ def run_notebooks(
         for number, run in enumerate(runs, 1):
             if run.name == CLASSIFY_NOTEBOOK and _classification_skipped(output):
                 continue
-            destination = join(output, "notebooks", run.name)
+            destination = join(papermill_location(output), "notebooks", run.name)
             label = f"[{number}/{len(runs)}] {run.name}"
             started = time.perf_counter()
             if console is not None:
@@ -291,4 +291,4 @@ def read_metrics(output: str) -> dict:
     """``OUTPUT/metrics.json`` through papermill's I/O registry (local, s3://, ...)."""
     from papermill.iorw import papermill_io
 
-    return json.loads(papermill_io.read(join(output, METRICS_FILE)))
+    return json.loads(papermill_io.read(join(papermill_location(output), METRICS_FILE)))

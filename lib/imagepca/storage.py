@@ -84,6 +84,19 @@ def local_file_path(uri: str) -> str | None:
     return path
 
 
+def papermill_location(uri: str) -> str:
+    """``uri`` as papermill's I/O handlers take it, which know neither ``file:`` URIs nor
+    Hadoop's ``s3a://``/``s3n://``: a ``file:`` URI as its local path, those two as the
+    same object's ``s3://`` URI."""
+    local = local_file_path(uri)
+    if local is not None:
+        return local
+    for scheme in ("s3a://", "s3n://"):
+        if uri.startswith(scheme):
+            return "s3://" + uri.removeprefix(scheme)
+    return uri
+
+
 def normalize_uri(uri: str) -> str:
     """Spell a file URI the way Hadoop's ``Path.toString`` and Spark's ``path`` columns do.
 
