@@ -154,8 +154,10 @@ def test_operator_policy_allows_every_request_of_the_operator_commands(
         {"bucket": BUCKET, "region": REGION, "subnet_id": subnet, "artifacts_version": "0.1.0"},
     )
     common = ["--bucket", BUCKET, "--region", REGION, "--subnet-id", subnet, "--version", "0.1.0"]
-    # What notebooks 02 and 03 leave on a cluster, read by the notebook-execution run.
+    # What notebooks 01, 02 and 03 leave on a cluster, read by the notebook-execution run
+    # (the stubbed executions carry no start time: the features are taken as this run's).
     for name, body in (
+        ("features/_extraction.json", b'{"created_at": "2026-11-29T18:00:00+00:00"}'),
         ("metrics.json", b'{"classification": {"accuracy": 1.0}}'),
         ("_SUCCESS", b""),
     ):
@@ -196,6 +198,8 @@ def test_operator_policy_allows_every_request_of_the_operator_commands(
     notebooks_role = f"arn:aws:iam::{ACCOUNT_ID}:role/EMR_Notebooks_DefaultRole"
     assert ("iam:PassRole", notebooks_role, None) in needed
     assert ("s3:GetObject", f"arn:aws:s3:::{BUCKET}/runs/nb1/metrics.json", None) in needed
+    extraction = f"arn:aws:s3:::{BUCKET}/runs/nb1/features/_extraction.json"
+    assert ("s3:GetObject", extraction, None) in needed
     actions = api_actions(requests)
     assert {"elasticmapreduce:RunJobFlow", "kms:GenerateDataKey", "ec2:DescribeVpcs"} <= actions
     assert ("s3:PutObjectAcl", f"arn:aws:s3:::{BUCKET}/runs/r1/notebooks/01_extract_features.ipynb",

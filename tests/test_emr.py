@@ -4,6 +4,7 @@ stage / up / run / down cycle against a moto server over real HTTP."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import io
 import json
 import os
@@ -592,6 +593,7 @@ def test_notebook_execution_requests_validate_and_run_in_order():
     emr, s3 = stubbed("emr"), stubbed("s3")
     with Stubber(emr) as stub, Stubber(s3) as s3_stub:
         expect_executions(stub, requests, ("STARTING", "RUNNING", "FINISHED"))
+        expect_extraction(s3_stub, "runs/r3", STARTED + dt.timedelta(minutes=5))
         s3_stub.add_response("head_object", {}, {"Bucket": "b", "Key": "runs/r3/_SUCCESS"})
         ids = runs.run_notebook_executions(
             requests, "s3://b/runs/r3", emr_client=emr, s3_client=s3, poll_seconds=0,
@@ -609,17 +611,30 @@ def stubbed(service: str):
     )
 
 
+STARTED = dt.datetime(2026, 11, 29, 18, 0, tzinfo=dt.UTC)  # every stubbed execution's start
+
+
 def expect_executions(stub: Stubber, requests: list[dict], states=("RUNNING", "FINISHED")):
     """Each request started once, then described until its last state."""
     for number, request in enumerate(requests):
         execution = f"ex-{number}"
         stub.add_response("start_notebook_execution", {"NotebookExecutionId": execution}, request)
         for status in states:
+            description = {"NotebookExecutionId": execution, "Status": status}
             stub.add_response(
                 "describe_notebook_execution",
-                {"NotebookExecution": {"NotebookExecutionId": execution, "Status": status}},
+                {"NotebookExecution": {**description, "StartTime": STARTED}},
                 {"NotebookExecutionId": execution},
             )
+
+
+def expect_extraction(s3_stub: Stubber, output_key: str, created_at: dt.datetime) -> None:
+    """Notebook 01's features/_extraction.json, read after its execution."""
+    s3_stub.add_response(
+        "get_object",
+        metrics_body({"created_at": created_at.isoformat(timespec="seconds")}),
+        {"Bucket": "b", "Key": f"{output_key}/features/_extraction.json"},
+    )
 
 
 def metrics_body(metrics: dict) -> dict:
@@ -645,6 +660,7 @@ def test_notebook_03_is_not_started_when_classification_was_skipped():
     out = io.StringIO()
     with Stubber(emr) as stub, Stubber(s3) as s3_stub:
         expect_executions(stub, requests[:2])  # no start_notebook_execution for 03
+        expect_extraction(s3_stub, "runs/r4", STARTED + dt.timedelta(minutes=5))
         s3_stub.add_response(
             "get_object",
             metrics_body({"classification": {"skipped": "1 label: need at least 2"}}),
@@ -670,6 +686,7 @@ def test_finished_notebooks_without_success_marker_are_a_failed_run():
     emr, s3 = stubbed("emr"), stubbed("s3")
     with Stubber(emr) as stub, Stubber(s3) as s3_stub:
         expect_executions(stub, requests)  # 03 runs: classification was not skipped
+        expect_extraction(s3_stub, "runs/r4", STARTED + dt.timedelta(minutes=5))
         s3_stub.add_response(
             "get_object",
             metrics_body({"classification": {"accuracy": 0.9}}),
@@ -691,6 +708,23 @@ def test_finished_notebooks_without_success_marker_are_a_failed_run():
         "ex-0, ex-1, ex-2 FINISHED" in message and "s3://b/runs/r4/_SUCCESS is missing" in message
     )
     assert "executed notebooks in s3://b/runs/r4/notebooks/" in message
+
+
+def test_notebook_01_that_wrote_no_features_of_its_own_stops_the_run():
+    """Notebook 01's cell failed inside a FINISHED execution, and features/ holds an
+    earlier run's: notebook 02 would fit those and write a fresh _SUCCESS. Not started."""
+    requests = classify_requests()
+    emr, s3 = stubbed("emr"), stubbed("s3")
+    with Stubber(emr) as stub, Stubber(s3) as s3_stub:
+        expect_executions(stub, requests[:1])  # 02 is never started
+        expect_extraction(s3_stub, "runs/r4", STARTED - dt.timedelta(hours=3))
+        with pytest.raises(AwsError, match="features/_extraction.json of this run is missing"):
+            runs.run_notebook_executions(
+                requests, "s3://b/runs/r4", emr_client=emr, s3_client=s3, poll_seconds=0,
+                sleep=lambda _s: None, out=io.StringIO(),
+            )  # fmt: skip
+        stub.assert_no_pending_responses()
+        s3_stub.assert_no_pending_responses()
 
 
 def test_notebook_execution_that_outlasts_the_polling_is_stopped():

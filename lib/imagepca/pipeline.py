@@ -56,9 +56,15 @@ from .moments import Moments
 from .reduction import FLOAT64_BATCH_ROWS, PCAFit, check_k, fit_pca
 from .rejects import checked, rejected_files
 from .session import ARROW_BATCH_KEY, default_parallelism, run_concurrently, spark_settings
-from .storage import CLASSIFY_ARTIFACTS, STAGING_DIR, Storage, join, list_layout_settings
+from .storage import (
+    CLASSIFY_ARTIFACTS,
+    EXTRACTION_FILE,
+    STAGING_DIR,
+    Storage,
+    join,
+    list_layout_settings,
+)
 
-EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
 MOMENTS_FILE = "_moments.npz"  # the PCA's statistics of features/, from featurization
 # Featurization accumulates the PCA's statistics (one d x d update per task, 13 MB at
 # d = 1280, sent to the driver) when it runs at most this many tasks; a larger cluster's

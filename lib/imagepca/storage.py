@@ -23,6 +23,7 @@ from .session import run_concurrently
 
 SUCCESS_MARKER = "_SUCCESS"
 METRICS_FILE = "metrics.json"
+EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
 STAGING_DIR = "_staging"
 # What notebook 03 adds to an output. Notebook 02 removes these when it starts: a
 # classifier of an earlier run was trained on another PCA.

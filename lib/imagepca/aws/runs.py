@@ -158,6 +158,9 @@ def step_request(cluster_id: str, options: RunOptions, run_id: str) -> dict[str,
 
 
 STEP_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "INTERRUPTED")
+# How far the cluster's clock (features/_extraction.json's created_at) may lag EMR's
+# (a notebook execution's StartTime).
+CLOCK_SKEW = dt.timedelta(seconds=60)
 """Step states that do not change any more (EMR API reference, ``StepStatus``)."""
 
 
@@ -275,12 +278,14 @@ def run_notebook_executions(
     gives up stops its execution, so it does not go on holding the cluster. ``FINISHED``
     only says the notebook reached its end: a PySpark cell can fail without failing the
     execution, so the run counts as done only when ``OUTPUT/_SUCCESS`` exists (written
-    last by notebooks 02 and 03). As ``imagepca run`` does, ``03_classify`` is not started
+    last by notebooks 02 and 03), and notebook 02 starts only when notebook 01 wrote
+    ``features/_extraction.json`` during its execution (else 02 could fit an earlier run's
+    features and complete the output). As ``imagepca run`` does, ``03_classify`` is not started
     when ``metrics.json`` says classification was skipped (fewer than 2 labels: it would
     raise). Returns the ids of the executions started.
     """
-    from imagepca.runner import CLASSIFY_NOTEBOOK
-    from imagepca.storage import METRICS_FILE, SUCCESS_MARKER
+    from imagepca.runner import CLASSIFY_NOTEBOOK, EXTRACT_NOTEBOOK
+    from imagepca.storage import EXTRACTION_FILE, METRICS_FILE, SUCCESS_MARKER
 
     out = out or sys.stdout
     output = output.rstrip("/")
@@ -300,7 +305,13 @@ def run_notebook_executions(
         print(
             f"notebook execution {execution_id}: {request['NotebookS3Location']['Key']}", file=out
         )
-        _wait_for_notebook(emr_client, execution_id, poll_seconds, max_attempts, sleep)
+        status = _wait_for_notebook(emr_client, execution_id, poll_seconds, max_attempts, sleep)
+        if name == EXTRACT_NOTEBOOK:
+            extraction = _read_json(s3_client, f"{output}/features/{EXTRACTION_FILE}")
+            written = extraction and dt.datetime.fromisoformat(extraction["created_at"])
+            started = status.get("StartTime")
+            if not written or (started and written < started - CLOCK_SKEW):
+                raise _incomplete(output, f"features/{EXTRACTION_FILE} of this run", ids)
     if not s3_exists(s3_client, f"{output}/{SUCCESS_MARKER}"):
         raise _incomplete(output, SUCCESS_MARKER, ids)
     return ids
@@ -312,14 +323,15 @@ def _wait_for_notebook(
     poll_seconds: float,
     max_attempts: int,
     sleep: Callable[[float], None],
-) -> None:
+) -> dict:
+    """The execution's description once it has ``FINISHED``."""
     for _ in range(max_attempts):
         status = emr_client.describe_notebook_execution(NotebookExecutionId=execution_id)[
             "NotebookExecution"
         ]
         state = status["Status"]
         if state == "FINISHED":
-            return
+            return status
         if state in ("FAILED", "STOPPED", "FAILING", "STOPPING"):
             raise AwsError(
                 f"notebook execution {execution_id} {state}: "
