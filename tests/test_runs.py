@@ -8,7 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
+import nbformat
+import pytest
+
 from conftest import WEIGHTS
+from imagepca import runner
 from imagepca.cli import main
 from imagepca.storage import CLASSIFY_ARTIFACTS
 
@@ -83,3 +87,33 @@ def test_a_failed_rerun_leaves_no_completion_markers(sample_run, tmp_path, capsy
     assert "missing.h5" in printed.out + printed.err
     assert (output / "samples.png").exists()  # written again before the failure
     assert not (output / "_SUCCESS").exists() and not (output / "metrics.json").exists()
+
+
+def test_a_timed_out_cell_is_interrupted_before_spark_is_stopped(tmp_path, monkeypatch):
+    """papermill gives up on the cell, the kernel is still running it: interrupted, it is
+    free to answer the stop (which otherwise waited 30 s and gave up)."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "language": "python"}
+    notebook.cells = [
+        nbformat.v4.new_code_cell("seconds = 0", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("import time\ntime.sleep(seconds)"),
+    ]
+    nbformat.write(notebook, str(notebooks / "slow.ipynb"))
+    stops = []
+    stop = runner._stop_kernel_spark
+
+    async def recorded(kernel_manager):
+        stops.append(await stop(kernel_manager))
+        return stops[-1]
+
+    monkeypatch.setattr(runner, "_stop_kernel_spark", recorded)
+    with pytest.raises(runner.NotebookFailed, match="did not complete"):
+        runner.run_notebooks(
+            [runner.NotebookRun("slow.ipynb", {"seconds": 600})],
+            str(tmp_path / "out"),
+            notebooks=str(notebooks),
+            execution_timeout=2,
+        )
+    assert stops == [True]  # the stop code ran, and reported no error

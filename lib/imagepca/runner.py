@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -171,6 +172,7 @@ def run_notebooks(
     else:
         kernel_manager = AsyncKernelManager(kernel_name=kernel)
         streams = {}
+    completed = False
     try:
         for number, run in enumerate(runs, 1):
             if run.name == CLASSIFY_NOTEBOOK and _classification_skipped(output):
@@ -209,8 +211,15 @@ def run_notebooks(
                     f"(partial notebook: {destination})"
                 ) from None
             _ended(console, label, started)
+        completed = True
     finally:
         if kernel_manager.has_kernel:
+            if not completed and kernel == LOCAL_KERNEL:
+                # A cell may still be running (a timeout, Ctrl-C here): interrupted, as a
+                # user would, it ends (PySpark cancels its jobs) and the kernel answers the
+                # stop below at once instead of after its 30 s wait.
+                with suppress(Exception):
+                    run_sync(kernel_manager.interrupt_kernel)()
             stopped = kernel == LOCAL_KERNEL and run_sync(_stop_kernel_spark)(kernel_manager)
             # A local kernel whose Spark (and JVM) has stopped holds nothing left to flush or
             # release, so it is ended at once: its own orderly exit (interrupt, shutdown
