@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import nbformat
 import psutil
 import pytest
 
@@ -142,3 +143,15 @@ def sample_run(sample_dir, tmp_path_factory, test_environment):
     assert not left, f"processes of the run still alive: {left}"
     assert not any(scratch.iterdir()), "the run's JVM did not stop in order"
     return output
+
+
+def write_notebook(path: Path, parameters: str, *cells: str) -> Path:
+    """A ``python3`` notebook at ``path``: papermill's parameters cell, then ``cells``."""
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "language": "python"}
+    notebook.cells = [
+        nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
+        *(nbformat.v4.new_code_cell(source) for source in cells),
+    ]
+    nbformat.write(notebook, str(path))
+    return path

@@ -595,13 +595,16 @@ def test_notebook_execution_requests_validate_and_run_in_order():
         expect_executions(stub, requests, ("STARTING", "RUNNING", "FINISHED"))
         expect_extraction(s3_stub, "runs/r3", STARTED + dt.timedelta(minutes=5))
         s3_stub.add_response("head_object", {}, {"Bucket": "b", "Key": "runs/r3/_SUCCESS"})
-        ids = runs.run_notebook_executions(
-            requests, "s3://b/runs/r3", emr_client=emr, s3_client=s3, poll_seconds=0,
-            sleep=lambda _s: None, out=io.StringIO(),
-        )  # fmt: skip
+        ids = run_executions(requests, "s3://b/runs/r3", emr, s3)
         stub.assert_no_pending_responses()
         s3_stub.assert_no_pending_responses()
     assert ids == ["ex-0", "ex-1"]
+
+
+def run_executions(requests, output, emr, s3, **options):
+    """``run_notebook_executions`` on stubbed clients, without waiting between polls."""
+    options = {"poll_seconds": 0, "sleep": lambda _s: None, "out": io.StringIO(), **options}
+    return runs.run_notebook_executions(requests, output, emr_client=emr, s3_client=s3, **options)
 
 
 def stubbed(service: str):
@@ -667,10 +670,7 @@ def test_notebook_03_is_not_started_when_classification_was_skipped():
             {"Bucket": "b", "Key": "runs/r4/metrics.json"},
         )
         s3_stub.add_response("head_object", {}, {"Bucket": "b", "Key": "runs/r4/_SUCCESS"})
-        ids = runs.run_notebook_executions(
-            requests, "s3://b/runs/r4/", emr_client=emr, s3_client=s3, poll_seconds=0,
-            sleep=lambda _s: None, out=out,
-        )  # fmt: skip
+        ids = run_executions(requests, "s3://b/runs/r4/", emr, s3, out=out)
         stub.assert_no_pending_responses()
         s3_stub.assert_no_pending_responses()
     assert ids == ["ex-0", "ex-1"]
@@ -697,10 +697,7 @@ def test_finished_notebooks_without_success_marker_are_a_failed_run():
             expected_params={"Bucket": "b", "Key": "runs/r4/_SUCCESS"},
         )  # fmt: skip
         with pytest.raises(AwsError) as error:
-            runs.run_notebook_executions(
-                requests, "s3://b/runs/r4", emr_client=emr, s3_client=s3, poll_seconds=0,
-                sleep=lambda _s: None, out=io.StringIO(),
-            )  # fmt: skip
+            run_executions(requests, "s3://b/runs/r4", emr, s3)
         stub.assert_no_pending_responses()
         s3_stub.assert_no_pending_responses()
     message = str(error.value)
@@ -719,10 +716,7 @@ def test_notebook_01_that_wrote_no_features_of_its_own_stops_the_run():
         expect_executions(stub, requests[:1])  # 02 is never started
         expect_extraction(s3_stub, "runs/r4", STARTED - dt.timedelta(hours=3))
         with pytest.raises(AwsError, match="features/_extraction.json of this run is missing"):
-            runs.run_notebook_executions(
-                requests, "s3://b/runs/r4", emr_client=emr, s3_client=s3, poll_seconds=0,
-                sleep=lambda _s: None, out=io.StringIO(),
-            )  # fmt: skip
+            run_executions(requests, "s3://b/runs/r4", emr, s3)
         stub.assert_no_pending_responses()
         s3_stub.assert_no_pending_responses()
 
@@ -734,10 +728,7 @@ def test_notebook_execution_that_outlasts_the_polling_is_stopped():
         expect_executions(stub, requests, ("RUNNING", "RUNNING"))
         stub.add_response("stop_notebook_execution", {}, {"NotebookExecutionId": "ex-0"})
         with pytest.raises(AwsError, match="ex-0 still running after 2 polls: stopped it"):
-            runs.run_notebook_executions(
-                requests, "s3://b/runs/r4", emr_client=emr, s3_client=None, poll_seconds=0,
-                max_attempts=2, sleep=lambda _s: None, out=io.StringIO(),
-            )  # fmt: skip
+            run_executions(requests, "s3://b/runs/r4", emr, None, max_attempts=2)
         stub.assert_no_pending_responses()
 
 

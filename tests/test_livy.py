@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import OUTPUT_LAYOUT
+from conftest import OUTPUT_LAYOUT, write_notebook
 from imagepca import livy, runner
 from imagepca.cli import main
 from livy_server import LivyServer
@@ -294,15 +294,13 @@ def test_failing_cell_fails_the_run(livy_server, tmp_path):
     cells after it do not run, and the session is deleted."""
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
-    notebook = nbformat.v4.new_notebook()
-    notebook.metadata["kernelspec"] = {"name": "python3", "language": "python"}
-    notebook.cells = [
-        nbformat.v4.new_code_cell("n = 1", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell("total = 0\nfor i in range(n):\n    total += i\ntotal"),
-        nbformat.v4.new_code_cell("raise ValueError(f'no such class: {n}')"),
-        nbformat.v4.new_code_cell("print('after the error')"),
-    ]
-    nbformat.write(notebook, str(notebooks / "fails.ipynb"))
+    write_notebook(
+        notebooks / "fails.ipynb",
+        "n = 1",
+        "total = 0\nfor i in range(n):\n    total += i\ntotal",
+        "raise ValueError(f'no such class: {n}')",
+        "print('after the error')",
+    )
     output = tmp_path / "out"
     before = set(livy_server.ended)
     with (
@@ -383,16 +381,12 @@ def test_notebook_runs_over_https_with_the_clusters_ca(tmp_path, monkeypatch, ca
     pki = make_test_pki(tmp_path / "pki")
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
-    notebook = nbformat.v4.new_notebook()
-    notebook.metadata["kernelspec"] = {"name": "python3", "language": "python"}
-    notebook.cells = [
-        nbformat.v4.new_code_cell("n = 1\nout = ''", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(
-            "import json, pathlib\nprint('over tls', n * 6)\n"
-            "pathlib.Path(out, 'metrics.json').write_text(json.dumps({'n': n * 6}))"
-        ),
-    ]
-    nbformat.write(notebook, str(notebooks / "tls.ipynb"))
+    write_notebook(
+        notebooks / "tls.ipynb",
+        "n = 1\nout = ''",
+        "import json, pathlib\nprint('over tls', n * 6)\n"
+        "pathlib.Path(out, 'metrics.json').write_text(json.dumps({'n': n * 6}))",
+    )
     output = tmp_path / "out"
     output.mkdir()
     with LivyServer(tmp_path / "livy", tls=pki, max_lifetime=600) as server:

@@ -8,10 +8,9 @@ import json
 import shutil
 from pathlib import Path
 
-import nbformat
 import pytest
 
-from conftest import WEIGHTS
+from conftest import WEIGHTS, write_notebook
 from imagepca import runner
 from imagepca.cli import main
 from imagepca.storage import CLASSIFY_ARTIFACTS
@@ -94,13 +93,7 @@ def test_a_timed_out_cell_is_interrupted_before_spark_is_stopped(tmp_path, monke
     free to answer the stop (which otherwise waited 30 s and gave up)."""
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
-    notebook = nbformat.v4.new_notebook()
-    notebook.metadata["kernelspec"] = {"name": "python3", "language": "python"}
-    notebook.cells = [
-        nbformat.v4.new_code_cell("seconds = 0", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell("import time\ntime.sleep(seconds)"),
-    ]
-    nbformat.write(notebook, str(notebooks / "slow.ipynb"))
+    write_notebook(notebooks / "slow.ipynb", "seconds = 0", "import time\ntime.sleep(seconds)")
     stops = []
     stop = runner._stop_kernel_spark
 
