@@ -157,6 +157,10 @@ def test_cli_refuses_what_cannot_apply(sample_dir, tmp_path, capsys):
     assert "--kernel pysparkkernel" in capsys.readouterr().err
     assert main([*base, "--kernel", "pysparkkernel", "--master", "local[2]"]) == 1
     assert "--master does not apply" in capsys.readouterr().err
+    # A relative path would name a folder of the Livy session's driver, not this machine's.
+    relative = ["run", "--input", "data/sample", "--output", "output/x"]
+    assert main([*relative, "--kernel", "pysparkkernel"]) == 2
+    assert "--input data/sample, --output output/x: a relative path" in capsys.readouterr().err
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -7,6 +7,7 @@ exits non-zero with the reason on its last line.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -142,7 +143,7 @@ def _add_run(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from . import livy, runner
     from .console import NORMAL, QUIET, VERBOSE, Console, log_path, summary, upload_log
-    from .storage import is_local
+    from .storage import is_local, papermill_location
 
     extract = ExtractParams(
         input=args.input,
@@ -166,6 +167,19 @@ def _run(args: argparse.Namespace) -> int:
         variance=args.variance,
         projection_points=args.projection_points,
     )
+    if args.kernel == livy.KERNEL_NAME:
+        locations = {"input": args.input, "manifest": args.manifest, "output": args.output}
+        relative = [
+            f"--{name} {value}"
+            for name, value in locations.items()
+            if value and is_local(value) and not os.path.isabs(papermill_location(value))
+        ]
+        if relative:
+            raise ParameterError(
+                f"{', '.join(relative)}: a relative path means a folder of the Livy session's "
+                "driver (in a YARN container on a cluster); pass an s3:// URI, or an absolute "
+                "path when Livy runs on this machine"
+            )
     runs = runner.plan(
         extract,
         reduce,
