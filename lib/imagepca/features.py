@@ -27,8 +27,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType
 
 from .config import FEATURE_DIM, KERAS_WEIGHTS_FILE, ExtractParams, cache_dir
+from .executor_reads import ReadOptions, read_files
 from .images import ImageDecodeError, decode_image
-from .inputs import ReadOptions, read_files
 from .moments import Moments, MomentsBuilder
 from .session import task_cpus
 from .storage import FLOAT_VECTOR, Storage, is_local, local_file_path

@@ -11,7 +11,7 @@ collection of every path is ever built on the driver.
 * A manifest (``manifest``) is a table of URIs that Spark reads like any data: a CSV or
   Parquet file with a ``path`` column (optional ``label``, ``size``, ``modified``), or the
   ``manifest.json`` of an S3 Inventory report. Nothing is listed at all; the executors read
-  each image's bytes themselves (:func:`read_files`).
+  each image's bytes themselves (:func:`imagepca.executor_reads.read_files`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import threading
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from urllib.parse import urlsplit
@@ -35,13 +31,12 @@ from pyspark.sql import functions as F
 from .config import ExtractParams
 from .images import IMAGE_EXTENSIONS, InputError, extension_glob, label_column
 from .session import default_parallelism, spark_settings
-from .storage import Storage, is_local
+from .storage import URI_SCHEME, Storage, is_local
 
 LISTING_COLUMNS = ("path", "label", "size", "modified")
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
 PARALLEL_DISCOVERY_KEY = "spark.sql.sources.parallelPartitionDiscovery.threshold"
 SAMPLES_PER_LABEL = 3  # paths per label the listing keeps for a first look
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # a URI's scheme (s3:, file:, hdfs:)
 # Column names an S3 Inventory report uses: CSV reports name them in ``fileSchema``,
 # Parquet and ORC reports carry them (in snake case) in the data files.
 INVENTORY_COLUMNS = {
@@ -288,7 +283,7 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
     InputError
         When the manifest cannot be read, has no ``path`` column, or lists no image.
     """
-    if not _SCHEME.match(manifest_uri):
+    if not URI_SCHEME.match(manifest_uri):
         # Relative entries are taken relative to the manifest's folder: from its absolute
         # location (a bare "images.csv" has no folder to cut off).
         manifest_uri = os.path.abspath(os.path.expanduser(manifest_uri))
@@ -365,7 +360,7 @@ def _uri_table(spark: SparkSession, uri: str) -> DataFrame:
 def _absolute(path: Column, base: str) -> Column:
     """URIs as Spark's ``path`` column spells them; a relative path is taken relative to
     the manifest's folder, a local absolute path becomes ``file:/...``."""
-    with_scheme = path.rlike(_SCHEME.pattern)
+    with_scheme = path.rlike(URI_SCHEME.pattern)
     base_uri = base if "://" in base or base.startswith("file:") else f"file:{base}"
     return (
         F.when(with_scheme, F.regexp_replace(path, r"^file://(?=/)", "file:"))
@@ -418,99 +413,3 @@ def _inventory_table(spark: SparkSession, manifest_uri: str) -> DataFrame:
         (F.col("size") if "size" in table.columns else F.lit(None)).alias("size"),
         (modified if modified is not None else F.lit(None)).alias("modified"),
     )
-
-
-# -- reading bytes on the executors ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReadOptions:
-    """How executors reach the images: S3 settings taken from the Hadoop configuration
-    (the ``fs.s3a.*`` keys), so a manifest's images are read where Spark would read them."""
-
-    s3: dict = field(default_factory=dict)
-    threads: int = 16
-
-
-def read_options(spark: SparkSession) -> ReadOptions:
-    conf = spark.sparkContext._jsc.hadoopConfiguration()
-    s3: dict = {}
-    endpoint = conf.get("fs.s3a.endpoint")
-    if endpoint and "amazonaws.com" not in endpoint:
-        parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
-        ssl = (conf.get("fs.s3a.connection.ssl.enabled") or "true").lower() == "true"
-        s3["endpoint_override"] = parts.netloc
-        s3["scheme"] = parts.scheme or ("https" if ssl else "http")
-    for option, key in (
-        ("access_key", "fs.s3a.access.key"),
-        ("secret_key", "fs.s3a.secret.key"),
-        ("session_token", "fs.s3a.session.token"),
-        ("region", "fs.s3a.endpoint.region"),
-    ):
-        if conf.get(key):
-            s3[option] = conf.get(key)
-    return ReadOptions(s3=s3)
-
-
-_FILESYSTEMS: dict[tuple, object] = {}
-_FILESYSTEMS_LOCK = threading.Lock()
-
-
-def _filesystem(uri: str, options: ReadOptions):
-    """A pyarrow file system and the path within it; one per worker and bucket.
-
-    The URI is split by hand, not by ``urlsplit``: ``#`` and ``?`` are ordinary characters
-    of an object key or a file name (as Spark's ``path`` column and Hadoop's ``Path`` keep
-    them), not a fragment or a query.
-    """
-    from pyarrow import fs
-
-    scheme = uri.split(":", 1)[0].lower() if _SCHEME.match(uri) else ""
-    if scheme in ("", "file"):
-        path = uri.split(":", 1)[1] if scheme else uri
-        return fs.LocalFileSystem(), "/" + path.lstrip("/")
-    authority, _, path = uri.split(":", 1)[1].removeprefix("//").partition("/")
-    key = (scheme, authority)
-    with _FILESYSTEMS_LOCK:
-        if key not in _FILESYSTEMS:
-            if scheme in ("s3", "s3a", "s3n"):
-                settings = dict(options.s3)
-                if "endpoint_override" not in settings and "region" not in settings:
-                    settings["region"] = fs.resolve_s3_region(authority)
-                _FILESYSTEMS[key] = fs.S3FileSystem(**settings)
-            else:  # hdfs://, gs://...: whatever pyarrow supports there
-                _FILESYSTEMS[key] = fs.FileSystem.from_uri(f"{scheme}://{authority}/")[0]
-    in_bucket = scheme in ("s3", "s3a", "s3n")  # pyarrow's S3 paths start with the bucket
-    return _FILESYSTEMS[key], f"{authority}/{path}" if in_bucket else f"/{path}"
-
-
-def read_file(uri: str, options: ReadOptions) -> bytes:
-    filesystem, path = _filesystem(uri, options)
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read()
-
-
-def read_files(
-    uris: Iterable[str], options: ReadOptions
-) -> tuple[list[bytes | None], list[str | None]]:
-    """Each URI's bytes, or why it has none (``missing: ...`` / ``unreadable: ...``).
-
-    Reads run in a small thread pool: an object store answers each GET after tens of
-    milliseconds, which would otherwise leave the core idle between images.
-    """
-
-    def one(uri: str) -> tuple[bytes | None, str | None]:
-        try:
-            return read_file(uri, options), None
-        except FileNotFoundError:
-            return None, f"missing: {uri} does not exist"
-        except Exception as error:  # permissions, network, unknown scheme
-            message = str(error).splitlines()[0] if str(error) else ""
-            if "not found" in message.lower() or "does not exist" in message.lower():
-                return None, f"missing: {message}"
-            return None, f"unreadable: {type(error).__name__}: {message}"
-
-    uris = list(uris)
-    with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(uris)))) as pool:
-        results = list(pool.map(one, uris))
-    return [data for data, _ in results], [reason for _, reason in results]

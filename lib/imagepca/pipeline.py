@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 
 from . import progress
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
+from .executor_reads import read_options
 from .features import (
     features_udf,
     file_sha256,
@@ -49,7 +50,6 @@ from .inputs import (
     fingerprint_sums,
     folder_rows,
     list_inputs,
-    read_options,
     scan_settings,
 )
 from .moments import Moments

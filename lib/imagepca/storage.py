@@ -10,6 +10,7 @@ so an interrupted run never leaves an output that looks complete or mixes two ru
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from pyspark.sql.types import ArrayType, FloatType
 
 from .session import run_concurrently
 
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # a URI's scheme: s3:, file:, hdfs:
 SUCCESS_MARKER = "_SUCCESS"
 METRICS_FILE = "metrics.json"
 EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
