@@ -143,7 +143,7 @@ def _add_run(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from . import livy, runner
     from .console import NORMAL, QUIET, VERBOSE, Console, log_path, summary, upload_log
-    from .storage import is_local, papermill_location
+    from .storage import is_local, local_path
 
     extract = ExtractParams(
         input=args.input,
@@ -172,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
         relative = [
             f"--{name} {value}"
             for name, value in locations.items()
-            if value and is_local(value) and not os.path.isabs(papermill_location(value))
+            if value and is_local(value) and not os.path.isabs(local_path(value))
         ]
         if relative:
             raise ParameterError(

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from .storage import is_local, join, papermill_location
+from .storage import is_local, join, local_path, papermill_location
 
 LOG_FILE = "logs/run.log"  # under the output (a local file first when the output is remote)
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
@@ -31,7 +31,7 @@ def log_path(output: str) -> Path:
     """Where the run's log goes: ``OUTPUT/logs/run.log``, or a local temporary file when the
     output is remote (copied to ``OUTPUT/logs/run.log`` when the run ends)."""
     if is_local(output):
-        return Path(papermill_location(output), LOG_FILE)
+        return Path(local_path(output), LOG_FILE)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return Path(tempfile.gettempdir(), f"imagepca-run-{stamp}-{os.getpid()}.log")
 

@@ -31,7 +31,7 @@ from .executor_reads import ReadOptions, read_files
 from .images import ImageDecodeError, decode_image
 from .moments import Moments, MomentsBuilder
 from .session import task_cpus
-from .storage import FLOAT_VECTOR, Storage, is_local, local_file_path
+from .storage import FLOAT_VECTOR, Storage, is_local, local_path
 
 KERAS_WEIGHTS_ORIGIN = (
     "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
@@ -83,7 +83,7 @@ def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
             target.mkdir(parents=True, exist_ok=True)
             storage.copy_to_local(source, str(local))
         return local
-    path = Path(local_file_path(source) or source).expanduser()
+    path = Path(local_path(source)).expanduser()
     if not path.is_file():
         raise WeightsError(
             f"weights file {str(path)!r} does not exist. Pass weights=imagenet to use the "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .config import ExtractParams, ReduceParams
 from .console import Console
-from .storage import METRICS_FILE, is_local, join, papermill_location
+from .storage import METRICS_FILE, is_local, join, local_path, papermill_location
 
 EXTRACT_NOTEBOOK = "01_extract_features.ipynb"
 REDUCE_NOTEBOOK = "02_reduce_pca.ipynb"
@@ -52,10 +52,10 @@ def notebooks_dir() -> str:
 
 def has_notebook(notebooks: str | None, name: str) -> bool:
     """Whether ``name`` is among the notebooks (remote folders are assumed complete)."""
-    source = papermill_location(notebooks or notebooks_dir())
+    source = notebooks or notebooks_dir()
     if not is_local(source):
         return True
-    return Path(source, name).is_file()
+    return Path(local_path(source), name).is_file()
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def jvm_environment(extract: ExtractParams, *, master: str | None, kernel: str) 
     if extract.input is None or not is_local(extract.input):
         return {}  # a manifest, or an object store: nothing cheap to count, large runs
     count = 0
-    for _, _, names in os.walk(papermill_location(extract.input)):
+    for _, _, names in os.walk(local_path(extract.input)):
         count += sum(name.lower().endswith(IMAGE_EXTENSIONS) for name in names)
         if count > QUICK_JIT_MAX_IMAGES:
             return {}
@@ -160,7 +160,7 @@ def run_notebooks(
 
     source = papermill_location(notebooks or notebooks_dir())
     if is_local(output):
-        Path(papermill_location(output), "notebooks").mkdir(parents=True, exist_ok=True)
+        Path(local_path(output), "notebooks").mkdir(parents=True, exist_ok=True)
     saved_env = {key: os.environ.get(key) for key in (env or {})}
     os.environ.update(env or {})
     # One kernel for every notebook of the run: its Spark session (or Livy session), the

@@ -87,13 +87,18 @@ def local_file_path(uri: str) -> str | None:
     return path
 
 
+def local_path(location: str) -> str:
+    """A location on this machine as a path for Python: a ``file:`` URI's path, else the
+    location as given."""
+    return local_file_path(location) or location
+
+
 def papermill_location(uri: str) -> str:
     """``uri`` as papermill's I/O handlers take it, which know neither ``file:`` URIs nor
     Hadoop's ``s3a://``/``s3n://``: a ``file:`` URI as its local path, those two as the
     same object's ``s3://`` URI."""
-    local = local_file_path(uri)
-    if local is not None:
-        return local
+    if uri.startswith("file:"):
+        return local_path(uri)
     for scheme in ("s3a://", "s3n://"):
         if uri.startswith(scheme):
             return "s3://" + uri.removeprefix(scheme)
