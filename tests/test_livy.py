@@ -334,6 +334,38 @@ def test_failing_cell_fails_the_run(livy_server, tmp_path):
     assert livy.list_sessions(livy_server.url) == []
 
 
+def test_local_output_written_elsewhere_stops_the_run(livy_server, tmp_path):
+    """A Livy driver on another machine writes a local --output on its own disk: the run
+    stops after notebook 01 and says so, instead of running notebooks 02 and 03 for nothing
+    and failing on a metrics.json it cannot read."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    # Notebook 01 as it completes on a remote driver: its outputs go to that driver's disk.
+    write_notebook(
+        notebooks / runner.EXTRACT_NOTEBOOK,
+        "output = None",
+        "import pathlib\nelsewhere = pathlib.Path(output + '-driver-disk', 'features')\n"
+        "elsewhere.mkdir(parents=True)\n(elsewhere / '_extraction.json').write_text('{}')",
+    )
+    write_notebook(notebooks / runner.REDUCE_NOTEBOOK, "output = None", "print('ran')")
+    output = tmp_path / "out"
+    runs = [runner.NotebookRun(name, {"output": str(output)}) for name in NOTEBOOKS]
+    with (
+        livy.livy_environment(livy_server.url) as run,
+        pytest.raises(runner.NotebookFailed) as failed,
+    ):
+        runner.run_notebooks(
+            runs, str(output), notebooks=str(notebooks), kernel=livy.KERNEL_NAME, env=run.env
+        )
+    message = str(failed.value)
+    assert f"{output}/features/_extraction.json is not on this machine" in message
+    assert "Use an s3:// --output" in message
+    assert (tmp_path / "out-driver-disk" / "features" / "_extraction.json").is_file()
+    assert {p.name for p in (output / "notebooks").iterdir()} == {runner.EXTRACT_NOTEBOOK}
+    livy_server.wait_for_ended()
+    assert livy.list_sessions(livy_server.url) == []
+
+
 def test_livy_and_local_kernels_agree(livy_sample_run, sample_run):
     livy_out, local_out = livy_sample_run["output"], sample_run
     livy_metrics = json.loads((livy_out / "metrics.json").read_text())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .config import ExtractParams, ReduceParams
 from .console import Console
-from .storage import METRICS_FILE, is_local, join, local_path, papermill_location
+from .storage import EXTRACTION_FILE, METRICS_FILE, is_local, join, local_path, papermill_location
 
 EXTRACT_NOTEBOOK = "01_extract_features.ipynb"
 REDUCE_NOTEBOOK = "02_reduce_pca.ipynb"
@@ -211,6 +211,8 @@ def run_notebooks(
                     f"(partial notebook: {destination})"
                 ) from None
             _ended(console, label, started)
+            if run.name == EXTRACT_NOTEBOOK and kernel != LOCAL_KERNEL and is_local(output):
+                _check_written_here(output, run.name)
         completed = True
     finally:
         if kernel_manager.has_kernel:
@@ -289,6 +291,22 @@ def _ended(console: Console | None, label: str, started: float, failed: bool = F
     if console is not None:
         seconds = time.perf_counter() - started
         console.line(f"{label} {'failed after' if failed else 'done in'} {seconds:.1f} s")
+
+
+def _check_written_here(output: str, notebook: str) -> None:
+    """Stop a Livy run whose local ``output`` is not this machine's folder.
+
+    A remote kernel's driver writes a local path on its own disk (a YARN container's host
+    on EMR), where this process cannot read the metrics nor notebook 03 the features. The
+    description notebook 01 writes last tells, before notebooks 02 and 03 run for nothing.
+    """
+    written = Path(local_path(output), "features", EXTRACTION_FILE)
+    if not written.is_file():
+        raise NotebookFailed(
+            f"{notebook} completed in the Livy session, but {written} is not on this "
+            "machine: the session's driver wrote --output on its own disk. Use an s3:// "
+            "--output, or a local path only when Livy runs on this machine"
+        )
 
 
 def _classification_skipped(output: str) -> bool:
