@@ -171,7 +171,8 @@ def test_operator_policy_allows_every_request_of_the_operator_commands(
             BUCKET, "0.1.0", weights, s3_client=s3, project=project,
             wheel_builder=fake_wheel, model_converter=fake_model, out=io.StringIO(),
         )  # fmt: skip
-        doctor.run_checks(emr_settings, clients=account.client_factory(REGION), project=project)
+        offline = EmrSettings.load(None, {**vars(emr_settings), "offline": True})
+        doctor.run_checks(offline, clients=account.client_factory(REGION), project=project)
         assert cli("emr", "up", *common, "--poll-seconds", "0.05") == 0
         cluster_id = boto3.client("emr").list_clusters()["Clusters"][0]["Id"]
         assert cli("emr", "run", *common, "--cluster-id", cluster_id, "--no-wait") == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -137,6 +138,53 @@ def test_doctor_command_exit_status(new_account, capsys):
     out = capsys.readouterr().out
     assert "[FAIL] VPC tag" in out and "fix: aws ec2 create-tags" in out
     assert "checks," in out.splitlines()[-1]
+
+
+def test_offline_wheels_are_for_every_nodes_architecture(new_account, tmp_path, capsys):
+    """``"offline": true`` installs from the staged wheels alone: a Graviton node given
+    x86_64 wheels fails its bootstrap ten minutes into ``emr up``. Doctor and ``emr up``
+    say so before any cluster exists."""
+    assert "offline wheels" not in check(new_account)  # installs from PyPI: nothing to check
+    found = check(new_account, offline=True)["offline wheels"]
+    assert found.level == "fail" and "holds no platform wheels" in found.detail
+
+    wheelhouse = tmp_path / "wheelhouse"  # what `emr wheelhouse --arch x86_64` leaves, in short
+    wheelhouse.mkdir()
+    for name in (
+        "numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        "six-1.17.0-py2.py3-none-any.whl",
+    ):
+        (wheelhouse / name).write_bytes(b"PK fake")
+    stage.stage(
+        BUCKET, "0.1.0", tmp_path / "weights.h5", s3_client=boto3.client("s3"),
+        project=new_account["project"], wheel_builder=fake_wheel, model_converter=fake_model,
+        wheelhouse=wheelhouse, out=io.StringIO(),
+    )  # fmt: skip
+    found = check(new_account, offline=True)["offline wheels"]
+    assert (found.level, found.detail) == ("ok", "x86_64 wheels for ['m5.2xlarge', 'm5.xlarge']")
+
+    graviton = {"core_instance_type": "m7g.2xlarge", "task_instance_type": "r7gd.2xlarge"}
+    found = check(new_account, offline=True, task_instance_count=2, **graviton)
+    found = found["offline wheels"]
+    assert found.level == "fail"
+    assert found.detail.endswith(
+        "holds x86_64 wheels; m7g.2xlarge (aarch64), r7gd.2xlarge (aarch64) nodes cannot "
+        "install them offline"
+    )
+    assert found.fix.startswith(
+        "imagepca emr wheelhouse --arch aarch64 DIR, then imagepca emr stage --version 0.1.0 "
+        "--wheelhouse DIR"
+    )
+
+    settings = tmp_path / "emr_settings.json"
+    settings.write_text(json.dumps({**vars(new_account["settings"]), "offline": True, **graviton}))
+    parser = argparse.ArgumentParser(prog="imagepca")
+    commands.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["emr", "up", "--settings", str(settings), "--poll-seconds", "0"])
+    assert args.func(args) == 1
+    error = capsys.readouterr().err
+    assert "offline wheels:" in error and "fix: imagepca emr wheelhouse --arch aarch64" in error
+    assert boto3.client("emr").list_clusters()["Clusters"] == []  # nothing was submitted
 
 
 def stubbed(service: str):

@@ -31,13 +31,11 @@ def _guard(command: Command) -> Command:
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return command(args)
-        except AwsError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
         except (ClientError, BotoCoreError) as error:
             print(f"error: AWS said: {error}", file=sys.stderr)
             return 1
-        except (RuntimeError, ValueError) as error:  # Livy unreachable, a notebook failed
+        # AwsError, and what a run raises: Livy unreachable, a notebook failed.
+        except (AwsError, RuntimeError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
 
@@ -254,6 +252,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     config = cluster.render_config(settings, args.config)
+    # Wheels of another architecture would fail the bootstrap ten minutes in.
+    doctor.require(doctor.check_offline_wheels(settings, account.client_factory(settings.region)))
     cluster.up(
         settings,
         emr_client=_client("emr", settings.region),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -19,8 +19,15 @@ from typing import Any, Literal, TextIO
 from botocore.exceptions import ClientError
 
 from .account import CLEANUP_ROLE, EMR_MANAGED_SERVICE_POLICY, EMR_SERVICE, EMR_TAG
-from .settings import EmrSettings, repo_root
-from .stage import BOOTSTRAP_FILES, PYSPARK_NOTEBOOKS, SHA256_KEY, WEIGHTS_FILE, file_sha256
+from .settings import AwsError, EmrSettings, repo_root
+from .stage import (
+    BOOTSTRAP_FILES,
+    PYSPARK_NOTEBOOKS,
+    SHA256_KEY,
+    WEIGHTS_FILE,
+    file_sha256,
+    wheel_architectures,
+)
 
 Level = Literal["ok", "warn", "fail"]
 
@@ -273,6 +280,68 @@ def check_artifacts(
         yield Finding("ok", "artifacts", f"s3://{settings.bucket}/{base}/ matches this checkout")
 
 
+# EC2's name for an instance type's architecture -> the wheels' (``uname -m`` on the node).
+NODE_ARCH = {"x86_64": "x86_64", "arm64": "aarch64"}
+
+
+def check_offline_wheels(settings: EmrSettings, clients: Callable[[str], Any]) -> Iterator[Finding]:
+    """With ``"offline": true``, the staged wheels are for every node's architecture.
+
+    The bootstrap installs with ``pip --no-index`` from ``wheels/``: a Graviton node given
+    x86_64 wheels fails there, ten minutes into ``emr up``, with a pip error in its logs.
+    """
+    if not settings.offline:
+        return
+    check = "offline wheels"
+    prefix = f"artifacts/{settings.version}/wheels/"
+    pages = (
+        clients("s3")
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=settings.bucket, Prefix=prefix)
+    )
+    names = [item["Key"][len(prefix) :] for page in pages for item in page.get("Contents", [])]
+    staged = wheel_architectures(names)
+    types = {settings.primary_instance_type, settings.core_instance_type}
+    if settings.task_instance_count:
+        types.add(settings.task_instance_type)
+    try:
+        described = clients("ec2").describe_instance_types(InstanceTypes=sorted(types))
+    except ClientError as error:
+        if _denied(error):
+            yield _cannot(check, error)
+        else:
+            yield Finding("fail", check, f"{sorted(types)}: {_code(error)}",
+                          f"use instance types EC2 offers in {settings.region}")  # fmt: skip
+        return
+    needed = {
+        item["InstanceType"]: NODE_ARCH.get(arch, arch)
+        for item in described["InstanceTypes"]
+        for arch in item["ProcessorInfo"]["SupportedArchitectures"][:1]
+    }
+    missing = {name: arch for name, arch in sorted(needed.items()) if arch not in staged}
+    if not missing:
+        yield Finding("ok", check, f"{', '.join(sorted(staged))} wheels for {sorted(needed)}")
+        return
+    have = ", ".join(sorted(staged)) or "no platform"
+    nodes = ", ".join(f"{name} ({arch})" for name, arch in missing.items())
+    downloads = " and ".join(
+        f"imagepca emr wheelhouse --arch {arch} DIR" for arch in sorted(set(missing.values()))
+    )
+    yield Finding(
+        "fail", check, f"s3://{settings.bucket}/{prefix} holds {have} wheels; {nodes} nodes "
+        "cannot install them offline",
+        f"{downloads}, then imagepca emr stage --version {settings.version} --wheelhouse DIR "
+        "(or instance types of the staged architecture)",
+    )  # fmt: skip
+
+
+def require(findings: Iterable[Finding]) -> None:
+    """Raise on the first failed finding, with its fix: for commands that must not go on."""
+    for finding in findings:
+        if finding.level == "fail":
+            raise AwsError(f"{finding.check}: {finding.detail}; fix: {finding.fix}")
+
+
 def run_checks(
     settings: EmrSettings, *, clients: Callable[[str], Any], project: Path | None = None
 ) -> list[Finding]:
@@ -283,6 +352,7 @@ def run_checks(
     findings += check_security_configuration(settings, clients("emr"))
     if findings[0].level == "ok":  # the bucket exists
         findings += check_artifacts(settings, clients("s3"), project)
+        findings += check_offline_wheels(settings, clients)
     return findings
 
 

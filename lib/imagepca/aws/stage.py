@@ -303,6 +303,20 @@ def platform_tags(arch: str) -> list[str]:
     return tags
 
 
+def wheel_architectures(names: Iterable[str]) -> set[str]:
+    """The node architectures (:data:`ARCHES`) the platform wheels among ``names`` are for."""
+    from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+    found = set()
+    for name in names:
+        try:
+            wheel_tags = parse_wheel_filename(name)[3]
+        except InvalidWheelFilename:
+            continue
+        found.update(arch for tag in wheel_tags for arch in ARCHES if tag.platform.endswith(arch))
+    return found
+
+
 PIP_WITH_MACHINE = (
     "import platform, sys; machine = sys.argv.pop(1); platform.machine = lambda: machine; "
     "from pip._internal.cli.main import main; sys.exit(main())"
