@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from conftest import WEIGHTS, write_notebook
@@ -93,7 +94,9 @@ def test_a_timed_out_cell_is_interrupted_before_spark_is_stopped(tmp_path, monke
     free to answer the stop (which otherwise waited 30 s and gave up)."""
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
-    write_notebook(notebooks / "slow.ipynb", "seconds = 0", "import time\ntime.sleep(seconds)")
+    write_notebook(
+        notebooks / "slow.ipynb", "seconds = 0", "import time\ntime.sleep(seconds)", "print(1)"
+    )
     stops = []
     stop = runner._stop_kernel_spark
 
@@ -102,7 +105,7 @@ def test_a_timed_out_cell_is_interrupted_before_spark_is_stopped(tmp_path, monke
         return stops[-1]
 
     monkeypatch.setattr(runner, "_stop_kernel_spark", recorded)
-    with pytest.raises(runner.NotebookFailed, match="did not complete"):
+    with pytest.raises(runner.NotebookFailed, match="did not complete: CellTimeoutError"):
         runner.run_notebooks(
             [runner.NotebookRun("slow.ipynb", {"seconds": 600})],
             str(tmp_path / "out"),
@@ -110,3 +113,16 @@ def test_a_timed_out_cell_is_interrupted_before_spark_is_stopped(tmp_path, monke
             execution_timeout=2,
         )
     assert stops == [True]  # the stop code ran, and reported no error
+
+    # The saved notebook says which cell timed out, as papermill says which cell raised:
+    # on its own, papermill marks every cell completed and sets no exception flag.
+    saved = nbformat.read(str(tmp_path / "out" / "notebooks" / "slow.ipynb"), as_version=4)
+    assert saved.metadata.papermill.exception is True
+    assert "An Exception was encountered" in saved.cells[0].source  # papermill's banner
+    code = [cell for cell in saved.cells if cell.cell_type == "code"]
+    statuses = [cell.metadata.papermill.status for cell in code]
+    assert statuses == ["completed", "completed", "failed", "pending"]
+    (error,) = code[2].outputs
+    assert error.output_type == "error" and error.ename == "CellTimeoutError"
+    assert "timed out" in error.evalue
+    assert not code[3].outputs

@@ -156,6 +156,7 @@ def run_notebooks(
     import papermill
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.utils import run_sync
+    from nbclient.exceptions import CellTimeoutError
     from papermill.exceptions import PapermillExecutionError
 
     source = papermill_location(notebooks or notebooks_dir())
@@ -206,6 +207,8 @@ def run_notebooks(
                 ) from None
             except Exception as error:  # kernel died, cell timeout, unreachable Livy...
                 _ended(console, label, started, failed=True)
+                if isinstance(error, CellTimeoutError):
+                    _record_timeout(destination, error)
                 raise NotebookFailed(
                     f"{run.name} did not complete: {type(error).__name__}: {error} "
                     f"(partial notebook: {destination})"
@@ -291,6 +294,44 @@ def _ended(console: Console | None, label: str, started: float, failed: bool = F
     if console is not None:
         seconds = time.perf_counter() - started
         console.line(f"{label} {'failed after' if failed else 'done in'} {seconds:.1f} s")
+
+
+def _record_timeout(destination: str, error: Exception) -> None:
+    """Mark the cell that timed out as failed in the saved notebook, as papermill marks a
+    cell that raised: its error, the exception flag, papermill's banner, later cells pending.
+
+    papermill saves a notebook whose cell timed out with no exception flag and every cell
+    "completed" (its clean-up completes pending cells when none failed): opened later, it
+    reads as a run that succeeded with outputs missing.
+    """
+    import nbformat
+    from papermill.exceptions import PapermillExecutionError
+    from papermill.execute import raise_for_execution_errors
+    from papermill.iorw import load_notebook_node
+
+    try:
+        notebook = load_notebook_node(destination)
+        ran = [i for i, c in enumerate(notebook.cells) if c.metadata.papermill.get("start_time")]
+        if not ran:
+            return
+        cell = notebook.cells[ran[-1]]
+        message = str(error).strip().splitlines()
+        cell.outputs.append(
+            nbformat.v4.new_output(
+                "error", ename=type(error).__name__, evalue=message[0] if message else "",
+                traceback=message,
+            )
+        )  # fmt: skip
+        cell.metadata.papermill.update(status="failed", exception=True)
+        for later in notebook.cells[ran[-1] + 1 :]:
+            later.metadata.papermill.update(status="pending", start_time=None, end_time=None)
+        notebook.metadata.papermill.exception = True
+        with suppress(PapermillExecutionError):
+            raise_for_execution_errors(notebook, destination)  # writes the notebook
+    except Exception as problem:  # the run's own error matters more
+        logging.getLogger(__name__).warning(
+            "could not mark the timeout in %s: %s", destination, problem
+        )
 
 
 def _check_written_here(output: str, notebook: str) -> None:
