@@ -289,8 +289,15 @@ def s3_actions(
     return needed
 
 
-def api_actions(requests: list[dict]) -> set[str]:
-    """IAM actions of the JSON/query-protocol calls (EMR, IAM, EC2, KMS) recorded."""
+def request_tags(tags: list[dict] | None) -> tuple[tuple[str, str], ...] | None:
+    """A request's ``Tags`` (``[{"Key", "Value"}]``) as the hashable form entries carry."""
+    return tuple(sorted((t["Key"], t["Value"]) for t in tags)) if tags else None
+
+
+def api_actions(requests: list[dict]) -> set:
+    """IAM actions of the JSON/query-protocol calls (EMR, IAM, EC2, KMS) recorded: the
+    action name, or ``(action, "*", None, tags)`` for a JSON call that sends ``Tags`` (what
+    ``aws:RequestTag/*`` conditions see)."""
     from urllib.parse import parse_qs
 
     prefixes = {"ElasticMapReduce": "elasticmapreduce", "TrentService": "kms"}
@@ -300,7 +307,9 @@ def api_actions(requests: list[dict]) -> set[str]:
         target = headers.get("x-amz-target")
         if target:
             service, _, operation = target.partition(".")
-            found.add(f"{prefixes.get(service, service.lower())}:{operation}")
+            action = f"{prefixes.get(service, service.lower())}:{operation}"
+            tags = request_tags(json.loads(request.get("body") or "{}").get("Tags"))
+            found.add((action, "*", None, tags) if tags else action)
             continue
         auth = headers.get("authorization", "")
         for service in ("iam", "ec2", "sts"):
@@ -319,14 +328,23 @@ def _matches(patterns, value: str) -> bool:
     return any(fnmatch.fnmatchcase(value.lower(), p.lower()) for p in patterns)
 
 
-def allowed(policy: dict, action: str, resource: str = "*", prefix: str | None = None) -> bool:
+def allowed(
+    policy: dict,
+    action: str,
+    resource: str = "*",
+    prefix: str | None = None,
+    tags: tuple[tuple[str, str], ...] | None = None,
+) -> bool:
     """Whether an Allow statement of an identity policy grants ``action`` on ``resource``.
 
-    Enough IAM evaluation for our own policies: action and resource wildcards, and the
-    ``s3:prefix`` condition of ``ListBucket``; other condition keys (request and resource
-    tags, iam:PassedToService) are taken as met, since the code sets the tags it needs.
+    Enough IAM evaluation for our own policies: action and resource wildcards, the
+    ``s3:prefix`` condition of ``ListBucket``, and ``StringEquals`` on
+    ``aws:RequestTag/KEY`` against the request's ``tags`` (a key the request lacks fails
+    it, as in IAM). Resource tags and ``iam:PassedToService`` are taken as met: the cluster
+    carries the tags it was launched with, and roles are passed to the services named.
     ``resource="*"`` means "any resource" (for calls whose resource is not recorded).
     """
+    sent = dict(tags or ())
     for statement in policy["Statement"]:
         if statement["Effect"] != "Allow" or not _matches(statement["Action"], action):
             continue
@@ -338,15 +356,27 @@ def allowed(policy: dict, action: str, resource: str = "*", prefix: str | None =
             prefix is None or not _matches(condition["s3:prefix"], prefix)
         ):
             continue
+        equals = statement.get("Condition", {}).get("StringEquals", {})
+        wanted = {
+            key.removeprefix("aws:RequestTag/"): value
+            for key, value in equals.items()
+            if key.startswith("aws:RequestTag/")
+        }
+        if any(sent.get(key) not in as_list(value) for key, value in wanted.items()):
+            continue
         return True
     return False
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def denied(policy: dict, needed) -> list:
     """The needed ``(action, resource, prefix)`` (or action) entries the policy lacks."""
     missing = []
     for entry in sorted(needed, key=str):
-        action, resource, prefix = entry if isinstance(entry, tuple) else (entry, "*", None)
-        if not allowed(policy, action, resource, prefix):
+        action, resource, prefix, *tags = entry if isinstance(entry, tuple) else (entry, "*", None)
+        if not allowed(policy, action, resource, prefix, *tags):
             missing.append(entry)
     return missing

@@ -37,6 +37,7 @@ from moto_server import (  # noqa: F401
     denied,
     moto_endpoint,
     recording,
+    request_tags,
     s3_actions,
     set_step_states,
 )
@@ -64,8 +65,9 @@ def fake_model(weights: Path, size: int) -> Path:
     return model
 
 
-def pass_roles(requests: list[dict], settings: AwsSettings) -> set:
-    """``iam:PassRole`` a RunJobFlow needs: its service role and the instance profile's role."""
+def run_job_flow_needs(requests: list[dict], settings: AwsSettings) -> set:
+    """What a RunJobFlow needs besides itself: ``iam:PassRole`` for its service role and the
+    instance profile's role, and ``elasticmapreduce:AddTags`` for the tags it launches with."""
     needed = set()
     for request in requests:
         if request["headers"].get("X-Amz-Target", "").endswith(".RunJobFlow"):
@@ -74,6 +76,7 @@ def pass_roles(requests: list[dict], settings: AwsSettings) -> set:
             assert body["JobFlowRole"] == settings.instance_profile
             for role in (settings.service_role, settings.instance_role):
                 needed.add(("iam:PassRole", f"arn:aws:iam::{ACCOUNT_ID}:role/{role}", None))
+            needed.add(("elasticmapreduce:AddTags", "*", None, request_tags(body["Tags"])))
     return needed
 
 
@@ -90,7 +93,10 @@ def notebook_execution_needs(started: list[dict], execution_ids: list[str]) -> s
         role = f"arn:aws:iam::{ACCOUNT_ID}:role/{body['ServiceRole']}"
         needed.add(("iam:PassRole", role, None))
         if body.get("Tags"):
-            needed.add(("elasticmapreduce:AddTags", f"{emr}:notebook-execution/{execution}", None))
+            needed.add((
+                "elasticmapreduce:AddTags", f"{emr}:notebook-execution/{execution}", None,
+                request_tags(body["Tags"]),
+            ))  # fmt: skip
         needed.add((
             "elasticmapreduce:DescribeNotebookExecution", f"{emr}:notebook-execution/{execution}",
             None,
@@ -193,7 +199,7 @@ def test_operator_policy_allows_every_request_of_the_operator_commands(
     capsys.readouterr()
 
     policy = account.render_policy("iam-operator-policy", settings, ROOT / "aws")
-    needed = s3_actions(requests, BUCKET, kms_key=key) | pass_roles(requests, settings)
+    needed = s3_actions(requests, BUCKET, kms_key=key) | run_job_flow_needs(requests, settings)
     assert [body["ServiceRole"] for body in started] == ["EMR_Notebooks_DefaultRole"] * 3
     needed |= notebook_execution_needs(started, executions)
     notebooks_role = f"arn:aws:iam::{ACCOUNT_ID}:role/EMR_Notebooks_DefaultRole"
@@ -202,7 +208,10 @@ def test_operator_policy_allows_every_request_of_the_operator_commands(
     extraction = f"arn:aws:s3:::{BUCKET}/runs/nb1/features/_extraction.json"
     assert ("s3:GetObject", extraction, None) in needed
     actions = api_actions(requests)
-    assert {"elasticmapreduce:RunJobFlow", "kms:GenerateDataKey", "ec2:DescribeVpcs"} <= actions
+    names = {entry if isinstance(entry, str) else entry[0] for entry in actions}
+    assert {"elasticmapreduce:RunJobFlow", "kms:GenerateDataKey", "ec2:DescribeVpcs"} <= names
+    (launch,) = [entry for entry in actions if entry[0] == "elasticmapreduce:RunJobFlow"]
+    assert ("project", "imagepca") in launch[3]  # what LaunchTaggedClusters requires
     assert ("s3:PutObjectAcl", f"arn:aws:s3:::{BUCKET}/runs/r1/notebooks/01_extract_features.ipynb",
             None) in needed  # fmt: skip
     assert ("kms:GenerateDataKey", key, None) in needed
@@ -228,6 +237,18 @@ def test_operator_policy_allows_every_request_of_the_operator_commands(
     assert ("iam:PassRole", notebooks_role) in missing
     execution = f"arn:aws:elasticmapreduce:{REGION}:{ACCOUNT_ID}:notebook-execution/ex-01"
     assert ("elasticmapreduce:AddTags", execution) in missing
+    # ... and a launch or a tagging with another project tag is denied, as IAM would.
+    elsewhere = {
+        (entry[0], entry[1], entry[2], request_tags([
+            {"Key": k, "Value": "someone-else" if k == "project" else v} for k, v in entry[3]
+        ]))
+        for entry in needed | actions
+        if isinstance(entry, tuple) and len(entry) == 4
+    }  # fmt: skip
+    assert {entry[0] for entry in elsewhere} == {
+        "elasticmapreduce:RunJobFlow", "elasticmapreduce:AddTags"
+    }  # fmt: skip
+    assert sorted(denied(policy, elsewhere)) == sorted(elsewhere)
 
 
 def test_policy_check_reads_requests_as_iam_does():

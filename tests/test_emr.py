@@ -107,7 +107,7 @@ def test_rendered_config_is_a_valid_run_job_flow_request():
     assert script["Args"] == ["--artifacts", f"s3://{BUCKET}/artifacts/0.1.0", "--version", "0.1.0"]
 
 
-def test_optional_parts_of_the_config():
+def test_optional_parts_of_the_config(tmp_path):
     config = cluster.render_config(
         settings(
             key_name="", security_configuration="", offline=True, task_instance_count=3,
@@ -129,6 +129,17 @@ def test_optional_parts_of_the_config():
         }
     ]
     assert {"Key": "team", "Value": "vision"} in config["Tags"]
+
+    # The tags the operator policy launches and operates clusters by: refused in the
+    # settings, and restored over a custom template that drops or changes them.
+    with pytest.raises(AwsError, match="tags may not change project: the operator policy"):
+        settings(tags={"project": "vision", "for-use-with-amazon-emr-managed-policies": "true"})
+    template = json.loads((ROOT / "emr_config.json").read_text())
+    template["Tags"] = [{"Key": "project", "Value": "other"}]
+    (tmp_path / "emr_config.json").write_text(json.dumps(template))
+    config = cluster.render_config(settings(), tmp_path / "emr_config.json")
+    tags = {t["Key"]: t["Value"] for t in config["Tags"]}
+    assert tags == {"project": "imagepca", "for-use-with-amazon-emr-managed-policies": "true"}
 
 
 def test_settings_are_validated_once_with_actionable_messages(tmp_path):
@@ -382,6 +393,21 @@ def expected_command(run_id: str) -> list[str]:
     ]  # fmt: skip
 
 
+def end_steps_soon(cluster_id: str, state: str) -> threading.Thread:
+    """Move the cluster's steps to ``state`` once there are any (under load the command may
+    take seconds to add its step), from a thread, as the cluster would."""
+
+    def end() -> None:
+        for _ in range(400):
+            time.sleep(0.05)
+            if set_step_states(cluster_id, state):
+                return
+
+    thread = threading.Thread(target=end, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.mark.usefixtures("aws_env")
 def test_run_adds_the_step_waits_and_lists_outputs(capsys):
     _, cluster_id, _ = start_cluster()
@@ -390,14 +416,7 @@ def test_run_adds_the_step_waits_and_lists_outputs(capsys):
     for key in ("features/part-0.parquet", "metrics.json", "_SUCCESS"):
         s3.put_object(Bucket=BUCKET, Key=f"runs/r1/{key}", Body=b"x")
 
-    def finish_step_soon() -> None:  # what the cluster would do
-        for _ in range(100):
-            time.sleep(0.05)
-            if set_step_states(cluster_id, "COMPLETED"):
-                return
-
-    finisher = threading.Thread(target=finish_step_soon)
-    finisher.start()
+    finisher = end_steps_soon(cluster_id, "COMPLETED")  # what the cluster would do
     code = cli(
         "emr", "run", "--cluster-id", cluster_id, "--run-id", "r1",
         "--bucket", BUCKET, "--region", REGION, "--subnet-id", SETTINGS["subnet_id"],
@@ -424,13 +443,7 @@ def test_run_reports_a_failed_step(capsys):
     )  # fmt: skip
     client = boto3.client("emr")
 
-    def fail_step_soon() -> None:  # retried: under load the step may not exist yet
-        for _ in range(400):
-            time.sleep(0.05)
-            if set_step_states(cluster_id, "FAILED"):
-                return
-
-    threading.Thread(target=fail_step_soon, daemon=True).start()
+    end_steps_soon(cluster_id, "FAILED")
     with pytest.raises(AwsError, match="ended FAILED"):
         runs.run_step(
             cluster_id, options, "r2", emr_client=client, s3_client=boto3.client("s3"),

@@ -14,12 +14,12 @@ import pytest
 from botocore.stub import Stubber
 
 from imagepca.aws import account, commands, doctor, stage
-from imagepca.aws.settings import AwsSettings, EmrSettings
+from imagepca.aws.settings import EMR_TAG, AwsSettings, EmrSettings
 from moto_server import ACCOUNT_ID, REGION, aws_env, moto_endpoint  # noqa: F401
 
 BUCKET = "imagepca-doctor-bucket"
 ROOT = Path(__file__).resolve().parents[1]
-TAG = {"Key": account.EMR_TAG, "Value": "true"}
+TAG = {"Key": EMR_TAG, "Value": "true"}
 
 
 def fake_wheel(project: Path, destination: Path) -> Path:

@@ -38,7 +38,6 @@ the subnet, its VPC and any existing ``ElasticMapReduce-*`` security groups, whi
 user tags (docs/emr.md). It grants no KMS use: see ``emr-service-role-kms-policy``.
 """
 
-EMR_TAG = "for-use-with-amazon-emr-managed-policies"
 PREFIXES = ("input", "artifacts", "runs", "logs", "jupyter")
 """Top-level prefixes of the project bucket; the instance role is limited to these."""
 

@@ -23,6 +23,7 @@ from botocore.exceptions import ClientError, WaiterError
 from botocore.validate import ParamValidator
 
 from .settings import (
+    CLUSTER_TAGS,
     HTTPS_LIVY_FROM,
     PLACEHOLDER,
     AwsError,
@@ -86,7 +87,7 @@ def render_config(settings: EmrSettings, template: str | os.PathLike[str] | None
     groups = config.get("Instances", {}).get("InstanceGroups", [])
     config["Instances"]["InstanceGroups"] = [g for g in groups if g.get("InstanceCount", 1) > 0]
     tags = {t["Key"]: t["Value"] for t in config.get("Tags", [])}
-    tags.update(settings.tags)
+    tags.update({**settings.tags, **CLUSTER_TAGS})  # whatever a custom template says
     config["Tags"] = [{"Key": k, "Value": v} for k, v in tags.items()]
     validate_request("RunJobFlow", config)
     return config

@@ -18,8 +18,8 @@ from typing import Any, Literal, TextIO
 
 from botocore.exceptions import ClientError
 
-from .account import CLEANUP_ROLE, EMR_MANAGED_SERVICE_POLICY, EMR_SERVICE, EMR_TAG
-from .settings import AwsError, EmrSettings, repo_root
+from .account import CLEANUP_ROLE, EMR_MANAGED_SERVICE_POLICY, EMR_SERVICE
+from .settings import EMR_TAG, AwsError, EmrSettings, repo_root
 from .stage import (
     BOOTSTRAP_FILES,
     PYSPARK_NOTEBOOKS,

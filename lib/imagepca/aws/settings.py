@@ -32,6 +32,10 @@ INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 MEMORY = re.compile(r"^\d+[kmgt]$")
 DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 
+# Tags every cluster carries: the operator policy lets only clusters so tagged be launched
+# and operated, and EMR's managed service policy needs the second on what it launches.
+EMR_TAG = "for-use-with-amazon-emr-managed-policies"
+CLUSTER_TAGS = {"project": "imagepca", EMR_TAG: "true"}
 NOTEBOOK_SERVICE_ROLE = "EMR_Notebooks_DefaultRole"
 """The EMR notebooks service role ``emr run --via notebook-execution`` passes, and the one
 the operator policy may pass: the default of both settings, so the two agree unless
@@ -273,6 +277,13 @@ class EmrSettings:
             isinstance(k, str) and isinstance(v, str) for k, v in self.tags.items()
         ):
             problems.append("tags must be an object of string keys and values")
+        else:
+            changed = [k for k, v in CLUSTER_TAGS.items() if self.tags.get(k, v) != v]
+            if changed:
+                problems.append(
+                    f"tags may not change {', '.join(changed)}: the operator policy only "
+                    f"launches and operates clusters tagged {CLUSTER_TAGS}; use other keys"
+                )
         if problems:
             raise AwsError("invalid EMR settings:\n  - " + "\n  - ".join(problems))
         if not self.notebook_service_role:  # the example file's "": the policy's default
