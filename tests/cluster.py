@@ -34,11 +34,14 @@ from pathlib import Path
 
 import pyspark
 
+from group_watch import watch_group
+
 REPO = Path(__file__).resolve().parents[1]
 SPARK_HOME = Path(pyspark.__file__).resolve().parent
 SPARK_CLASS = SPARK_HOME / "bin" / "spark-class"
 START_TIMEOUT_S = 90
 STOP_TIMEOUT_S = 20
+DAEMON_LIFETIME_S = 3600  # ended by the watchdog if no fixture stopped them by then
 
 
 # -- shipping the library -----------------------------------------------------------------
@@ -274,6 +277,7 @@ def run_driver(
             text=True,
             start_new_session=True,
         )
+    watch_group(process.pid, timeout_s + 60)
     try:
         deadline = time.monotonic() + timeout_s
         while process.poll() is None and time.monotonic() < deadline:
@@ -385,6 +389,7 @@ class StandaloneCluster:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        watch_group(process.pid, DAEMON_LIFETIME_S)
         return Daemon(name, process, log)
 
     def start(self, workers: int = 2, cores: int = 1, memory: str = "1g") -> StandaloneCluster:

@@ -25,6 +25,7 @@ import nbformat
 import pytest
 
 from conftest import REPO, WEIGHTS
+from group_watch import watch_group
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -93,6 +94,7 @@ def lab(tmp_path_factory):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    watch_group(server.pid, max_lifetime=1800)  # ends it if this fixture never does
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

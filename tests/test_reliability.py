@@ -448,7 +448,8 @@ def test_worker_loss_mid_featurization_recovers(spark, tmp_path):
     assert result["executors_at_start"] == 2 and result["executors_at_end"] == 1
     assert killed, "the worker was not killed while featurization ran"
     assert killed["completed_at_kill"] < killed["num_tasks"]
-    assert killed["failed_tasks"] is None or killed["failed_tasks"] >= 1
+    # The tasks the lost worker was running failed, or the stage ran again in a new attempt.
+    assert killed["failed_tasks"] >= 1 or killed["attempt"] >= 1, killed
 
     local_out = tmp_path / "local"
     extract_features(
