@@ -97,9 +97,14 @@ def test_a_relative_manifest_location_reads_relative_entries_beside_it(
 ):
     """``--manifest images.csv`` from the manifest's own folder: a bare file name too."""
     monkeypatch.chdir(manifest_run["output"].parent)
+    shuffle_partitions = spark.conf.get("spark.sql.shuffle.partitions")
     listing = read_manifest(spark, "images.csv")
     try:
         paths = {row.path for row in listing.files.select("path").collect()}
+        # Cached in one partition, not the session's shuffle partitions (a small
+        # manifest's listing took 8 s walking 200); the session's setting is left as it was.
+        assert listing.files.rdd.getNumPartitions() == 1 < int(shuffle_partitions)
+        assert spark.conf.get("spark.sql.shuffle.partitions") == shuffle_partitions
     finally:
         listing.release()
     assert spelled(manifest_run["relative"]) in paths

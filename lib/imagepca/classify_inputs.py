@@ -18,12 +18,7 @@ from .config import ClassifyParams, ParameterError
 from .images import classifiable, small_labels
 from .pipeline import read_features
 from .reduction import StoredPCA, read_pca
-from .session import (
-    SHUFFLE_PARTITIONS_KEY,
-    default_parallelism,
-    run_concurrently,
-    spark_settings,
-)
+from .session import cached_shuffle_settings, run_concurrently, spark_settings
 from .split import IN_SUBSET_COL, TrainingMatrix, n_test_images, split_by_label
 from .storage import METRICS_FILE, Storage, join
 
@@ -100,12 +95,9 @@ def read_inputs(spark: SparkSession, params: ClassifyParams, storage: Storage) -
     n_kept = sum(label_counts[label] for label in kept)
 
     features = read_features(spark, params.output)
-    # The split is cached with few partitions of small rows (path, label, flags): the
-    # window's shuffle gets that many, not the session's default (200 unless set), which
-    # made one task walk 200 nearly empty partitions (5 s on 240 images) and every later
-    # job over the split run 200 tasks. Set while the cached plan is made and first run.
-    partitions = max(1, min(default_parallelism(spark), -(-n_kept // 200_000)))
-    with spark_settings(spark, {SHUFFLE_PARTITIONS_KEY: str(partitions)}):
+    # The split is cached with few partitions of small rows (path, label, flags): with the
+    # session's 200, one task walked 200 nearly empty partitions (5 s on 240 images).
+    with spark_settings(spark, cached_shuffle_settings(spark, n_kept)):
         split = split_by_label(
             features.select("path", "label").filter(F.col("label").isin(kept)),
             params.test_fraction,

@@ -383,6 +383,19 @@ def default_parallelism(spark: SparkSession) -> int:
     return max(1, spark.sparkContext.defaultParallelism)
 
 
+def cached_shuffle_settings(spark: SparkSession, n_rows: int) -> dict[str, str]:
+    """Shuffle partitions for a small-rowed table (paths, labels) about to be cached.
+
+    A cached plan keeps the partitions its shuffle had when ``persist`` planned it: the
+    session's default (200 unless set), which adaptive execution does not coalesce there.
+    Every later job over the table then runs 200 nearly empty tasks (seconds on a few
+    hundred rows). One partition per 200,000 rows, at most one per core. Set around the
+    ``persist`` and the table's first job.
+    """
+    partitions = max(1, min(default_parallelism(spark), -(-n_rows // 200_000)))
+    return {SHUFFLE_PARTITIONS_KEY: str(partitions)}
+
+
 def task_cpus(spark: SparkSession) -> int:
     """Cores each Spark task owns: the threads one model interpreter may use."""
     return max(1, int(spark.conf.get("spark.task.cpus", "1")))
