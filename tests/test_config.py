@@ -38,6 +38,20 @@ def test_extract_params_say_what_is_wrong(changes, message):
         ExtractParams(**{"input": "data/sample", "output": "out", **changes})
 
 
+def test_output_inside_input_is_refused_through_links_and_uri_spellings(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (tmp_path / "link").symlink_to(photos)
+    for inside in (photos / "out", f"file://{photos}/out", tmp_path / "link" / "out"):
+        with pytest.raises(ParameterError, match="output must not be inside input"):
+            ExtractParams(input=str(tmp_path / "link"), output=str(inside))
+        with pytest.raises(ParameterError, match="output must not be inside input"):
+            ExtractParams(input=str(photos), output=str(inside))
+    with pytest.raises(ParameterError, match="output must differ from input"):
+        ExtractParams(input=f"file:{photos}/", output=str(tmp_path / "link"))
+    assert ExtractParams(input=str(photos), output=str(tmp_path / "out")).output
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [

@@ -3,6 +3,7 @@ featurize only what is new, exactly once even when a run is killed."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ from cluster import (
 from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca import pipeline
 from imagepca.config import ExtractParams, ReduceParams
+from imagepca.console import summary
 from imagepca.inputs import read_manifest
 from imagepca.pipeline import MOMENTS_FILE, extract_features, finish_run, reduce_features
 
@@ -203,6 +205,12 @@ def test_incremental_run_featurizes_only_new_files(incremental):
     assert increment["dropped"] == 5
     assert increment["kept"] == 25
     assert len(incremental["second"].metadata["batches"]) == 2
+    # What `imagepca run` prints after the run (from metrics.json, as the CLI reads it).
+    metrics = json.loads((incremental["output"] / "metrics.json").read_text())
+    printed = summary(metrics, str(incremental["output"]))
+    assert "incremental: 20 new or changed images featurized, 25 kept, 5 dropped" in printed
+    first = summary({**metrics, "incremental": incremental["first"].metadata["incremental"]}, "o")
+    assert "incremental: a full run, because no features in the output yet" in first
 
 
 def test_only_a_full_run_keeps_the_pca_statistics_of_its_featurization(incremental):

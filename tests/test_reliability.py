@@ -615,11 +615,19 @@ def test_reuse_features_keeps_features_when_only_pca_changes(spark, small_input,
     before = part_files(output / "features")
 
     params = dict(input=str(small_input), output=str(output), weights=str(WEIGHTS))
+    featurized_at = json.loads((output / "features" / "_extraction.json").read_text())
+    featurized_at = featurized_at["created_at"]
     reused = extract_features(spark, ExtractParams(**params, reuse_features=True))
     assert reused.reused and reused.n_images == 48
-    assert "reused from a previous run" in reused.summary()
+    assert f"reused, featurized {featurized_at}" in reused.summary()
     assert part_files(output / "features") == before
     reduction = reduce_features(spark, ReduceParams(output=str(output), k=5))
+    # The metrics are this run's: its parameters and timings, and where the features came from.
+    metrics = reduction.metrics
+    assert metrics["reused_features_created_at"] == featurized_at
+    assert metrics["params"]["extract"]["reuse_features"] is True
+    assert metrics["images_per_s"] is None and "featurize_s" not in metrics["timings_s"]
+    assert metrics["timings_s"]["list_s"] > 0
     finish_run(spark, str(output), reduction.metrics)
     assert {len(v) for v in pd.read_parquet(output / "reduced").pca} == {5}
     assert part_files(output / "features") == before

@@ -37,6 +37,7 @@ def test_rerun_without_classifier_removes_the_earlier_classifier(sample_run, tmp
     assert metrics["k"] == 5 and "classification" not in metrics
     assert sorted(metrics["removed_from_earlier_run"]) == sorted(CLASSIFY_ARTIFACTS)
     assert "removed from an earlier run: classifier_model" in printed
+    assert "features reused (featurized " in printed  # not the earlier run's images/s
     # What is left is this run's: notebooks 01 and 02, the 5-component model.
     assert sorted(p.name for p in (output / "notebooks").iterdir()) == [
         "01_extract_features.ipynb",
@@ -55,7 +56,8 @@ def test_unlabeled_images_skip_the_classifier_and_succeed(sample_dir, tmp_path, 
         ["run", "--input", str(flat), "--output", str(output), "--master", "local[2]",
          "--weights", str(WEIGHTS)]
     )  # fmt: skip
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed, progress = captured.out, captured.err
     assert status == 0
     assert (output / "_SUCCESS").exists() and (output / "reduced").is_dir()
     metrics = json.loads((output / "metrics.json").read_text())
@@ -65,6 +67,7 @@ def test_unlabeled_images_skip_the_classifier_and_succeed(sample_dir, tmp_path, 
     assert not (output / "notebooks" / "03_classify.ipynb").exists()
     notes = [line for line in printed.splitlines() if "classifier skipped" in line]
     assert len(notes) == 1 and "2 labels" in notes[0]
+    assert "[3/3] 03_classify.ipynb skipped: " in progress  # the third status line, too
 
 
 def _input_of(output: Path) -> Path:

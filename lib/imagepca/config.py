@@ -328,11 +328,12 @@ class ClassifyParams:
 
 
 def location_key(location: str) -> str:
-    """One spelling per location: ``file:///x``, ``file:/x`` and ``/x/`` are the same folder."""
+    """One spelling per location: ``file:///x``, ``file:/x``, ``/x/`` and a symbolic link to
+    ``/x`` are the same folder."""
     if location.startswith("file:"):
         location = "/" + location.removeprefix("file:").lstrip("/")
     if "://" not in location:
-        return os.path.normpath(os.path.abspath(os.path.expanduser(location)))
+        return os.path.realpath(os.path.expanduser(location))
     return location.rstrip("/")
 
 

@@ -221,9 +221,21 @@ def summary(metrics: dict, output: str, log: str | None = None) -> str:
         f"{metrics['n_classes']} classes",
         f"PCA: k = {metrics['k']} components, {metrics['variance_reached']:.1%} of the variance "
         f"(threshold {metrics['variance_threshold']:g}, k {metrics['k_mode']})",
-        f"time: {sum(timings.values()):.1f} s in stages, featurization "
-        f"{metrics.get('images_per_s') or 0:.1f} images/s",
+        f"time: {sum(timings.values()):.1f} s in stages, "
+        + (
+            f"features reused (featurized {metrics['reused_features_created_at']})"
+            if metrics.get("reused_features_created_at")
+            else f"featurization {metrics.get('images_per_s') or 0:.1f} images/s"
+        ),
     ]
+    increment = metrics.get("incremental") or {}
+    if "kept" in increment:
+        lines.append(
+            f"incremental: {increment['featurized']} new or changed images featurized, "
+            f"{increment['kept']} kept, {increment['dropped']} dropped"
+        )
+    elif "full_run_because" in increment:
+        lines.append(f"incremental: a full run, because {increment['full_run_because']}")
     classification = metrics.get("classification", {})
     if "skipped" in classification:
         lines.append(f"classifier skipped: {classification['skipped']}")

@@ -66,7 +66,7 @@ def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
                 f"MobileNetV2 ImageNet weights are not in the Keras cache and could not be "
                 f"downloaded ({type(error).__name__}: {error}). Either copy "
                 f"{KERAS_WEIGHTS_FILE} into {keras_home}/models/, or pass the file itself: "
-                "weights=/path/to/weights.h5 (or an s3:// URI)."
+                "weights=/path/to/weights.h5 or an s3:// URI (--weights with imagepca run)."
             ) from None
     if not is_local(source):
         if spark is None:
@@ -75,7 +75,7 @@ def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
         if not storage.exists(source):
             raise WeightsError(
                 f"weights file {source!r} does not exist. Stage it there (imagepca emr stage "
-                "does), or pass weights=imagenet."
+                "does), or pass weights=imagenet (--weights imagenet with imagepca run)."
             )
         target = cache_dir() / "weights" / hashlib.sha256(source.encode()).hexdigest()[:16]
         local = target / source.rsplit("/", 1)[-1]
@@ -87,7 +87,7 @@ def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
     if not path.is_file():
         raise WeightsError(
             f"weights file {str(path)!r} does not exist. Pass weights=imagenet to use the "
-            f"Keras cache, or the path of {KERAS_WEIGHTS_FILE}."
+            f"Keras cache, or the path of {KERAS_WEIGHTS_FILE} (--weights with imagepca run)."
         )
     return path
 

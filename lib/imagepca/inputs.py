@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from urllib.parse import urlsplit
 
@@ -69,6 +70,7 @@ class ImageListing:
     label_samples: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
     relation: DataFrame | None = field(default=None, compare=False, repr=False)
     n_duplicates: int = 0
+    seconds: float = 0.0  # the listing's own time (it runs in notebook 01's listing cell)
 
     def __len__(self) -> int:
         return self.n_files
@@ -122,9 +124,12 @@ class ImageListing:
 
 def list_inputs(spark: SparkSession, params: ExtractParams) -> ImageListing:
     """The run's image files: its manifest's URIs, or the files under its input folder."""
+    started = time.perf_counter()
     if params.manifest is not None:
-        return read_manifest(spark, params.manifest)
-    return list_folder(spark, params.input)
+        listing = read_manifest(spark, params.manifest)
+    else:
+        listing = list_folder(spark, params.input)
+    return replace(listing, seconds=round(time.perf_counter() - started, 3))
 
 
 def fingerprint(rows: DataFrame, n_files: int) -> str:
@@ -191,9 +196,10 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
         n_files = len(relation._jdf.inputFiles())  # counted in the JVM: no Python copy
     except AnalysisException as error:
         raise InputError(
-            f"input location {input_uri!r} cannot be read: {str(error).splitlines()[0]}. "
-            "Pass a folder (or s3:// prefix) that holds one sub-folder of images per class, "
-            "or a manifest of image URIs (manifest=...)."
+            f"input location {input_uri!r} cannot be read: "
+            f"{str(error).splitlines()[0].rstrip('.')}. Pass a folder (or s3:// prefix) that "
+            "holds one sub-folder of images per class, or a manifest of image URIs "
+            "(manifest=..., --manifest with imagepca run)."
         ) from None
     if not n_files:
         raise InputError(
@@ -294,7 +300,7 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
             table = _uri_table(spark, manifest_uri)
     except AnalysisException as error:
         raise InputError(
-            f"manifest {manifest_uri!r} cannot be read: {str(error).splitlines()[0]}. "
+            f"manifest {manifest_uri!r} cannot be read: {str(error).splitlines()[0].rstrip('.')}. "
             "Pass a CSV or Parquet file with a `path` column, or an S3 Inventory manifest.json."
         ) from None
     images = table.where(_is_image(F.col("path"))).select(

@@ -141,7 +141,7 @@ class Extraction:
         m = self.metadata
         rejected = ", ".join(f"{n} {kind}" for kind, n in m["rejected_by_kind"].items()) or "none"
         how = (
-            "reused from a previous run"
+            f"reused, featurized {m['reused_features_created_at']}"
             if self.reused
             else (f"{m['timings_s']['featurize_s']:.1f} s, {m['images_per_s']:.1f} images/s")
         )
@@ -173,8 +173,8 @@ def extract_features(
     with timer.stage("weights_s"):
         weights_file = resolve_weights(params.weights, spark)
         weights_sha = file_sha256(weights_file)
-    with timer.stage("list_s"):
-        listing = listing or list_inputs(spark, params)
+    listing = listing or list_inputs(spark, params)
+    timer.timings["list_s"] = listing.seconds
     storage.begin_run(params.output)
     features_uri = join(params.output, "features")
     identity = {**params.as_dict(), "weights_sha256": weights_sha}
@@ -183,7 +183,19 @@ def extract_features(
         identity["listing_fingerprint"] = fingerprint(listing.files, listing.n_files)
         if all(stored["params"].get(key) == identity.get(key) for key in REUSE_KEYS):
             listing.release()
-            return checked(Extraction(listing, stored, reused=True), params)
+            # The same features, described for this run: its parameters and timings, and
+            # when they were featurized (notebook 02's metrics and the summary say so).
+            metadata = {key: value for key, value in stored.items() if key != "incremental"}
+            metadata.update(
+                params=identity,
+                timings_s=timer.timings,
+                images_per_s=None,
+                reused_features_created_at=stored.get("reused_features_created_at")
+                or stored["created_at"],
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
+            storage.write_json(join(features_uri, EXTRACTION_FILE), metadata)
+            return checked(Extraction(listing, metadata, reused=True), params)
 
     increment, full_run_reason = None, None
     if params.incremental:
@@ -433,6 +445,9 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         "cumulative_variance": cumulative,
         "timings_s": {**extraction.get("timings_s", {}), **timer.timings},
         "images_per_s": extraction.get("images_per_s"),
+        # When notebook 01 reused features/ (--reuse-features): when they were featurized.
+        "reused_features_created_at": extraction.get("reused_features_created_at"),
+        "incremental": extraction.get("incremental"),
         "params": {"extract": extraction["params"], "reduce": params.as_dict()},
         "versions": library_versions(),
         "removed_from_earlier_run": removed,

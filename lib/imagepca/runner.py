@@ -176,10 +176,13 @@ def run_notebooks(
     completed = False
     try:
         for number, run in enumerate(runs, 1):
-            if run.name == CLASSIFY_NOTEBOOK and _classification_skipped(output):
+            label = f"[{number}/{len(runs)}] {run.name}"
+            skipped = run.name == CLASSIFY_NOTEBOOK and _classification_skipped(output)
+            if skipped:
+                if console is not None:
+                    console.line(f"{label} skipped: {skipped}")
                 continue
             destination = join(papermill_location(output), "notebooks", run.name)
-            label = f"[{number}/{len(runs)}] {run.name}"
             started = time.perf_counter()
             if console is not None:
                 console.line(f"{label} ...")
@@ -209,8 +212,12 @@ def run_notebooks(
                 _ended(console, label, started, failed=True)
                 if isinstance(error, CellTimeoutError):
                     _record_timeout(destination, error)
+                # The whole error (a timeout's includes the cell's code) goes to the log;
+                # the message, printed last, keeps its first line.
+                logging.getLogger(__name__).error("%s did not complete: %r", run.name, error)
+                first_line = (str(error).strip().splitlines() or [""])[0]
                 raise NotebookFailed(
-                    f"{run.name} did not complete: {type(error).__name__}: {error} "
+                    f"{run.name} did not complete: {type(error).__name__}: {first_line} "
                     f"(partial notebook: {destination})"
                 ) from None
             _ended(console, label, started)
@@ -350,9 +357,9 @@ def _check_written_here(output: str, notebook: str) -> None:
         )
 
 
-def _classification_skipped(output: str) -> bool:
-    """Notebook 02 found fewer than 2 usable labels (see ``metrics.json``)."""
-    return "skipped" in read_metrics(output).get("classification", {})
+def _classification_skipped(output: str) -> str | None:
+    """Why notebook 02 left the classifier out (fewer than 2 usable labels), if it did."""
+    return read_metrics(output).get("classification", {}).get("skipped")
 
 
 def read_metrics(output: str) -> dict:
