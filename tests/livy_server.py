@@ -397,6 +397,8 @@ class LivyServer:
         Seconds after which the server stops itself, whatever the tests do.
     tls : TlsFiles, optional
         Serve HTTPS only with this certificate (:func:`make_test_pki`).
+    names : bool
+        Report the sessions' names, as Livy 0.6 and later do (False: an older Livy).
     """
 
     def __init__(
@@ -406,8 +408,10 @@ class LivyServer:
         python: str = sys.executable,
         max_lifetime: float = 1800.0,
         tls: TlsFiles | None = None,
+        names: bool = True,
     ) -> None:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="livy-test-"))
+        self.names = names
         self.python = python
         self.max_lifetime = max_lifetime
         self.sessions: dict[int, Session] = {}
@@ -459,6 +463,12 @@ class LivyServer:
         self._httpd.server_close()
 
     # -- sessions --------------------------------------------------------------------------
+
+    def session_view(self, session: Session) -> dict:
+        view = session.view()
+        if not self.names:
+            del view["name"]
+        return view
 
     def create_session(self, request: dict) -> Session:
         kind = request.get("kind")
@@ -559,12 +569,15 @@ def _handler_for(server: LivyServer):
                         {
                             "from": start,
                             "total": len(sessions),
-                            "sessions": [s.view() for s in sessions[start : start + size]],
+                            "sessions": [
+                                server.session_view(s) for s in sessions[start : start + size]
+                            ],
                         },
                     )
                 if method == "POST":
                     session = server.create_session(self._body())
-                    return self._reply(201, session.view(), {"Location": f"/sessions/{session.id}"})
+                    location = {"Location": f"/sessions/{session.id}"}
+                    return self._reply(201, server.session_view(session), location)
             match = _SESSION.match(path)
             if not match:
                 return self._reply(404, {"msg": f"no route for {method} {path}"})
@@ -575,7 +588,7 @@ def _handler_for(server: LivyServer):
                 return self._reply(404, {"msg": f"Session '{session_id}' not found."})
             session.touch()
             if rest == "" and method == "GET":
-                return self._reply(200, session.view())
+                return self._reply(200, server.session_view(session))
             if rest == "" and method == "DELETE":
                 server.delete_session(session_id)
                 return self._reply(200, {"msg": "deleted"})

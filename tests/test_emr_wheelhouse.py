@@ -57,15 +57,22 @@ def test_wheelhouse_holds_every_wheel_a_node_installs_offline(arch, tmp_path):
 
 def test_one_manylinux_tag_misses_tensorflow(tmp_path):
     """Row 8: the former recipe's single ``--platform manylinux_2_28_x86_64`` finds no
-    TensorFlow wheel (2.21 is tagged manylinux_2_27), which pip does not expand to."""
-    requirement = tmp_path / "tf.txt"
-    requirement.write_text("tensorflow==2.21.0\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-         "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64",
-         "--requirement", str(requirement), "--dest", str(tmp_path / "out"),
-         "--disable-pip-version-check"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert result.returncode != 0
-    assert "No matching distribution found for tensorflow==2.21.0" in result.stderr
+    TensorFlow wheel (2.21 is tagged manylinux_2_27), which pip does not expand to; the
+    same resolution with :func:`stage.platform_tags` finds it (so the index answered)."""
+
+    def resolve(platforms: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps",
+             "--ignore-installed", "--target", str(tmp_path / "target"), "--only-binary",
+             ":all:", "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
+             *[f"--platform={tag}" for tag in platforms], "tensorflow==2.21.0",
+             "--disable-pip-version-check"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+
+    found = resolve(stage.platform_tags("x86_64"))
+    assert found.returncode == 0, found.stdout[-2000:] + found.stderr[-2000:]
+    assert "Would install tensorflow-2.21.0" in found.stdout
+    missed = resolve(["manylinux_2_28_x86_64"])
+    assert missed.returncode != 0
+    assert "No matching distribution found for tensorflow==2.21.0" in missed.stderr

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import nbformat
@@ -58,6 +59,10 @@ def livy_sample_run(livy_server, sample_dir, tmp_path_factory):
             "--output",
             str(output),
             "--skip-classify",
+            "--livy-conf",
+            "spark.imagepca.test = yes",
+            "--livy-driver-memory",
+            "1g",
         ]
     )
     livy_server.wait_for_ended()
@@ -151,6 +156,10 @@ def test_cli_refuses_what_cannot_apply(sample_dir, tmp_path, capsys):
     assert "--kernel pysparkkernel" in capsys.readouterr().err
     assert main([*base, "--kernel", "pysparkkernel", "--master", "local[2]"]) == 1
     assert "--master does not apply" in capsys.readouterr().err
+    assert main([*base, "--kernel", "pysparkkernel", "--livy-conf", "spark.executor.cores"]) == 1
+    assert "--livy-conf takes KEY=VALUE (a Spark setting), got 'spark.executor.cores'" in (
+        capsys.readouterr().err
+    )
     # A relative path would name a folder of the Livy session's driver, not this machine's.
     relative = ["run", "--input", "data/sample", "--output", "output/x"]
     assert main([*relative, "--kernel", "pysparkkernel"]) == 2
@@ -244,6 +253,32 @@ def test_livy_protocol(livy_server):
 # -- papermill through the PySpark kernel ------------------------------------------------
 
 
+@pytest.mark.parametrize("names", [True, False], ids=["livy-0.6+", "older-livy"])
+def test_sessions_a_run_left_behind_are_deleted(tmp_path, names):
+    """A kernel that died without deleting its session (sparkmagic's own clean-up) leaves
+    it holding the cluster: the run deletes its sessions by name, or, on a Livy that
+    reports no names, every session that was not there before it. Others stay."""
+
+    def create(name: str) -> int:
+        request = urllib.request.Request(
+            f"{server.url}/sessions",
+            data=json.dumps({"kind": "pyspark", "name": name}).encode(),
+            headers={"Content-Type": "application/json", "X-Requested-By": "test"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())["id"]
+
+    with LivyServer(tmp_path, max_lifetime=300, names=names) as server:
+        other = create("someone-else")
+        known = frozenset(session["id"] for session in livy.list_sessions(server.url))
+        ours = [create("imagepca-run-x"), create("imagepca-run-x-2")]
+        assert all(("name" in s) is names for s in livy.list_sessions(server.url))
+        deleted = livy.delete_run_sessions(server.url, "imagepca-run-x", known_ids=known)
+        assert sorted(deleted) == ours
+        assert [session["id"] for session in livy.list_sessions(server.url)] == [other]
+
+
 def test_notebooks_run_in_pyspark_kernel(livy_sample_run, livy_server, sample_dir, sample_run):
     assert livy_sample_run["status"] == 0
     output = livy_sample_run["output"]
@@ -288,6 +323,8 @@ def test_notebooks_run_in_pyspark_kernel(livy_sample_run, livy_server, sample_di
     # The session sparkmagic asked Livy for has the settings local sessions are built with.
     sent = sessions[0].request["conf"]
     assert {key: sent.get(key) for key in SPARK_SETTINGS} == SPARK_SETTINGS
+    assert sent["spark.imagepca.test"] == "yes"  # --livy-conf, trimmed
+    assert sessions[0].request["driverMemory"] == "1g"  # --livy-driver-memory
 
 
 def test_failing_cell_fails_the_run(livy_server, tmp_path):

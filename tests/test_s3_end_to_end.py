@@ -104,6 +104,10 @@ def test_run_reads_and_writes_s3_end_to_end(moto_endpoint, tmp_path):  # noqa: F
     assert {"features", "reduced", "pca_model", "rejected", "metrics.json", "_SUCCESS",
             "notebooks", "explained_variance.png", "projection.png"} <= top  # fmt: skip
     assert "_staging" not in top
+    # The run's log, written locally while it runs, is copied beside the outputs.
+    log = s3.get_object(Bucket=BUCKET, Key="runs/r1/logs/run.log")["Body"].read().decode()
+    assert "[imagepca] [1/2] 01_extract_features.ipynb" in log
+    assert "(copied to s3://" in first.stdout
     metrics = json.loads(s3.get_object(Bucket=BUCKET, Key="runs/r1/metrics.json")["Body"].read())
     assert metrics["n_images"] == 3 * PER_CLASS and metrics["k"] == 3
     executed = json.loads(
