@@ -383,6 +383,11 @@ def test_local_output_written_elsewhere_stops_the_run(livy_server, tmp_path):
     )
     write_notebook(notebooks / runner.REDUCE_NOTEBOOK, "output = None", "print('ran')")
     output = tmp_path / "out"
+    # An earlier local run's description is there: older than this run, it does not count.
+    stale = output / "features" / "_extraction.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    os.utime(stale, (1e9, 1e9))
     runs = [runner.NotebookRun(name, {"output": str(output)}) for name in NOTEBOOKS]
     with (
         livy.livy_environment(livy_server.url) as run,

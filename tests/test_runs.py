@@ -108,7 +108,7 @@ def test_a_timed_out_cell_is_interrupted_before_spark_is_stopped(tmp_path, monke
         return stops[-1]
 
     monkeypatch.setattr(runner, "_stop_kernel_spark", recorded)
-    with pytest.raises(runner.NotebookFailed, match="did not complete: CellTimeoutError"):
+    with pytest.raises(runner.NotebookFailed, match="did not complete: CellTimeoutError") as failed:
         runner.run_notebooks(
             [runner.NotebookRun("slow.ipynb", {"seconds": 600})],
             str(tmp_path / "out"),
@@ -116,6 +116,9 @@ def test_a_timed_out_cell_is_interrupted_before_spark_is_stopped(tmp_path, monke
             execution_timeout=2,
         )
     assert stops == [True]  # the stop code ran, and reported no error
+    # One line (the CLI prints it last): the timeout's first line, not the cell's code.
+    assert "\n" not in str(failed.value) and "time.sleep" not in str(failed.value)
+    assert "timed out" in str(failed.value)
 
     # The saved notebook says which cell timed out, as papermill says which cell raised:
     # on its own, papermill marks every cell completed and sets no exception flag.

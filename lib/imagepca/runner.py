@@ -183,7 +183,7 @@ def run_notebooks(
                     console.line(f"{label} skipped: {skipped}")
                 continue
             destination = join(papermill_location(output), "notebooks", run.name)
-            started = time.perf_counter()
+            started, started_at = time.perf_counter(), time.time()
             if console is not None:
                 console.line(f"{label} ...")
             try:
@@ -222,7 +222,7 @@ def run_notebooks(
                 ) from None
             _ended(console, label, started)
             if run.name == EXTRACT_NOTEBOOK and kernel != LOCAL_KERNEL and is_local(output):
-                _check_written_here(output, run.name)
+                _check_written_here(output, run.name, since=started_at)
         completed = True
     finally:
         if kernel_manager.has_kernel:
@@ -341,15 +341,17 @@ def _record_timeout(destination: str, error: Exception) -> None:
         )
 
 
-def _check_written_here(output: str, notebook: str) -> None:
+def _check_written_here(output: str, notebook: str, since: float) -> None:
     """Stop a Livy run whose local ``output`` is not this machine's folder.
 
     A remote kernel's driver writes a local path on its own disk (a YARN container's host
     on EMR), where this process cannot read the metrics nor notebook 03 the features. The
-    description notebook 01 writes last tells, before notebooks 02 and 03 run for nothing.
+    description notebook 01 writes last tells, before notebooks 02 and 03 run for nothing:
+    here, and written since ``since`` (an earlier local run's is older; same clock, as the
+    writer is this machine; 2 s for file systems with coarse times).
     """
     written = Path(local_path(output), "features", EXTRACTION_FILE)
-    if not written.is_file():
+    if not written.is_file() or written.stat().st_mtime < since - 2:
         raise NotebookFailed(
             f"{notebook} completed in the Livy session, but {written} is not on this "
             "machine: the session's driver wrote --output on its own disk. Use an s3:// "
