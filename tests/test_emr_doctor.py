@@ -13,7 +13,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from imagepca.aws import account, commands, doctor, stage
+from imagepca.aws import account, cluster, commands, doctor, stage
 from imagepca.aws.settings import EMR_TAG, AwsSettings, EmrSettings
 from moto_server import ACCOUNT_ID, REGION, aws_env, moto_endpoint  # noqa: F401
 
@@ -162,6 +162,9 @@ def test_offline_wheels_are_for_every_nodes_architecture(new_account, tmp_path, 
     )  # fmt: skip
     found = check(new_account, offline=True)["offline wheels"]
     assert (found.level, found.detail) == ("ok", "x86_64 wheels for ['m5.2xlarge', 'm5.xlarge']")
+    # EC2 lists i386 first for some types: x86_64 wheels are theirs too.
+    found = check(new_account, offline=True, core_instance_type="m1.medium")["offline wheels"]
+    assert found.level == "ok"
 
     graviton = {"core_instance_type": "m7g.2xlarge", "task_instance_type": "r7gd.2xlarge"}
     found = check(new_account, offline=True, task_instance_count=2, **graviton)
@@ -176,11 +179,18 @@ def test_offline_wheels_are_for_every_nodes_architecture(new_account, tmp_path, 
         "--wheelhouse DIR"
     )
 
+    # `emr up` checks the types of the request it sends: here a template's, not the settings'.
+    template = json.loads((ROOT / "emr_config.json").read_text())
+    for group in template["Instances"]["InstanceGroups"]:
+        group["InstanceType"] = "m7g.xlarge"
+    (tmp_path / "emr_config.json").write_text(json.dumps(template))
     settings = tmp_path / "emr_settings.json"
-    settings.write_text(json.dumps({**vars(new_account["settings"]), "offline": True, **graviton}))
+    settings.write_text(json.dumps({**vars(new_account["settings"]), "offline": True}))
     parser = argparse.ArgumentParser(prog="imagepca")
     commands.add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["emr", "up", "--settings", str(settings), "--poll-seconds", "0"])
+    args = parser.parse_args(
+        ["emr", "up", "--settings", str(settings), "--config", str(tmp_path / "emr_config.json")]
+    )
     assert args.func(args) == 1
     error = capsys.readouterr().err
     assert "offline wheels:" in error and "fix: imagepca emr wheelhouse --arch aarch64" in error
@@ -241,3 +251,33 @@ def test_network_reads_the_caller_may_not_make_are_reported_not_fatal():
     for check in ("VPC tag", "security group tag"):
         assert found[check].level == "warn"
         assert found[check].detail == "cannot check: UnauthorizedOperation"
+
+
+def test_an_architecture_check_the_caller_may_not_make_warns_and_lets_up_go_on(capsys):
+    """An operator policy from before ec2:DescribeInstanceTypes: `emr up` says the check was
+    not made, and goes on."""
+    settings = EmrSettings.load(
+        None,
+        {"bucket": BUCKET, "region": REGION, "subnet_id": "subnet-0abc12345", "offline": True},
+    )
+    s3, ec2 = stubbed("s3"), stubbed("ec2")
+    wheel = "numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
+    with Stubber(s3) as s3_stub, Stubber(ec2) as ec2_stub:
+        prefix = f"artifacts/{settings.version}/wheels/"
+        s3_stub.add_response(
+            "list_objects_v2",
+            {"Contents": [{"Key": prefix + wheel}], "IsTruncated": False},
+            {"Bucket": BUCKET, "Prefix": prefix},
+        )
+        ec2_stub.add_client_error(
+            "describe_instance_types", "UnauthorizedOperation", http_status_code=403
+        )
+        clients = {"s3": s3, "ec2": ec2}.__getitem__
+        findings = list(
+            doctor.check_offline_wheels(settings, clients, cluster.render_config(settings))
+        )
+    assert [(f.level, f.detail) for f in findings] == [
+        ("warn", "cannot check: UnauthorizedOperation")
+    ]
+    doctor.require(findings)  # no failure: `emr up` goes on
+    assert "warning: offline wheels: cannot check: UnauthorizedOperation" in capsys.readouterr().err

@@ -253,7 +253,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     config = cluster.render_config(settings, args.config)
     # Wheels of another architecture would fail the bootstrap ten minutes in.
-    doctor.require(doctor.check_offline_wheels(settings, account.client_factory(settings.region)))
+    clients = account.client_factory(settings.region)
+    doctor.require(doctor.check_offline_wheels(settings, clients, config))
     cluster.up(
         settings,
         emr_client=_client("emr", settings.region),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -19,6 +19,7 @@ from typing import Any, Literal, TextIO
 from botocore.exceptions import ClientError
 
 from .account import CLEANUP_ROLE, EMR_MANAGED_SERVICE_POLICY, EMR_SERVICE
+from .cluster import render_config
 from .settings import EMR_TAG, AwsError, EmrSettings, repo_root
 from .stage import (
     BOOTSTRAP_FILES,
@@ -284,11 +285,23 @@ def check_artifacts(
 NODE_ARCH = {"x86_64": "x86_64", "arm64": "aarch64"}
 
 
-def check_offline_wheels(settings: EmrSettings, clients: Callable[[str], Any]) -> Iterator[Finding]:
+def instance_types(config: Mapping[str, Any]) -> list[str]:
+    """The instance types a ``RunJobFlow`` request starts: its groups' or its fleets'."""
+    instances = config.get("Instances", {})
+    types = {group["InstanceType"] for group in instances.get("InstanceGroups", [])}
+    for fleet in instances.get("InstanceFleets", []):
+        types.update(item["InstanceType"] for item in fleet.get("InstanceTypeConfigs", []))
+    return sorted(types)
+
+
+def check_offline_wheels(
+    settings: EmrSettings, clients: Callable[[str], Any], config: Mapping[str, Any]
+) -> Iterator[Finding]:
     """With ``"offline": true``, the staged wheels are for every node's architecture.
 
     The bootstrap installs with ``pip --no-index`` from ``wheels/``: a Graviton node given
     x86_64 wheels fails there, ten minutes into ``emr up``, with a pip error in its logs.
+    ``config`` is the request ``emr up`` sends (a custom template may name other types).
     """
     if not settings.offline:
         return
@@ -301,26 +314,30 @@ def check_offline_wheels(settings: EmrSettings, clients: Callable[[str], Any]) -
     )
     names = [item["Key"][len(prefix) :] for page in pages for item in page.get("Contents", [])]
     staged = wheel_architectures(names)
-    types = {settings.primary_instance_type, settings.core_instance_type}
-    if settings.task_instance_count:
-        types.add(settings.task_instance_type)
+    types = instance_types(config)
     try:
-        described = clients("ec2").describe_instance_types(InstanceTypes=sorted(types))
+        described = clients("ec2").describe_instance_types(InstanceTypes=types)
     except ClientError as error:
         if _denied(error):
             yield _cannot(check, error)
         else:
-            yield Finding("fail", check, f"{sorted(types)}: {_code(error)}",
+            yield Finding("fail", check, f"{types}: {_code(error)}",
                           f"use instance types EC2 offers in {settings.region}")  # fmt: skip
         return
-    needed = {
-        item["InstanceType"]: NODE_ARCH.get(arch, arch)
+    # A type may list several (i386 and x86_64): it is fine when wheels for one are staged.
+    runs_on = {
+        item["InstanceType"]: [
+            NODE_ARCH[arch] for arch in item["ProcessorInfo"]["SupportedArchitectures"]
+            if arch in NODE_ARCH
+        ]
         for item in described["InstanceTypes"]
-        for arch in item["ProcessorInfo"]["SupportedArchitectures"][:1]
-    }
-    missing = {name: arch for name, arch in sorted(needed.items()) if arch not in staged}
+    }  # fmt: skip
+    missing = {
+        name: arches[0] for name, arches in sorted(runs_on.items())
+        if arches and not staged.intersection(arches)
+    }  # fmt: skip
     if not missing:
-        yield Finding("ok", check, f"{', '.join(sorted(staged))} wheels for {sorted(needed)}")
+        yield Finding("ok", check, f"{', '.join(sorted(staged))} wheels for {types}")
         return
     have = ", ".join(sorted(staged)) or "no platform"
     nodes = ", ".join(f"{name} ({arch})" for name, arch in missing.items())
@@ -335,11 +352,14 @@ def check_offline_wheels(settings: EmrSettings, clients: Callable[[str], Any]) -
     )  # fmt: skip
 
 
-def require(findings: Iterable[Finding]) -> None:
-    """Raise on the first failed finding, with its fix: for commands that must not go on."""
+def require(findings: Iterable[Finding], out: TextIO | None = None) -> None:
+    """Raise on the first failed finding, with its fix: for commands that must not go on.
+    A check that could not be made is printed as a warning."""
     for finding in findings:
         if finding.level == "fail":
             raise AwsError(f"{finding.check}: {finding.detail}; fix: {finding.fix}")
+        if finding.level == "warn":
+            print(f"warning: {finding.check}: {finding.detail}", file=out or sys.stderr)
 
 
 def run_checks(
@@ -352,7 +372,7 @@ def run_checks(
     findings += check_security_configuration(settings, clients("emr"))
     if findings[0].level == "ok":  # the bucket exists
         findings += check_artifacts(settings, clients("s3"), project)
-        findings += check_offline_wheels(settings, clients)
+        findings += check_offline_wheels(settings, clients, render_config(settings))
     return findings
 
 

@@ -347,8 +347,9 @@ def download_wheelhouse(
     """Download the wheels of ``bootstrap/requirements-emr.txt`` for ``arch`` nodes.
 
     Stage the folder with ``emr stage --wheelhouse DIR`` and set ``"offline": true``; the
-    bootstrap then installs with ``pip --no-index``. One architecture per cluster: all
-    nodes of the default instance types share one.
+    bootstrap then installs with ``pip --no-index``. The default instance types share one
+    architecture; a cluster that mixes two needs a download for each into the same folder
+    (each node's pip picks its own wheels).
     """
     out = out or sys.stderr
     requirements = requirements or repo_root() / "bootstrap" / "requirements-emr.txt"
@@ -361,5 +362,5 @@ def download_wheelhouse(
             f"pip download for {arch} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
         )
     wheels = sorted(destination.glob("*.whl"))
-    print(f"{len(wheels)} wheels for {arch} in {destination}", file=out)
+    print(f"{len(wheels)} wheels in {destination} (downloaded for {arch})", file=out)
     return wheels
