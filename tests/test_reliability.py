@@ -449,6 +449,7 @@ def test_worker_loss_mid_featurization_recovers(spark, tmp_path):
     assert killed, "the worker was not killed while featurization ran"
     assert killed["completed_at_kill"] < killed["num_tasks"]
     # The tasks the lost worker was running failed, or the stage ran again in a new attempt.
+    assert killed["failed_tasks"] is not None, killed  # the stage's information was kept
     assert killed["failed_tasks"] >= 1 or killed["attempt"] >= 1, killed
 
     local_out = tmp_path / "local"

@@ -70,7 +70,8 @@ class ImageListing:
     label_samples: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
     relation: DataFrame | None = field(default=None, compare=False, repr=False)
     n_duplicates: int = 0
-    seconds: float = 0.0  # the listing's own time (it runs in notebook 01's listing cell)
+    # The listing's own time (it runs in notebook 01's listing cell, before the extraction).
+    seconds: float = field(default=0.0, compare=False)
 
     def __len__(self) -> int:
         return self.n_files

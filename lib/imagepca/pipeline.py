@@ -194,8 +194,9 @@ def extract_features(
                 or stored["created_at"],
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             )
+            extraction = checked(Extraction(listing, metadata, reused=True), params)
             storage.write_json(join(features_uri, EXTRACTION_FILE), metadata)
-            return checked(Extraction(listing, metadata, reused=True), params)
+            return extraction
 
     increment, full_run_reason = None, None
     if params.incremental:
