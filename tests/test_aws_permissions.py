@@ -1,9 +1,12 @@
 """The operator policy allows what the operator's commands actually send to AWS.
 
 The actions are not listed by hand: every request ``aws upload``, ``emr stage``, ``emr
-doctor``, ``emr up``/``run``/``down`` and papermill's S3 I/O (the ``--via livy`` path, which
-writes the executed notebooks from the operator's machine) send to the moto server is
-recorded and turned into IAM actions (:func:`moto_server.s3_actions`,
+doctor``, ``emr up``/``run``/``down`` send to the moto server is recorded and turned into IAM
+actions. ``emr run`` goes all three ways: a step; notebook executions (EMR's side stubbed,
+moto has none); and ``--via livy`` for real, papermill on this machine reading the staged
+notebooks from S3 and writing the executed ones there, their cells in a session of the Livy
+test server (:mod:`livy_server`), which writes the output as a cluster's driver would. The
+requests become IAM actions (:func:`moto_server.s3_actions`,
 :func:`moto_server.api_actions`), on a bucket whose default encryption is SSE-KMS, so
 each write also needs ``kms:GenerateDataKey`` and each read ``kms:Decrypt`` (S3 User
 Guide, "Using server-side encryption with AWS KMS keys"). The instance role's side is
@@ -22,13 +25,13 @@ from pathlib import Path
 from unittest import mock
 
 import boto3
-import nbformat
 import pytest
 from botocore.stub import Stubber
-from papermill.iorw import papermill_io
 
+from conftest import write_notebook
 from imagepca.aws import account, commands, doctor, stage
 from imagepca.aws.settings import AwsSettings, EmrSettings
+from livy_server import LivyServer
 from moto_server import (  # noqa: F401
     ACCOUNT_ID,
     REGION,
@@ -170,8 +173,36 @@ def test_operator_policy_allows_every_request_of_the_operator_commands(
         s3.put_object(Bucket=BUCKET, Key=f"runs/nb1/{name}", Body=body)
     started: list[dict] = []
     executions = ["ex-01", "ex-02", "ex-03"]
+    # For `--via livy`, notebooks staged as a version of their own that write what notebooks
+    # 01 and 02 leave in the output (from the Livy session, as the cluster's driver does);
+    # papermill here reads them from S3 and writes the executed copies there.
+    notebooks = tmp_path / "livy-notebooks"
+    notebooks.mkdir()
+    put = (
+        "import boto3, json\nbucket, prefix = output.removeprefix('s3://').split('/', 1)\n"
+        "def put(name, body):\n"
+        "    boto3.client('s3').put_object(Bucket=bucket, Key=f'{prefix}/{name}', Body=body)\n"
+    )
+    write_notebook(
+        notebooks / "01_extract_features.ipynb", "output = None",
+        put + "put('features/_extraction.json', json.dumps({'created_at': 'now'}))",
+    )  # fmt: skip
+    metrics = {
+        "n_images": 2, "n_rejected": 0, "n_classes": 1, "k": 1, "k_mode": "fixed",
+        "variance_reached": 1.0, "variance_threshold": 0.95, "timings_s": {},
+        "classification": {"skipped": "fewer than 2 labels"},
+    }  # fmt: skip
+    write_notebook(
+        notebooks / "02_reduce_pca.ipynb", "output = None",
+        put + f"put('metrics.json', json.dumps({metrics!r}))\nput('_SUCCESS', b'')",
+    )  # fmt: skip
+    for path in notebooks.iterdir():
+        s3.upload_file(str(path), BUCKET, f"artifacts/0.2.0/notebooks/{path.name}")
 
-    with recording(moto_endpoint, tmp_path / "recording.jsonl") as requests:
+    with (
+        LivyServer(tmp_path / "livy", max_lifetime=600) as livy_server,
+        recording(moto_endpoint, tmp_path / "recording.jsonl") as requests,
+    ):
         assert cli("aws", "upload", str(photos), f"s3://{BUCKET}/input/photos/") == 0
         stage.stage(
             BUCKET, "0.1.0", weights, s3_client=s3, project=project,
@@ -186,17 +217,15 @@ def test_operator_policy_allows_every_request_of_the_operator_commands(
             via = ["--via", "notebook-execution", "--run-id", "nb1", "--poll-seconds", "0"]
             assert cli("emr", "run", *common, "--cluster-id", cluster_id, *via) == 0
             stub.assert_no_pending_responses()
-        # --via livy: papermill on this machine reads the staged notebook and writes the
-        # executed one with its own S3 handler (what papermill.execute_notebook calls).
-        source = f"s3://{BUCKET}/artifacts/0.1.0/notebooks/01_extract_features.ipynb"
-        notebook = nbformat.reads(papermill_io.read(source), as_version=4)
-        papermill_io.write(
-            nbformat.writes(notebook), f"s3://{BUCKET}/runs/r1/notebooks/01_extract_features.ipynb"
+        via = ["--via", "livy", "--livy-url", livy_server.url, "--run-id", "r1"]
+        assert (
+            cli("emr", "run", *common, "--version", "0.2.0", "--cluster-id", cluster_id, *via) == 0
         )
         assert (
             cli("emr", "down", *common, "--cluster-id", cluster_id, "--poll-seconds", "0.05") == 0
         )
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert "classifier skipped: fewer than 2 labels" in printed  # the --via livy summary
 
     policy = account.render_policy("iam-operator-policy", settings, ROOT / "aws")
     needed = s3_actions(requests, BUCKET, kms_key=key) | run_job_flow_needs(requests, settings)
@@ -212,8 +241,17 @@ def test_operator_policy_allows_every_request_of_the_operator_commands(
     assert {"elasticmapreduce:RunJobFlow", "kms:GenerateDataKey", "ec2:DescribeVpcs"} <= names
     (launch,) = [entry for entry in actions if entry[0] == "elasticmapreduce:RunJobFlow"]
     assert ("project", "imagepca") in launch[3]  # what LaunchTaggedClusters requires
-    assert ("s3:PutObjectAcl", f"arn:aws:s3:::{BUCKET}/runs/r1/notebooks/01_extract_features.ipynb",
-            None) in needed  # fmt: skip
+    # `--via livy`: papermill read the staged notebooks and wrote the executed ones (with
+    # the ACL its S3 handler sets), and the runner read the run's metrics.
+    livy_run = {
+        ("s3:GetObject", f"arn:aws:s3:::{BUCKET}/artifacts/0.2.0/notebooks/{name}", None)
+        for name in ("01_extract_features.ipynb", "02_reduce_pca.ipynb")
+    } | {
+        ("s3:PutObjectAcl", f"arn:aws:s3:::{BUCKET}/runs/r1/notebooks/01_extract_features.ipynb",
+         None),
+        ("s3:GetObject", f"arn:aws:s3:::{BUCKET}/runs/r1/metrics.json", None),
+    }  # fmt: skip
+    assert livy_run <= needed
     assert ("kms:GenerateDataKey", key, None) in needed
     assert denied(policy, needed | actions) == []
 
