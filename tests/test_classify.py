@@ -366,6 +366,20 @@ def test_large_data_paths_spark_fit_and_sweep_subset(spark, classified) -> None:
     assert clf._staged_model is None  # nothing written to the output: nothing staged
 
 
+def test_driver_max_mb_0_fits_with_spark_even_with_every_image_on_the_driver(
+    spark, classified
+) -> None:
+    """``driver_max_mb=0`` means "always fit with Spark", also for a run small enough that
+    the comparison already holds every image on the driver."""
+    params = ClassifyParams(
+        output=str(classified["output"]), k_values=[2], reg_param=REG_PARAM, driver_max_mb=0,
+        max_iter=5,
+    )  # fmt: skip
+    clf = prepare(spark, params)
+    assert clf.subset_is_everything
+    assert clf.fit_reduced().scores["fitted_by"] == "spark"
+
+
 def test_metrics_block_and_markers(classified) -> None:
     output = Path(classified["output"])
     on_disk = json.loads((output / "metrics.json").read_text())

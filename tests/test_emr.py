@@ -24,6 +24,7 @@ from botocore.validate import ParamValidator
 from imagepca import features
 from imagepca.aws import cluster, commands, runs, stage
 from imagepca.aws.settings import AwsError, AwsSettings, EmrSettings
+from imagepca.config import SPARK_SETTINGS
 from livy_server import LivyServer, make_test_pki
 from moto_server import REGION, aws_env, moto_endpoint, set_step_states  # noqa: F401
 
@@ -86,6 +87,9 @@ def test_rendered_config_is_a_valid_run_job_flow_request():
     assert spark["spark.sql.execution.arrow.pyspark.enabled"] == "true"
     assert spark["spark.sql.execution.arrow.maxRecordsPerBatch"] == "256"
     assert spark["spark.python.worker.reuse"] == "true"
+    # Every session on the cluster (JupyterHub's PySpark kernel's too) gets what get_spark
+    # gives the sessions it builds.
+    assert {key: spark.get(key) for key in SPARK_SETTINGS} == SPARK_SETTINGS
     assert spark["spark.executor.memoryOverhead"] == "4g"
     livy_conf = by_class["livy-conf"]["Properties"]
     # A forgotten session ends after 1 h without statements; a long cell is not cut.

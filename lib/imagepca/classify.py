@@ -283,13 +283,13 @@ class Classification:
         self._discard_staged_model()
         n_rows = sum(c["train"] + c["test"] for c in self.split_counts.values())
         with timed(self.timings, "reduced_s"):
-            if self.subset_is_everything:
+            if not logistic.fits_on_driver(n_rows, self.k, params.driver_max_mb):
+                data = x = None  # Spark fits it (driver_max_mb=0: always)
+            elif self.subset_is_everything:  # every image is on the driver already
                 data, x = self.subset, self.scores_of(self.k)
-            elif logistic.fits_on_driver(n_rows, self.k, params.driver_max_mb):
+            else:
                 data = TrainingMatrix.collect(self._reduced_split(), "pca", self.labels)
                 x = data.x
-            else:
-                data = x = None
             if data is not None:
                 coefficients, intercepts, scores = self._fit_driver("reduced", data, x)
                 regression = logistic.spark_model(

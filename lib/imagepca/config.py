@@ -29,8 +29,9 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-# Session settings the pipeline relies on: given to a session get_spark builds, and to the
-# Livy sessions the PySpark kernel creates (cluster-wide spark-defaults still win).
+# Session settings the pipeline relies on: given to a session get_spark builds, to the Livy
+# sessions `imagepca run --kernel pysparkkernel` asks for, and in emr_config.json's
+# spark-defaults to every session on the cluster (JupyterHub's PySpark kernel included).
 SPARK_SETTINGS = {
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.sql.parquet.compression.codec": "zstd",
