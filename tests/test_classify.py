@@ -377,7 +377,8 @@ def test_driver_max_mb_0_fits_with_spark_even_with_every_image_on_the_driver(
     )  # fmt: skip
     clf = prepare(spark, params)
     assert clf.subset_is_everything
-    assert clf.fit_reduced().scores["fitted_by"] == "spark"
+    scores = clf.fit_reduced().scores
+    assert scores["fitted_by"] == "spark" and scores["input"] == "reduced/ (array_to_vector(pca))"
 
 
 def test_metrics_block_and_markers(classified) -> None:
@@ -392,6 +393,8 @@ def test_metrics_block_and_markers(classified) -> None:
     assert block["test_fraction"] == 0.25 and block["seed"] == 42
     assert block["labels"] == ["apple", "banana", "mixed", "orange"]
     assert block["excluded_labels"] == {}
+    # Every image was in the comparison set: the driver fit used its scores, not reduced/.
+    assert block["reduced"]["input"].startswith("features/ projected with pca_model")
     for name, dims in (("reduced", classified["k"]), ("full", 1280)):
         scores = block[name]
         matrix = np.asarray(scores["confusion_matrix"]["matrix"])

@@ -283,10 +283,12 @@ class Classification:
         self._discard_staged_model()
         n_rows = sum(c["train"] + c["test"] for c in self.split_counts.values())
         with timed(self.timings, "reduced_s"):
+            source = "reduced/ (array_to_vector(pca))"
             if not logistic.fits_on_driver(n_rows, self.k, params.driver_max_mb):
                 data = x = None  # Spark fits it (driver_max_mb=0: always)
             elif self.subset_is_everything:  # every image is on the driver already
                 data, x = self.subset, self.scores_of(self.k)
+                source = "features/ projected with pca_model (the scores reduced/ holds)"
             else:
                 data = TrainingMatrix.collect(self._reduced_split(), "pca", self.labels)
                 x = data.x
@@ -308,7 +310,7 @@ class Classification:
                     self._reduced_split().withColumn(PCA_COL, array_to_vector("pca"))
                 )
         scores["k"] = self.k
-        scores["input"] = "reduced/ (array_to_vector(pca))"
+        scores["input"] = source
         result = ClassifierResult("reduced", model, scores)
         self.results["reduced"] = result
         self._stage_model()
