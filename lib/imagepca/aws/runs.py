@@ -158,10 +158,10 @@ def step_request(cluster_id: str, options: RunOptions, run_id: str) -> dict[str,
 
 
 STEP_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "INTERRUPTED")
-# How far the cluster's clock (features/_extraction.json's created_at) may lag EMR's
-# (a notebook execution's StartTime).
-CLOCK_SKEW = dt.timedelta(seconds=60)
 """Step states that do not change any more (EMR API reference, ``StepStatus``)."""
+CLOCK_SKEW = dt.timedelta(seconds=60)
+"""How far the cluster's clock (``features/_extraction.json``'s ``created_at``) may lag
+EMR's (a notebook execution's ``StartTime``)."""
 
 
 def run_step(
