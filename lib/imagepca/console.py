@@ -206,6 +206,20 @@ def upload_log(log: Path, uri: str) -> str | None:
     return uri
 
 
+def increment_line(increment: dict | None) -> str | None:
+    """What an incremental run did (``_extraction.json``'s ``incremental``), or why it was
+    a full run; None for a run that was not incremental."""
+    increment = increment or {}
+    if "kept" in increment:
+        return (
+            f"incremental: {increment['featurized']} new or changed images featurized, "
+            f"{increment['kept']} kept, {increment['dropped']} dropped"
+        )
+    if "full_run_because" in increment:
+        return f"incremental: a full run, because {increment['full_run_because']}"
+    return None
+
+
 def summary(metrics: dict, output: str, log: str | None = None) -> str:
     """A few lines for the terminal after a run."""
     timings = metrics.get("timings_s", {})
@@ -228,14 +242,9 @@ def summary(metrics: dict, output: str, log: str | None = None) -> str:
             else f"featurization {metrics.get('images_per_s') or 0:.1f} images/s"
         ),
     ]
-    increment = metrics.get("incremental") or {}
-    if "kept" in increment:
-        lines.append(
-            f"incremental: {increment['featurized']} new or changed images featurized, "
-            f"{increment['kept']} kept, {increment['dropped']} dropped"
-        )
-    elif "full_run_because" in increment:
-        lines.append(f"incremental: a full run, because {increment['full_run_because']}")
+    increment = increment_line(metrics.get("incremental"))
+    if increment:
+        lines.append(increment)
     classification = metrics.get("classification", {})
     if "skipped" in classification:
         lines.append(f"classifier skipped: {classification['skipped']}")

@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 
 from . import progress
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
+from .console import increment_line
 from .executor_reads import read_options
 from .features import (
     features_udf,
@@ -145,14 +146,9 @@ class Extraction:
             if self.reused
             else (f"{m['timings_s']['featurize_s']:.1f} s, {m['images_per_s']:.1f} images/s")
         )
-        increment = m.get("incremental") or {}
-        if "kept" in increment:
-            how = (
-                f"incremental: {increment['featurized']} new or changed featurized, "
-                f"{increment['kept']} kept, {increment['dropped']} dropped; {how}"
-            )
-        elif "full_run_because" in increment:
-            how = f"full run ({increment['full_run_because']}); {how}"
+        increment = increment_line(m.get("incremental"))
+        if increment:
+            how = f"{increment}; {how}"
         return (
             f"{m['n_files_found']} image files in {m['n_classes']} classes: "
             f"{m['n_images']} featurized, {m['n_rejected']} rejected ({rejected}); {how}"
