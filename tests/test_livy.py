@@ -177,19 +177,23 @@ def test_cli_refuses_what_cannot_apply(sample_dir, tmp_path, capsys):
 # -- the Livy protocol of the test server ------------------------------------------------
 
 
+def livy_call(url: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """A Livy REST call, as sparkmagic makes them: the status and the JSON answer."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.status, json.loads(response.read())
+
+
 def test_livy_protocol(livy_server):
     """Livy's session and statement state machines and JSON shapes, as sparkmagic reads
     them, on a real PySpark session (multi-line code, trailing expression, %matplot,
     errors, cancel, delete)."""
     import time
-    from urllib.request import Request, urlopen
 
     def call(method, path, body=None):
-        data = json.dumps(body).encode() if body is not None else None
-        request = Request(livy_server.url + path, data=data, method=method)
-        request.add_header("Content-Type", "application/json")
-        with urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
+        return livy_call(livy_server.url, method, path, body)
 
     status, created = call("POST", "/sessions", {"kind": "pyspark", "name": "protocol"})
     assert status == 201
@@ -260,14 +264,8 @@ def test_sessions_a_run_left_behind_are_deleted(tmp_path, names):
     reports no names, every session that was not there before it. Others stay."""
 
     def create(name: str) -> int:
-        request = urllib.request.Request(
-            f"{server.url}/sessions",
-            data=json.dumps({"kind": "pyspark", "name": name}).encode(),
-            headers={"Content-Type": "application/json", "X-Requested-By": "test"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())["id"]
+        _, session = livy_call(server.url, "POST", "/sessions", {"kind": "pyspark", "name": name})
+        return session["id"]
 
     with LivyServer(tmp_path, max_lifetime=300, names=names) as server:
         other = create("someone-else")
