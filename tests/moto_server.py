@@ -72,6 +72,15 @@ def aws_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> It
     yield moto_endpoint
 
 
+def stubbed(service: str):
+    """A client for botocore's Stubber: it never reaches an endpoint."""
+    import boto3
+
+    return boto3.client(
+        service, region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
+    )
+
+
 def set_step_states(cluster_id: str, state: str = "COMPLETED", region: str = REGION) -> int:
     """Move the cluster's steps to ``state`` inside moto (steps never finish on their own).
 
@@ -324,8 +333,7 @@ def api_actions(requests: list[dict]) -> set:
 def _matches(patterns, value: str) -> bool:
     import fnmatch
 
-    patterns = patterns if isinstance(patterns, list) else [patterns]
-    return any(fnmatch.fnmatchcase(value.lower(), p.lower()) for p in patterns)
+    return any(fnmatch.fnmatchcase(value.lower(), p.lower()) for p in as_list(patterns))
 
 
 def allowed(

@@ -26,7 +26,7 @@ from imagepca.aws import cluster, commands, runs, stage
 from imagepca.aws.settings import AwsError, AwsSettings, EmrSettings
 from imagepca.config import SPARK_SETTINGS
 from livy_server import LivyServer, make_test_pki
-from moto_server import REGION, aws_env, moto_endpoint, set_step_states  # noqa: F401
+from moto_server import REGION, aws_env, moto_endpoint, set_step_states, stubbed  # noqa: F401
 
 BUCKET = "imagepca-test-bucket"
 ROOT = Path(__file__).resolve().parents[1]
@@ -622,13 +622,6 @@ def run_executions(requests, output, emr, s3, **options):
     """``run_notebook_executions`` on stubbed clients, without waiting between polls."""
     options = {"poll_seconds": 0, "sleep": lambda _s: None, "out": io.StringIO(), **options}
     return runs.run_notebook_executions(requests, output, emr_client=emr, s3_client=s3, **options)
-
-
-def stubbed(service: str):
-    """A client for botocore's Stubber: it never reaches an endpoint."""
-    return boto3.client(
-        service, region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
-    )
 
 
 STARTED = dt.datetime(2026, 11, 29, 18, 0, tzinfo=dt.UTC)  # every stubbed execution's start

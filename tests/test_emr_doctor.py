@@ -15,7 +15,7 @@ from botocore.stub import Stubber
 
 from imagepca.aws import account, cluster, commands, doctor, stage
 from imagepca.aws.settings import EMR_TAG, AwsSettings, EmrSettings
-from moto_server import ACCOUNT_ID, REGION, aws_env, moto_endpoint  # noqa: F401
+from moto_server import ACCOUNT_ID, REGION, aws_env, moto_endpoint, stubbed  # noqa: F401
 
 BUCKET = "imagepca-doctor-bucket"
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,12 +195,6 @@ def test_offline_wheels_are_for_every_nodes_architecture(new_account, tmp_path, 
     error = capsys.readouterr().err
     assert "offline wheels:" in error and "fix: imagepca emr wheelhouse --arch aarch64" in error
     assert boto3.client("emr").list_clusters()["Clusters"] == []  # nothing was submitted
-
-
-def stubbed(service: str):
-    return boto3.client(
-        service, region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
-    )
 
 
 @pytest.mark.parametrize(
