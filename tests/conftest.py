@@ -48,13 +48,18 @@ def pytest_configure(config):
 @pytest.fixture(scope="session", autouse=True)
 def test_environment(tmp_path_factory):
     """Keras cache seeded with the shared weights (a link, as a user's cache would hold the
-    file), a per-session model cache, Spark on loopback, one Python for driver and workers."""
+    file), a per-session model cache, Spark on loopback, one Python for driver and workers.
+
+    Every Spark JVM the tests start (drivers, standalone workers, local-cluster executors)
+    keeps its scratch folders in the session's temporary folder: one killed by a test leaves
+    them there, not in /tmp."""
     keras_home = tmp_path_factory.mktemp("keras_home")
     (keras_home / "models").mkdir()
     (keras_home / "models" / WEIGHTS.name).symlink_to(WEIGHTS)
     settings = {
         "KERAS_HOME": str(keras_home),
         "IMAGEPCA_CACHE": str(tmp_path_factory.mktemp("imagepca_cache")),
+        "SPARK_LOCAL_DIRS": str(tmp_path_factory.mktemp("spark_local")),
         "SPARK_LOCAL_IP": "127.0.0.1",
         "PYSPARK_PYTHON": sys.executable,
         "PYSPARK_DRIVER_PYTHON": sys.executable,
@@ -127,6 +132,7 @@ def sample_run(sample_dir, tmp_path_factory, test_environment):
     # The run's processes inherit a marker, and its JVM a scratch folder of its own.
     marker, scratch = f"IMAGEPCA_TEST_RUN_{os.getpid()}", output.parent / "spark-local"
     scratch.mkdir()
+    session_scratch = os.environ["SPARK_LOCAL_DIRS"]
     os.environ.update({marker: "1", "SPARK_LOCAL_DIRS": str(scratch)})
     try:
         status = main(
@@ -134,7 +140,7 @@ def sample_run(sample_dir, tmp_path_factory, test_environment):
         )
     finally:
         os.environ.pop(marker)
-        os.environ.pop("SPARK_LOCAL_DIRS")
+        os.environ["SPARK_LOCAL_DIRS"] = session_scratch
     assert status == 0
     # The kernel is killed once its Spark has stopped: no process of the run is left, and
     # the JVM stopped in order first (a JVM killed with its kernel leaves its scratch
