@@ -817,6 +817,25 @@ def test_help_for_every_emr_command(capsys):
     assert "--via" in capsys.readouterr().out
 
 
+def test_every_command_says_what_it_does():
+    """Each command's ``--help`` has a description below its usage, not only options."""
+    import argparse
+
+    from imagepca.cli import build_parser
+
+    def leaves(parser: argparse.ArgumentParser, name: str):
+        groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not groups:
+            yield name, parser
+        for group in groups:
+            for command, child in group.choices.items():
+                yield from leaves(child, f"{name} {command}")
+
+    commands = dict(leaves(build_parser(), "imagepca"))
+    assert {"imagepca run", "imagepca emr render", "imagepca emr down"} <= commands.keys()
+    assert [name for name, parser in commands.items() if not parser.description] == []
+
+
 def test_aws_package_reads_as_the_deployment_steps():
     """The shape of lib/imagepca/aws/: small modules, none importing the CLI, no cycle."""
     import ast

@@ -58,12 +58,9 @@ def _cmd_setup(args: argparse.Namespace) -> int:
         else:
             account_id = account.caller_account_id(args.region)
     settings = AwsSettings(
-        bucket=args.bucket,
-        region=args.region,
-        account_id=account_id,
-        kms_key_arn=args.kms_key,
-        versioning=args.versioning,
-    )
+        bucket=args.bucket, region=args.region, account_id=account_id,
+        kms_key_arn=args.kms_key, versioning=args.versioning,
+    )  # fmt: skip
     account.setup(settings, dry_run=args.dry_run)
     return 0
 
@@ -170,11 +167,9 @@ def _add_wait_options(parser: argparse.ArgumentParser, default_attempts: int) ->
         "--poll-seconds", type=float, default=30.0, help="status polling interval (default 30)"
     )
     parser.add_argument(
-        "--max-attempts",
-        type=int,
-        default=default_attempts,
+        "--max-attempts", type=int, default=default_attempts,
         help=f"polls before giving up (default {default_attempts})",
-    )
+    )  # fmt: skip
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
@@ -403,8 +398,9 @@ def _add_emr(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
 
     render = commands.add_parser(
-        "render", help="print the run_job_flow request built from emr_config.json + settings"
-    )
+        "render", help="print the run_job_flow request built from emr_config.json + settings",
+        description="Print the RunJobFlow request `emr up` would send; nothing is sent.",
+    )  # fmt: skip
     _add_settings_options(render)
     render.add_argument("--config", help="cluster template (default: ./emr_config.json)")
     render.set_defaults(func=_guard(_cmd_render))
@@ -486,7 +482,10 @@ def _add_emr(subparsers: argparse._SubParsersAction) -> None:
 
     _add_run(commands)
 
-    down = commands.add_parser("down", help="terminate the cluster")
+    down = commands.add_parser(
+        "down", help="terminate the cluster",
+        description="Terminate the cluster; wait until it has terminated unless --no-wait.",
+    )  # fmt: skip
     _add_settings_options(down)
     down.add_argument("--cluster-id", required=True)
     down.add_argument("--no-wait", action="store_true")
