@@ -101,3 +101,53 @@ def test_run_from_an_s3_inventory_report(moto_endpoint, tmp_path):  # noqa: F811
     rejected = pd.read_parquet(output / "rejected")
     assert list(rejected.path) == [f"s3://{BUCKET}/images/banana/deleted since the report.jpg"]
     assert rejected.reason[0].startswith("missing: ")
+
+
+def test_executor_reads_take_s3a_per_bucket_settings(spark, moto_endpoint, monkeypatch):  # noqa: F811
+    """A bucket's ``fs.s3a.bucket.BUCKET.*`` options win over ``fs.s3a.*``, as in S3A: here
+    only the bucket's own endpoint reaches the server."""
+    from imagepca.executor_reads import read_files, read_options
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    bucket, photo = "imagepca-per-bucket", sorted((FRUIT_PHOTOS / "apple").glob("*.jpg"))[0]
+    s3 = boto3.client(
+        "s3", endpoint_url=moto_endpoint, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )  # fmt: skip
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="apple/one #1.jpg", Body=photo.read_bytes())
+
+    closed_port = "http://127.0.0.1:9"  # discard: nothing listens there
+    settings = {
+        "fs.s3a.endpoint": closed_port,
+        "fs.s3a.connection.ssl.enabled": "false",
+        "fs.s3a.access.key": "testing",
+        "fs.s3a.secret.key": "testing",
+        f"fs.s3a.bucket.{bucket}.endpoint": moto_endpoint,
+        f"fs.s3a.bucket.{bucket}.endpoint.region": "us-east-1",
+        f"fs.s3a.bucket.{bucket}.fs.s3a.retry.limit": "1",  # not an option pyarrow takes
+    }
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    saved = {key: conf.get(key) for key in settings}
+    for key, value in settings.items():
+        conf.set(key, value)
+    try:
+        options = read_options(spark)
+    finally:
+        for key, value in saved.items():
+            conf.unset(key) if value is None else conf.set(key, value)
+
+    assert options.s3("another-bucket")["endpoint_override"] == "127.0.0.1:9"
+    assert options.s3(bucket) == {
+        "endpoint_override": moto_endpoint.removeprefix("http://"),
+        "scheme": "http",
+        "access_key": "testing",
+        "secret_key": "testing",
+        "region": "us-east-1",
+    }
+    # The option pyarrow does not take stays on the driver.
+    assert sorted(options.s3a_per_bucket) == [f"{bucket}.endpoint", f"{bucket}.endpoint.region"]
+    contents, reasons = read_files([f"s3a://{bucket}/apple/one #1.jpg"], options)
+    assert reasons == [None]
+    assert contents == [photo.read_bytes()]

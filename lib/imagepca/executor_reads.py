@@ -18,34 +18,61 @@ from pyspark.sql import SparkSession
 
 from .storage import URI_SCHEME
 
+# Hadoop's S3A options that pyarrow's S3 client takes (names without "fs.s3a.").
+S3A_OPTIONS = (
+    "endpoint",
+    "connection.ssl.enabled",
+    "access.key",
+    "secret.key",
+    "session.token",
+    "endpoint.region",
+)
+PER_BUCKET_PREFIX = "fs.s3a.bucket."
+
 
 @dataclass(frozen=True)
 class ReadOptions:
     """How executors reach the images: S3 settings taken from the Hadoop configuration
-    (the ``fs.s3a.*`` keys), so a manifest's images are read where Spark would read them."""
+    (the ``fs.s3a.*`` keys, and S3A's per-bucket ``fs.s3a.bucket.BUCKET.*`` overrides), so a
+    manifest's images are read where Spark would read them."""
 
-    s3: dict = field(default_factory=dict)
+    s3a: dict = field(default_factory=dict)  # option -> value, for every bucket
+    s3a_per_bucket: dict = field(default_factory=dict)  # "BUCKET.option" -> value
     threads: int = 16
+
+    def s3(self, bucket: str) -> dict:
+        """pyarrow ``S3FileSystem`` arguments for ``bucket``: a bucket's own option wins,
+        as in S3A."""
+        options = {
+            option: self.s3a_per_bucket.get(f"{bucket}.{option}", self.s3a.get(option))
+            for option in S3A_OPTIONS
+        }
+        s3: dict = {}
+        endpoint = options["endpoint"]
+        if endpoint and "amazonaws.com" not in endpoint:
+            parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
+            ssl = (options["connection.ssl.enabled"] or "true").lower() == "true"
+            s3["endpoint_override"] = parts.netloc
+            s3["scheme"] = parts.scheme or ("https" if ssl else "http")
+        for argument, option in (
+            ("access_key", "access.key"),
+            ("secret_key", "secret.key"),
+            ("session_token", "session.token"),
+            ("region", "endpoint.region"),
+        ):
+            if options[option]:
+                s3[argument] = options[option]
+        return s3
 
 
 def read_options(spark: SparkSession) -> ReadOptions:
     conf = spark.sparkContext._jsc.hadoopConfiguration()
-    s3: dict = {}
-    endpoint = conf.get("fs.s3a.endpoint")
-    if endpoint and "amazonaws.com" not in endpoint:
-        parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
-        ssl = (conf.get("fs.s3a.connection.ssl.enabled") or "true").lower() == "true"
-        s3["endpoint_override"] = parts.netloc
-        s3["scheme"] = parts.scheme or ("https" if ssl else "http")
-    for option, key in (
-        ("access_key", "fs.s3a.access.key"),
-        ("secret_key", "fs.s3a.secret.key"),
-        ("session_token", "fs.s3a.session.token"),
-        ("region", "fs.s3a.endpoint.region"),
-    ):
-        if conf.get(key):
-            s3[option] = conf.get(key)
-    return ReadOptions(s3=s3)
+    per_bucket = dict(conf.getPropsWithPrefix(PER_BUCKET_PREFIX))  # "BUCKET.option" -> value
+    suffixes = tuple(f".{option}" for option in S3A_OPTIONS)
+    return ReadOptions(
+        s3a={option: conf.get(f"fs.s3a.{option}") for option in S3A_OPTIONS},
+        s3a_per_bucket={k: v for k, v in per_bucket.items() if k.endswith(suffixes)},
+    )
 
 
 _FILESYSTEMS: dict[tuple, object] = {}
@@ -53,7 +80,7 @@ _FILESYSTEMS_LOCK = threading.Lock()
 
 
 def _filesystem(uri: str, options: ReadOptions):
-    """A pyarrow file system and the path within it; one per worker and bucket.
+    """A pyarrow file system and the path within it; one per worker, bucket and settings.
 
     The URI is split by hand, not by ``urlsplit``: ``#`` and ``?`` are ordinary characters
     of an object key or a file name (as Spark's ``path`` column and Hadoop's ``Path`` keep
@@ -66,17 +93,18 @@ def _filesystem(uri: str, options: ReadOptions):
         path = uri.split(":", 1)[1] if scheme else uri
         return fs.LocalFileSystem(), "/" + path.lstrip("/")
     authority, _, path = uri.split(":", 1)[1].removeprefix("//").partition("/")
-    key = (scheme, authority)
+    in_bucket = scheme in ("s3", "s3a", "s3n")  # pyarrow's S3 paths start with the bucket
+    settings = options.s3(authority) if in_bucket else {}
+    # A Python worker outlives its task: another job's settings get a file system of their own.
+    key = (scheme, authority, tuple(sorted(settings.items())))
     with _FILESYSTEMS_LOCK:
         if key not in _FILESYSTEMS:
-            if scheme in ("s3", "s3a", "s3n"):
-                settings = dict(options.s3)
+            if in_bucket:
                 if "endpoint_override" not in settings and "region" not in settings:
                     settings["region"] = fs.resolve_s3_region(authority)
                 _FILESYSTEMS[key] = fs.S3FileSystem(**settings)
             else:  # hdfs://, gs://...: whatever pyarrow supports there
                 _FILESYSTEMS[key] = fs.FileSystem.from_uri(f"{scheme}://{authority}/")[0]
-    in_bucket = scheme in ("s3", "s3a", "s3n")  # pyarrow's S3 paths start with the bucket
     return _FILESYSTEMS[key], f"{authority}/{path}" if in_bucket else f"/{path}"
 
 
