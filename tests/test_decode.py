@@ -151,3 +151,16 @@ def test_pixel_limit_is_a_parameter():
     assert decode_image(image, SIZE, max_pixels=300 * 300).shape == (SIZE, SIZE, 3)
     with pytest.raises(ImageDecodeError, match="decompression bomb: .*90000 pixels"):
         decode_image(image, SIZE, max_pixels=300 * 300 - 1)
+
+
+# 900M pixels: past twice the first two limits (Pillow raises), less than twice the third
+# (Pillow warns).
+@pytest.mark.parametrize("max_pixels", [1_000, 89_478_485, 500_000_000])
+def test_a_decompression_bomb_names_the_limit_that_was_set(max_pixels):
+    """Pillow's own text names twice the limit past that: the reason names the setting."""
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(png_header_only(30_000, 30_000), SIZE, max_pixels=max_pixels)
+    assert str(caught.value) == (
+        f"decompression bomb: 900000000 pixels exceeds max_image_pixels={max_pixels} "
+        "(raise --max-image-pixels to featurize it)"
+    )

@@ -50,14 +50,16 @@ def spelled(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def manifest_run(spark, tmp_path_factory):
-    """A CSV manifest of 12 shared photos spelled three ways, a label column for some rows,
-    a relative path, a duplicate row and three keys that do not exist."""
+    """A CSV manifest of 12 shared photos spelled three ways, a label column for some rows
+    (spaces around some, blank for others), a relative path, a duplicate row and three keys
+    that do not exist."""
     work = tmp_path_factory.mktemp("manifest")
     chosen = [p for label in LABELS for p in photos(label, 0, 4)]
     rows = []
     for i, path in enumerate(chosen):
         uri = [path.as_uri(), str(path), spelled(path)][i % 3]  # file:///, /, file:/
-        rows.append({"path": uri, "label": "pomme" if "apple" in path.parent.name else ""})
+        given = [" pomme ", "pomme"][i % 2] if "apple" in path.parent.name else ["", "  "][i % 2]
+        rows.append({"path": uri, "label": given})
     (work / "local").mkdir()
     relative = work / "local" / "banana" / "copy.jpg"
     relative.parent.mkdir()
@@ -111,6 +113,20 @@ def test_a_relative_manifest_location_reads_relative_entries_beside_it(
         listing.release()
     assert spelled(manifest_run["relative"]) in paths
     assert all(path.startswith("file:/") for path in paths)
+
+
+def test_first_look_skips_a_manifest_label_whose_files_are_gone(spark, manifest_run):
+    """Notebook 01's sample images: the "apple" label (the folder of the three missing
+    URIs) has no file to show; the others do, and featurization rejects the three."""
+    from imagepca.images import load_samples
+
+    listing = read_manifest(spark, str(manifest_run["output"].parent / "images.csv"))
+    try:
+        samples = load_samples(spark, listing)
+    finally:
+        listing.release()
+    assert {label for label, _ in samples} == {"another", "banana", "orange", "pomme"}
+    assert all(pixels.shape == (224, 224, 3) for _, pixels in samples)
 
 
 def test_manifest_labels_and_paths(manifest_run):

@@ -5,10 +5,12 @@ on the executors. Where the files come from is :mod:`imagepca.inputs`.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
+from py4j.protocol import Py4JJavaError
 from pyspark.sql import Column, SparkSession
 from pyspark.sql import functions as F
 
@@ -106,10 +108,8 @@ def decode_image(
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"decompression bomb: {width}x{height} = {width * height} pixels exceeds "
-                    f"max_image_pixels={max_pixels}"
-                )
+                pixels = f"{width}x{height} = {width * height}"
+                raise ImageDecodeError(_too_many_pixels(pixels, max_pixels))
             if fast_decode and image.format == "JPEG":
                 image.draft("RGB", (size, size))
             image.load()
@@ -124,13 +124,24 @@ def decode_image(
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageDecodeError(f"decompression bomb: {error}") from None
+        # Pillow's text names its own limit, which is twice max_pixels past that.
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        raise ImageDecodeError(
+            _too_many_pixels(pixels[1] if pixels else "more", max_pixels)
+        ) from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(
             "not an image: unknown format, or content that does not match the extension"
         ) from None
     except Exception as error:  # Pillow raises many types for broken data
         raise ImageDecodeError(f"corrupt image: {type(error).__name__}: {error}") from None
+
+
+def _too_many_pixels(pixels: str, max_pixels: int) -> str:
+    return (
+        f"decompression bomb: {pixels} pixels exceeds max_image_pixels={max_pixels} "
+        "(raise --max-image-pixels to featurize it)"
+    )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -163,6 +174,6 @@ def load_samples(
     for label, path in listing.sample(per_label):
         try:
             samples.append((label, decode_image(storage.read_bytes(path), size)))
-        except ImageDecodeError:
-            continue  # shown in the rejected report instead
+        except (ImageDecodeError, OSError, Py4JJavaError):
+            continue  # gone or unreadable (a manifest's URI): featurization rejects it
     return samples

@@ -304,9 +304,12 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
             f"manifest {manifest_uri!r} cannot be read: {str(error).splitlines()[0].rstrip('.')}. "
             "Pass a CSV or Parquet file with a `path` column, or an S3 Inventory manifest.json."
         ) from None
+    # A label is trimmed like the path ("a.jpg, apple " in a CSV); a blank one means the
+    # parent folder's name.
+    label = F.nullif(F.trim(F.col("label")), F.lit(""))
     images = table.where(_is_image(F.col("path"))).select(
         "path",
-        F.coalesce(F.col("label"), label_column(F.col("path"))).alias("label"),
+        F.coalesce(label, label_column(F.col("path"))).alias("label"),
         F.col("size").cast("long").alias("size"),
         F.col("modified").cast("timestamp").alias("modified"),
     )
