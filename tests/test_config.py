@@ -52,6 +52,32 @@ def test_output_inside_input_is_refused_through_links_and_uri_spellings(tmp_path
     assert ExtractParams(input=str(photos), output=str(tmp_path / "out")).output
 
 
+def test_an_output_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for spelling in (str(tmp_path / "notes.txt"), f"file://{tmp_path}/notes.txt"):
+        with pytest.raises(ParameterError, match="is a file: give a folder"):
+            ExtractParams(input="data/sample", output=spelling)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_output_under_a_linked_class_folder_is_refused(tmp_path):
+    """Spark's listing follows a class folder's link: an output in its target is inside."""
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    (photos / "apple").mkdir(parents=True)
+    (elsewhere / "pears").mkdir(parents=True)
+    (photos / "apple" / "loop").symlink_to(photos)  # walked once, not forever
+    (photos / "apple" / "pears").symlink_to(elsewhere / "pears")
+    (photos / "more").symlink_to(elsewhere)
+    for output in (elsewhere / "out", elsewhere / "pears", elsewhere):
+        with pytest.raises(ParameterError, match=f"'{photos}/more' links to '{elsewhere}'"):
+            ExtractParams(input=str(photos), output=str(output))
+    (photos / "more").unlink()
+    with pytest.raises(ParameterError, match="'.*/apple/pears' links to .*holds output"):
+        ExtractParams(input=str(photos), output=str(elsewhere / "pears" / "out"))
+    assert ExtractParams(input=str(photos), output=str(elsewhere / "out")).output
+    assert ExtractParams(input=str(photos), output=str(tmp_path / "out")).output
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [

@@ -128,6 +128,11 @@ class ExtractParams:
         )
         _check_location("manifest" if self.input is None else "input", self.source)
         _check_location("output", self.output)
+        output = location_key(self.output)
+        _require(
+            "://" in output or not os.path.exists(output) or os.path.isdir(output),
+            f"output {self.output!r} is a file: give a folder (created if missing)",
+        )
         if self.input is not None:
             source, target = location_key(self.input), location_key(self.output)
             _require(
@@ -138,6 +143,13 @@ class ExtractParams:
                 not target.startswith(source + "/"),
                 "output must not be inside input: the next run would read the run's own "
                 f"plots as images; choose an output outside {self.input!r}",
+            )
+            link = linked_folder_holding(source, target)
+            _require(
+                link is None,
+                f"output must not be inside input: {link and link[0]!r} links to "
+                f"{link and link[1]!r}, which holds output {self.output!r}, so the next run "
+                "would read the run's own plots as images; choose an output outside it",
             )
         _check_location("weights", self.weights)
         _require(
@@ -336,6 +348,29 @@ def location_key(location: str) -> str:
     if "://" not in location:
         return os.path.realpath(os.path.expanduser(location))
     return location.rstrip("/")
+
+
+def linked_folder_holding(folder: str, target: str) -> tuple[str, str] | None:
+    """A symbolic link to a folder, found under the local ``folder``, whose target is or
+    holds ``target`` (both spelled by :func:`location_key`): ``(link, its target)``.
+
+    Spark's listing follows such links, so a run would read what is written there.
+    """
+    if "://" in folder or not os.path.isdir(folder):
+        return None
+    seen = {folder}
+    for parent, subfolders, _ in os.walk(folder, followlinks=True):
+        kept = []
+        for name in subfolders:
+            path = os.path.join(parent, name)
+            real = os.path.realpath(path)
+            if os.path.islink(path) and (target == real or target.startswith(real + "/")):
+                return path, real
+            if real not in seen:  # a link back up the tree is walked once
+                seen.add(real)
+                kept.append(name)
+        subfolders[:] = kept
+    return None
 
 
 def _is_int(value: object) -> bool:
