@@ -523,6 +523,21 @@ def test_model_staged_once_the_stage_writes_and_swapped_in_by_publish(spark, pho
 # -- notebook 03 as the CLI runs it ----------------------------------------------------
 
 
+def test_summary_names_the_labels_left_out_of_the_classifier(classified) -> None:
+    from imagepca.console import summary
+
+    metrics = json.loads((Path(classified["output"]) / "metrics.json").read_text())
+    assert "left out" not in summary(metrics, "out")
+    excluded = {f"label{i}": 1 for i in range(7)}
+    metrics["classification"]["excluded_labels"] = excluded
+    printed = summary(metrics, "out").splitlines()
+    after = [i + 1 for i, line in enumerate(printed) if line.startswith("classifier on")]
+    assert [printed[i] for i in after] == [
+        "left out of the classifier, fewer than 2 images: label0 (1), label1 (1), label2 (1), "
+        "label3 (1), label4 (1) and 2 more (metrics.json: classification.excluded_labels)"
+    ]
+
+
 def test_notebook_03_in_sample_run(sample_run) -> None:
     output = Path(sample_run)
     assert (output / "notebooks" / "03_classify.ipynb").is_file()

@@ -254,6 +254,14 @@ def summary(metrics: dict, output: str, log: str | None = None) -> str:
             f"{classification['reduced']['accuracy']:.3f}, macro F1 "
             f"{classification['reduced']['f1_macro']:.3f}"
         )
+        excluded = classification.get("excluded_labels") or {}
+        if excluded:
+            shown = ", ".join(f"{label} ({n})" for label, n in list(excluded.items())[:5])
+            more = f" and {len(excluded) - 5} more" if len(excluded) > 5 else ""
+            lines.append(
+                f"left out of the classifier, fewer than 2 images: {shown}{more} "
+                "(metrics.json: classification.excluded_labels)"
+            )
     if metrics.get("removed_from_earlier_run"):
         lines.append(
             "removed from an earlier run: " + ", ".join(metrics["removed_from_earlier_run"])
