@@ -52,11 +52,13 @@ def test_output_inside_input_is_refused_through_links_and_uri_spellings(tmp_path
     assert ExtractParams(input=str(photos), output=str(tmp_path / "out")).output
 
 
-def test_an_output_that_is_a_file_is_refused(tmp_path):
+def test_an_output_or_input_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     for spelling in (str(tmp_path / "notes.txt"), f"file://{tmp_path}/notes.txt"):
         with pytest.raises(ParameterError, match="is a file: give a folder"):
             ExtractParams(input="data/sample", output=spelling)
+        with pytest.raises(ParameterError, match="is a file: give the folder .*--manifest"):
+            ExtractParams(input=spelling, output=str(tmp_path / "out"))
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

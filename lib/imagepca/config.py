@@ -136,6 +136,12 @@ class ExtractParams:
         if self.input is not None:
             source, target = location_key(self.input), location_key(self.output)
             _require(
+                "://" in source or not os.path.isfile(source),
+                f"input {self.input!r} is a file: give the folder that holds one sub-folder "
+                "of images per class, or pass a CSV/Parquet list of image URIs as manifest "
+                "(--manifest)",
+            )
+            _require(
                 source != target,
                 "output must differ from input: the output folder is replaced on every run",
             )
