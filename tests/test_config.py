@@ -62,8 +62,9 @@ def test_an_output_or_input_that_is_a_file_is_refused(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_output_under_a_linked_class_folder_is_refused(tmp_path):
-    """Spark's listing follows a class folder's link: an output in its target is inside."""
+def test_an_output_reached_through_a_link_in_the_input_is_refused(tmp_path):
+    """Spark's listing follows a folder's link: an output in its target, or holding it, is
+    read by the next run. Folders Spark skips (``_``, ``.``) don't count."""
     photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
     (photos / "apple").mkdir(parents=True)
     (elsewhere / "pears").mkdir(parents=True)
@@ -74,10 +75,20 @@ def test_output_under_a_linked_class_folder_is_refused(tmp_path):
         with pytest.raises(ParameterError, match=f"'{photos}/more' links to '{elsewhere}'"):
             ExtractParams(input=str(photos), output=str(output))
     (photos / "more").unlink()
-    with pytest.raises(ParameterError, match="'.*/apple/pears' links to .*holds output"):
+    with pytest.raises(ParameterError, match="'.*/apple/pears' links to .*remove the link"):
         ExtractParams(input=str(photos), output=str(elsewhere / "pears" / "out"))
-    assert ExtractParams(input=str(photos), output=str(elsewhere / "out")).output
+    # A link into the output: its folder becomes a class of plots.
+    with pytest.raises(ParameterError, match="'.*/apple/pears' links to"):
+        ExtractParams(input=str(photos), output=str(elsewhere))
+    (photos / "apple" / "pears").unlink()
+    (photos / "_drafts").mkdir()
+    (photos / "_drafts" / "pears").symlink_to(elsewhere / "pears")
+    (photos / ".cache").symlink_to(elsewhere)
+    assert ExtractParams(input=str(photos), output=str(elsewhere / "pears" / "out")).output
     assert ExtractParams(input=str(photos), output=str(tmp_path / "out")).output
+    (photos / "root").symlink_to("/")
+    with pytest.raises(ParameterError, match=f"'{photos}/root' links to '/'"):
+        ExtractParams(input=str(photos), output=str(tmp_path / "out"))
 
 
 @pytest.mark.parametrize(

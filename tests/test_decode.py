@@ -162,5 +162,5 @@ def test_a_decompression_bomb_names_the_limit_that_was_set(max_pixels):
         decode_image(png_header_only(30_000, 30_000), SIZE, max_pixels=max_pixels)
     assert str(caught.value) == (
         f"decompression bomb: 900000000 pixels exceeds max_image_pixels={max_pixels} "
-        "(raise --max-image-pixels to featurize it)"
+        "(notebook 01's parameter, imagepca run's --max-image-pixels)"
     )

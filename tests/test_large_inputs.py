@@ -122,11 +122,33 @@ def test_first_look_skips_a_manifest_label_whose_files_are_gone(spark, manifest_
 
     listing = read_manifest(spark, str(manifest_run["output"].parent / "images.csv"))
     try:
-        samples = load_samples(spark, listing)
+        with pytest.warns(UserWarning) as warned:
+            samples = load_samples(spark, listing)
     finally:
         listing.release()
     assert {label for label, _ in samples} == {"another", "banana", "orange", "pomme"}
     assert all(pixels.shape == (224, 224, 3) for _, pixels in samples)
+    (message,) = [str(w.message) for w in warned]
+    assert message.startswith("3 sample image(s) could not be read, featurization will reject")
+    assert f"the first: {manifest_run['missing'][0]}: FileNotFoundError: " in message
+
+
+def test_first_look_names_why_a_uri_could_not_be_read(spark, tmp_path):
+    """A URI the driver's Hadoop cannot read (here: no file system for its scheme) is left
+    out of the first look with the JVM's reason, not py4j's call."""
+    from imagepca.images import load_samples
+
+    photo = photos("apple", 0, 1)[0]
+    unreachable = "gs://imagepca-no-such-bucket/pear/1.jpg"
+    pd.DataFrame({"path": [str(photo), unreachable]}).to_csv(tmp_path / "m.csv", index=False)
+    listing = read_manifest(spark, str(tmp_path / "m.csv"))
+    try:
+        with pytest.warns(UserWarning, match="1 sample image") as warned:
+            samples = load_samples(spark, listing)
+    finally:
+        listing.release()
+    assert [label for label, _ in samples] == ["apple"]
+    assert f"the first: {unreachable}: UnsupportedFileSystemException: " in str(warned[0].message)
 
 
 def test_manifest_labels_and_paths(manifest_run):

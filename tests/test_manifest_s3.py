@@ -126,7 +126,7 @@ def test_executor_reads_take_s3a_per_bucket_settings(spark, moto_endpoint, monke
         "fs.s3a.secret.key": "testing",
         f"fs.s3a.bucket.{bucket}.endpoint": moto_endpoint,
         f"fs.s3a.bucket.{bucket}.endpoint.region": "us-east-1",
-        f"fs.s3a.bucket.{bucket}.fs.s3a.retry.limit": "1",  # not an option pyarrow takes
+        f"fs.s3a.bucket.{bucket}.retry.limit": "1",  # not an option pyarrow takes
     }
     conf = spark.sparkContext._jsc.hadoopConfiguration()
     saved = {key: conf.get(key) for key in settings}

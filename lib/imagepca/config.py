@@ -150,13 +150,14 @@ class ExtractParams:
                 "output must not be inside input: the next run would read the run's own "
                 f"plots as images; choose an output outside {self.input!r}",
             )
-            link = linked_folder_holding(source, target)
-            _require(
-                link is None,
-                f"output must not be inside input: {link and link[0]!r} links to "
-                f"{link and link[1]!r}, which holds output {self.output!r}, so the next run "
-                "would read the run's own plots as images; choose an output outside it",
-            )
+            link = link_reaching(source, target)
+            if link is not None:
+                raise ParameterError(
+                    f"output must not be inside input: {link[0]!r} links to {link[1]!r}, "
+                    f"through which Spark's listing of the input reaches output {self.output!r}"
+                    ": the next run would read the run's own plots as images; choose another "
+                    "output, or remove the link"
+                )
         _check_location("weights", self.weights)
         _require(
             self.engine in ENGINES,
@@ -356,27 +357,37 @@ def location_key(location: str) -> str:
     return location.rstrip("/")
 
 
-def linked_folder_holding(folder: str, target: str) -> tuple[str, str] | None:
-    """A symbolic link to a folder, found under the local ``folder``, whose target is or
-    holds ``target`` (both spelled by :func:`location_key`): ``(link, its target)``.
+def link_reaching(folder: str, target: str) -> tuple[str, str] | None:
+    """A symbolic link to a folder, under the local ``folder``, through which Spark's
+    listing would reach ``target`` (both spelled by :func:`location_key`): its target holds
+    ``target`` or lies inside it. ``(link, its target)``, or None.
 
-    Spark's listing follows such links, so a run would read what is written there.
+    Walked as Spark lists: links followed, ``_`` and ``.`` names skipped. Only links are
+    resolved, each target walked once (a link back up the tree ends there).
     """
     if "://" in folder or not os.path.isdir(folder):
         return None
-    seen = {folder}
+    followed = {folder}
     for parent, subfolders, _ in os.walk(folder, followlinks=True):
         kept = []
         for name in subfolders:
+            if name.startswith(("_", ".")):
+                continue
             path = os.path.join(parent, name)
-            real = os.path.realpath(path)
-            if os.path.islink(path) and (target == real or target.startswith(real + "/")):
-                return path, real
-            if real not in seen:  # a link back up the tree is walked once
-                seen.add(real)
-                kept.append(name)
+            if os.path.islink(path):
+                real = os.path.realpath(path)
+                if _within(target, real) or _within(real, target):
+                    return path, real
+                if real in followed:
+                    continue
+                followed.add(real)
+            kept.append(name)
         subfolders[:] = kept
     return None
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def _is_int(value: object) -> bool:

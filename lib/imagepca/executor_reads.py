@@ -75,12 +75,12 @@ def read_options(spark: SparkSession) -> ReadOptions:
     )
 
 
-_FILESYSTEMS: dict[tuple, object] = {}
+_FILESYSTEMS: dict[tuple, tuple] = {}  # (scheme, authority) -> (settings, fs)
 _FILESYSTEMS_LOCK = threading.Lock()
 
 
 def _filesystem(uri: str, options: ReadOptions):
-    """A pyarrow file system and the path within it; one per worker, bucket and settings.
+    """A pyarrow file system and the path within it; one per worker and bucket.
 
     The URI is split by hand, not by ``urlsplit``: ``#`` and ``?`` are ordinary characters
     of an object key or a file name (as Spark's ``path`` column and Hadoop's ``Path`` keep
@@ -95,17 +95,20 @@ def _filesystem(uri: str, options: ReadOptions):
     authority, _, path = uri.split(":", 1)[1].removeprefix("//").partition("/")
     in_bucket = scheme in ("s3", "s3a", "s3n")  # pyarrow's S3 paths start with the bucket
     settings = options.s3(authority) if in_bucket else {}
-    # A Python worker outlives its task: another job's settings get a file system of their own.
-    key = (scheme, authority, tuple(sorted(settings.items())))
+    key = (scheme, authority)
+    # A Python worker outlives its task: a later job's settings (new keys) replace the file
+    # system the earlier ones made.
+    configured = tuple(sorted(settings.items()))
     with _FILESYSTEMS_LOCK:
-        if key not in _FILESYSTEMS:
+        if _FILESYSTEMS.get(key, (None,))[0] != configured:
             if in_bucket:
                 if "endpoint_override" not in settings and "region" not in settings:
                     settings["region"] = fs.resolve_s3_region(authority)
-                _FILESYSTEMS[key] = fs.S3FileSystem(**settings)
+                filesystem = fs.S3FileSystem(**settings)
             else:  # hdfs://, gs://...: whatever pyarrow supports there
-                _FILESYSTEMS[key] = fs.FileSystem.from_uri(f"{scheme}://{authority}/")[0]
-    return _FILESYSTEMS[key], f"{authority}/{path}" if in_bucket else f"/{path}"
+                filesystem = fs.FileSystem.from_uri(f"{scheme}://{authority}/")[0]
+            _FILESYSTEMS[key] = (configured, filesystem)
+    return _FILESYSTEMS[key][1], f"{authority}/{path}" if in_bucket else f"/{path}"
 
 
 def read_file(uri: str, options: ReadOptions) -> bytes:

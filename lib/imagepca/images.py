@@ -14,7 +14,7 @@ from py4j.protocol import Py4JJavaError
 from pyspark.sql import Column, SparkSession
 from pyspark.sql import functions as F
 
-from .storage import Storage
+from .storage import Storage, error_summary
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -139,8 +139,8 @@ def decode_image(
 
 def _too_many_pixels(pixels: str, max_pixels: int) -> str:
     return (
-        f"decompression bomb: {pixels} pixels exceeds max_image_pixels={max_pixels} "
-        "(raise --max-image-pixels to featurize it)"
+        f"decompression bomb: {pixels} pixels exceeds max_image_pixels={max_pixels} (notebook "
+        "01's parameter, imagepca run's --max-image-pixels)"
     )
 
 
@@ -170,10 +170,21 @@ def load_samples(
     ``listing`` is an :class:`imagepca.inputs.ImageListing`.
     """
     storage = Storage(spark)
-    samples = []
+    samples, unread = [], []
     for label, path in listing.sample(per_label):
         try:
-            samples.append((label, decode_image(storage.read_bytes(path), size)))
-        except (ImageDecodeError, OSError, Py4JJavaError):
-            continue  # gone or unreadable (a manifest's URI): featurization rejects it
+            data = storage.read_bytes(path)
+        except (OSError, Py4JJavaError) as error:  # gone, or no access (a manifest's URI)
+            unread.append(f"{path}: {': '.join(error_summary(error))}")
+            continue
+        try:
+            samples.append((label, decode_image(data, size)))
+        except ImageDecodeError:
+            continue  # shown in the rejected report instead
+    if unread:
+        warnings.warn(
+            f"{len(unread)} sample image(s) could not be read, featurization will reject them "
+            f"as missing or unreadable; the first: {unread[0]}",
+            stacklevel=2,
+        )
     return samples

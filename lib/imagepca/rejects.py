@@ -17,7 +17,7 @@ from .config import ExtractParams
 from .images import InputError
 from .increments import Increment
 from .inputs import ImageListing
-from .storage import Storage, join
+from .storage import Storage, error_summary, join
 
 if TYPE_CHECKING:
     from .pipeline import Extraction
@@ -92,12 +92,9 @@ def unread_reason(storage: Storage, path: str) -> str:
     try:
         size = storage.size(path)
     except Exception as error:  # vanished or inaccessible since the listing
-        java = error.java_exception if isinstance(error, Py4JJavaError) else None
-        if java is not None:
-            name = java.getClass().getSimpleName()
-            kind = "missing" if name == "FileNotFoundException" else "unreadable"
-            return f"{kind}: {name}: {java.getMessage()}"
-        return f"unreadable: {type(error).__name__}: {str(error).splitlines()[0]}"
+        name, message = error_summary(error)
+        missing = isinstance(error, Py4JJavaError) and name == "FileNotFoundException"
+        return f"{'missing' if missing else 'unreadable'}: {name}: {message}"
     if size == 0:
         return "empty file: 0 bytes"
     return "unreadable: the scan could not read it (I/O error)"

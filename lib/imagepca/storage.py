@@ -17,6 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from urllib.parse import unquote, urlsplit
 
+from py4j.protocol import Py4JJavaError
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import ArrayType, FloatType
 
@@ -117,6 +118,15 @@ def normalize_uri(uri: str) -> str:
         return uri
     authority = f"//{parts.netloc}" if parts.netloc else ""
     return f"{parts.scheme}:{authority}{unquote(parts.path)}"
+
+
+def error_summary(error: BaseException) -> tuple[str, str]:
+    """``(class name, message)`` of a failed read: the JVM's exception for a py4j error
+    (whose own text starts with the py4j call), else the first line of Python's."""
+    if isinstance(error, Py4JJavaError):
+        java = error.java_exception
+        return java.getClass().getSimpleName(), str(java.getMessage())
+    return type(error).__name__, (str(error).splitlines() or [""])[0]
 
 
 class Storage:
