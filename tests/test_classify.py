@@ -341,11 +341,13 @@ def test_sweep_fits_side_by_side_equal_fits_alone(classified) -> None:
     assert block["reduced"]["products"] == block["full"]["products"] == "float32"
 
 
-def test_large_data_paths_spark_fit_and_sweep_subset(spark, classified) -> None:
+def test_large_data_paths_spark_fit_and_sweep_subset(spark, classified, tmp_path) -> None:
     """Past ``driver_max_mb`` Spark fits the saved classifier; past ``sweep_max_images``
     the comparison uses a stratified subset. Same split, comparable scores."""
+    output = tmp_path / "out"  # prepare withdraws the output's _SUCCESS
+    shutil.copytree(classified["output"], output)
     params = ClassifyParams(
-        output=str(classified["output"]),
+        output=str(output),
         k_values=[2, 10],
         reg_param=REG_PARAM,
         driver_max_mb=0,
@@ -367,14 +369,15 @@ def test_large_data_paths_spark_fit_and_sweep_subset(spark, classified) -> None:
 
 
 def test_driver_max_mb_0_fits_with_spark_even_with_every_image_on_the_driver(
-    spark, classified
+    spark, classified, tmp_path
 ) -> None:
     """``driver_max_mb=0`` means "always fit with Spark", also for a run small enough that
     the comparison already holds every image on the driver."""
+    output = tmp_path / "out"  # prepare withdraws the output's _SUCCESS
+    shutil.copytree(classified["output"], output)
     params = ClassifyParams(
-        output=str(classified["output"]), k_values=[2], reg_param=REG_PARAM, driver_max_mb=0,
-        max_iter=5,
-    )  # fmt: skip
+        output=str(output), k_values=[2], reg_param=REG_PARAM, driver_max_mb=0, max_iter=5
+    )
     clf = prepare(spark, params)
     assert clf.subset_is_everything
     scores = clf.fit_reduced().scores
@@ -478,15 +481,18 @@ def test_an_output_mixing_two_runs_is_refused(spark, photos_run, tmp_path, chang
 
 
 def test_model_staged_once_the_stage_writes_and_swapped_in_by_publish(spark, photos_run, tmp_path):
-    """The model's save runs in the background only once notebook 03 writes to the output
-    (markers withdrawn); a refit drops what the earlier save staged; publish swaps it in."""
+    """prepare withdraws _SUCCESS (a run stopped in notebook 03 does not look complete).
+    The model's save runs in the background only once notebook 03 writes to the output
+    (metrics.json withdrawn); a refit drops what the earlier save staged; publish swaps it
+    in."""
     output = tmp_path / "out"
     shutil.copytree(photos_run["output"], output)
     clf = prepare(spark, ClassifyParams(output=str(output), k_values=[2], reg_param=REG_PARAM))
+    assert not (output / "_SUCCESS").exists() and (output / "metrics.json").exists()
     reduced = clf.fit_reduced()
-    assert (output / "_SUCCESS").exists() and not (output / "_staging").exists()
+    assert (output / "metrics.json").exists() and not (output / "_staging").exists()
     clf.save_figure(plot_confusion_matrix(**reduced.scores["confusion_matrix"]), "cm.png")
-    assert not (output / "_SUCCESS").exists()
+    assert not (output / "_SUCCESS").exists() and not (output / "metrics.json").exists()
     first = Path(clf._staged_model.result().removeprefix("file:"))
     assert first.parent == output / "_staging" and (first / "stages").is_dir()
     assert not (output / MODEL_DIR).exists()

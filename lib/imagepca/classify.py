@@ -22,11 +22,12 @@ the metrics), so the driver never holds 1280 x n floats for large n.
 metrics, the PCA, the split by label, the comparison subset) and returns a
 :class:`Classification`, which fits, sweeps and publishes.
 
-The scores go into ``metrics.json`` under ``"classification"``. The output is left as
-notebook 02 completed it until this stage's first write (a figure, or the model's): the
-completion markers are withdrawn then, and the fitted model is saved under ``_staging/``
-while the notebook goes on; :meth:`Classification.publish` swaps it in and writes
-``metrics.json``, then ``_SUCCESS``, again.
+The scores go into ``metrics.json`` under ``"classification"``. :func:`prepare` withdraws
+the output's ``_SUCCESS`` (a run stopped in notebook 03 must not look complete); its
+``metrics.json`` goes at this stage's first write (a figure, or the model's), and the
+fitted model is saved under ``_staging/`` while the notebook goes on;
+:meth:`Classification.publish` swaps it in and writes ``metrics.json``, then ``_SUCCESS``,
+again.
 """
 
 from __future__ import annotations
@@ -443,9 +444,14 @@ class Classification:
 
 def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
     """Read the run's outputs, split them by label and collect the comparison subset (see
-    :func:`imagepca.classify_inputs.read_inputs`, which says what it raises)."""
+    :func:`imagepca.classify_inputs.read_inputs`, which says what it raises).
+
+    The output's ``_SUCCESS`` goes first: from here until :meth:`Classification.publish`
+    the output is notebook 03's work in progress.
+    """
     start = time.perf_counter()
     storage = Storage(spark)
+    storage.withdraw_success(params.output)
     inputs = read_inputs(spark, params, storage)
     return Classification(
         spark=spark,

@@ -221,6 +221,10 @@ class Storage:
         self.delete(join(output, SUCCESS_MARKER))
         self.delete(join(output, METRICS_FILE))
 
+    def withdraw_success(self, output: str) -> None:
+        """The output is no longer complete; its ``metrics.json`` is still to be read."""
+        self.delete(join(output, SUCCESS_MARKER))
+
     def remove_artifacts(self, output: str, names: tuple[str, ...]) -> list[str]:
         """Delete those of ``OUTPUT/name`` that exist; return the names deleted."""
         removed = []
