@@ -34,6 +34,7 @@ from cluster import (
 )
 from conftest import FRUIT360, WEIGHTS
 from imagepca.config import ExtractParams, ParameterError, ReduceParams
+from imagepca.console import summary
 from imagepca.images import InputError
 from imagepca.pipeline import extract_features, finish_run, reduce_features
 from imagepca.rejects import RejectedShareError
@@ -619,7 +620,7 @@ def test_reuse_features_keeps_features_when_only_pca_changes(spark, small_input,
     featurized_at = json.loads((output / "features" / "_extraction.json").read_text())
     featurized_at = featurized_at["created_at"]
     reused = extract_features(spark, ExtractParams(**params, reuse_features=True))
-    assert reused.reused and reused.n_images == 48
+    assert reused.reused and reused.n_images == 48 and reused.metadata.get("reuse_refused") is None
     assert f"reused, featurized {featurized_at}" in reused.summary()
     assert part_files(output / "features") == before
     reduction = reduce_features(spark, ReduceParams(output=str(output), k=5))
@@ -638,6 +639,9 @@ def test_reuse_features_keeps_features_when_only_pca_changes(spark, small_input,
     )
     assert not changed.reused
     assert changed.metadata["params"]["fast_decode"] is True
+    reason = "the stored features were made with other fast_decode"
+    assert changed.metadata["reuse_refused"] == reason
+    assert changed.summary().split("; ")[1] == f"features not reused, {reason}"
     assert set(part_files(output / "features")).isdisjoint(before)
 
 
@@ -652,6 +656,13 @@ def test_reuse_features_notices_a_changed_file_set(spark, small_input, tmp_path)
     again = extract_features(spark, ExtractParams(**params, reuse_features=True))
     paths = set(pd.read_parquet(output / "features").path)
     assert not again.reused and f"file:{first.with_name('renamed.jpg')}" in paths
+    assert again.metadata["reuse_refused"] == "the stored features were made with other input files"
+    # Notebook 02's metrics carry the reason to the run's summary.
+    metrics = reduce_features(spark, ReduceParams(output=str(output), k=2)).metrics
+    assert (
+        "features not reused: the stored features were made with other input files; "
+        "featurized again"
+    ) in summary(metrics, str(output)).splitlines()
 
 
 def test_reuse_features_still_enforces_max_rejected_fraction(spark, bad_corpus, tmp_path):

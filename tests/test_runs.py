@@ -5,7 +5,12 @@ images without labels are a first-class input (the classifier is skipped, the ru
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -75,19 +80,43 @@ def _input_of(output: Path) -> Path:
     return Path(metrics["params"]["extract"]["input"])
 
 
-def test_a_failed_rerun_leaves_no_completion_markers(sample_run, tmp_path, capsys):
-    """A rerun into a completed output that fails in notebook 01 (here: no weights file,
-    found after the listing and the samples) must not leave the earlier run's _SUCCESS and
-    metrics.json beside its own new files."""
+def test_a_rerun_with_a_bad_path_leaves_the_earlier_output_complete(sample_run, tmp_path):
+    """A mistyped weights path or input stops notebook 01 before it touches the output: the
+    earlier run's output stays complete (only the failed notebook's executed copy, the
+    record of what went wrong, is saved beside it)."""
     output = tmp_path / "out"
     shutil.copytree(sample_run, output)
+    before = {p.relative_to(output): p.stat().st_mtime_ns for p in output.rglob("*")}
+    for argv in (
+        ["--input", str(_input_of(output)), "--weights", str(tmp_path / "missing.h5")],
+        ["--input", str(tmp_path / "no-such-folder"), "--weights", str(WEIGHTS)],
+    ):
+        status = main(["run", *argv, "--output", str(output), "--master", "local[2]"])
+        assert status != 0
+        after = {p.relative_to(output): p.stat().st_mtime_ns for p in output.rglob("*")}
+        changed = {
+            name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
+        }
+        assert changed <= {Path("notebooks/01_extract_features.ipynb"), Path("logs/run.log")}
+        assert (output / "_SUCCESS").exists() and (output / "metrics.json").exists()
+
+
+def test_a_failed_rerun_leaves_no_completion_markers(sample_run, tmp_path, capsys):
+    """A rerun into a completed output that fails in notebook 01 after replacing part of it
+    (here: more rejected images than allowed, found by featurization) must not leave the
+    earlier run's _SUCCESS and metrics.json beside its own new files."""
+    output = tmp_path / "out"
+    shutil.copytree(sample_run, output)
+    images = tmp_path / "images"
+    shutil.copytree(_input_of(output), images)
+    (images / "Banana" / "notes.jpg").write_text("not an image")
     status = main(
-        ["run", "--input", str(_input_of(output)), "--output", str(output), "--master",
-         "local[2]", "--weights", str(tmp_path / "missing.h5")]
+        ["run", "--input", str(images), "--output", str(output), "--master", "local[2]",
+         "--weights", str(WEIGHTS), "--max-rejected-fraction", "0"]
     )  # fmt: skip
     printed = capsys.readouterr()
     assert status != 0
-    assert "missing.h5" in printed.out + printed.err
+    assert "max_rejected_fraction=0" in printed.out + printed.err
     assert (output / "samples.png").exists()  # written again before the failure
     assert not (output / "_SUCCESS").exists() and not (output / "metrics.json").exists()
 
@@ -132,3 +161,48 @@ def test_a_timed_out_cell_is_interrupted_before_spark_is_stopped(tmp_path, monke
     assert error.output_type == "error" and error.ename == "CellTimeoutError"
     assert "timed out" in error.evalue
     assert not code[3].outputs
+
+
+def test_an_interrupted_run_marks_where_it_stopped(tmp_path):
+    """Ctrl-C (SIGINT to the run's process group, as a terminal sends it) during a cell: the
+    saved notebook says which cell was interrupted, and the run exits with an error."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(
+        notebooks / "slow.ipynb",
+        "seconds = 0",
+        "import time\ntime.sleep(seconds)",
+        "print(1)",
+    )
+    output = tmp_path / "out"
+    code = (
+        "from imagepca import runner\n"
+        f"runner.run_notebooks([runner.NotebookRun('slow.ipynb', {{'seconds': 600}})], "
+        f"{str(output)!r}, notebooks={str(notebooks)!r})\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], start_new_session=True, stderr=subprocess.PIPE, text=True
+    )
+    saved = output / "notebooks" / "slow.ipynb"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the sleeping cell has started
+            if saved.exists():
+                cells = nbformat.read(str(saved), as_version=4).cells
+                if cells[2].metadata.get("papermill", {}).get("start_time"):
+                    break
+            time.sleep(0.2)
+        time.sleep(1)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0 and "KeyboardInterrupt" in stderr
+    notebook = nbformat.read(str(saved), as_version=4)
+    assert notebook.metadata.papermill.exception is True
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    statuses = [cell.metadata.papermill.status for cell in code_cells]
+    assert statuses == ["completed", "completed", "failed", "pending"]
+    assert code_cells[2].outputs[-1].ename == "KeyboardInterrupt"
+    assert code_cells[2].outputs[-1].evalue == "the run was interrupted here"

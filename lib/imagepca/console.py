@@ -234,7 +234,11 @@ def summary(metrics: dict, output: str, log: str | None = None) -> str:
         f"images: {metrics['n_images']} featurized, {metrics['n_rejected']} rejected, "
         f"{metrics['n_classes']} classes",
         f"PCA: k = {metrics['k']} components, {metrics['variance_reached']:.1%} of the variance "
-        f"(threshold {metrics['variance_threshold']:g}, k {metrics['k_mode']})",
+        + (
+            "(k fixed)"
+            if metrics["k_mode"] == "fixed"
+            else f"(the fewest reaching {metrics['variance_threshold']:g})"
+        ),
         f"time: {sum(timings.values()):.1f} s in stages, "
         + (
             f"features reused (featurized {metrics['reused_features_created_at']})"
@@ -245,6 +249,8 @@ def summary(metrics: dict, output: str, log: str | None = None) -> str:
     increment = increment_line(metrics.get("incremental"))
     if increment:
         lines.append(increment)
+    if metrics.get("reuse_refused"):
+        lines.append(f"features not reused: {metrics['reuse_refused']}; featurized again")
     classification = metrics.get("classification", {})
     if "skipped" in classification:
         lines.append(f"classifier skipped: {classification['skipped']}")

@@ -71,6 +71,23 @@ def why_not_incremental(stored: dict | None, identity: dict) -> str | None:
     return None
 
 
+# What stored features depend on: --reuse-features keeps them only when all are the same.
+REUSE_KEYS = ("input", "manifest", "listing_fingerprint", *FEATURE_KEYS, "max_image_pixels")
+_REUSE_NAMES = {"listing_fingerprint": "input files", "weights_sha256": "weights"}
+
+
+def why_not_reused(stored: dict | None, identity: dict) -> str | None:
+    """Why ``reuse_features`` featurizes again, or None when the stored features are what
+    this run would make (``identity``: its parameters, weights digest and listing)."""
+    if not stored:
+        return "no features in the output yet"
+    changed = [key for key in REUSE_KEYS if stored["params"].get(key) != identity.get(key)]
+    if changed:
+        names = ", ".join(_REUSE_NAMES.get(key, key) for key in changed)
+        return f"the stored features were made with other {names}"
+    return None
+
+
 @dataclass
 class Increment:
     """What an incremental run does to ``features/``."""

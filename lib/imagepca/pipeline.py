@@ -43,6 +43,7 @@ from .increments import (
     plan_increment,
     stage_batch,
     why_not_incremental,
+    why_not_reused,
 )
 from .inputs import (
     ImageListing,
@@ -71,16 +72,6 @@ MOMENTS_FILE = "_moments.npz"  # the PCA's statistics of features/, from featuri
 # d = 1280, sent to the driver) when it runs at most this many tasks; a larger cluster's
 # run leaves them to notebook 02's distributed pass, which merges them on the executors.
 FUSED_MOMENTS_MAX_TASKS = 32
-REUSE_KEYS = (
-    "input",
-    "manifest",
-    "listing_fingerprint",
-    "weights_sha256",
-    "engine",
-    "image_size",
-    "fast_decode",
-    "max_image_pixels",
-)
 
 
 def library_versions() -> dict[str, str]:
@@ -149,10 +140,24 @@ class Extraction:
         increment = increment_line(m.get("incremental"))
         if increment:
             how = f"{increment}; {how}"
+        if m.get("reuse_refused"):
+            how = f"features not reused, {m['reuse_refused']}; {how}"
         return (
             f"{m['n_files_found']} image files in {m['n_classes']} classes: "
             f"{m['n_images']} featurized, {m['n_rejected']} rejected ({rejected}); {how}"
         )
+
+
+def start_extraction(spark: SparkSession, params: ExtractParams) -> ImageListing:
+    """Check the run's inputs, then begin replacing its output; the input's listing.
+
+    The weights and the input are resolved first: a mistyped path leaves an earlier run's
+    output as it was, complete. Then its completion markers go.
+    """
+    resolve_weights(params.weights, spark)
+    listing = list_inputs(spark, params)
+    Storage(spark).begin_run(params.output)
+    return listing
 
 
 def extract_features(
@@ -175,13 +180,20 @@ def extract_features(
     features_uri = join(params.output, "features")
     identity = {**params.as_dict(), "weights_sha256": weights_sha}
     stored = _stored_extraction(storage, params.output)
-    if params.reuse_features and stored:
-        identity["listing_fingerprint"] = fingerprint(listing.files, listing.n_files)
-        if all(stored["params"].get(key) == identity.get(key) for key in REUSE_KEYS):
+    not_reused = None
+    if params.reuse_features:
+        if stored:
+            identity["listing_fingerprint"] = fingerprint(listing.files, listing.n_files)
+        not_reused = why_not_reused(stored, identity)
+        if not_reused is None:
             listing.release()
             # The same features, described for this run: its parameters and timings, and
             # when they were featurized (notebook 02's metrics and the summary say so).
-            metadata = {key: value for key, value in stored.items() if key != "incremental"}
+            metadata = {
+                key: value
+                for key, value in stored.items()
+                if key not in ("incremental", "reuse_refused")
+            }
             metadata.update(
                 params=identity,
                 timings_s=timer.timings,
@@ -283,6 +295,8 @@ def extract_features(
                 statistics = None
                 storage.delete(moments_uri)
             metadata = {
+                # --reuse-features that featurized again all the same: why.
+                "reuse_refused": not_reused,
                 "input": params.source,
                 "input_kind": listing.kind,
                 "layout": LAYOUT,
@@ -445,6 +459,7 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         # When notebook 01 reused features/ (--reuse-features): when they were featurized.
         "reused_features_created_at": extraction.get("reused_features_created_at"),
         "incremental": extraction.get("incremental"),
+        "reuse_refused": extraction.get("reuse_refused"),
         "params": {"extract": extraction["params"], "reduce": params.as_dict()},
         "versions": library_versions(),
         "removed_from_earlier_run": removed,

@@ -201,6 +201,10 @@ def run_notebooks(
                     km=kernel_manager,
                     **streams,
                 )
+            except KeyboardInterrupt:  # Ctrl-C, or SIGINT to the run
+                _ended(console, label, started, failed=True)
+                _record_stop(destination, KeyboardInterrupt("the run was interrupted here"))
+                raise
             except PapermillExecutionError as error:
                 _ended(console, label, started, failed=True)
                 raise NotebookFailed(
@@ -211,7 +215,7 @@ def run_notebooks(
             except Exception as error:  # kernel died, cell timeout, unreachable Livy...
                 _ended(console, label, started, failed=True)
                 if isinstance(error, CellTimeoutError):
-                    _record_timeout(destination, error)
+                    _record_stop(destination, error)
                 # The whole error (a timeout's includes the cell's code) goes to the log;
                 # the message, printed last, keeps its first line.
                 logging.getLogger(__name__).error("%s did not complete: %r", run.name, error)
@@ -303,13 +307,15 @@ def _ended(console: Console | None, label: str, started: float, failed: bool = F
         console.line(f"{label} {'failed after' if failed else 'done in'} {seconds:.1f} s")
 
 
-def _record_timeout(destination: str, error: Exception) -> None:
-    """Mark the cell that timed out as failed in the saved notebook, as papermill marks a
-    cell that raised: its error, the exception flag, papermill's banner, later cells pending.
+def _record_stop(destination: str, error: BaseException) -> None:
+    """Mark the cell a timeout or an interrupt stopped as failed in the saved notebook, as
+    papermill marks a cell that raised: its error, the exception flag, papermill's banner,
+    later cells pending.
 
     papermill saves a notebook whose cell timed out with no exception flag and every cell
-    "completed" (its clean-up completes pending cells when none failed): opened later, it
-    reads as a run that succeeded with outputs missing.
+    "completed" (its clean-up completes pending cells when none failed), and an interrupted
+    one as it last saved it: opened later, either reads as a run that succeeded with outputs
+    missing.
     """
     import nbformat
     from papermill.exceptions import PapermillExecutionError
@@ -337,7 +343,7 @@ def _record_timeout(destination: str, error: Exception) -> None:
             raise_for_execution_errors(notebook, destination)  # writes the notebook
     except Exception as problem:  # the run's own error matters more
         logging.getLogger(__name__).warning(
-            "could not mark the timeout in %s: %s", destination, problem
+            "could not mark where the run stopped in %s: %s", destination, problem
         )
 
 
