@@ -134,7 +134,7 @@ class ExtractParams:
             f"output {self.output!r} is a file: give a folder (created if missing)",
         )
         if self.input is not None:
-            source, target = location_key(self.input), location_key(self.output)
+            source = location_key(self.input)
             _require(
                 "://" in source or not os.path.isfile(source),
                 f"input {self.input!r} is a file: give the folder that holds one sub-folder "
@@ -142,15 +142,15 @@ class ExtractParams:
                 "(--manifest)",
             )
             _require(
-                source != target,
+                source != output,
                 "output must differ from input: the output folder is replaced on every run",
             )
             _require(
-                not target.startswith(source + "/"),
+                not output.startswith(source + "/"),
                 "output must not be inside input: the next run would read the run's own "
                 f"plots as images; choose an output outside {self.input!r}",
             )
-            link = link_reaching(source, target)
+            link = link_reaching(source, output)
             if link is not None:
                 raise ParameterError(
                     f"output must not be inside input: {link[0]!r} links to {link[1]!r}, "

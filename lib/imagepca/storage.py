@@ -218,7 +218,7 @@ class Storage:
 
     def begin_run(self, output: str) -> None:
         """Withdraw the completion markers before anything is replaced."""
-        self.delete(join(output, SUCCESS_MARKER))
+        self.withdraw_success(output)
         self.delete(join(output, METRICS_FILE))
 
     def withdraw_success(self, output: str) -> None:
