@@ -129,6 +129,24 @@ def test_split_exact_per_label_and_partitioning_independent(spark) -> None:
     assert counts == {"a": (9, 3), "b": (2, 1), "solo": (1, 0)}  # solo: nothing to test it on
 
 
+def test_split_is_the_same_wherever_the_data_set_sits(spark) -> None:
+    """A local copy and its S3 twin hold out the same images; files of one name under two
+    labels are not held out together (the label is hashed too)."""
+    names = [f"r_{i}_100.jpg" for i in range(40)]
+
+    def held_out(root: str) -> dict[str, set[str]]:
+        rows = [(f"{root}/{label}/{name}", label) for label in ("a", "b") for name in names]
+        split = split_by_label(spark.createDataFrame(rows, "path string, label string"), 0.25, 3)
+        tested: dict[str, set[str]] = {"a": set(), "b": set()}
+        for row in split.filter(IS_TEST_COL).collect():
+            tested[row["label"]].add(row["path"].rsplit("/", 1)[1])
+        return tested
+
+    local = held_out("file:/home/me/fruits")
+    assert local == held_out("s3://bucket/deep/prefix/fruits")
+    assert len(local["a"]) == len(local["b"]) == 10 and local["a"] != local["b"]
+
+
 def test_subset_is_stratified_and_keeps_every_label(spark) -> None:
     rows = [
         (f"/d/{label}/{i}.jpg", label)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_listed_files_read_by_python_as_hadoop_reads_them(spark, tmp_path):
     assert local_file_path("file://otherhost/a") is None
 
 
-def test_listing_brings_a_few_files_of_each_label(spark):
+def test_listing_brings_a_few_files_of_each_label(spark, tmp_path):
     listing = list_folder(spark, str(FRUIT_PHOTOS))
     kept = listing.sample(3)  # from the counting job
     assert {label for label, _ in kept} == {"apple", "banana", "mixed", "orange"}
@@ -64,6 +65,13 @@ def test_listing_brings_a_few_files_of_each_label(spark):
         assert 1 <= len(paths) == len(set(paths)) <= 3
         assert all(f"/{label}/" in path for path in paths)
     assert kept == list_folder(spark, str(FRUIT_PHOTOS)).sample(3)  # seeded, not random
+    # The same files wherever the data set sits: a copy elsewhere shows the same names.
+    copy = tmp_path / "elsewhere" / "photos"
+    shutil.copytree(FRUIT_PHOTOS, copy)
+    moved = list_folder(spark, str(copy)).sample(3)
+    assert [(label, Path(path).name) for label, path in moved] == [
+        (label, Path(path).name) for label, path in kept
+    ]
     more = listing.sample(5, max_labels=2)  # past what the listing kept: a job
     assert [label for label, _ in more] == ["apple"] * 5 + ["banana"] * 5
 

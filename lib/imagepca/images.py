@@ -76,6 +76,12 @@ def label_column(path: Column) -> Column:
     return F.element_at(F.split(path, "/"), -2)
 
 
+def name_column(path: Column) -> Column:
+    """The file's name. With its label, it names an image wherever its data set sits, so
+    seeded choices hash the two, not the path: a local copy and its S3 twin choose alike."""
+    return F.element_at(F.split(path, "/"), -1)
+
+
 # -- decoding (runs in the executors' Python workers) -----------------------------------
 
 

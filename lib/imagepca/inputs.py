@@ -30,7 +30,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from .config import ExtractParams
-from .images import IMAGE_EXTENSIONS, InputError, extension_glob, label_column
+from .images import IMAGE_EXTENSIONS, InputError, extension_glob, label_column, name_column
 from .session import cached_shuffle_settings, default_parallelism, spark_settings
 from .storage import URI_SCHEME, Storage, is_local
 
@@ -223,12 +223,16 @@ def count_labels(files: DataFrame) -> tuple[dict[str, int], dict[str, list[str]]
     """Rows per label and up to :data:`SAMPLES_PER_LABEL` of each label's paths, sorted by
     label: one aggregation, one row per label reaches the driver.
 
-    The samples are the files with the smallest seeded hashes of their path (one seed per
-    sample), so the first look at the input costs no job of its own; a small label can
-    repeat a file, which counts once.
+    The samples are the files with the smallest seeded hashes of their label and name (one
+    seed per sample; the path breaks ties), so the first look at the input costs no job of
+    its own and shows the same files wherever the data set sits; a small label can repeat
+    a file, which counts once.
     """
+    name = name_column(F.col("path"))
     picks = [
-        F.min_by("path", F.xxhash64(F.lit(seed), "path")).alias(f"sample{seed}")
+        F.min_by("path", F.struct(F.xxhash64(F.lit(seed), "label", name), "path")).alias(
+            f"sample{seed}"
+        )
         for seed in range(SAMPLES_PER_LABEL)
     ]
     rows = files.groupBy("label").agg(F.count(F.lit(1)).alias("count"), *picks).collect()

@@ -1,7 +1,8 @@
 """Notebook 03's train/test split, and the rows it collects to the driver.
 
-The split is exact, seeded and per label, computed by Spark from the paths alone, so
-``features/`` and ``reduced/`` split alike on any cluster; :class:`TrainingMatrix` is one
+The split is exact, seeded and per label, computed by Spark from the labels and file names
+alone, so ``features/`` and ``reduced/`` split alike on any cluster and wherever the images
+sit; :class:`TrainingMatrix` is one
 collection of split rows for the driver-side fits.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from .images import MIN_IMAGES_PER_LABEL
+from .images import MIN_IMAGES_PER_LABEL, name_column
 
 IS_TEST_COL = "is_test"
 IN_SUBSET_COL = "in_subset"
@@ -35,9 +36,11 @@ def split_by_label(
 
     ``DataFrame.sampleBy`` draws each row independently, so a label's test share only
     approximates the fraction (and a small label can end up with no test image). Here each
-    label's rows are ranked by a seeded hash of their path and the first
-    :func:`n_test_images` of them are the test set. The assignment depends only on the seed
-    and the paths, not on partitioning, so ``features/`` and ``reduced/`` split alike.
+    label's rows are ranked by a seeded hash of their label and file name (ties, files of one
+    name under one label, by path) and the first :func:`n_test_images` of them are the test
+    set. The assignment depends only on the seed, labels and names, not on partitioning or
+    on where the data set sits: ``features/`` and ``reduced/`` split alike, and so do a
+    local copy and its S3 twin.
 
     ``in_subset`` keeps the first ``subset_fraction`` of each label's test rows and of its
     training rows in the same ranking (at least one of each): a stratified subset for the
@@ -46,7 +49,8 @@ def split_by_label(
     :func:`small_labels`).
     """
     by_label = Window.partitionBy("label")
-    ranked = Window.partitionBy("label").orderBy(F.xxhash64(F.lit(seed), "path"), "path")
+    key = F.xxhash64(F.lit(seed), "label", name_column(F.col("path")))
+    ranked = Window.partitionBy("label").orderBy(key, "path")
     n = F.count(F.lit(1)).over(by_label)
     rank = F.row_number().over(ranked)
     rounded = F.floor(n * F.lit(float(test_fraction)) + F.lit(0.5))
