@@ -366,6 +366,49 @@ def test_failing_cell_fails_the_run(livy_server, tmp_path):
     assert livy.list_sessions(livy_server.url) == []
 
 
+def test_a_terminated_run_deletes_its_session(livy_server, tmp_path):
+    """SIGTERM to a Livy run (an EMR step's cancel, ``timeout``) during a statement: the
+    saved notebook marks the cell, and the run's session does not stay holding the cluster
+    (before, the process ended at once and the session stayed until Livy's timeout)."""
+    import signal
+    import time
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(notebooks / "slow.ipynb", "seconds = 0", "import time\ntime.sleep(seconds)")
+    output = tmp_path / "out"
+    code = (
+        "from imagepca import livy, runner\n"
+        f"with livy.livy_environment({livy_server.url!r}) as run:\n"
+        "    runner.run_notebooks(\n"
+        f"        [runner.NotebookRun('slow.ipynb', {{'seconds': 600}})], {str(output)!r},\n"
+        f"        notebooks={str(notebooks)!r}, kernel=livy.KERNEL_NAME, env=run.env)\n"
+    )
+    before = set(livy_server.ended)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], start_new_session=True, stderr=subprocess.PIPE, text=True
+    )
+    saved = output / "notebooks" / "slow.ipynb"
+    try:
+        deadline = time.monotonic() + 240
+        while not any(s["state"] == "busy" for s in livy.list_sessions(livy_server.url)):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0 and "RunTerminated" in stderr
+    cells = [c for c in _notebook(saved).cells if c.cell_type == "code"]
+    assert cells[-1].metadata.papermill.status == "failed"
+    assert cells[-1].outputs[-1].evalue == "the run was terminated here (SIGTERM)"
+    livy_server.wait_for_ended()
+    new = [livy_server.ended[i] for i in set(livy_server.ended) - before]
+    assert len(new) == 1 and new[0].states[-1] == "dead"
+    assert livy.list_sessions(livy_server.url) == []
+
+
 def test_local_output_written_elsewhere_stops_the_run(livy_server, tmp_path):
     """A Livy driver on another machine writes a local --output on its own disk: the run
     stops after notebook 01 and says so, instead of running notebooks 02 and 03 for nothing

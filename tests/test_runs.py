@@ -16,7 +16,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import WEIGHTS, write_notebook
+from conftest import FRUIT_PHOTOS, WEIGHTS, processes_with, write_notebook
 from imagepca import runner
 from imagepca.cli import main
 from imagepca.storage import CLASSIFY_ARTIFACTS
@@ -163,9 +163,18 @@ def test_a_timed_out_cell_is_interrupted_before_spark_is_stopped(tmp_path, monke
     assert not code[3].outputs
 
 
-def test_an_interrupted_run_marks_where_it_stopped(tmp_path):
-    """Ctrl-C (SIGINT to the run's process group, as a terminal sends it) during a cell: the
-    saved notebook says which cell was interrupted, and the run exits with an error."""
+STOPS = {  # how a run is stopped: the error its saved notebook shows
+    "ctrl-c": ("KeyboardInterrupt", "the run was interrupted here"),
+    "sigterm": ("RunTerminated", "the run was terminated here (SIGTERM)"),
+}
+
+
+@pytest.mark.parametrize("how", STOPS)
+def test_an_interrupted_run_marks_where_it_stopped(tmp_path, how):
+    """Ctrl-C (SIGINT to the run's process group, as a terminal sends it) or SIGTERM to the
+    run's process alone (``kill``, ``timeout``, a scheduler's cancel) during a cell: the
+    saved notebook says which cell was stopped, the run exits with an error, and the kernel
+    it started is gone."""
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
     write_notebook(
@@ -180,8 +189,13 @@ def test_an_interrupted_run_marks_where_it_stopped(tmp_path):
         f"runner.run_notebooks([runner.NotebookRun('slow.ipynb', {{'seconds': 600}})], "
         f"{str(output)!r}, notebooks={str(notebooks)!r})\n"
     )
+    marker = f"IMAGEPCA_TEST_STOP_{os.getpid()}_{how}"
     process = subprocess.Popen(
-        [sys.executable, "-c", code], start_new_session=True, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", code],
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, marker: "1"},
     )
     saved = output / "notebooks" / "slow.ipynb"
     try:
@@ -193,16 +207,37 @@ def test_an_interrupted_run_marks_where_it_stopped(tmp_path):
                     break
             time.sleep(0.2)
         time.sleep(1)
-        os.killpg(process.pid, signal.SIGINT)
+        if how == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode != 0 and "KeyboardInterrupt" in stderr
+    ename, evalue = STOPS[how]
+    assert process.returncode != 0 and ename in stderr
     notebook = nbformat.read(str(saved), as_version=4)
     assert notebook.metadata.papermill.exception is True
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     statuses = [cell.metadata.papermill.status for cell in code_cells]
     assert statuses == ["completed", "completed", "failed", "pending"]
-    assert code_cells[2].outputs[-1].ename == "KeyboardInterrupt"
-    assert code_cells[2].outputs[-1].evalue == "the run was interrupted here"
+    assert code_cells[2].outputs[-1].ename == ename
+    assert code_cells[2].outputs[-1].evalue == evalue
+    assert not processes_with(marker)
+
+
+def test_a_terminated_run_exits_as_a_shell_reports_sigterm(tmp_path, monkeypatch, capsys):
+    """143, not 130 nor 1: a scheduler or a script can tell a cancel from a failure; the log
+    is named as for any stopped run."""
+
+    def terminated(*args, **kwargs):
+        raise runner.RunTerminated("the run was terminated here (SIGTERM)")
+
+    monkeypatch.setattr(runner, "run_notebooks", terminated)
+    output = tmp_path / "out"
+    code = main(
+        ["run", "--input", str(FRUIT_PHOTOS), "--output", str(output), "--weights", str(WEIGHTS)]
+    )
+    err = capsys.readouterr().err
+    assert code == 143 and "error: terminated (SIGTERM)" in err and f"log: {output}" in err

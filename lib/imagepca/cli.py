@@ -281,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
+        from .runner import RunTerminated
+
+        if isinstance(error, RunTerminated):
+            print("error: terminated (SIGTERM)", file=sys.stderr)
+            return 128 + 15  # as a shell reports a process SIGTERM ended
         print("error: interrupted", file=sys.stderr)
         return 130
     except (ParameterError, ValueError, FileNotFoundError, RuntimeError, OSError) as error:

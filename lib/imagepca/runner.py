@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import suppress
 from dataclasses import dataclass
@@ -40,6 +42,11 @@ STOP_SPARK_CODE = "from imagepca.session import stop_spark\nstop_spark()"
 
 class NotebookFailed(RuntimeError):
     """A notebook cell raised; the message names the notebook, the error and the copy."""
+
+
+class RunTerminated(KeyboardInterrupt):
+    """SIGTERM to the run (``kill``, ``timeout``, a scheduler's or an EMR step's cancel),
+    handled as Ctrl-C is: the cell it stopped is marked, the kernel's Spark is stopped."""
 
 
 def notebooks_dir() -> str:
@@ -174,6 +181,7 @@ def run_notebooks(
         kernel_manager = AsyncKernelManager(kernel_name=kernel)
         streams = {}
     completed = False
+    restore_sigterm = _sigterm_interrupts()
     try:
         for number, run in enumerate(runs, 1):
             label = f"[{number}/{len(runs)}] {run.name}"
@@ -201,9 +209,11 @@ def run_notebooks(
                     km=kernel_manager,
                     **streams,
                 )
-            except KeyboardInterrupt:  # Ctrl-C, or SIGINT to the run
+            except KeyboardInterrupt as error:  # Ctrl-C, SIGINT or SIGTERM to the run
                 _ended(console, label, started, failed=True)
-                _record_stop(destination, KeyboardInterrupt("the run was interrupted here"))
+                if not isinstance(error, RunTerminated):
+                    error = KeyboardInterrupt("the run was interrupted here")
+                _record_stop(destination, error)
                 raise
             except PapermillExecutionError as error:
                 _ended(console, label, started, failed=True)
@@ -229,6 +239,7 @@ def run_notebooks(
                 _check_written_here(output, run.name, since=started_at)
         completed = True
     finally:
+        restore_sigterm()  # a second SIGTERM during the clean-up ends the process at once
         if kernel_manager.has_kernel:
             if not completed and kernel == LOCAL_KERNEL:
                 # A cell may still be running (a timeout, Ctrl-C here): interrupted, as a
@@ -248,6 +259,27 @@ def run_notebooks(
             else:
                 os.environ[key] = value
     return read_metrics(output)
+
+
+def _sigterm_interrupts():
+    """Make SIGTERM raise :class:`RunTerminated` until the returned function is called.
+
+    By default SIGTERM ends Python at once: no ``finally`` runs, so the saved notebook
+    read as a run in progress and the kernel was left to notice its parent had gone. Only
+    from the main thread and over Python's default handler (a caller's own stays).
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        return lambda: None
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise RunTerminated("the run was terminated here (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, terminate)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _skip_slow_optional_imports() -> None:
