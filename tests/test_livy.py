@@ -367,7 +367,7 @@ def test_failing_cell_fails_the_run(livy_server, tmp_path):
 
 
 def test_a_terminated_run_deletes_its_session(livy_server, tmp_path):
-    """SIGTERM to a Livy run (an EMR step's cancel, ``timeout``) during a statement: the
+    """SIGTERM to a Livy run (``kill``, ``timeout``) during a statement: the
     saved notebook marks the cell, and the run's session does not stay holding the cluster
     (before, the process ended at once and the session stayed until Livy's timeout)."""
     import signal

@@ -45,8 +45,8 @@ class NotebookFailed(RuntimeError):
 
 
 class RunTerminated(KeyboardInterrupt):
-    """SIGTERM to the run (``kill``, ``timeout``, a scheduler's or an EMR step's cancel),
-    handled as Ctrl-C is: the cell it stopped is marked, the kernel's Spark is stopped."""
+    """SIGTERM to the run (``kill``, ``timeout``, a scheduler's cancel), handled as Ctrl-C
+    is: the cell it stopped is marked, the kernel's Spark is stopped."""
 
 
 def notebooks_dir() -> str:
