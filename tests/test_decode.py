@@ -164,3 +164,13 @@ def test_a_decompression_bomb_names_the_limit_that_was_set(max_pixels):
         f"decompression bomb: 900000000 pixels exceeds max_image_pixels={max_pixels} "
         "(notebook 01's parameter, imagepca run's --max-image-pixels)"
     )
+
+
+def test_a_small_limit_does_not_leak_into_pillow():
+    """The limit is the caller's: a later ``Image.open`` elsewhere (a notebook's own code)
+    keeps Pillow's limit as it was."""
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        decode_image(encode(Image.new("RGB", (64, 64)), "PNG"), SIZE, max_pixels=1_000)
+    assert before == Image.MAX_IMAGE_PIXELS
+    Image.open(io.BytesIO(encode(Image.new("RGB", (64, 64)), "PNG"))).load()

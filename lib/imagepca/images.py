@@ -107,7 +107,10 @@ def decode_image(
     """
     if not data:
         raise ImageDecodeError("empty file: 0 bytes")
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        # Pillow's own check (at open) must not be stricter than ours (below); it is never
+        # lowered, so a small limit here does not leak into later uses of Pillow.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
