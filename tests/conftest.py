@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -145,7 +146,10 @@ def sample_run(sample_dir, tmp_path_factory, test_environment):
     # The kernel is killed once its Spark has stopped: no process of the run is left, and
     # the JVM stopped in order first (a JVM killed with its kernel leaves its scratch
     # directories behind).
-    left = processes_with(marker)
+    # (A Python worker the JVM's exit signalled may take a moment to go.)
+    deadline = time.monotonic() + 10
+    while (left := processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not left, f"processes of the run still alive: {left}"
     assert not any(scratch.iterdir()), "the run's JVM did not stop in order"
     return output

@@ -122,8 +122,8 @@ def test_first_look_skips_a_manifest_label_whose_files_are_gone(spark, manifest_
 
     listing = read_manifest(spark, str(manifest_run["output"].parent / "images.csv"))
     try:
-        # The picks hash each path, so which of the three (and how many distinct ones) the
-        # first look tries depends on where the shared photos sit.
+        # Which of the three the first look tries, and how many distinct ones (a seed may
+        # pick a file another seed picked), follows from the seeded picks.
         tried = [path for label, path in listing.sample(3) if label == "apple"]
         with pytest.warns(UserWarning) as warned:
             samples = load_samples(spark, listing)

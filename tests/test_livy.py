@@ -391,7 +391,18 @@ def test_a_terminated_run_deletes_its_session(livy_server, tmp_path):
     saved = output / "notebooks" / "slow.ipynb"
     try:
         deadline = time.monotonic() + 240
-        while not any(s["state"] == "busy" for s in livy.list_sessions(livy_server.url)):
+
+        def sleeping() -> bool:  # the sleep cell has started and its statement runs
+            try:  # papermill rewrites the file in place: a read may catch it half written
+                cells = _notebook(saved).cells
+            except (OSError, ValueError):  # missing, or not JSON yet
+                return False
+            started = cells[-1].metadata.get("papermill", {}).get("start_time")
+            return bool(started) and any(
+                s["state"] == "busy" for s in livy.list_sessions(livy_server.url)
+            )
+
+        while not sleeping():
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
