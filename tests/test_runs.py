@@ -80,25 +80,33 @@ def _input_of(output: Path) -> Path:
     return Path(metrics["params"]["extract"]["input"])
 
 
-def test_a_rerun_with_a_bad_path_leaves_the_earlier_output_complete(sample_run, tmp_path):
+def test_a_rerun_with_a_bad_path_leaves_the_earlier_output_complete(sample_run, tmp_path, capsys):
     """A mistyped weights path or input stops notebook 01 before it touches the output: the
-    earlier run's output stays complete (only the failed notebook's executed copy, the
-    record of what went wrong, is saved beside it)."""
+    earlier run's output stays complete, its executed notebooks those of the run that
+    completed it; the failed notebook, the record of what went wrong, goes to logs/."""
     output = tmp_path / "out"
     shutil.copytree(sample_run, output)
-    before = {p.relative_to(output): p.stat().st_mtime_ns for p in output.rglob("*")}
-    for argv in (
-        ["--input", str(_input_of(output)), "--weights", str(tmp_path / "missing.h5")],
-        ["--input", str(tmp_path / "no-such-folder"), "--weights", str(WEIGHTS)],
-    ):
+    before = {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    failed = output / "logs" / "01_extract_features.ipynb"
+    for argv, problem in (
+        (["--input", str(_input_of(output)), "--weights", str(tmp_path / "missing.h5")],
+         "missing.h5"),
+        (["--input", str(tmp_path / "no-such-folder"), "--weights", str(WEIGHTS)],
+         "no-such-folder"),
+    ):  # fmt: skip
         status = main(["run", *argv, "--output", str(output), "--master", "local[2]"])
         assert status != 0
-        after = {p.relative_to(output): p.stat().st_mtime_ns for p in output.rglob("*")}
+        assert f"(executed notebook: {failed})" in capsys.readouterr().err
+        after = {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()}
         changed = {
             name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
         }
-        assert changed <= {Path("notebooks/01_extract_features.ipynb"), Path("logs/run.log")}
+        assert changed == {Path("logs/01_extract_features.ipynb"), Path("logs/run.log")}
         assert (output / "_SUCCESS").exists() and (output / "metrics.json").exists()
+        notebook = nbformat.read(str(failed), as_version=4)
+        assert notebook.metadata.papermill.exception is True
+        errors = [o for c in notebook.cells for o in c.get("outputs", []) if "ename" in o]
+        assert len(errors) == 1 and problem in errors[0].evalue
 
 
 def test_a_failed_rerun_leaves_no_completion_markers(sample_run, tmp_path, capsys):
@@ -119,6 +127,10 @@ def test_a_failed_rerun_leaves_no_completion_markers(sample_run, tmp_path, capsy
     assert "max_rejected_fraction=0" in printed.out + printed.err
     assert (output / "samples.png").exists()  # written again before the failure
     assert not (output / "_SUCCESS").exists() and not (output / "metrics.json").exists()
+    # The output is this run's now: its failed notebook is where its notebooks go.
+    executed = nbformat.read(str(output / "notebooks" / "01_extract_features.ipynb"), 4)
+    assert executed.metadata.papermill.exception is True
+    assert not (output / "logs" / "01_extract_features.ipynb").exists()
 
 
 def test_a_timed_out_cell_is_interrupted_before_spark_is_stopped(tmp_path, monkeypatch):

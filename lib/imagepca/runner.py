@@ -24,7 +24,15 @@ from pathlib import Path
 
 from .config import ExtractParams, ReduceParams
 from .console import Console
-from .storage import EXTRACTION_FILE, METRICS_FILE, is_local, join, local_path, papermill_location
+from .storage import (
+    EXTRACTION_FILE,
+    METRICS_FILE,
+    SUCCESS_MARKER,
+    is_local,
+    join,
+    local_path,
+    papermill_location,
+)
 
 EXTRACT_NOTEBOOK = "01_extract_features.ipynb"
 REDUCE_NOTEBOOK = "02_reduce_pca.ipynb"
@@ -191,6 +199,7 @@ def run_notebooks(
                     console.line(f"{label} skipped: {skipped}")
                 continue
             destination = join(papermill_location(output), "notebooks", run.name)
+            kept = _completed_copy(output, destination) if run.name == EXTRACT_NOTEBOOK else None
             started, started_at = time.perf_counter(), time.time()
             if console is not None:
                 console.line(f"{label} ...")
@@ -214,9 +223,11 @@ def run_notebooks(
                 if not isinstance(error, RunTerminated):
                     error = KeyboardInterrupt("the run was interrupted here")
                 _record_stop(destination, error)
+                _keep_completed_copy(output, destination, kept)
                 raise
             except PapermillExecutionError as error:
                 _ended(console, label, started, failed=True)
+                destination = _keep_completed_copy(output, destination, kept)
                 raise NotebookFailed(
                     f"{run.name} failed in cell {error.exec_count}: {error.ename}: "
                     f"{error.evalue.strip().splitlines()[-1] if error.evalue.strip() else ''} "
@@ -226,6 +237,7 @@ def run_notebooks(
                 _ended(console, label, started, failed=True)
                 if isinstance(error, CellTimeoutError):
                     _record_stop(destination, error)
+                destination = _keep_completed_copy(output, destination, kept)
                 # The whole error (a timeout's includes the cell's code) goes to the log;
                 # the message, printed last, keeps its first line.
                 logging.getLogger(__name__).error("%s did not complete: %r", run.name, error)
@@ -337,6 +349,49 @@ def _ended(console: Console | None, label: str, started: float, failed: bool = F
     if console is not None:
         seconds = time.perf_counter() - started
         console.line(f"{label} {'failed after' if failed else 'done in'} {seconds:.1f} s")
+
+
+def _completed_copy(output: str, destination: str) -> str | None:
+    """The executed notebook at ``destination`` when ``output`` holds a completed run."""
+    from papermill.iorw import papermill_io
+
+    if not _is_complete(output):
+        return None
+    try:
+        return papermill_io.read(destination)
+    except Exception:  # no copy of this notebook
+        return None
+
+
+def _is_complete(output: str) -> bool:
+    """Whether ``output`` holds ``_SUCCESS`` (local, ``s3://``: papermill's I/O registry)."""
+    from papermill.iorw import papermill_io
+
+    try:
+        papermill_io.read(join(papermill_location(output), SUCCESS_MARKER), extensions=None)
+    except Exception:  # not there (each handler raises its own error)
+        return False
+    return True
+
+
+def _keep_completed_copy(output: str, destination: str, kept: str | None) -> str:
+    """Where a notebook 01 that failed is kept: in ``logs/`` when the output it ran into
+    is still complete (a mistyped path stops it before it touches the output), so that
+    ``notebooks/`` keeps the copies of the run that completed it; else ``destination``."""
+    from papermill.iorw import papermill_io
+
+    if kept is None or not _is_complete(output):  # else the run had begun to replace it
+        return destination
+    failed = join(papermill_location(output), "logs", destination.rsplit("/", 1)[-1])
+    try:
+        if is_local(output):
+            Path(local_path(output), "logs").mkdir(parents=True, exist_ok=True)
+        papermill_io.write(papermill_io.read(destination), failed)
+        papermill_io.write(kept, destination)
+    except Exception as problem:  # the run's own error matters more
+        logging.getLogger(__name__).warning("could not keep %s: %s", destination, problem)
+        return destination
+    return failed
 
 
 def _record_stop(destination: str, error: BaseException) -> None:
