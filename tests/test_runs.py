@@ -241,17 +241,37 @@ def test_an_interrupted_run_marks_where_it_stopped(tmp_path, how):
     assert not processes_with(marker)
 
 
-def test_a_terminated_run_exits_as_a_shell_reports_sigterm(tmp_path, monkeypatch, capsys):
-    """143, not 130 nor 1: a scheduler or a script can tell a cancel from a failure; the log
-    is named as for any stopped run."""
-
-    def terminated(*args, **kwargs):
-        raise runner.RunTerminated("the run was terminated here (SIGTERM)")
-
-    monkeypatch.setattr(runner, "run_notebooks", terminated)
-    output = tmp_path / "out"
-    code = main(
-        ["run", "--input", str(FRUIT_PHOTOS), "--output", str(output), "--weights", str(WEIGHTS)]
+def test_a_terminated_run_exits_as_a_shell_reports_sigterm(tmp_path):
+    """``imagepca run`` stopped by SIGTERM exits 143, not 130 nor 1, so a scheduler or a
+    script can tell a cancel from a failure; the log is named as for any stopped run.
+    (A stand-in notebook 01 that sleeps: the CLI's own path, without Spark.)"""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(
+        notebooks / runner.EXTRACT_NOTEBOOK, "input = None", "import time\ntime.sleep(600)"
     )
-    err = capsys.readouterr().err
-    assert code == 143 and "error: terminated (SIGTERM)" in err and f"log: {output}" in err
+    output = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imagepca", "run", "--input", str(FRUIT_PHOTOS), "--output",
+         str(output), "--weights", str(WEIGHTS), "--notebooks", str(notebooks)],
+        start_new_session=True, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    saved = output / "notebooks" / runner.EXTRACT_NOTEBOOK
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the sleeping cell has started
+            try:
+                cells = nbformat.read(str(saved), as_version=4).cells
+            except (OSError, ValueError):  # missing, or half written
+                cells = []
+            if cells and cells[-1].metadata.get("papermill", {}).get("start_time"):
+                break
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 143
+    assert err.splitlines()[-1] == "error: terminated (SIGTERM)"
+    assert f"log: {output / 'logs' / 'run.log'}" in err

@@ -223,7 +223,6 @@ def run_notebooks(
                 if not isinstance(error, RunTerminated):
                     error = KeyboardInterrupt("the run was interrupted here")
                 _record_stop(destination, error)
-                _keep_completed_copy(output, destination, kept)
                 raise
             except PapermillExecutionError as error:
                 _ended(console, label, started, failed=True)
@@ -237,7 +236,6 @@ def run_notebooks(
                 _ended(console, label, started, failed=True)
                 if isinstance(error, CellTimeoutError):
                     _record_stop(destination, error)
-                destination = _keep_completed_copy(output, destination, kept)
                 # The whole error (a timeout's includes the cell's code) goes to the log;
                 # the message, printed last, keeps its first line.
                 logging.getLogger(__name__).error("%s did not complete: %r", run.name, error)
@@ -290,8 +288,12 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise RunTerminated("the run was terminated here (SIGTERM)")
 
+    def restore() -> None:  # unless something else took SIGTERM since
+        if signal.getsignal(signal.SIGTERM) is terminate:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     signal.signal(signal.SIGTERM, terminate)
-    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return restore
 
 
 def _skip_slow_optional_imports() -> None:
@@ -375,19 +377,34 @@ def _is_complete(output: str) -> bool:
 
 
 def _keep_completed_copy(output: str, destination: str, kept: str | None) -> str:
-    """Where a notebook 01 that failed is kept: in ``logs/`` when the output it ran into
+    """Where a notebook 01 that raised is kept: in ``logs/`` when the output it ran into
     is still complete (a mistyped path stops it before it touches the output), so that
-    ``notebooks/`` keeps the copies of the run that completed it; else ``destination``."""
+    ``notebooks/`` keeps the copies of the run that completed it; else ``destination``.
+
+    Only for a cell that raised: the kernel is idle then, and nothing of the run will
+    touch the output any more (an interrupted or timed-out cell may still be running).
+    The failed copy is written first and the completed one put back whole (a new local
+    file renamed over it; an S3 object is replaced whole), so a stop in between leaves
+    what an earlier version left: the failed notebook in ``notebooks/``.
+    """
     from papermill.iorw import papermill_io
 
     if kept is None or not _is_complete(output):  # else the run had begun to replace it
         return destination
     failed = join(papermill_location(output), "logs", destination.rsplit("/", 1)[-1])
     try:
+        executed = papermill_io.read(destination)
+        if executed == kept:  # papermill never wrote it (its source could not be read)
+            return destination
         if is_local(output):
             Path(local_path(output), "logs").mkdir(parents=True, exist_ok=True)
-        papermill_io.write(papermill_io.read(destination), failed)
-        papermill_io.write(kept, destination)
+            papermill_io.write(executed, failed)
+            staged = Path(local_path(destination)).with_suffix(".ipynb.tmp")
+            staged.write_text(kept, encoding="utf-8")
+            os.replace(staged, local_path(destination))
+        else:
+            papermill_io.write(executed, failed)
+            papermill_io.write(kept, destination)
     except Exception as problem:  # the run's own error matters more
         logging.getLogger(__name__).warning("could not keep %s: %s", destination, problem)
         return destination
