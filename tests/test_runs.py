@@ -20,6 +20,7 @@ from conftest import FRUIT_PHOTOS, WEIGHTS, processes_with, write_notebook
 from imagepca import runner
 from imagepca.cli import main
 from imagepca.storage import CLASSIFY_ARTIFACTS
+from moto_server import aws_env, moto_endpoint  # noqa: F401
 
 
 def test_rerun_without_classifier_removes_the_earlier_classifier(sample_run, tmp_path, capsys):
@@ -275,3 +276,29 @@ def test_a_terminated_run_exits_as_a_shell_reports_sigterm(tmp_path):
     assert process.returncode == 143
     assert err.splitlines()[-1] == "error: terminated (SIGTERM)"
     assert f"log: {output / 'logs' / 'run.log'}" in err
+
+
+def test_an_s3_output_keeps_its_completed_notebook_01_too(aws_env):  # noqa: F811
+    """The keeping above through papermill's S3 handler (moto on loopback): an empty
+    ``_SUCCESS`` counts, the failed copy goes to logs/ and the completed one is put back;
+    without ``_SUCCESS`` the failed notebook stays where the run saved it."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="runs")
+    destination = "s3://runs/out/notebooks/01_extract_features.ipynb"
+    completed = nbformat.writes(nbformat.v4.new_notebook(metadata={"run": "completed"}))
+    failed = nbformat.writes(nbformat.v4.new_notebook(metadata={"run": "failed"}))
+
+    def body(key: str) -> str:
+        return s3.get_object(Bucket="runs", Key=key)["Body"].read().decode()
+
+    s3.put_object(Bucket="runs", Key="out/notebooks/01_extract_features.ipynb", Body=failed)
+    assert runner._keep_completed_copy("s3://runs/out", destination, completed) == destination
+    assert body("out/notebooks/01_extract_features.ipynb") == failed  # not complete
+    s3.put_object(Bucket="runs", Key="out/_SUCCESS", Body=b"")
+    kept = runner._keep_completed_copy("s3://runs/out", destination, completed)
+    assert kept == "s3://runs/out/logs/01_extract_features.ipynb"
+    assert json.loads(body("out/logs/01_extract_features.ipynb"))["metadata"]["run"] == "failed"
+    restored = json.loads(body("out/notebooks/01_extract_features.ipynb"))
+    assert restored["metadata"]["run"] == "completed"
