@@ -8,6 +8,7 @@ and are read in place, never copied into the repository.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -153,6 +154,31 @@ def sample_run(sample_dir, tmp_path_factory, test_environment):
     assert not left, f"processes of the run still alive: {left}"
     assert not any(scratch.iterdir()), "the run's JVM did not stop in order"
     return output
+
+
+def signal_once_started(
+    process, saved: Path, send, *, cell: int = -1, ready=lambda: True, timeout: float = 120
+) -> str:
+    """Once cell ``cell`` of the notebook papermill saves at ``saved`` has started (and
+    ``ready()``), ``send(process)``; the process's standard error once it has ended. Its
+    process group is killed if anything fails on the way."""
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:  # papermill rewrites the file in place: a read may catch it half written
+                cells = nbformat.read(str(saved), as_version=4).cells
+            except (OSError, ValueError):  # missing, or not JSON yet
+                cells = []
+            started = cells and cells[cell].metadata.get("papermill", {}).get("start_time")
+            if started and ready():
+                break
+            assert time.monotonic() < deadline and process.poll() is None, "never started"
+            time.sleep(0.2)
+        send(process)
+        return process.communicate(timeout=120)[1]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def write_notebook(path: Path, parameters: str, *cells: str) -> Path:

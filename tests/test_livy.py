@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import OUTPUT_LAYOUT, write_notebook
+from conftest import OUTPUT_LAYOUT, signal_once_started, write_notebook
 from imagepca import livy, runner
 from imagepca.cli import main
 from imagepca.config import SPARK_SETTINGS
@@ -370,9 +371,6 @@ def test_a_terminated_run_deletes_its_session(livy_server, tmp_path):
     """SIGTERM to a Livy run (``kill``, ``timeout``) during a statement: the
     saved notebook marks the cell, and the run's session does not stay holding the cluster
     (before, the process ended at once and the session stayed until Livy's timeout)."""
-    import signal
-    import time
-
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
     write_notebook(notebooks / "slow.ipynb", "seconds = 0", "import time\ntime.sleep(seconds)")
@@ -389,27 +387,13 @@ def test_a_terminated_run_deletes_its_session(livy_server, tmp_path):
         [sys.executable, "-c", code], start_new_session=True, stderr=subprocess.PIPE, text=True
     )
     saved = output / "notebooks" / "slow.ipynb"
-    try:
-        deadline = time.monotonic() + 240
-
-        def sleeping() -> bool:  # the sleep cell has started and its statement runs
-            try:  # papermill rewrites the file in place: a read may catch it half written
-                cells = _notebook(saved).cells
-            except (OSError, ValueError):  # missing, or not JSON yet
-                return False
-            started = cells[-1].metadata.get("papermill", {}).get("start_time")
-            return bool(started) and any(
-                s["state"] == "busy" for s in livy.list_sessions(livy_server.url)
-            )
-
-        while not sleeping():
-            assert time.monotonic() < deadline and process.poll() is None
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    stderr = signal_once_started(
+        process,
+        saved,
+        lambda p: p.send_signal(signal.SIGTERM),
+        ready=lambda: any(s["state"] == "busy" for s in livy.list_sessions(livy_server.url)),
+        timeout=240,
+    )
     assert process.returncode != 0 and "RunTerminated" in stderr
     cells = [c for c in _notebook(saved).cells if c.cell_type == "code"]
     assert cells[-1].metadata.papermill.status == "failed"

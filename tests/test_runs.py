@@ -16,7 +16,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import FRUIT_PHOTOS, WEIGHTS, processes_with, write_notebook
+from conftest import FRUIT_PHOTOS, WEIGHTS, processes_with, signal_once_started, write_notebook
 from imagepca import runner
 from imagepca.cli import main
 from imagepca.storage import CLASSIFY_ARTIFACTS
@@ -211,25 +211,15 @@ def test_an_interrupted_run_marks_where_it_stopped(tmp_path, how):
         env={**os.environ, marker: "1"},
     )
     saved = output / "notebooks" / "slow.ipynb"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # until the sleeping cell has started
-            try:  # papermill rewrites the file in place: a read may catch it half written
-                cells = nbformat.read(str(saved), as_version=4).cells
-            except (OSError, ValueError):  # missing, or not JSON yet
-                cells = []
-            if cells and cells[2].metadata.get("papermill", {}).get("start_time"):
-                break
-            time.sleep(0.2)
+
+    def stop(process) -> None:
         time.sleep(1)
         if how == "ctrl-c":
             os.killpg(process.pid, signal.SIGINT)
         else:
             process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+
+    stderr = signal_once_started(process, saved, stop, cell=2)
     ename, evalue = STOPS[how]
     assert process.returncode != 0 and ename in stderr
     notebook = nbformat.read(str(saved), as_version=4)
@@ -258,21 +248,7 @@ def test_a_terminated_run_exits_as_a_shell_reports_sigterm(tmp_path):
         start_new_session=True, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     saved = output / "notebooks" / runner.EXTRACT_NOTEBOOK
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # until the sleeping cell has started
-            try:
-                cells = nbformat.read(str(saved), as_version=4).cells
-            except (OSError, ValueError):  # missing, or half written
-                cells = []
-            if cells and cells[-1].metadata.get("papermill", {}).get("start_time"):
-                break
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    err = signal_once_started(process, saved, lambda p: p.send_signal(signal.SIGTERM))
     assert process.returncode == 143
     assert err.splitlines()[-1] == "error: terminated (SIGTERM)"
     assert f"log: {output / 'logs' / 'run.log'}" in err
