@@ -412,6 +412,7 @@ def test_metrics_block_and_markers(classified) -> None:
     assert on_disk["n_images"] == 240 and on_disk["k"] == classified["k"]  # 02's metrics kept
     assert on_disk["timings_s"]["classify_s"] > 0
     assert block["test_fraction"] == 0.25 and block["seed"] == 42
+    assert block["split_by"] == "seeded hash of label and file name"
     assert block["labels"] == ["apple", "banana", "mixed", "orange"]
     assert block["excluded_labels"] == {}
     # Every image was in the comparison set: the driver fit used its scores, not reduced/.

@@ -64,7 +64,7 @@ from .pipeline import timed
 from .plots import save_figure
 from .reduction import PCA_COL, StoredPCA
 from .session import default_parallelism, in_background
-from .split import IS_TEST_COL, TrainingMatrix
+from .split import IS_TEST_COL, SPLIT_BY, TrainingMatrix
 from .storage import CLASSIFY_ARTIFACTS, Storage, join
 
 MODEL_DIR = "classifier_model"
@@ -395,6 +395,7 @@ class Classification:
             "reduced": self.results["reduced"].scores,
             "test_fraction": self.params.test_fraction,
             "seed": self.params.seed,
+            "split_by": SPLIT_BY,
             "labels": self.labels,
             "split": self.split_counts,
             "excluded_labels": self.excluded,

@@ -20,6 +20,9 @@ from .images import MIN_IMAGES_PER_LABEL, name_column
 
 IS_TEST_COL = "is_test"
 IN_SUBSET_COL = "in_subset"
+SPLIT_BY = "seeded hash of label and file name"
+"""How :func:`split_by_label` ranks a label's images (``metrics.json`` says so: outputs
+made before 30 November 2026 hashed the path, and held out other images)."""
 
 
 def n_test_images(n: int, test_fraction: float) -> int:
