@@ -165,18 +165,17 @@ def extract_features(
 ) -> Extraction:
     """Featurize the run's images into ``OUTPUT/features`` and ``OUTPUT/rejected``.
 
-    The weights are resolved first, so a missing weights file fails before any Spark job.
-    Every image file found ends up in exactly one of the two datasets. ``listing`` (from
-    :func:`imagepca.inputs.list_inputs`) saves listing the input a second time.
+    Every image file found ends up in exactly one of the two datasets. ``listing`` is
+    :func:`start_extraction`'s, which has checked the inputs and begun the run; without
+    one, this starts the run itself (a missing weights file fails before any Spark job).
     """
     timer = _Timer()
     storage = Storage(spark)
-    with timer.stage("weights_s"):
-        weights_file = resolve_weights(params.weights, spark)
-        weights_sha = file_sha256(weights_file)
-    listing = listing or list_inputs(spark, params)
+    listing = listing or start_extraction(spark, params)
     timer.timings["list_s"] = listing.seconds
-    storage.begin_run(params.output)
+    with timer.stage("weights_s"):
+        weights_file = resolve_weights(params.weights, spark)  # the copy it resolved
+        weights_sha = file_sha256(weights_file)
     features_uri = join(params.output, "features")
     identity = {**params.as_dict(), "weights_sha256": weights_sha}
     stored = _stored_extraction(storage, params.output)
