@@ -146,7 +146,7 @@ class ExtractParams:
                 "output must differ from input: the output folder is replaced on every run",
             )
             _require(
-                not output.startswith(source + "/"),
+                not _within(output, source),
                 "output must not be inside input: the next run would read the run's own "
                 f"plots as images; choose an output outside {self.input!r}",
             )
