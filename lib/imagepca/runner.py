@@ -398,12 +398,12 @@ def _keep_completed_copy(output: str, destination: str, kept: str | None) -> str
             return destination
         if is_local(output):
             Path(local_path(output), "logs").mkdir(parents=True, exist_ok=True)
-            papermill_io.write(executed, failed)
+        papermill_io.write(executed, failed)
+        if is_local(output):
             staged = Path(local_path(destination)).with_suffix(".ipynb.tmp")
             staged.write_text(kept, encoding="utf-8")
             os.replace(staged, local_path(destination))
         else:
-            papermill_io.write(executed, failed)
             papermill_io.write(kept, destination)
     except Exception as problem:  # the run's own error matters more
         logging.getLogger(__name__).warning("could not keep %s: %s", destination, problem)
