@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -230,6 +231,59 @@ def test_an_interrupted_run_marks_where_it_stopped(tmp_path, how):
     assert code_cells[2].outputs[-1].ename == ename
     assert code_cells[2].outputs[-1].evalue == evalue
     assert not processes_with(marker)
+
+
+def test_a_stopped_cell_is_not_handled_during_the_clean_up(tmp_path, monkeypatch):
+    """What a stopped cell prints after the interrupt reaches no one: nbclient's task for it
+    is cancelled before the clean-up runs the event loop again, so papermill never handles
+    its late messages (nor autosaves over the notebook the runner has marked)."""
+    from papermill.clientwrap import PapermillNotebookClient
+
+    handled = []
+    process_message = PapermillNotebookClient.process_message
+
+    def record(self, msg, *args, **kwargs):
+        handled.append(msg.get("content", {}).get("text", ""))
+        return process_message(self, msg, *args, **kwargs)
+
+    monkeypatch.setattr(PapermillNotebookClient, "process_message", record)
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(
+        notebooks / "slow.ipynb",
+        "seconds = 0",
+        "import time\ntry:\n    time.sleep(seconds)\nexcept KeyboardInterrupt:\n"
+        "    print('late', flush=True)\n    time.sleep(1)",
+    )
+    output = tmp_path / "out"
+    saved = output / "notebooks" / "slow.ipynb"
+
+    def terminate_once_started() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                cells = nbformat.read(str(saved), as_version=4).cells
+            except (OSError, ValueError):
+                cells = []
+            if cells and cells[-1].metadata.get("papermill", {}).get("start_time"):
+                time.sleep(1)
+                break
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)  # raises RunTerminated in this (main) thread
+
+    signaller = threading.Thread(target=terminate_once_started, daemon=True)
+    signaller.start()
+    with pytest.raises(runner.RunTerminated):
+        runner.run_notebooks(
+            [runner.NotebookRun("slow.ipynb", {"seconds": 600})],
+            str(output),
+            notebooks=str(notebooks),
+        )
+    signaller.join()
+    assert handled, "papermill handled none of the kernel's messages"
+    assert not any("late" in text for text in handled)
+    notebook = nbformat.read(str(saved), as_version=4)
+    assert notebook.cells[-1].metadata.papermill.status == "failed"
 
 
 def test_a_terminated_run_exits_as_a_shell_reports_sigterm(tmp_path):

@@ -10,6 +10,7 @@ What a person sees meanwhile, and the run's log file, is an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -250,6 +251,8 @@ def run_notebooks(
         completed = True
     finally:
         restore_sigterm()  # a second SIGTERM during the clean-up ends the process at once
+        if not completed:
+            _cancel_abandoned_tasks()
         if kernel_manager.has_kernel:
             if not completed and kernel == LOCAL_KERNEL:
                 # A cell may still be running (a timeout, Ctrl-C here): interrupted, as a
@@ -294,6 +297,28 @@ def _sigterm_interrupts():
 
     signal.signal(signal.SIGTERM, terminate)
     return restore
+
+
+def _cancel_abandoned_tasks() -> None:
+    """Cancel what a stopped notebook left on this thread's event loop.
+
+    An interrupt (Ctrl-C, SIGTERM) raised while papermill waited for a cell leaves
+    nbclient's task for that cell pending on the loop ``run_sync`` keeps per thread. The
+    clean-up below runs that loop again: the task would go on handling the stopped cell's
+    late messages, and papermill's autosave (30 s after its last save) could rewrite the
+    notebook :func:`_record_stop` has marked. Cancelled, it ends with nbclient's own error,
+    which no one needs.
+    """
+    from jupyter_core.utils import ensure_event_loop
+
+    loop = ensure_event_loop()
+    if loop.is_running():  # called from inside a loop: not the one papermill ran
+        return
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
 
 def _skip_slow_optional_imports() -> None:
