@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -196,6 +197,29 @@ def test_missing_weights_fail_before_any_spark_job(spark, tmp_path):
         extract_features(spark, params)
     assert set(tracker.getJobIdsForGroup(None)) == before
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_are_not_whole_mobilenet_v2_weights_are_refused(tmp_path):
+    """A folder, an interrupted copy, another file and another model's weights: each named
+    for what it is, before anything is built from it."""
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(WEIGHTS.read_bytes()[: 4 << 20])
+    text = tmp_path / "text.h5"
+    text.write_text("404 Not Found")
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as weights:
+        weights.attrs["layer_names"] = ["dense"]
+        weights.create_dataset("dense/kernel", data=np.ones((3, 2)))
+    cases = {
+        tmp_path: "is a folder, not a file",
+        truncated: "is not a readable HDF5 file .*truncated file",
+        text: "is not a readable HDF5 file .*file signature not found",
+        other: r"holds no MobileNetV2 weights \(no layer Conv1, Conv_1\)",
+    }
+    for path, problem in cases.items():
+        with pytest.raises(WeightsError, match=problem):
+            resolve_weights(str(path))
+    assert resolve_weights(str(WEIGHTS)) == WEIGHTS
 
 
 def test_imagenet_weights_come_from_the_keras_cache(test_environment):

@@ -83,16 +83,20 @@ def _input_of(output: Path) -> Path:
 
 
 def test_a_rerun_with_a_bad_path_leaves_the_earlier_output_complete(sample_run, tmp_path, capsys):
-    """A mistyped weights path or input stops notebook 01 before it touches the output: the
-    earlier run's output stays complete, its executed notebooks those of the run that
-    completed it; the failed notebook, the record of what went wrong, goes to logs/."""
+    """A mistyped or broken weights file, or a mistyped input, stops notebook 01 before it
+    touches the output: the earlier run's output stays complete, its executed notebooks those
+    of the run that completed it; the failed notebook, the record of what went wrong, goes to
+    logs/."""
     output = tmp_path / "out"
     shutil.copytree(sample_run, output)
     before = {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()}
     failed = output / "logs" / "01_extract_features.ipynb"
+    truncated = tmp_path / "truncated.h5"  # an interrupted copy of the weights
+    truncated.write_bytes(WEIGHTS.read_bytes()[: 4 << 20])
     for argv, problem in (
         (["--input", str(_input_of(output)), "--weights", str(tmp_path / "missing.h5")],
          "missing.h5"),
+        (["--input", str(_input_of(output)), "--weights", str(truncated)], "truncated file"),
         (["--input", str(tmp_path / "no-such-folder"), "--weights", str(WEIGHTS)],
          "no-such-folder"),
     ):  # fmt: skip

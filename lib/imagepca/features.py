@@ -59,7 +59,7 @@ def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
         from keras.utils import get_file
 
         try:
-            return Path(get_file(KERAS_WEIGHTS_FILE, KERAS_WEIGHTS_ORIGIN, cache_subdir="models"))
+            cached = Path(get_file(KERAS_WEIGHTS_FILE, KERAS_WEIGHTS_ORIGIN, cache_subdir="models"))
         except Exception as error:
             keras_home = os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras"))
             raise WeightsError(
@@ -68,6 +68,8 @@ def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
                 f"{KERAS_WEIGHTS_FILE} into {keras_home}/models/, or pass the file itself: "
                 "weights=/path/to/weights.h5 or an s3:// URI (--weights with imagepca run)."
             ) from None
+        check_weights_file(cached, str(cached))
+        return cached
     if not is_local(source):
         if spark is None:
             raise WeightsError(f"weights URI {source!r} needs a SparkSession to be read")
@@ -82,14 +84,53 @@ def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
         if not local.exists() or local.stat().st_size != storage.size(source):
             target.mkdir(parents=True, exist_ok=True)
             storage.copy_to_local(source, str(local))
+        check_weights_file(local, source)
         return local
     path = Path(local_path(source)).expanduser()
     if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise WeightsError(
-            f"weights file {str(path)!r} does not exist. Pass weights=imagenet to use the "
+            f"weights file {str(path)!r} {what}. Pass weights=imagenet to use the "
             f"Keras cache, or the path of {KERAS_WEIGHTS_FILE} (--weights with imagepca run)."
         )
+    check_weights_file(path, source)
     return path
+
+
+# Layers of MobileNetV2 that a no-top weights file holds: its first and last.
+MOBILENET_V2_LAYERS = ("Conv1", "Conv_1")
+
+
+def check_weights_file(path: Path, source: str) -> None:
+    """Raise :class:`WeightsError` unless ``path`` is a whole Keras HDF5 weights file of
+    MobileNetV2.
+
+    Read in full (0.04 s): a truncated download or another file fails here, before the run
+    touches its output, not when the model is built after the output's completion markers
+    have gone.
+    """
+    import h5py
+
+    def read(name: str, item) -> None:
+        if isinstance(item, h5py.Dataset):
+            item[()]
+
+    try:
+        with h5py.File(path, "r") as weights:
+            layers = {str(name) for name in weights.attrs.get("layer_names", [])}
+            weights.visititems(read)
+    except Exception as error:
+        problem = f"is not a readable HDF5 file ({type(error).__name__}: {error})"
+    else:
+        missing = [name for name in MOBILENET_V2_LAYERS if name not in layers]
+        if not missing:
+            return
+        problem = f"holds no MobileNetV2 weights (no layer {', '.join(missing)})"
+    raise WeightsError(
+        f"weights file {source!r} {problem}: an interrupted copy or download, or another "
+        f"model's file. Copy {KERAS_WEIGHTS_FILE} again, or pass weights=imagenet "
+        "(--weights with imagepca run)."
+    )
 
 
 def file_sha256(path: Path) -> str:
