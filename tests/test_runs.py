@@ -113,6 +113,15 @@ def test_a_rerun_with_a_bad_path_leaves_the_earlier_output_complete(sample_run, 
         assert notebook.metadata.papermill.exception is True
         errors = [o for c in notebook.cells for o in c.get("outputs", []) if "ename" in o]
         assert len(errors) == 1 and problem in errors[0].evalue
+    # The next run that completes the output removes that record of an earlier attempt.
+    status = main(
+        ["run", "--input", str(_input_of(output)), "--output", str(output), "--weights",
+         str(WEIGHTS), "--reuse-features", "--skip-classify", "--master", "local[2]"]
+    )  # fmt: skip
+    assert status == 0 and not failed.exists()
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert "logs/01_extract_features.ipynb" in metrics["removed_from_earlier_run"]
+    assert "removed from an earlier run: logs/01_extract_features.ipynb" in capsys.readouterr().out
 
 
 def test_a_failed_rerun_leaves_no_completion_markers(sample_run, tmp_path, capsys):

@@ -61,6 +61,7 @@ from .session import ARROW_BATCH_KEY, default_parallelism, run_concurrently, spa
 from .storage import (
     CLASSIFY_ARTIFACTS,
     EXTRACTION_FILE,
+    FAILED_EXTRACT_NOTEBOOK,
     STAGING_DIR,
     Storage,
     join,
@@ -173,6 +174,8 @@ def extract_features(
     storage = Storage(spark)
     listing = listing or start_extraction(spark, params)
     timer.timings["list_s"] = listing.seconds
+    # An earlier attempt's failure, kept while the output it left alone was complete.
+    removed = storage.remove_artifacts(params.output, (FAILED_EXTRACT_NOTEBOOK,))
     with timer.stage("weights_s"):
         weights_file = resolve_weights(params.weights, spark)  # the copy it resolved
         weights_sha = file_sha256(weights_file)
@@ -194,6 +197,7 @@ def extract_features(
                 if key not in ("incremental", "reuse_refused")
             }
             metadata.update(
+                removed_from_earlier_run=removed,
                 params=identity,
                 timings_s=timer.timings,
                 images_per_s=None,
@@ -298,6 +302,7 @@ def extract_features(
                 "reuse_refused": not_reused,
                 "input": params.source,
                 "input_kind": listing.kind,
+                "removed_from_earlier_run": removed,
                 "layout": LAYOUT,
                 "n_files_found": listing.n_files,
                 "n_duplicate_uris": listing.n_duplicates,
@@ -402,7 +407,9 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         )
     check_k(params.k, extraction["n_images"], FEATURE_DIM)
     storage.begin_run(params.output)
-    removed = storage.remove_artifacts(params.output, CLASSIFY_ARTIFACTS)
+    removed = extraction.get("removed_from_earlier_run", []) + storage.remove_artifacts(
+        params.output, CLASSIFY_ARTIFACTS
+    )
     features = read_features(spark, params.output)
     with timer.stage("fit_s"):
         moments = _stored_moments(storage, params.output, extraction)

@@ -27,6 +27,7 @@ from .config import ExtractParams, ReduceParams
 from .console import Console
 from .storage import (
     EXTRACTION_FILE,
+    FAILED_EXTRACT_NOTEBOOK,
     METRICS_FILE,
     SUCCESS_MARKER,
     is_local,
@@ -416,7 +417,7 @@ def _keep_completed_copy(output: str, destination: str, kept: str | None) -> str
 
     if kept is None or not _is_complete(output):  # else the run had begun to replace it
         return destination
-    failed = join(papermill_location(output), "logs", destination.rsplit("/", 1)[-1])
+    failed = join(papermill_location(output), FAILED_EXTRACT_NOTEBOOK)
     try:
         executed = papermill_io.read(destination)
         if executed == kept:  # papermill never wrote it (its source could not be read)

@@ -28,6 +28,9 @@ SUCCESS_MARKER = "_SUCCESS"
 METRICS_FILE = "metrics.json"
 EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
 STAGING_DIR = "_staging"
+# Where `imagepca run` keeps a notebook 01 that failed before touching a complete output
+# (imagepca.runner); notebook 01 removes it once a run has begun replacing the output.
+FAILED_EXTRACT_NOTEBOOK = "logs/01_extract_features.ipynb"
 # What notebook 03 adds to an output. Notebook 02 removes these when it starts: a
 # classifier of an earlier run was trained on another PCA.
 CLASSIFY_ARTIFACTS = (
