@@ -609,9 +609,9 @@ def test_interrupted_run_leaves_no_complete_looking_output(spark, small_input, t
 
 
 def test_reuse_features_keeps_features_when_only_pca_changes(spark, small_input, tmp_path):
-    """reuse_features with unchanged input and extraction parameters: features/ untouched
-    (same part files, same mtimes), only the PCA is redone; a changed extraction parameter
-    re-extracts."""
+    """reuse_features with unchanged input files (the folder spelled another way) and
+    extraction parameters: features/ untouched (same part files, same mtimes), only the PCA is
+    redone; a changed extraction parameter re-extracts."""
     output = tmp_path / "out"
     run_both(spark, small_input, output)
     before = part_files(output / "features")
@@ -619,8 +619,10 @@ def test_reuse_features_keeps_features_when_only_pca_changes(spark, small_input,
     params = dict(input=str(small_input), output=str(output), weights=str(WEIGHTS))
     featurized_at = json.loads((output / "features" / "_extraction.json").read_text())
     featurized_at = featurized_at["created_at"]
-    reused = extract_features(spark, ExtractParams(**params, reuse_features=True))
+    respelled = {**params, "input": f"file://{small_input}/"}
+    reused = extract_features(spark, ExtractParams(**respelled, reuse_features=True))
     assert reused.reused and reused.n_images == 48 and reused.metadata.get("reuse_refused") is None
+    assert reused.metadata["input"] == respelled["input"]
     assert f"reused, featurized {featurized_at}" in reused.summary()
     assert part_files(output / "features") == before
     reduction = reduce_features(spark, ReduceParams(output=str(output), k=5))

@@ -72,7 +72,9 @@ def why_not_incremental(stored: dict | None, identity: dict) -> str | None:
 
 
 # What stored features depend on: --reuse-features keeps them only when all are the same.
-REUSE_KEYS = ("input", "manifest", "listing_fingerprint", *FEATURE_KEYS, "max_image_pixels")
+# The listing's fingerprint (every file's path, label, size and time) says which images they
+# are, however the input was spelled (a relative path, file://, a trailing slash) or listed.
+REUSE_KEYS = ("listing_fingerprint", *FEATURE_KEYS, "max_image_pixels")
 _REUSE_NAMES = {"listing_fingerprint": "input files", "weights_sha256": "weights"}
 
 

@@ -197,6 +197,8 @@ def extract_features(
                 if key not in ("incremental", "reuse_refused")
             }
             metadata.update(
+                input=params.source,
+                input_kind=listing.kind,
                 removed_from_earlier_run=removed,
                 params=identity,
                 timings_s=timer.timings,
