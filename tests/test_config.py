@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from imagepca.config import ExtractParams, ParameterError, ReduceParams
+from imagepca.cli import main
+from imagepca.config import ExtractParams, ParameterError, ReduceParams, check_master
 from imagepca.images import extension_glob, label_of
 from imagepca.inputs import scan_settings
 from imagepca.reduction import check_k, choose_k
@@ -168,3 +171,36 @@ def test_papermill_locations():
     assert papermill_location("s3n://bucket/runs/x") == "s3://bucket/runs/x"
     for unchanged in ("s3://bucket/x", "output/sample", "/abs/out", "hdfs://nn/out"):
         assert papermill_location(unchanged) == unchanged
+
+
+@pytest.mark.parametrize(
+    "master", ["local", "local[2]", "local[*]", "local[2,3]", "local-cluster[2,1,1024]", "yarn",
+               "spark://10.0.0.1:7077", "k8s://https://10.0.0.1:6443"],
+)  # fmt: skip
+def test_spark_masters_are_accepted(master):
+    check_master(master)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--master", "bogus"], "master 'bogus' is not a Spark master: use local"),
+        (["--master", "local[two]"], "is not a Spark master"),
+        (["--execution-timeout", "0"], "--execution-timeout 0: give a positive number"),
+        (["--kernel", "no-such-kernel"], "--kernel no-such-kernel: no such Jupyter kernel"),
+        (["--notebooks", "/no/such/folder"], "no 01_extract_features.ipynb there"),
+        (["--livy-url", "http://127.0.0.1:1"], "--livy-\\* options need --kernel pysparkkernel"),
+        (["--kernel", "pysparkkernel", "--master", "local[2]"], "--master does not apply"),
+    ],
+)
+def test_run_options_spark_or_jupyter_would_reject_stop_before_any_write(
+    tmp_path, capsys, options, message
+):
+    """Refused as parameters (exit 2, the option named) before the run's log or output
+    exists, not as a Java gateway's or a kernel's error once it had begun."""
+    (tmp_path / "images").mkdir()
+    output = tmp_path / "out"
+    status = main(["run", "--input", str(tmp_path / "images"), "--output", str(output), *options])
+    assert status == 2
+    assert re.search(message, capsys.readouterr().err.splitlines()[-1])
+    assert not output.exists()

@@ -18,15 +18,17 @@ from .config import (
     ExtractParams,
     ParameterError,
     ReduceParams,
+    check_master,
 )
 
 
 def _add_run(subparsers) -> None:
     run = subparsers.add_parser(
         "run",
-        help="execute the notebooks (features, then PCA) with papermill",
-        description="Extract MobileNetV2 features from a folder-per-class image set and fit "
-        "StandardScaler + PCA, by executing the project's notebooks with papermill. "
+        help="execute the notebooks (features, PCA, then the classifier) with papermill",
+        description="Extract MobileNetV2 features from a folder-per-class image set, fit "
+        "StandardScaler + PCA and a classifier on the reduced features, by executing the "
+        "project's notebooks with papermill. "
         "Executed notebooks, datasets, model, metrics and plots go to --output.",
     )
     source = run.add_mutually_exclusive_group(required=True)
@@ -140,6 +142,44 @@ def _add_run(subparsers) -> None:
     run.set_defaults(func=_run)
 
 
+def _check_run_options(args: argparse.Namespace) -> None:
+    """What Spark, papermill or Jupyter would reject only once the run had begun (a Java
+    error for a master, a missing notebook named as a partial one): refused before the run
+    writes anything."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    from . import livy, runner
+
+    check_master(args.master)
+    if args.execution_timeout is not None and args.execution_timeout <= 0:
+        raise ParameterError(
+            f"--execution-timeout {args.execution_timeout}: give a positive number of seconds "
+            "one cell may run, or leave it out for no limit"
+        )
+    livy.check_kernel_options(
+        args.kernel,
+        livy_options=bool(
+            args.livy_url or args.livy_conf or args.livy_driver_memory or args.livy_ca_bundle
+            or args.livy_insecure
+        ),
+        master=args.master,
+    )  # fmt: skip
+    if args.kernel not in (runner.LOCAL_KERNEL, livy.KERNEL_NAME):
+        try:
+            KernelSpecManager().get_kernel_spec(args.kernel)
+        except NoSuchKernel:
+            raise ParameterError(
+                f"--kernel {args.kernel}: no such Jupyter kernel here (`jupyter kernelspec "
+                f"list` shows them); use {runner.LOCAL_KERNEL} or {livy.KERNEL_NAME}"
+            ) from None
+    for name in (runner.EXTRACT_NOTEBOOK, runner.REDUCE_NOTEBOOK):
+        if not runner.has_notebook(args.notebooks, name):
+            raise ParameterError(
+                f"--notebooks {args.notebooks}: no {name} there; pass the folder holding the "
+                "project's notebooks, or leave the option out for the bundled ones"
+            )
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import livy, runner
     from .console import NORMAL, QUIET, VERBOSE, Console, log_path, summary, upload_log
@@ -167,6 +207,7 @@ def _run(args: argparse.Namespace) -> int:
         variance=args.variance,
         projection_points=args.projection_points,
     )
+    _check_run_options(args)
     if args.kernel == livy.KERNEL_NAME:
         locations = {"input": args.input, "manifest": args.manifest, "output": args.output}
         relative = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -46,6 +47,23 @@ SPARK_SETTINGS = {
 
 class ParameterError(ValueError):
     """A run parameter is invalid; the message names it and says what is accepted."""
+
+
+# The masters Spark 3.5 accepts (SparkContext.createTaskScheduler and its cluster managers).
+SPARK_MASTER = re.compile(
+    r"local|local\[(\d+|\*)(\s*,\s*\d+)?\]|local-cluster\[\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\]"
+    r"|yarn|(spark|k8s|mesos)://.+"
+)
+
+
+def check_master(master: str | None) -> None:
+    """Refuse a Spark master that Spark would reject only after launching its JVM, with a
+    Java error that hides the cause (None: the default, ``local[*]``)."""
+    if master is not None and not SPARK_MASTER.fullmatch(master.strip()):
+        raise ParameterError(
+            f"master {master!r} is not a Spark master: use local[*], local[N], local[N,R] (R "
+            "attempts per task), local-cluster[W,C,MB], yarn, spark://HOST:PORT or k8s://URL"
+        )
 
 
 def _require(condition: bool, message: str) -> None:

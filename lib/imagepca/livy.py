@@ -40,7 +40,7 @@ from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
-from .config import SPARK_SETTINGS
+from .config import SPARK_SETTINGS, ParameterError
 
 KERNEL_NAME = "pysparkkernel"
 DEFAULT_LIVY_URL = "http://localhost:8998"
@@ -436,6 +436,18 @@ def parse_spark_conf(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return conf
 
 
+def check_kernel_options(kernel: str, *, livy_options: bool, master: str | None) -> None:
+    """Refuse options the kernel cannot use: ``--livy-*`` without ``pysparkkernel``,
+    ``--master`` with it."""
+    if kernel != KERNEL_NAME and livy_options:
+        raise ParameterError(f"--livy-* options need --kernel {KERNEL_NAME}, not {kernel!r}")
+    if kernel == KERNEL_NAME and master:
+        raise ParameterError(
+            f"--master does not apply to --kernel {KERNEL_NAME}: the Livy session runs where "
+            "the cluster puts it (size it with --livy-conf / --livy-driver-memory)"
+        )
+
+
 @contextmanager
 def kernel_environment(
     kernel: str,
@@ -455,16 +467,14 @@ def kernel_environment(
     / ``IMAGEPCA_LIVY_INSECURE``. Options that cannot apply are refused before anything
     runs.
     """
+    check_kernel_options(
+        kernel,
+        livy_options=bool(livy_url or livy_conf or driver_memory or ca_bundle or insecure),
+        master=master,
+    )
     if kernel != KERNEL_NAME:
-        if livy_url or livy_conf or driver_memory or ca_bundle or insecure:
-            raise ValueError(f"--livy-* options need --kernel {KERNEL_NAME}, not {kernel!r}")
         yield None
         return
-    if master:
-        raise ValueError(
-            f"--master does not apply to --kernel {KERNEL_NAME}: the Livy session runs where "
-            "the cluster puts it (size it with --livy-conf / --livy-driver-memory)"
-        )
     from_env = LivyTls.from_environment()
     tls = LivyTls(
         ca_bundle if ca_bundle is not None else from_env.ca_bundle,

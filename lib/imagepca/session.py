@@ -27,7 +27,7 @@ from pyspark import SparkConf
 from pyspark.find_spark_home import _find_spark_home
 from pyspark.sql import SparkSession
 
-from .config import SPARK_SETTINGS, cache_dir
+from .config import SPARK_SETTINGS, cache_dir, check_master
 
 DEFAULT_MASTER = "local[*]"
 # Rows per Arrow batch between the JVM and a Python worker: what one worker holds at once.
@@ -131,6 +131,7 @@ def _new_session_settings(
     # import this package and its pinned libraries.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     master = master or os.environ.get("IMAGEPCA_MASTER") or DEFAULT_MASTER
+    check_master(master)
     settings = {"spark.master": master, "spark.app.name": app_name, **_BASE_CONF}
     if master.startswith("local"):
         # A laptop run serves nothing to the network: driver, UI and block manager on loopback.
