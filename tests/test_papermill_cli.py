@@ -72,7 +72,7 @@ def test_quiet_run_prints_only_the_summary(runs):
     _, cli = runs
     assert cli.stderr == ""
     lines = cli.stdout.splitlines()
-    assert lines[0].startswith("images: 24 featurized, 0 rejected, 3 classes")
+    assert lines[0].startswith("images: 24 in features/, 0 rejected, 3 classes")
     assert lines[-2].startswith("log: ") and lines[-1].startswith("done in ")
 
 

@@ -231,7 +231,8 @@ def summary(metrics: dict, output: str, log: str | None = None) -> str:
             f"{join(output, 'rejected')}"
         )
     lines += [
-        f"images: {metrics['n_images']} featurized, {metrics['n_rejected']} rejected, "
+        # In features/: featurized by this run, or reused, or kept by an incremental run.
+        f"images: {metrics['n_images']} in features/, {metrics['n_rejected']} rejected, "
         f"{metrics['n_classes']} classes",
         f"PCA: k = {metrics['k']} components, {metrics['variance_reached']:.1%} of the variance "
         + (
