@@ -238,8 +238,35 @@ def test_bad_input_locations_are_named(spark, tmp_path):
         list_folder(spark, str(tmp_path / "missing"))
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     (tmp_path / "empty" / "cls" / "notes.txt").write_text("no images here")
-    with pytest.raises(InputError, match="no image files .* under .*empty"):
+    with pytest.raises(InputError, match="no image files .* under .*empty.*INPUT/banana/2.jpg.$"):
         list_folder(spark, str(tmp_path / "empty"))
+    # Images that only Spark's rule on hidden names kept out are counted in the message.
+    photos = sorted(FRUIT_PHOTOS.rglob("*.jpg"))[:3]
+    (tmp_path / "hidden" / "_apple").mkdir(parents=True)
+    (tmp_path / "hidden" / "pear").mkdir()
+    shutil.copy(photos[0], tmp_path / "hidden" / "_apple" / "1.jpg")
+    shutil.copy(photos[1], tmp_path / "hidden" / "pear" / "_MG_0001.JPG")
+    shutil.copy(photos[2], tmp_path / "hidden" / "pear" / ".2.jpg")
+    with pytest.raises(InputError, match="3 image files skipped: their names, or a parent"):
+        list_folder(spark, str(tmp_path / "hidden"))
+    # Beside images it lists, those it skips are named by the listing and the run's summary.
+    shutil.copy(photos[0], tmp_path / "hidden" / "pear" / "IMG_0002.JPG")
+    listing = list_folder(spark, str(tmp_path / "hidden"))
+    assert (listing.n_files, listing.n_hidden) == (1, 3)
+    first, warning = listing.describe().splitlines()
+    assert first == f"1 image files under {tmp_path / 'hidden'}"
+    assert warning.startswith("warning: 3 image files skipped") and "--manifest" in warning
+    listing.release()
+
+
+def test_the_run_summary_warns_of_skipped_images(photos_run):
+    from imagepca.console import summary
+
+    metrics = photos_run["reduction"].metrics
+    assert metrics["n_hidden_skipped"] == 0  # carried from notebook 01's listing
+    assert "skipped" not in summary(metrics, "out")
+    first = summary({**metrics, "n_hidden_skipped": 2}, "out").splitlines()[0]
+    assert first.startswith("warning: 2 image files skipped: their names, or a parent folder's")
 
 
 def test_k_larger_than_the_data_is_refused(spark, photos_run):

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from .inputs import hidden_note
 from .storage import is_local, join, local_path, papermill_location
 
 LOG_FILE = "logs/run.log"  # under the output (a local file first when the output is remote)
@@ -230,6 +231,8 @@ def summary(metrics: dict, output: str, log: str | None = None) -> str:
             f"warning: {metrics['n_rejected']} image files rejected ({kinds}): reasons in "
             f"{join(output, 'rejected')}"
         )
+    if metrics.get("n_hidden_skipped"):
+        lines.append(f"warning: {hidden_note(metrics['n_hidden_skipped'])}")
     lines += [
         # In features/: featurized by this run, or reused, or kept by an incremental run.
         f"images: {metrics['n_images']} in features/, {metrics['n_rejected']} rejected, "

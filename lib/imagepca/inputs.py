@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from pyspark import StorageLevel
@@ -32,7 +33,7 @@ from pyspark.sql import functions as F
 from .config import ExtractParams
 from .images import IMAGE_EXTENSIONS, InputError, extension_glob, label_column, name_column
 from .session import cached_shuffle_settings, default_parallelism, spark_settings
-from .storage import URI_SCHEME, Storage, is_local
+from .storage import URI_SCHEME, Storage, is_local, local_path
 
 LISTING_COLUMNS = ("path", "label", "size", "modified")
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
@@ -70,11 +71,21 @@ class ImageListing:
     label_samples: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
     relation: DataFrame | None = field(default=None, compare=False, repr=False)
     n_duplicates: int = 0
+    # Image files of a local folder that Spark's listing skips (names starting with _ or .).
+    n_hidden: int = 0
     # The listing's own time (it runs in notebook 01's listing cell, before the extraction).
     seconds: float = field(default=0.0, compare=False)
 
     def __len__(self) -> int:
         return self.n_files
+
+    def describe(self) -> str:
+        """How many image files were found where, and any the listing had to skip."""
+        where = "under" if self.kind == "folder" else "listed in"
+        lines = [f"{self.n_files} image files {where} {self.source}"]
+        if self.n_hidden:
+            lines.append(f"warning: {hidden_note(self.n_hidden)}")
+        return "\n".join(lines)
 
     def labels(self) -> dict[str, int]:
         """Files per label, as the listing's scan returned them."""
@@ -179,6 +190,34 @@ def folder_reader(spark: SparkSession):
     )
 
 
+def hidden_note(n_hidden: int) -> str:
+    return (
+        f"{n_hidden} image files skipped: their names, or a parent folder's, start with '_' "
+        "or '.', which Spark's listing ignores; rename them, or list them in a manifest "
+        "(--manifest)"
+    )
+
+
+def _hidden_images(input_uri: str, most: int = 100_000) -> int:
+    """Image files of a local folder that Spark's listing skips (a name starting with ``_``
+    or ``.``, theirs or a parent folder's), counted among its first ``most`` entries; 0
+    for a remote location. Only for the message of a listing that found nothing."""
+    if not is_local(input_uri):
+        return 0
+    hidden = seen = 0
+    root = Path(local_path(input_uri))
+    for folder, _, names in os.walk(root):
+        parts = Path(folder).relative_to(root).parts
+        in_hidden = any(part.startswith(("_", ".")) for part in parts)
+        for name in names:
+            seen += 1
+            if name.lower().endswith(IMAGE_EXTENSIONS) and (in_hidden or name[0] in "_."):
+                hidden += 1
+        if seen >= most:
+            break
+    return hidden
+
+
 def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
     """List the image files under ``input_uri`` (recursively, by extension, any case).
 
@@ -203,9 +242,11 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
             "(manifest=..., --manifest with imagepca run)."
         ) from None
     if not n_files:
+        hidden = _hidden_images(input_uri)
         raise InputError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {input_uri!r}. "
             "Expected one sub-folder per class, e.g. INPUT/apple/1.jpg, INPUT/banana/2.jpg."
+            + (f" {hidden_note(hidden)}." if hidden else "")
         )
     # Statuses only: binaryFile reads a file's bytes only when `content` is selected. Kept
     # (paths and sizes: small) for the sample, the fingerprint and an increment, and filled
@@ -216,7 +257,16 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
     with spark_settings(spark, settings):
         files = folder_rows(relation).persist(StorageLevel.MEMORY_AND_DISK)
         counts, samples = count_labels(files)
-    return ImageListing(input_uri, "folder", files, n_files, counts, samples, relation=relation)
+    return ImageListing(
+        input_uri,
+        "folder",
+        files,
+        n_files,
+        counts,
+        samples,
+        relation=relation,
+        n_hidden=_hidden_images(input_uri),
+    )
 
 
 def count_labels(files: DataFrame) -> tuple[dict[str, int], dict[str, list[str]]]:

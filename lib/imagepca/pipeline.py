@@ -199,6 +199,7 @@ def extract_features(
             metadata.update(
                 input=params.source,
                 input_kind=listing.kind,
+                n_hidden_skipped=listing.n_hidden,
                 removed_from_earlier_run=removed,
                 params=identity,
                 timings_s=timer.timings,
@@ -308,6 +309,7 @@ def extract_features(
                 "layout": LAYOUT,
                 "n_files_found": listing.n_files,
                 "n_duplicate_uris": listing.n_duplicates,
+                "n_hidden_skipped": listing.n_hidden,
                 "rejected_by_kind": by_kind,
                 "n_rejected": sum(by_kind.values()),
                 "params": {**identity, "listing_fingerprint": listing_fingerprint},
@@ -451,6 +453,7 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     labels = extraction["images_per_label"]
     metrics = {
         "n_files_found": extraction["n_files_found"],
+        "n_hidden_skipped": extraction.get("n_hidden_skipped", 0),
         "n_images": extraction["n_images"],
         "n_rejected": extraction["n_rejected"],
         "rejected_by_kind": extraction["rejected_by_kind"],
