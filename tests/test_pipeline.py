@@ -220,6 +220,13 @@ def test_weights_that_are_not_whole_mobilenet_v2_weights_are_refused(tmp_path):
         with pytest.raises(WeightsError, match=problem):
             resolve_weights(str(path))
     assert resolve_weights(str(WEIGHTS)) == WEIGHTS
+    # The file Keras downloads was written by Keras 2, which stored the layer names as bytes.
+    keras2 = tmp_path / "keras2.h5"
+    shutil.copy(WEIGHTS, keras2)
+    with h5py.File(keras2, "r+") as weights:
+        names = [str(name).encode() for name in weights.attrs["layer_names"]]
+        weights.attrs["layer_names"] = np.array(names, dtype="S")
+    assert resolve_weights(str(keras2)) == keras2
 
 
 def test_imagenet_weights_come_from_the_keras_cache(test_environment):

@@ -117,7 +117,11 @@ def check_weights_file(path: Path, source: str) -> None:
 
     try:
         with h5py.File(path, "r") as weights:
-            layers = {str(name) for name in weights.attrs.get("layer_names", [])}
+            # Keras 2 wrote the names as bytes, Keras 3 as strings.
+            layers = {
+                name.decode() if isinstance(name, bytes) else str(name)
+                for name in weights.attrs.get("layer_names", [])
+            }
             weights.visititems(read)
     except Exception as error:
         problem = f"is not a readable HDF5 file ({type(error).__name__}: {error})"
