@@ -199,9 +199,18 @@ def test_missing_weights_fail_before_any_spark_job(spark, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _edited_weights(path: Path, edit) -> Path:
+    """A copy of the shared weights at ``path``, changed by ``edit(h5py.File)``."""
+    shutil.copy(WEIGHTS, path)
+    with h5py.File(path, "r+") as weights:
+        edit(weights)
+    return path
+
+
 def test_weights_that_are_not_whole_mobilenet_v2_weights_are_refused(tmp_path):
-    """A folder, an interrupted copy, another file and another model's weights: each named
-    for what it is, before anything is built from it."""
+    """A folder, an interrupted copy, another file, another model's weights, MobileNetV2's
+    with its top or of another width: each named for what it is, before anything is built
+    from it (Keras would refuse each only once the output's markers had gone)."""
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(WEIGHTS.read_bytes()[: 4 << 20])
     text = tmp_path / "text.h5"
@@ -210,29 +219,66 @@ def test_weights_that_are_not_whole_mobilenet_v2_weights_are_refused(tmp_path):
     with h5py.File(other, "w") as weights:
         weights.attrs["layer_names"] = ["dense"]
         weights.create_dataset("dense/kernel", data=np.ones((3, 2)))
+
+    def add_top(weights) -> None:
+        weights.attrs["layer_names"] = [*weights.attrs["layer_names"], "Logits"]
+
+    def narrow(weights) -> None:  # alpha 0.5: 16 filters in the first convolution
+        del weights["Conv1/Conv1/kernel"]
+        weights.create_dataset("Conv1/Conv1/kernel", data=np.zeros((3, 3, 3, 16), "float32"))
+
     cases = {
         tmp_path: "is a folder, not a file",
         truncated: "is not a readable HDF5 file .*truncated file",
         text: "is not a readable HDF5 file .*file signature not found",
-        other: r"holds no MobileNetV2 weights \(no layer Conv1, Conv_1\)",
+        other: r"holds no MobileNetV2 weights \(no layer Conv1\)",
+        _edited_weights(tmp_path / "top.h5", add_top): "with its classification top",
+        _edited_weights(tmp_path / "narrow.h5", narrow): (
+            r"layer Conv1's kernel is \(3, 3, 3, 16\), not \(3, 3, 3, 32\) \(another width"
+        ),
     }
     for path, problem in cases.items():
         with pytest.raises(WeightsError, match=problem):
             resolve_weights(str(path))
     assert resolve_weights(str(WEIGHTS)) == WEIGHTS
-    # The file Keras downloads was written by Keras 2, which stored the layer names as bytes.
-    keras2 = tmp_path / "keras2.h5"
-    shutil.copy(WEIGHTS, keras2)
-    with h5py.File(keras2, "r+") as weights:
+
+
+def test_weights_files_keras_loads_pass_the_check(tmp_path):
+    """As Keras 2 wrote them (the file Keras downloads: layer names as bytes), and a whole
+    model's file (the layers under ``model_weights``)."""
+
+    def as_bytes(weights) -> None:
         names = [str(name).encode() for name in weights.attrs["layer_names"]]
         weights.attrs["layer_names"] = np.array(names, dtype="S")
+
+    keras2 = _edited_weights(tmp_path / "keras2.h5", as_bytes)
     assert resolve_weights(str(keras2)) == keras2
+    whole = tmp_path / "model.h5"
+    with h5py.File(WEIGHTS, "r") as source, h5py.File(whole, "w") as model:
+        group = model.create_group("model_weights")
+        for name in source:
+            source.copy(source[name], group)
+        group.attrs.update(source.attrs)
+        model.attrs["model_config"] = "{}"
+    assert resolve_weights(str(whole)) == whole
 
 
 def test_imagenet_weights_come_from_the_keras_cache(test_environment):
     path = resolve_weights("imagenet")
     assert path.parent == Path(test_environment["KERAS_HOME"]) / "models"
     assert path.samefile(WEIGHTS)
+
+
+def test_a_broken_file_in_the_keras_cache_is_named_with_its_remedy(tmp_path, monkeypatch):
+    """Keras never checks a cached file (no hash for these weights) and so never downloads
+    it again: the message says to delete it."""
+    cached = tmp_path / "models" / WEIGHTS.name
+    cached.parent.mkdir()
+    cached.write_bytes(WEIGHTS.read_bytes()[: 1 << 20])
+    # The cache's answer (Keras reads KERAS_HOME once, when first imported).
+    monkeypatch.setattr("keras.utils.get_file", lambda *args, **kwargs: str(cached))
+    with pytest.raises(WeightsError, match=f"truncated file.*Delete {cached}: Keras then down"):
+        resolve_weights("imagenet")
 
 
 def test_weights_given_as_a_uri_are_fetched_through_hadoop(spark):

@@ -68,7 +68,11 @@ def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
                 f"{KERAS_WEIGHTS_FILE} into {keras_home}/models/, or pass the file itself: "
                 "weights=/path/to/weights.h5 or an s3:// URI (--weights with imagepca run)."
             ) from None
-        check_weights_file(cached, str(cached))
+        check_weights_file(
+            cached,
+            str(cached),
+            hint=f"Delete {cached}: Keras then downloads it again (it never checks a cached file).",
+        )
         return cached
     if not is_local(source):
         if spark is None:
@@ -97,17 +101,21 @@ def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
     return path
 
 
-# Layers of MobileNetV2 that a no-top weights file holds: its first and last.
-MOBILENET_V2_LAYERS = ("Conv1", "Conv_1")
+# The kernels that tell MobileNetV2 (width 1.0) without its top from its other files: the
+# first and last convolutions' shapes differ with the width, and the top adds a "Logits" layer.
+MOBILENET_V2_KERNELS = {"Conv1": (3, 3, 3, 32), "Conv_1": (1, 1, 320, 1280)}
+TOP_LAYER = "Logits"
 
 
-def check_weights_file(path: Path, source: str) -> None:
-    """Raise :class:`WeightsError` unless ``path`` is a whole Keras HDF5 weights file of
-    MobileNetV2.
+def check_weights_file(path: Path, source: str, *, hint: str | None = None) -> None:
+    """Raise :class:`WeightsError` unless ``path`` is a whole Keras HDF5 file of MobileNetV2
+    weights (width 1.0, no top), which ``load_weights`` will take.
 
-    Read in full (0.04 s): a truncated download or another file fails here, before the run
-    touches its output, not when the model is built after the output's completion markers
-    have gone.
+    Read in full (0.04 s): a truncated download, another file or another model's weights
+    fail here, before the run touches its output, and not when the model is built after the
+    output's completion markers have gone. The layers are found as Keras finds them (a whole
+    model's file keeps them under ``model_weights``); a Keras 3 ``.weights.h5`` file is only
+    read, its layout being Keras 3's own. ``hint`` replaces the advice of the message.
     """
     import h5py
 
@@ -115,26 +123,59 @@ def check_weights_file(path: Path, source: str) -> None:
         if isinstance(item, h5py.Dataset):
             item[()]
 
+    problem = None
     try:
         with h5py.File(path, "r") as weights:
-            # Keras 2 wrote the names as bytes, Keras 3 as strings.
-            layers = {
-                name.decode() if isinstance(name, bytes) else str(name)
-                for name in weights.attrs.get("layer_names", [])
-            }
             weights.visititems(read)
+            if not path.name.endswith(".weights.h5"):
+                problem = _not_mobilenet_v2(weights, h5py)
     except Exception as error:
         problem = f"is not a readable HDF5 file ({type(error).__name__}: {error})"
-    else:
-        missing = [name for name in MOBILENET_V2_LAYERS if name not in layers]
-        if not missing:
-            return
-        problem = f"holds no MobileNetV2 weights (no layer {', '.join(missing)})"
+    if problem is None:
+        return
     raise WeightsError(
         f"weights file {source!r} {problem}: an interrupted copy or download, or another "
-        f"model's file. Copy {KERAS_WEIGHTS_FILE} again, or pass weights=imagenet "
-        "(--weights with imagepca run)."
+        "model's file. "
+        + (
+            hint
+            or f"Copy {KERAS_WEIGHTS_FILE} again, or pass weights=imagenet (--weights with "
+            "imagepca run)."
+        )
     )
+
+
+def _items(group) -> list:
+    """``(name, item)`` of everything under an HDF5 group."""
+    found = []
+    group.visititems(lambda name, item: found.append((name, item)))
+    return found
+
+
+def _not_mobilenet_v2(weights, h5py) -> str | None:
+    """What keeps a legacy Keras HDF5 weights file from being MobileNetV2's, or None."""
+    if "layer_names" not in weights.attrs and "model_weights" in weights:
+        weights = weights["model_weights"]  # a whole model's file, as Keras reads it
+    # Keras 2 wrote the names as bytes, Keras 3 as strings.
+    layers = {
+        name.decode() if isinstance(name, bytes) else str(name)
+        for name in weights.attrs.get("layer_names", [])
+    }
+    if TOP_LAYER in layers:
+        return "holds MobileNetV2 with its classification top (the no-top file is needed)"
+    for layer, shape in MOBILENET_V2_KERNELS.items():
+        if layer not in layers:
+            return f"holds no MobileNetV2 weights (no layer {layer})"
+        kernels = [
+            found.shape
+            for name, found in _items(weights[layer])
+            if isinstance(found, h5py.Dataset) and name.split("/")[-1].startswith("kernel")
+        ]
+        if kernels != [shape]:
+            return (
+                f"holds other MobileNetV2 weights: layer {layer}'s kernel is "
+                f"{kernels[0] if kernels else 'missing'}, not {shape} (another width, alpha)"
+            )
+    return None
 
 
 def file_sha256(path: Path) -> str:
