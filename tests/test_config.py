@@ -186,6 +186,8 @@ def test_spark_masters_are_accepted(master):
     [
         (["--master", "bogus"], "master 'bogus' is not a Spark master: use local"),
         (["--master", "local[two]"], "is not a Spark master"),
+        (["--master", "local[0]"], "is not a Spark master"),  # Spark: no threads to run on
+        (["--master", " local[2]"], "is not a Spark master"),  # spark-submit would refuse it
         (["--execution-timeout", "0"], "--execution-timeout 0: give a positive number"),
         (["--kernel", "no-such-kernel"], "--kernel no-such-kernel: no such Jupyter kernel"),
         (["--notebooks", "/no/such/folder"], "no 01_extract_features.ipynb there"),

@@ -153,10 +153,12 @@ def test_kernel_reads_the_generated_config(tmp_path, monkeypatch):
 
 def test_cli_refuses_what_cannot_apply(sample_dir, tmp_path, capsys):
     base = ["run", "--input", str(sample_dir), "--output", str(tmp_path / "out")]
-    assert main([*base, "--livy-url", "http://localhost:8998"]) == 1
+    # Parameter errors (exit 2), before the run writes anything.
+    assert main([*base, "--livy-url", "http://localhost:8998"]) == 2
     assert "--kernel pysparkkernel" in capsys.readouterr().err
-    assert main([*base, "--kernel", "pysparkkernel", "--master", "local[2]"]) == 1
+    assert main([*base, "--kernel", "pysparkkernel", "--master", "local[2]"]) == 2
     assert "--master does not apply" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
     assert main([*base, "--kernel", "pysparkkernel", "--livy-conf", "spark.executor.cores"]) == 1
     assert "--livy-conf takes KEY=VALUE (a Spark setting), got 'spark.executor.cores'" in (
         capsys.readouterr().err

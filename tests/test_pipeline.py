@@ -299,7 +299,11 @@ def test_bad_input_locations_are_named(spark, tmp_path):
     (tmp_path / "hidden" / "pear").mkdir()
     shutil.copy(photos[0], tmp_path / "hidden" / "_apple" / "1.jpg")
     shutil.copy(photos[1], tmp_path / "hidden" / "pear" / "_MG_0001.JPG")
-    shutil.copy(photos[2], tmp_path / "hidden" / "pear" / ".2.jpg")
+    # Hidden on purpose, or not skipped by Spark: not counted.
+    shutil.copy(photos[2], tmp_path / "hidden" / "pear" / "._2.jpg")  # macOS AppleDouble
+    (tmp_path / "hidden" / "__MACOSX" / "pear").mkdir(parents=True)
+    shutil.copy(photos[2], tmp_path / "hidden" / "__MACOSX" / "pear" / "_MG_0001.JPG")
+    shutil.copy(photos[2], tmp_path / "hidden" / "pear" / "_MG_0002.JPG")
     with pytest.raises(InputError, match="3 image files skipped: their names, or a parent"):
         list_folder(spark, str(tmp_path / "hidden"))
     # Beside images it lists, those it skips are named by the listing and the run's summary.
@@ -309,6 +313,12 @@ def test_bad_input_locations_are_named(spark, tmp_path):
     first, warning = listing.describe().splitlines()
     assert first == f"1 image files under {tmp_path / 'hidden'}"
     assert warning.startswith("warning: 3 image files skipped") and "--manifest" in warning
+    listing.release()
+    # A partition's folder (k=v) is listed by Spark, even with a leading _.
+    (tmp_path / "hidden" / "_year=2024").mkdir()
+    shutil.copy(photos[2], tmp_path / "hidden" / "_year=2024" / "4.jpg")
+    listing = list_folder(spark, str(tmp_path / "hidden"))
+    assert (listing.n_files, listing.n_hidden) == (2, 3)
     listing.release()
 
 

@@ -237,7 +237,7 @@ def test_bad_input_run_succeeds_and_reports_counts(bad_corpus, bad_run):
     assert metrics["k"] == 8
     assert len(pd.read_parquet(output / "reduced")) == extraction.n_images
     summary = extraction.summary()
-    assert f"{extraction.n_images} featurized, {extraction.n_rejected} rejected" in summary
+    assert f"{extraction.n_images} in features/, {extraction.n_rejected} rejected" in summary
     assert "2 decompression bomb" in summary and "2 missing" in summary
 
 

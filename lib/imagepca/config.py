@@ -51,7 +51,8 @@ class ParameterError(ValueError):
 
 # The masters Spark 3.5 accepts (SparkContext.createTaskScheduler and its cluster managers).
 SPARK_MASTER = re.compile(
-    r"local|local\[(\d+|\*)(\s*,\s*\d+)?\]|local-cluster\[\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\]"
+    r"local|local\[([1-9]\d*|\*)(\s*,\s*\d+)?\]"
+    r"|local-cluster\[\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\]"
     r"|yarn|(spark|k8s|mesos)://.+"
 )
 
@@ -59,7 +60,7 @@ SPARK_MASTER = re.compile(
 def check_master(master: str | None) -> None:
     """Refuse a Spark master that Spark would reject only after launching its JVM, with a
     Java error that hides the cause (None: the default, ``local[*]``)."""
-    if master is not None and not SPARK_MASTER.fullmatch(master.strip()):
+    if master is not None and not SPARK_MASTER.fullmatch(master):
         raise ParameterError(
             f"master {master!r} is not a Spark master: use local[*], local[N], local[N,R] (R "
             "attempts per task), local-cluster[W,C,MB], yarn, spark://HOST:PORT or k8s://URL"

@@ -192,26 +192,40 @@ def folder_reader(spark: SparkSession):
 
 def hidden_note(n_hidden: int) -> str:
     return (
-        f"{n_hidden} image files skipped: their names, or a parent folder's, start with '_' "
-        "or '.', which Spark's listing ignores; rename them, or list them in a manifest "
-        "(--manifest)"
+        f"{n_hidden} image files skipped: their names, or a parent folder's, start with '_', "
+        "which Spark's listing ignores; rename them, or list them in a manifest (--manifest)"
     )
 
 
+def _skipped_by_spark(name: str) -> bool:
+    """Whether Spark's listing ignores this file or folder name for its leading ``_``
+    (``InMemoryFileIndex.shouldFilterOutPathName``: not a partition's ``k=v``). Names with
+    a leading ``.`` are hidden on purpose (``._IMG_1.JPG``, ``.thumbnails/``), and macOS's
+    ``__MACOSX/`` holds no image: neither is counted."""
+    return name.startswith("_") and "=" not in name and name != "__MACOSX"
+
+
 def _hidden_images(input_uri: str, most: int = 100_000) -> int:
-    """Image files of a local folder that Spark's listing skips (a name starting with ``_``
-    or ``.``, theirs or a parent folder's), counted among its first ``most`` entries; 0
-    for a remote location. Only for the message of a listing that found nothing."""
+    """Image files of a local folder that Spark's listing skips for a leading ``_`` (in
+    their name or a parent folder's), counted among its first ``most`` entries; 0 for a
+    remote location, which is not listed twice."""
     if not is_local(input_uri):
         return 0
     hidden = seen = 0
     root = Path(local_path(input_uri))
-    for folder, _, names in os.walk(root):
+    for folder, folders, names in os.walk(root):
+        folders[:] = [name for name in folders if not name.startswith(".")]
         parts = Path(folder).relative_to(root).parts
-        in_hidden = any(part.startswith(("_", ".")) for part in parts)
+        if "__MACOSX" in parts:
+            continue
+        in_skipped = any(_skipped_by_spark(part) for part in parts)
         for name in names:
             seen += 1
-            if name.lower().endswith(IMAGE_EXTENSIONS) and (in_hidden or name[0] in "_."):
+            if (
+                name.lower().endswith(IMAGE_EXTENSIONS)
+                and not name.startswith(".")
+                and (in_skipped or _skipped_by_spark(name))
+            ):
                 hidden += 1
         if seen >= most:
             break

@@ -145,7 +145,7 @@ class Extraction:
             how = f"features not reused, {m['reuse_refused']}; {how}"
         return (
             f"{m['n_files_found']} image files in {m['n_classes']} classes: "
-            f"{m['n_images']} featurized, {m['n_rejected']} rejected ({rejected}); {how}"
+            f"{m['n_images']} in features/, {m['n_rejected']} rejected ({rejected}); {how}"
         )
 
 
@@ -174,8 +174,6 @@ def extract_features(
     storage = Storage(spark)
     listing = listing or start_extraction(spark, params)
     timer.timings["list_s"] = listing.seconds
-    # An earlier attempt's failure, kept while the output it left alone was complete.
-    removed = storage.remove_artifacts(params.output, (FAILED_EXTRACT_NOTEBOOK,))
     with timer.stage("weights_s"):
         weights_file = resolve_weights(params.weights, spark)  # the copy it resolved
         weights_sha = file_sha256(weights_file)
@@ -200,7 +198,7 @@ def extract_features(
                 input=params.source,
                 input_kind=listing.kind,
                 n_hidden_skipped=listing.n_hidden,
-                removed_from_earlier_run=removed,
+                n_duplicate_uris=listing.n_duplicates,
                 params=identity,
                 timings_s=timer.timings,
                 images_per_s=None,
@@ -305,7 +303,6 @@ def extract_features(
                 "reuse_refused": not_reused,
                 "input": params.source,
                 "input_kind": listing.kind,
-                "removed_from_earlier_run": removed,
                 "layout": LAYOUT,
                 "n_files_found": listing.n_files,
                 "n_duplicate_uris": listing.n_duplicates,
@@ -411,8 +408,10 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         )
     check_k(params.k, extraction["n_images"], FEATURE_DIM)
     storage.begin_run(params.output)
-    removed = extraction.get("removed_from_earlier_run", []) + storage.remove_artifacts(
-        params.output, CLASSIFY_ARTIFACTS
+    # What an earlier notebook 03 left, made from another PCA, and an earlier attempt's
+    # failed notebook 01 (kept while the output it had left alone was complete).
+    removed = storage.remove_artifacts(
+        params.output, (FAILED_EXTRACT_NOTEBOOK, *CLASSIFY_ARTIFACTS)
     )
     features = read_features(spark, params.output)
     with timer.stage("fit_s"):

@@ -29,7 +29,7 @@ METRICS_FILE = "metrics.json"
 EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
 STAGING_DIR = "_staging"
 # Where `imagepca run` keeps a notebook 01 that failed before touching a complete output
-# (imagepca.runner); notebook 01 removes it once a run has begun replacing the output.
+# (imagepca.runner); notebook 02 removes it, as it removes notebook 03's artifacts.
 FAILED_EXTRACT_NOTEBOOK = "logs/01_extract_features.ipynb"
 # What notebook 03 adds to an output. Notebook 02 removes these when it starts: a
 # classifier of an earlier run was trained on another PCA.
