@@ -302,12 +302,13 @@ def test_a_stopped_cell_is_not_handled_during_the_clean_up(tmp_path, monkeypatch
 def test_a_terminated_run_exits_as_a_shell_reports_sigterm(tmp_path):
     """``imagepca run`` stopped by SIGTERM exits 143, not 130 nor 1, so a scheduler or a
     script can tell a cancel from a failure; the log is named as for any stopped run.
-    (A stand-in notebook 01 that sleeps: the CLI's own path, without Spark.)"""
+    (Stand-in notebooks, 01 sleeping: the CLI's own path, without Spark.)"""
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
     write_notebook(
         notebooks / runner.EXTRACT_NOTEBOOK, "input = None", "import time\ntime.sleep(600)"
     )
+    write_notebook(notebooks / runner.REDUCE_NOTEBOOK, "output = None")  # never reached
     output = tmp_path / "out"
     process = subprocess.Popen(
         [sys.executable, "-m", "imagepca", "run", "--input", str(FRUIT_PHOTOS), "--output",
