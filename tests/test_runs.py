@@ -18,7 +18,7 @@ import nbformat
 import pytest
 
 from conftest import FRUIT_PHOTOS, WEIGHTS, processes_with, signal_once_started, write_notebook
-from imagepca import runner
+from imagepca import executed, runner
 from imagepca.cli import main
 from imagepca.storage import CLASSIFY_ARTIFACTS
 from moto_server import aws_env, moto_endpoint  # noqa: F401
@@ -338,10 +338,10 @@ def test_an_s3_output_keeps_its_completed_notebook_01_too(aws_env):  # noqa: F81
         return s3.get_object(Bucket="runs", Key=key)["Body"].read().decode()
 
     s3.put_object(Bucket="runs", Key="out/notebooks/01_extract_features.ipynb", Body=failed)
-    assert runner._keep_completed_copy("s3://runs/out", destination, completed) == destination
+    assert executed.keep_completed_copy("s3://runs/out", destination, completed) == destination
     assert body("out/notebooks/01_extract_features.ipynb") == failed  # not complete
     s3.put_object(Bucket="runs", Key="out/_SUCCESS", Body=b"")
-    kept = runner._keep_completed_copy("s3://runs/out", destination, completed)
+    kept = executed.keep_completed_copy("s3://runs/out", destination, completed)
     assert kept == "s3://runs/out/logs/01_extract_features.ipynb"
     assert json.loads(body("out/logs/01_extract_features.ipynb"))["metadata"]["run"] == "failed"
     restored = json.loads(body("out/notebooks/01_extract_features.ipynb"))

@@ -20,6 +20,7 @@ module per stage of the data flow:
 - :mod:`imagepca.classify`  classifier on the reduced features (notebook 03)
 - :mod:`imagepca.progress`  a progress line for long Spark jobs
 - :mod:`imagepca.runner`    papermill execution of the notebooks
+- :mod:`imagepca.executed`  the executed notebooks a stopped or failed run leaves
 - :mod:`imagepca.livy`      the same notebooks through sparkmagic and Livy
 - :mod:`imagepca.aws`       AWS in deployment order: settings, account, stage, cluster, runs
 - :mod:`imagepca.sample`    the generated sample data set (painted by :mod:`imagepca.fruits`)

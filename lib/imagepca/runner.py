@@ -25,11 +25,10 @@ from pathlib import Path
 
 from .config import ExtractParams, ReduceParams
 from .console import Console
+from .executed import completed_copy, keep_completed_copy, record_stop
 from .storage import (
     EXTRACTION_FILE,
-    FAILED_EXTRACT_NOTEBOOK,
     METRICS_FILE,
-    SUCCESS_MARKER,
     is_local,
     join,
     local_path,
@@ -201,7 +200,7 @@ def run_notebooks(
                     console.line(f"{label} skipped: {skipped}")
                 continue
             destination = join(papermill_location(output), "notebooks", run.name)
-            kept = _completed_copy(output, destination) if run.name == EXTRACT_NOTEBOOK else None
+            kept = completed_copy(output, destination) if run.name == EXTRACT_NOTEBOOK else None
             started, started_at = time.perf_counter(), time.time()
             if console is not None:
                 console.line(f"{label} ...")
@@ -224,11 +223,11 @@ def run_notebooks(
                 _ended(console, label, started, failed=True)
                 if not isinstance(error, RunTerminated):
                     error = KeyboardInterrupt("the run was interrupted here")
-                _record_stop(destination, error)
+                record_stop(destination, error)
                 raise
             except PapermillExecutionError as error:
                 _ended(console, label, started, failed=True)
-                destination = _keep_completed_copy(output, destination, kept)
+                destination = keep_completed_copy(output, destination, kept)
                 raise NotebookFailed(
                     f"{run.name} failed in cell {error.exec_count}: {error.ename}: "
                     f"{error.evalue.strip().splitlines()[-1] if error.evalue.strip() else ''} "
@@ -237,7 +236,7 @@ def run_notebooks(
             except Exception as error:  # kernel died, cell timeout, unreachable Livy...
                 _ended(console, label, started, failed=True)
                 if isinstance(error, CellTimeoutError):
-                    _record_stop(destination, error)
+                    record_stop(destination, error)
                 # The whole error (a timeout's includes the cell's code) goes to the log;
                 # the message, printed last, keeps its first line.
                 logging.getLogger(__name__).error("%s did not complete: %r", run.name, error)
@@ -307,8 +306,8 @@ def _cancel_abandoned_tasks() -> None:
     nbclient's task for that cell pending on the loop ``run_sync`` keeps per thread. The
     clean-up below runs that loop again: the task would go on handling the stopped cell's
     late messages, and papermill's autosave (30 s after its last save) could rewrite the
-    notebook :func:`_record_stop` has marked. Cancelled, it ends with nbclient's own error,
-    which no one needs.
+    notebook :func:`imagepca.executed.record_stop` has marked. Cancelled, it ends with
+    nbclient's own error, which no one needs.
     """
     from jupyter_core.utils import ensure_event_loop
 
@@ -377,104 +376,6 @@ def _ended(console: Console | None, label: str, started: float, failed: bool = F
     if console is not None:
         seconds = time.perf_counter() - started
         console.line(f"{label} {'failed after' if failed else 'done in'} {seconds:.1f} s")
-
-
-def _completed_copy(output: str, destination: str) -> str | None:
-    """The executed notebook at ``destination`` when ``output`` holds a completed run."""
-    from papermill.iorw import papermill_io
-
-    if not _is_complete(output):
-        return None
-    try:
-        return papermill_io.read(destination)
-    except Exception:  # no copy of this notebook
-        return None
-
-
-def _is_complete(output: str) -> bool:
-    """Whether ``output`` holds ``_SUCCESS`` (local, ``s3://``: papermill's I/O registry)."""
-    from papermill.iorw import papermill_io
-
-    try:
-        papermill_io.read(join(papermill_location(output), SUCCESS_MARKER), extensions=None)
-    except Exception:  # not there (each handler raises its own error)
-        return False
-    return True
-
-
-def _keep_completed_copy(output: str, destination: str, kept: str | None) -> str:
-    """Where a notebook 01 that raised is kept: in ``logs/`` when the output it ran into
-    is still complete (a mistyped path stops it before it touches the output), so that
-    ``notebooks/`` keeps the copies of the run that completed it; else ``destination``.
-
-    Only for a cell that raised: the kernel is idle then, and nothing of the run will
-    touch the output any more (an interrupted or timed-out cell may still be running).
-    The failed copy is written first and the completed one put back whole (a new local
-    file renamed over it; an S3 object is replaced whole), so a stop in between leaves
-    what an earlier version left: the failed notebook in ``notebooks/``.
-    """
-    from papermill.iorw import papermill_io
-
-    if kept is None or not _is_complete(output):  # else the run had begun to replace it
-        return destination
-    failed = join(papermill_location(output), FAILED_EXTRACT_NOTEBOOK)
-    try:
-        executed = papermill_io.read(destination)
-        if executed == kept:  # papermill never wrote it (its source could not be read)
-            return destination
-        if is_local(output):
-            Path(local_path(output), "logs").mkdir(parents=True, exist_ok=True)
-        papermill_io.write(executed, failed)
-        if is_local(output):
-            staged = Path(local_path(destination)).with_suffix(".ipynb.tmp")
-            staged.write_text(kept, encoding="utf-8")
-            os.replace(staged, local_path(destination))
-        else:
-            papermill_io.write(kept, destination)
-    except Exception as problem:  # the run's own error matters more
-        logging.getLogger(__name__).warning("could not keep %s: %s", destination, problem)
-        return destination
-    return failed
-
-
-def _record_stop(destination: str, error: BaseException) -> None:
-    """Mark the cell a timeout or an interrupt stopped as failed in the saved notebook, as
-    papermill marks a cell that raised: its error, the exception flag, papermill's banner,
-    later cells pending.
-
-    papermill saves a notebook whose cell timed out with no exception flag and every cell
-    "completed" (its clean-up completes pending cells when none failed), and an interrupted
-    one as it last saved it: opened later, either reads as a run that succeeded with outputs
-    missing.
-    """
-    import nbformat
-    from papermill.exceptions import PapermillExecutionError
-    from papermill.execute import raise_for_execution_errors
-    from papermill.iorw import load_notebook_node
-
-    try:
-        notebook = load_notebook_node(destination)
-        ran = [i for i, c in enumerate(notebook.cells) if c.metadata.papermill.get("start_time")]
-        if not ran:
-            return
-        cell = notebook.cells[ran[-1]]
-        message = str(error).strip().splitlines()
-        cell.outputs.append(
-            nbformat.v4.new_output(
-                "error", ename=type(error).__name__, evalue=message[0] if message else "",
-                traceback=message,
-            )
-        )  # fmt: skip
-        cell.metadata.papermill.update(status="failed", exception=True)
-        for later in notebook.cells[ran[-1] + 1 :]:
-            later.metadata.papermill.update(status="pending", start_time=None, end_time=None)
-        notebook.metadata.papermill.exception = True
-        with suppress(PapermillExecutionError):
-            raise_for_execution_errors(notebook, destination)  # writes the notebook
-    except Exception as problem:  # the run's own error matters more
-        logging.getLogger(__name__).warning(
-            "could not mark where the run stopped in %s: %s", destination, problem
-        )
 
 
 def _check_written_here(output: str, notebook: str, since: float) -> None:
