@@ -105,6 +105,7 @@ def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
 # first and last convolutions' shapes differ with the width, and the top adds a "Logits" layer.
 MOBILENET_V2_KERNELS = {"Conv1": (3, 3, 3, 32), "Conv_1": (1, 1, 320, 1280)}
 TOP_LAYER = "Logits"
+_CHECKED_WEIGHTS: set[tuple] = set()  # files that passed: path, inode, size, mtime
 
 
 def check_weights_file(path: Path, source: str, *, hint: str | None = None) -> None:
@@ -116,8 +117,15 @@ def check_weights_file(path: Path, source: str, *, hint: str | None = None) -> N
     output's completion markers have gone. The layers are found as Keras finds them (a whole
     model's file keeps them under ``model_weights``); a Keras 3 ``.weights.h5`` file is only
     read, its layout being Keras 3's own. ``hint`` replaces the advice of the message.
+    A file that passed is not read again while unchanged (notebook 01 resolves its weights
+    before and while it begins the run).
     """
     import h5py
+
+    status = path.stat()
+    unchanged = (str(path), status.st_ino, status.st_size, status.st_mtime_ns)
+    if unchanged in _CHECKED_WEIGHTS:
+        return
 
     def read(name: str, item) -> None:
         if isinstance(item, h5py.Dataset):
@@ -132,6 +140,7 @@ def check_weights_file(path: Path, source: str, *, hint: str | None = None) -> N
     except Exception as error:
         problem = f"is not a readable HDF5 file ({type(error).__name__}: {error})"
     if problem is None:
+        _CHECKED_WEIGHTS.add(unchanged)
         return
     raise WeightsError(
         f"weights file {source!r} {problem}: an interrupted copy or download, or another "
