@@ -142,6 +142,17 @@ def _add_run(subparsers) -> None:
     run.set_defaults(func=_run)
 
 
+def _livy_options(args: argparse.Namespace) -> dict:
+    """The ``--livy-*`` options, as :func:`imagepca.livy.kernel_environment` takes them."""
+    return {
+        "livy_url": args.livy_url,
+        "livy_conf": args.livy_conf,
+        "driver_memory": args.livy_driver_memory,
+        "ca_bundle": args.livy_ca_bundle,
+        "insecure": args.livy_insecure or None,
+    }
+
+
 def _check_run_options(args: argparse.Namespace) -> None:
     """What Spark, papermill or Jupyter would reject only once the run had begun (a Java
     error for a master, a missing notebook named as a partial one): refused before the run
@@ -156,14 +167,7 @@ def _check_run_options(args: argparse.Namespace) -> None:
             f"--execution-timeout {args.execution_timeout}: give a positive number of seconds "
             "one cell may run, or leave it out for no limit"
         )
-    livy.check_kernel_options(
-        args.kernel,
-        livy_options=bool(
-            args.livy_url or args.livy_conf or args.livy_driver_memory or args.livy_ca_bundle
-            or args.livy_insecure
-        ),
-        master=args.master,
-    )  # fmt: skip
+    livy.check_kernel_options(args.kernel, master=args.master, **_livy_options(args))
     if args.kernel not in (runner.LOCAL_KERNEL, livy.KERNEL_NAME):
         try:
             KernelSpecManager().get_kernel_spec(args.kernel)
@@ -240,13 +244,9 @@ def _run(args: argparse.Namespace) -> int:
             console.python_logging(),
             livy.kernel_environment(
                 args.kernel,
-                livy_url=args.livy_url,
-                livy_conf=args.livy_conf,
-                driver_memory=args.livy_driver_memory,
                 startup_timeout=args.livy_startup_timeout,
                 master=args.master,
-                ca_bundle=args.livy_ca_bundle,
-                insecure=args.livy_insecure or None,
+                **_livy_options(args),
             ) as env,
         ):
             metrics = runner.run_notebooks(

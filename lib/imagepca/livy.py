@@ -436,10 +436,10 @@ def parse_spark_conf(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return conf
 
 
-def check_kernel_options(kernel: str, *, livy_options: bool, master: str | None) -> None:
-    """Refuse options the kernel cannot use: ``--livy-*`` without ``pysparkkernel``,
-    ``--master`` with it."""
-    if kernel != KERNEL_NAME and livy_options:
+def check_kernel_options(kernel: str, *, master: str | None, **livy_options: object) -> None:
+    """Refuse options the kernel cannot use: ``--livy-*`` (``livy_options``, those of
+    :func:`kernel_environment`) without ``pysparkkernel``, ``--master`` with it."""
+    if kernel != KERNEL_NAME and any(livy_options.values()):
         raise ParameterError(f"--livy-* options need --kernel {KERNEL_NAME}, not {kernel!r}")
     if kernel == KERNEL_NAME and master:
         raise ParameterError(
@@ -469,8 +469,12 @@ def kernel_environment(
     """
     check_kernel_options(
         kernel,
-        livy_options=bool(livy_url or livy_conf or driver_memory or ca_bundle or insecure),
         master=master,
+        livy_url=livy_url,
+        livy_conf=livy_conf,
+        driver_memory=driver_memory,
+        ca_bundle=ca_bundle,
+        insecure=insecure,
     )
     if kernel != KERNEL_NAME:
         yield None
