@@ -161,6 +161,17 @@ def start_extraction(spark: SparkSession, params: ExtractParams) -> ImageListing
     return listing
 
 
+def _listing_fields(params: ExtractParams, listing: ImageListing) -> dict:
+    """What ``_extraction.json`` says of this run's listing (a reused run's own too)."""
+    return {
+        "input": params.source,
+        "input_kind": listing.kind,
+        "n_files_found": listing.n_files,
+        "n_duplicate_uris": listing.n_duplicates,
+        "n_hidden_skipped": listing.n_hidden,
+    }
+
+
 def extract_features(
     spark: SparkSession, params: ExtractParams, listing: ImageListing | None = None
 ) -> Extraction:
@@ -195,10 +206,7 @@ def extract_features(
                 if key not in ("incremental", "reuse_refused")
             }
             metadata.update(
-                input=params.source,
-                input_kind=listing.kind,
-                n_hidden_skipped=listing.n_hidden,
-                n_duplicate_uris=listing.n_duplicates,
+                **_listing_fields(params, listing),
                 params=identity,
                 timings_s=timer.timings,
                 images_per_s=None,
@@ -301,12 +309,8 @@ def extract_features(
             metadata = {
                 # --reuse-features that featurized again all the same: why.
                 "reuse_refused": not_reused,
-                "input": params.source,
-                "input_kind": listing.kind,
+                **_listing_fields(params, listing),
                 "layout": LAYOUT,
-                "n_files_found": listing.n_files,
-                "n_duplicate_uris": listing.n_duplicates,
-                "n_hidden_skipped": listing.n_hidden,
                 "rejected_by_kind": by_kind,
                 "n_rejected": sum(by_kind.values()),
                 "params": {**identity, "listing_fingerprint": listing_fingerprint},
