@@ -71,7 +71,8 @@ class ImageListing:
     label_samples: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
     relation: DataFrame | None = field(default=None, compare=False, repr=False)
     n_duplicates: int = 0
-    # Image files of a local folder that Spark's listing skips (names starting with _ or .).
+    # Image files of a local folder that Spark's listing skips for a leading _ (see
+    # _hidden_images).
     n_hidden: int = 0
     # The listing's own time (it runs in notebook 01's listing cell, before the extraction).
     seconds: float = field(default=0.0, compare=False)
@@ -199,25 +200,23 @@ def hidden_note(n_hidden: int) -> str:
 
 def _skipped_by_spark(name: str) -> bool:
     """Whether Spark's listing ignores this file or folder name for its leading ``_``
-    (``InMemoryFileIndex.shouldFilterOutPathName``: not a partition's ``k=v``). Names with
-    a leading ``.`` are hidden on purpose (``._IMG_1.JPG``, ``.thumbnails/``), and macOS's
-    ``__MACOSX/`` holds no image: neither is counted."""
-    return name.startswith("_") and "=" not in name and name != "__MACOSX"
+    (``InMemoryFileIndex.shouldFilterOutPathName``: not a partition's ``k=v``)."""
+    return name.startswith("_") and "=" not in name
 
 
 def _hidden_images(input_uri: str, most: int = 100_000) -> int:
     """Image files of a local folder that Spark's listing skips for a leading ``_`` (in
     their name or a parent folder's), counted among its first ``most`` entries; 0 for a
-    remote location, which is not listed twice."""
+    remote location, which is not listed twice. Names with a leading ``.`` are hidden on
+    purpose (``._IMG_1.JPG``, ``.thumbnails/``) and macOS's ``__MACOSX/`` holds no image:
+    neither is counted."""
     if not is_local(input_uri):
         return 0
     hidden = seen = 0
     root = Path(local_path(input_uri))
     for folder, folders, names in os.walk(root):
-        folders[:] = [name for name in folders if not name.startswith(".")]
+        folders[:] = [name for name in folders if name[0] != "." and name != "__MACOSX"]
         parts = Path(folder).relative_to(root).parts
-        if "__MACOSX" in parts:
-            continue
         in_skipped = any(_skipped_by_spark(part) for part in parts)
         for name in names:
             seen += 1
