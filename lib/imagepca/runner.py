@@ -26,14 +26,7 @@ from pathlib import Path
 from .config import ExtractParams, ReduceParams
 from .console import Console
 from .executed import completed_copy, keep_completed_copy, record_stop
-from .storage import (
-    EXTRACTION_FILE,
-    METRICS_FILE,
-    is_local,
-    join,
-    local_path,
-    papermill_location,
-)
+from .storage import EXTRACTION_FILE, METRICS_FILE, is_local, join, local_path, papermill_location
 
 EXTRACT_NOTEBOOK = "01_extract_features.ipynb"
 REDUCE_NOTEBOOK = "02_reduce_pca.ipynb"
