@@ -437,8 +437,7 @@ def parse_spark_conf(items: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 
 def check_kernel_options(kernel: str, *, master: str | None, **livy_options: object) -> None:
-    """Refuse options the kernel cannot use: ``--livy-*`` (``livy_options``, those of
-    :func:`kernel_environment`) without ``pysparkkernel``, ``--master`` with it."""
+    """Refuse ``--livy-*`` options without ``pysparkkernel``, and ``--master`` with it."""
     if kernel != KERNEL_NAME and any(livy_options.values()):
         raise ParameterError(f"--livy-* options need --kernel {KERNEL_NAME}, not {kernel!r}")
     if kernel == KERNEL_NAME and master:
@@ -464,8 +463,7 @@ def kernel_environment(
     :func:`livy_environment` of the ``pysparkkernel`` run (cleaned up on exit).
 
     ``ca_bundle`` / ``insecure`` (:class:`LivyTls`) default to ``IMAGEPCA_LIVY_CA_BUNDLE``
-    / ``IMAGEPCA_LIVY_INSECURE``. Options that cannot apply are refused before anything
-    runs.
+    / ``IMAGEPCA_LIVY_INSECURE``; options that cannot apply are refused before anything runs.
     """
     check_kernel_options(
         kernel,
