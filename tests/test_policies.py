@@ -111,6 +111,12 @@ def test_bucket_policy_denies_requests_without_tls():
 def test_instance_role_is_limited_to_the_project_prefixes():
     document = rendered(ROOT / "aws" / "emr-instance-role-policy.json")
     allowed = {f"arn:aws:s3:::imagepca-test-bucket/{p}/*" for p in account.PREFIXES}
+    # The bare prefix keys too: Hadoop's getFileStatus on s3://BUCKET/input/ sends
+    # HEAD /input first, and a HEAD the role may not make is a 403, not a 404.
+    allowed |= {
+        "arn:aws:s3:::imagepca-test-bucket/input",
+        "arn:aws:s3:::imagepca-test-bucket/artifacts",
+    }
     for statement in document["Statement"]:
         for resource in as_list(statement["Resource"]):
             if resource.startswith("arn:aws:s3:::") and "/" in resource:
