@@ -146,6 +146,27 @@ def test_optional_parts_of_the_config(tmp_path):
     assert tags == {"project": "imagepca", "for-use-with-amazon-emr-managed-policies": "true"}
 
 
+def test_a_template_with_instance_fleets_gets_no_instance_groups(tmp_path):
+    template = json.loads((ROOT / "emr_config.json").read_text())
+    instances = template["Instances"]
+    subnet = instances.pop("Ec2SubnetId")
+    instances.pop("InstanceGroups")
+    instances["Ec2SubnetIds"] = [subnet]
+    instances["InstanceFleets"] = [
+        {
+            "InstanceFleetType": role,
+            "TargetOnDemandCapacity": 1,
+            "InstanceTypeConfigs": [{"InstanceType": "m5.xlarge"}, {"InstanceType": "m6i.xlarge"}],
+        }
+        for role in ("MASTER", "CORE")
+    ]
+    (tmp_path / "fleets.json").write_text(json.dumps(template))
+    config = cluster.render_config(settings(), tmp_path / "fleets.json")
+    assert model_errors("RunJobFlow", config) == ""
+    assert "InstanceGroups" not in config["Instances"]
+    assert config["Instances"]["Ec2SubnetIds"] == [SETTINGS["subnet_id"]]
+
+
 def test_settings_are_validated_once_with_actionable_messages(tmp_path):
     with pytest.raises(AwsError) as error:
         settings(subnet_id="vpc-123", core_instance_count=0, release_label="emr-6.15.0")
@@ -180,7 +201,9 @@ def test_security_configuration_enables_encryption_and_imdsv2():
     encryption = definition["EncryptionConfiguration"]
     assert encryption["EnableAtRestEncryption"] and encryption["EnableInTransitEncryption"]
     at_rest = encryption["AtRestEncryptionConfiguration"]
-    assert at_rest["S3EncryptionConfiguration"]["EncryptionMode"] == "SSE-S3"
+    # No EMRFS mode: its header would override the bucket's default key (SSE-KMS with
+    # `aws setup --kms-key`); every object gets the bucket's default encryption instead.
+    assert "S3EncryptionConfiguration" not in at_rest
     assert at_rest["LocalDiskEncryptionConfiguration"]["AwsKmsKey"] == key
     tls = encryption["InTransitEncryptionConfiguration"]["TLSCertificateConfiguration"]
     assert tls["S3Object"] == f"s3://{BUCKET}/certs.zip"
@@ -394,6 +417,9 @@ def expected_command(run_id: str) -> list[str]:
         "--master", "yarn",
         "--k", "8",
         "--engine", "keras",
+        # The settings' arrow_max_records_per_batch: notebook 01's own parameter would
+        # otherwise override the cluster's spark-defaults.
+        "--max-records-per-batch", "256",
     ]  # fmt: skip
 
 
@@ -565,11 +591,70 @@ def test_run_options_carry_a_manifest_and_incremental():
     extract = runs.notebook_runs(listed)[0].parameters
     assert extract["manifest"] == "s3://b/inventory/manifest.json" and extract["input"] is None
     assert extract["incremental"] is True
+    batch = runs.RunOptions(**{**vars(listed), "max_records_per_batch": 64})
+    assert runs.notebook_runs(batch)[0].parameters["max_records_per_batch"] == 64
+    assert runs.step_command(batch)[-2:] == ["--max-records-per-batch", "64"]
     with pytest.raises(AwsError, match="not both"):
         runs.RunOptions(
             input="s3://b/in/", manifest="s3://b/m.csv", output="s3://b/o", weights="s3://b/w",
             notebooks="s3://b/n",
         )  # fmt: skip
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_run_refuses_options_it_would_ignore(capsys):
+    common = [
+        "--bucket", BUCKET, "--region", REGION, "--subnet-id", SETTINGS["subnet_id"],
+        "--version", "0.1.0",
+    ]  # fmt: skip
+    refused = {
+        ("--cluster-id", "j-1", "--incremental"): "--incremental featurizes what changed",
+        ("--cluster-id", "j-1", "--via", "livy", "--no-wait"): "--no-wait applies to --via step",
+        ("--via", "notebook-execution"): "--via notebook-execution needs --cluster-id",
+        ("--via", "step"): "--via step needs --cluster-id",
+    }
+    for argv, message in refused.items():
+        assert cli("emr", "run", *argv, *common) == 1
+        assert message in capsys.readouterr().err
+
+
+def test_run_warns_of_locations_the_nodes_role_cannot_reach():
+    def options(**changes) -> runs.RunOptions:
+        values = {
+            "input": f"s3://{BUCKET}/input/", "output": f"s3://{BUCKET}/runs/r1",
+            "weights": f"s3://{BUCKET}/artifacts/0.1.0/models/w.h5",
+            "notebooks": f"s3://{BUCKET}/artifacts/0.1.0/notebooks",
+        }  # fmt: skip
+        return runs.RunOptions(**{**values, **changes})
+
+    assert runs.outside_instance_role(options(), BUCKET) == []
+    # An earlier run's outputs are readable: runs/ is read-write.
+    assert runs.outside_instance_role(options(input=f"s3://{BUCKET}/runs/r0/x/"), BUCKET) == []
+    warnings = runs.outside_instance_role(
+        options(
+            input=None, manifest="s3://inventory-bucket/b/config/2026/manifest.json",
+            output=f"s3://{BUCKET}/results/r1", weights=f"s3://{BUCKET}/models/w.h5",
+        ),
+        BUCKET,
+    )  # fmt: skip
+    assert [w.split()[0] for w in warnings] == ["--manifest", "--weights", "--output"]
+    assert all("aws/emr-instance-role-policy.json" in w for w in warnings)
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_down_needs_only_a_region(tmp_path, monkeypatch, capsys):
+    """The command that stops the billing works from a settings file without a subnet, or
+    from AWS_REGION alone."""
+    _, cluster_id, _ = start_cluster()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "emr_settings.json").write_text(json.dumps({"region": REGION}))
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    assert cli("emr", "down", "--cluster-id", cluster_id, "--poll-seconds", "0.05") == 0
+    assert f"{cluster_id} terminated" in capsys.readouterr().out
+    (tmp_path / "emr_settings.json").unlink()
+    monkeypatch.setenv("AWS_REGION", REGION)
+    assert cli("emr", "down", "--cluster-id", cluster_id, "--poll-seconds", "0.05") == 0
 
 
 @pytest.mark.usefixtures("aws_env")
