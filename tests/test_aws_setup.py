@@ -70,9 +70,30 @@ def test_setup_creates_private_encrypted_tls_only_bucket_and_roles():
 
 
 @pytest.mark.usefixtures("aws_env")
-def test_setup_is_idempotent():
-    assert cli("aws", "setup", "--bucket", BUCKET, "--region", REGION) == 0
-    assert cli("aws", "setup", "--bucket", BUCKET, "--region", REGION) == 0
+def test_setup_is_idempotent_and_brings_the_operator_policy_up_to_date(capsys):
+    argv = ["aws", "setup", "--bucket", BUCKET, "--region", REGION]
+    assert cli(*argv) == 0
+    assert cli(*argv) == 0
+    assert "iam CreatePolicy: exists, unchanged" in capsys.readouterr().out
+    iam = boto3.client("iam", region_name=REGION)
+    arn = f"arn:aws:iam::{ACCOUNT_ID}:policy/imagepca-operator"
+
+    def passable_roles() -> set[str]:
+        version = iam.get_policy(PolicyArn=arn)["Policy"]["DefaultVersionId"]
+        document = iam.get_policy_version(PolicyArn=arn, VersionId=version)
+        statements = document["PolicyVersion"]["Document"]["Statement"]
+        passing = [s for s in statements if "iam:PassRole" in s["Action"]]
+        return {resource.rsplit("/", 1)[-1] for s in passing for resource in s["Resource"]}
+
+    assert "EMR_Notebooks_DefaultRole" in passable_roles()
+    # Another notebooks role: the managed policy gets a new default version, and IAM's
+    # five versions are never exceeded (the oldest other one makes room).
+    for number in range(6):
+        assert cli(*argv, "--notebook-service-role", f"NotebooksRole{number}") == 0
+        assert "iam CreatePolicy: exists, updated" in capsys.readouterr().out
+    assert "NotebooksRole5" in passable_roles()
+    assert "EMR_Notebooks_DefaultRole" not in passable_roles()
+    assert len(iam.list_policy_versions(PolicyArn=arn)["Versions"]) == 5
 
 
 @pytest.mark.usefixtures("aws_env")
@@ -107,7 +128,12 @@ def test_dry_run_prints_aws_cli_equivalents_without_calling_aws(monkeypatch, cap
     argv = ["aws", "setup", "--bucket", BUCKET, "--region", "eu-west-1"]
     assert cli(*argv, "--account-id", ACCOUNT_ID, "--dry-run") == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    commands = [shlex.split(line) for line in lines]
+    # Last, commented out: the new version of an operator policy that exists already.
+    note, update = lines[-2:]
+    assert note == "# when the operator policy exists already:"
+    update = shlex.split(update.removeprefix("# "))
+    assert update[1:3] == ["iam", "create-policy-version"] and "--set-as-default" in update
+    commands = [shlex.split(line) for line in lines[:-2]]
     assert all(c[0] == "aws" and c[-2:] == ["--region", "eu-west-1"] for c in commands)
     verbs = [" ".join(c[1:3]) for c in commands]
     assert verbs == [

@@ -298,28 +298,66 @@ def setup(
     """Create (or bring up to date) the bucket and IAM resources; or print the CLI commands.
 
     Re-running is safe: "already exists" answers are accepted and the policies are put
-    again, so edits to ``aws/*.json`` reach AWS (except the operator policy, a managed
-    policy: a new version needs ``aws iam create-policy-version``, printed below).
+    again, so edits to ``aws/*.json`` reach AWS; the operator policy, a managed policy,
+    gets a new default version when its document changed (:func:`update_managed_policy`).
     """
     out = out or sys.stdout
     calls = setup_calls(settings, policies_dir)
+    arn = f"arn:aws:iam::{settings.account_id}:policy/{settings.operator_policy}"
+    operator = next(call for call in calls if call.operation == "CreatePolicy")
     if dry_run:
         for call in calls:
             print(call.cli(settings.region), file=out)
+        update = AwsCall(
+            "iam",
+            "CreatePolicyVersion",
+            {
+                "PolicyArn": arn,
+                "PolicyDocument": operator.params["PolicyDocument"],
+                "SetAsDefault": True,
+            },
+        )
+        print("# when the operator policy exists already:", file=out)
+        print(f"# {update.cli(settings.region)}", file=out)
         return calls
     clients = clients or client_factory(settings.region)
     for call in calls:
         result = call.run(clients)
         state = "exists" if result is None and call.ok_errors else "ok"
+        if call is operator and result is None:
+            state = update_managed_policy(clients("iam"), arn, call.params["PolicyDocument"])
         print(f"{call.service} {call.operation}: {state}", file=out)
-    arn = f"arn:aws:iam::{settings.account_id}:policy/{settings.operator_policy}"
     print(
-        f"operator policy {arn} - attach it to your IAM Identity Center permission set or "
-        "group. If it existed, update it with: aws iam create-policy-version --policy-arn "
-        f"{arn} --set-as-default --policy-document file://operator-policy.json",
+        f"operator policy {arn} - attach it to your IAM Identity Center permission set or group",
         file=out,
     )
     return calls
+
+
+MAX_POLICY_VERSIONS = 5  # IAM's limit per managed policy
+
+
+def update_managed_policy(iam: Any, arn: str, document: str) -> str:
+    """Make ``document`` the default version of the managed policy ``arn`` unless it
+    already is: ``"exists, unchanged"`` or ``"exists, updated"``.
+
+    IAM keeps at most five versions of a managed policy; the oldest one that is not the
+    default is deleted to make room, as the IAM console does.
+    """
+    versions = iam.list_policy_versions(PolicyArn=arn)["Versions"]
+    default = next(version for version in versions if version["IsDefaultVersion"])
+    current = iam.get_policy_version(PolicyArn=arn, VersionId=default["VersionId"])
+    stored = current["PolicyVersion"]["Document"]  # botocore decodes IAM's URL-encoded JSON
+    if (json.loads(stored) if isinstance(stored, str) else stored) == json.loads(document):
+        return "exists, unchanged"
+    if len(versions) >= MAX_POLICY_VERSIONS:
+        oldest = min(
+            (version for version in versions if not version["IsDefaultVersion"]),
+            key=lambda version: version["CreateDate"],
+        )
+        iam.delete_policy_version(PolicyArn=arn, VersionId=oldest["VersionId"])
+    iam.create_policy_version(PolicyArn=arn, PolicyDocument=document, SetAsDefault=True)
+    return "exists, updated"
 
 
 def client_factory(region: str, session: boto3.session.Session | None = None):

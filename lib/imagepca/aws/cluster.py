@@ -84,8 +84,10 @@ def render_config(settings: EmrSettings, template: str | os.PathLike[str] | None
     """
     path = find_resource("emr_config.json", template)
     config = _fill(json.loads(path.read_text(encoding="utf-8")), settings.placeholders())
-    groups = config.get("Instances", {}).get("InstanceGroups", [])
-    config["Instances"]["InstanceGroups"] = [g for g in groups if g.get("InstanceCount", 1) > 0]
+    instances = config.get("Instances", {})
+    if "InstanceGroups" in instances:  # a template may use instance fleets instead
+        groups = instances["InstanceGroups"]
+        instances["InstanceGroups"] = [g for g in groups if g.get("InstanceCount", 1) > 0]
     tags = {t["Key"]: t["Value"] for t in config.get("Tags", [])}
     tags.update({**settings.tags, **CLUSTER_TAGS})  # whatever a custom template says
     config["Tags"] = [{"Key": k, "Value": v} for k, v in tags.items()]

@@ -1,8 +1,9 @@
-"""``imagepca aws ...`` and ``imagepca emr ...``: argparse wiring only.
+"""``imagepca emr ...``, and the ``aws`` and ``emr`` groups added to the CLI: argparse wiring.
 
 Each command reads its options, builds the settings (validated once) and calls one
 function of the step modules; errors the user can fix end as one ``error:`` line and exit
-status 1. The top-level CLI imports this module; nothing here imports the CLI.
+status 1 (:mod:`.command_support`). The ``aws`` group lives in :mod:`.aws_commands`. The
+top-level CLI imports this module; nothing here imports the CLI.
 """
 
 from __future__ import annotations
@@ -12,120 +13,17 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import boto3
-from botocore.exceptions import BotoCoreError, ClientError
 
 from imagepca.config import IMAGE_SIZES
 
 from . import account, cluster, doctor, runs, stage
-from .settings import NOTEBOOK_SERVICE_ROLE, AwsError, AwsSettings, EmrSettings
-
-Command = Callable[[argparse.Namespace], int]
-
-
-def _guard(command: Command) -> Command:
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (ClientError, BotoCoreError) as error:
-            print(f"error: AWS said: {error}", file=sys.stderr)
-            return 1
-        # AwsError, and what a run raises: Livy unreachable, a notebook failed.
-        except (AwsError, RuntimeError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-
-    return wrapped
-
-
-def _client(service: str, region: str | None) -> Any:
-    return boto3.client(service, region_name=region)
-
-
-# --------------------------------------------------------------------------- aws
-
-
-def _cmd_setup(args: argparse.Namespace) -> int:
-    account_id = args.account_id
-    if not account_id:
-        if args.dry_run:
-            account_id = "123456789012"
-            print("# --account-id not given: using 123456789012 as a stand-in", file=sys.stderr)
-        else:
-            account_id = account.caller_account_id(args.region)
-    settings = AwsSettings(
-        bucket=args.bucket, region=args.region, account_id=account_id,
-        kms_key_arn=args.kms_key, versioning=args.versioning,
-    )  # fmt: skip
-    account.setup(settings, dry_run=args.dry_run)
-    return 0
-
-
-def _cmd_upload(args: argparse.Namespace) -> int:
-    from .settings import parse_s3_uri
-
-    parse_s3_uri(args.destination)
-    region = args.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    stage.upload(args.source, args.destination, s3_client=_client("s3", region))
-    return 0
-
-
-def _add_aws(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "aws",
-        help="create the S3 bucket and IAM roles, upload data",
-        description="One-time AWS account setup and data upload for imagepca on EMR.",
-    )
-    commands = parser.add_subparsers(dest="aws_command", metavar="COMMAND")
-    parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
-
-    setup = commands.add_parser(
-        "setup",
-        help="create the project bucket (private, encrypted, TLS-only) and IAM roles",
-        description=(
-            "Create the project bucket with Block Public Access, default encryption and a "
-            "TLS-only bucket policy; the EMR cleanup service-linked role, the EMR service "
-            "role, the EC2 instance profile limited to the bucket's input/ artifacts/ runs/ "
-            "logs/ jupyter/ prefixes, and an operator policy. Idempotent. Run once with "
-            "administrator credentials (e.g. an IAM Identity Center admin permission set "
-            "via `aws sso login`)."
-        ),
-    )
-    setup.add_argument("--bucket", required=True, help="bucket name to create")
-    setup.add_argument("--region", required=True, help="AWS region, e.g. us-east-1")
-    setup.add_argument(
-        "--account-id", help="12-digit AWS account id (default: from STS GetCallerIdentity)"
-    )
-    setup.add_argument(
-        "--kms-key",
-        help="KMS key ARN for the bucket's default encryption and the cluster's EBS volumes "
-        "(default: SSE-S3); the roles and the operator policy may use it",
-    )
-    setup.add_argument("--versioning", action="store_true", help="enable bucket versioning")
-    setup.add_argument(
-        "--dry-run", action="store_true", help="print the equivalent aws CLI commands only"
-    )
-    setup.set_defaults(func=_guard(_cmd_setup))
-
-    upload = commands.add_parser(
-        "upload",
-        help="upload a local folder to S3, skipping files already there (same size)",
-        description=(
-            "Upload LOCAL_DIR to s3://BUCKET/PREFIX/ with boto3's transfer manager "
-            "(multipart, parallel). Files already present with the same size are skipped."
-        ),
-    )
-    upload.add_argument("source", metavar="LOCAL_DIR", help="folder (or file) to upload")
-    upload.add_argument(
-        "destination", metavar="S3_URI", help="s3://BUCKET/PREFIX/, e.g. s3://b/input/photos/"
-    )
-    upload.add_argument("--region", help="bucket region (default: AWS_REGION / profile)")
-    upload.set_defaults(func=_guard(_cmd_upload))
-
+from .aws_commands import add_aws
+from .command_support import client as _client
+from .command_support import guard as _guard
+from .settings import NOTEBOOK_SERVICE_ROLE, AwsError, EmrSettings
 
 # --------------------------------------------------------------------------- emr
 
@@ -261,7 +159,25 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_run_arguments(args: argparse.Namespace) -> None:
+    """Refuse option combinations ``emr run`` would otherwise quietly ignore."""
+    if args.via != "livy" and not args.cluster_id:
+        raise AwsError(f"--via {args.via} needs --cluster-id (the id `emr up` printed)")
+    if args.no_wait and args.via != "step":
+        raise AwsError(
+            f"--no-wait applies to --via step only: --via {args.via} runs the notebooks one "
+            "after the other and must wait for each"
+        )
+    if args.incremental and not (args.output or args.run_id):
+        raise AwsError(
+            "--incremental featurizes what changed since the features of an earlier run: "
+            "give that run's --output s3://BUCKET/runs/RUN_ID (or its --run-id); a new "
+            "output has none, so every image would be featurized"
+        )
+
+
 def _run_options(args: argparse.Namespace, settings: EmrSettings, run_id: str) -> runs.RunOptions:
+    _check_run_arguments(args)
     base = settings.artifacts_uri
     folder = stage.PYSPARK_NOTEBOOKS if args.via == "notebook-execution" else "notebooks"
     options = runs.RunOptions(
@@ -275,7 +191,10 @@ def _run_options(args: argparse.Namespace, settings: EmrSettings, run_id: str) -
         variance=args.variance,
         engine=args.engine,
         skip_classify=args.skip_classify,
+        max_records_per_batch=settings.arrow_max_records_per_batch,
     )
+    for warning in runs.outside_instance_role(options, settings.bucket):
+        print(f"warning: {warning}", file=sys.stderr)
     if options.skip_classify or args.via == "step":  # on the cluster, `imagepca run` checks
         return options
     # Artifacts staged before notebook 03 existed: run what is there.
@@ -319,8 +238,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _region(args: argparse.Namespace) -> str:
+    """The region alone, for a command that needs nothing else (``emr down`` stops the
+    billing: a settings file without a subnet must not stand in its way)."""
+    path = args.settings or ("emr_settings.json" if Path("emr_settings.json").exists() else None)
+    from_file = EmrSettings.load_raw(path).get("region") if path else None
+    region = (
+        args.region
+        or from_file
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or boto3.session.Session().region_name
+    )
+    if not region:
+        raise AwsError("no region: pass --region (or set it in emr_settings.json, AWS_REGION)")
+    return region
+
+
 def _cmd_down(args: argparse.Namespace) -> int:
-    region = args.region or _settings(args).region
+    region = _region(args)
     cluster.down(
         args.cluster_id, emr_client=_client("emr", region), wait=not args.no_wait,
         poll_seconds=args.poll_seconds, max_attempts=args.max_attempts,
@@ -339,7 +275,7 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
         ),
     )  # fmt: skip
     _add_settings_options(run)
-    run.add_argument("--cluster-id", required=True)
+    run.add_argument("--cluster-id", help="the cluster (not needed with --via livy)")
     source = run.add_mutually_exclusive_group()
     source.add_argument("--input", help="s3:// input (default: s3://BUCKET/input/)")
     source.add_argument(
@@ -410,8 +346,9 @@ def _add_emr(subparsers: argparse._SubParsersAction) -> None:
         help="create the EMR security configuration (encryption at rest/in transit, IMDSv2)",
         description=(
             "Create the security configuration from aws/emr-security-configuration.json: "
-            "S3 SSE-S3 and KMS local-disk/EBS encryption at rest, TLS in transit from a PEM "
-            "certificate zip in S3, IMDSv2 required on all nodes."
+            "KMS local-disk/EBS encryption at rest (S3 objects keep the bucket's default "
+            "encryption), TLS in transit from a PEM certificate zip in S3, IMDSv2 required "
+            "on all nodes."
         ),
     )
     _add_settings_options(security)
@@ -495,5 +432,5 @@ def _add_emr(subparsers: argparse._SubParsersAction) -> None:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``aws`` and ``emr`` command groups to the imagepca CLI."""
-    _add_aws(subparsers)
+    add_aws(subparsers)
     _add_emr(subparsers)

@@ -45,6 +45,9 @@ class RunOptions:
     skip_classify: bool = False
     manifest: str | None = None  # instead of input: a list of image URIs (issue 16)
     incremental: bool = False
+    # Notebook 01's Arrow batch (the settings' arrow_max_records_per_batch): its own
+    # parameter overrides the cluster's spark-defaults for the featurization job.
+    max_records_per_batch: int | None = None
 
     def __post_init__(self) -> None:
         if (self.input is None) == (self.manifest is None):
@@ -55,6 +58,44 @@ class RunOptions:
                 raise AwsError(f"{name} must be an s3:// URI on EMR, got {value!r}")
         if self.k is not None and self.variance is not None:
             raise AwsError("give --k or --variance, not both")
+
+
+# What aws/emr-instance-role-policy.json lets the nodes read, and write, in the bucket.
+INSTANCE_ROLE_READS = ("input/", "artifacts/")
+INSTANCE_ROLE_WRITES = ("runs/",)
+
+
+def outside_instance_role(options: RunOptions, bucket: str) -> list[str]:
+    """The run's locations the project's instance role cannot reach, each with what to do.
+
+    Warnings, not errors: a role extended by hand may well reach them.
+    """
+
+    def outside(uri: str | None, prefixes: tuple[str, ...]) -> bool:
+        if uri is None:
+            return False
+        uri_bucket, key = parse_s3_uri(uri)
+        return uri_bucket != bucket or not key.startswith(prefixes)
+
+    role = "the nodes' role (aws/emr-instance-role-policy.json)"
+    readable = ", ".join(f"s3://{bucket}/{prefix}" for prefix in INSTANCE_ROLE_READS)
+    warnings = [
+        f"{name} {uri} is outside {readable}: {role} cannot read it, and the run would stop "
+        "on AccessDenied; copy it there (`imagepca aws upload`) or grant the role "
+        "s3:GetObject on it"
+        for name, uri in (
+            ("--input", options.input),
+            ("--manifest", options.manifest),
+            ("--weights", options.weights),
+        )  # fmt: skip
+        if outside(uri, INSTANCE_ROLE_READS + INSTANCE_ROLE_WRITES)
+    ]
+    if outside(options.output, INSTANCE_ROLE_WRITES):
+        warnings.append(
+            f"--output {options.output} is outside s3://{bucket}/runs/: {role} cannot write "
+            f"it; use s3://{bucket}/runs/NAME or grant the role s3:PutObject there"
+        )
+    return warnings
 
 
 def new_run_id() -> str:
@@ -99,6 +140,8 @@ def notebook_runs(options: RunOptions, *, master: str | None = "yarn") -> list:
     }
     if options.engine:
         extract["engine"] = options.engine
+    if options.max_records_per_batch is not None:
+        extract["max_records_per_batch"] = options.max_records_per_batch
     reduce: dict[str, Any] = {"output": options.output}
     if options.k is not None:
         reduce["k"] = options.k
@@ -135,6 +178,8 @@ def _run_arguments(options: RunOptions) -> list[str]:
         command.append("--skip-classify")
     if options.incremental:
         command.append("--incremental")
+    if options.max_records_per_batch is not None:
+        command += ["--max-records-per-batch", str(options.max_records_per_batch)]
     return command
 
 

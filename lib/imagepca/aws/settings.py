@@ -294,17 +294,7 @@ class EmrSettings:
         cls, path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None
     ) -> EmrSettings:
         """Settings from a JSON file (optional) updated with non-``None`` overrides."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            try:
-                data = json.loads(Path(path).read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise AwsError(
-                    f"settings file {path} not found: copy emr_settings.example.json "
-                    "to emr_settings.json and edit it, or pass --settings"
-                ) from None
-            except json.JSONDecodeError as error:
-                raise AwsError(f"{path} is not valid JSON: {error}") from None
+        data = cls.load_raw(path) if path is not None else {}
         data.update({k: v for k, v in (overrides or {}).items() if v is not None})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -314,6 +304,22 @@ class EmrSettings:
         if missing:
             raise AwsError(f"missing settings: {', '.join(missing)} (settings file or options)")
         return cls(**data)
+
+    @staticmethod
+    def load_raw(path: str | os.PathLike[str]) -> dict[str, Any]:
+        """The settings file's JSON object, not validated (a command may need one key)."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise AwsError(
+                f"settings file {path} not found: copy emr_settings.example.json "
+                "to emr_settings.json and edit it, or pass --settings"
+            ) from None
+        except json.JSONDecodeError as error:
+            raise AwsError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise AwsError(f"{path} must hold a JSON object of settings")
+        return data
 
     @property
     def release_minor(self) -> int:

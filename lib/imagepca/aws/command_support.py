@@ -1,0 +1,36 @@
+"""What every ``imagepca aws`` and ``imagepca emr`` command shares: errors the user can fix
+end as one ``error:`` line and exit status 1; AWS clients come from one place (tests swap
+it)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .settings import AwsError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def guard(command: Command) -> Command:
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (ClientError, BotoCoreError) as error:
+            print(f"error: AWS said: {error}", file=sys.stderr)
+            return 1
+        # AwsError, and what a run raises: Livy unreachable, a notebook failed.
+        except (AwsError, RuntimeError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+
+    return wrapped
+
+
+def client(service: str, region: str | None) -> Any:
+    return boto3.client(service, region_name=region)
