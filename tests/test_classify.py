@@ -481,6 +481,17 @@ def test_missing_inputs_fail_with_advice(spark, tmp_path) -> None:
         prepare(spark, ClassifyParams(output=str(tmp_path / "nothing")))
 
 
+def test_refused_parameters_leave_a_complete_output_complete(spark, photos_run, tmp_path):
+    """An impossible k_values is refused before notebook 03 withdraws anything."""
+    output = tmp_path / "out"
+    shutil.copytree(photos_run["output"], output)
+    n_components = len(json.loads((output / "metrics.json").read_text())["explained_variance"])
+    too_many = ClassifyParams(output=str(output), k_values=[2, n_components + 1])
+    with pytest.raises(ParameterError, match="exceed the"):
+        prepare(spark, too_many)
+    assert (output / "_SUCCESS").exists()
+
+
 @pytest.mark.parametrize("change", ["k", "components"])
 def test_an_output_mixing_two_runs_is_refused(spark, photos_run, tmp_path, change) -> None:
     """metrics.json from one notebook 02 run, the PCA from another: refused, and the split

@@ -447,13 +447,14 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
     """Read the run's outputs, split them by label and collect the comparison subset (see
     :func:`imagepca.classify_inputs.read_inputs`, which says what it raises).
 
-    The output's ``_SUCCESS`` goes first: from here until :meth:`Classification.publish`
-    the output is notebook 03's work in progress.
+    The output's ``_SUCCESS`` goes once the inputs are read (an impossible parameter or
+    a missing input leaves a complete output complete): from there until
+    :meth:`Classification.publish` the output is notebook 03's work in progress.
     """
     start = time.perf_counter()
     storage = Storage(spark)
-    storage.withdraw_success(params.output)
     inputs = read_inputs(spark, params, storage)
+    storage.withdraw_success(params.output)
     return Classification(
         spark=spark,
         params=params,
