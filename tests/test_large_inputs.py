@@ -231,7 +231,8 @@ def incremental(spark, tmp_path_factory):
     removed += [root / "orange" / p.name for p in photos("orange", 5, 7)]
     for path in removed:
         path.unlink()
-    second, second_reduction = run(spark, root, output, incremental=True)
+    # With --reuse-features too (refused: the files changed), as a user may well ask.
+    second, second_reduction = run(spark, root, output, incremental=True, reuse_features=True)
     fresh_out = work / "fresh"
     fresh, fresh_reduction = run(spark, root, fresh_out)
     return locals()
@@ -253,6 +254,8 @@ def test_incremental_run_featurizes_only_new_files(incremental):
     metrics = json.loads((incremental["output"] / "metrics.json").read_text())
     printed = summary(metrics, str(incremental["output"]))
     assert "incremental: 20 new or changed images featurized, 25 kept, 5 dropped" in printed
+    # The refused reuse is not reported as a second featurization of everything.
+    assert metrics["reuse_refused"] is None and "not reused" not in printed
     first = summary({**metrics, "incremental": incremental["first"].metadata["incremental"]}, "o")
     assert "incremental: a full run, because no features in the output yet" in first
 

@@ -224,6 +224,7 @@ def extract_features(
         if full_run_reason is None:
             with timer.stage("plan_s"):
                 increment = plan_increment(spark, features_uri, listing.files)
+            not_reused = None  # what changed is featurized, not everything "again"
 
     with timer.stage("model_s"):
         payload = load_model_payload(params, weights_file, storage)
@@ -447,7 +448,7 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
             .select(
                 "label",
                 F.col("pca")[0].alias("pc1"),
-                F.coalesce(F.col("pca")[1], F.lit(0.0)).alias("pc2"),
+                F.col("pca")[1].alias("pc2"),  # null when k = 1
             )
             .limit(params.projection_points)
             .toPandas()
