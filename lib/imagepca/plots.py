@@ -57,23 +57,45 @@ def plot_explained_variance(
     return fig
 
 
-def plot_projection(points: pd.DataFrame) -> Figure:
-    """Scatter of the first two components, one colour per label.
+# A label's marker changes with each block of 20 colours: distinct up to 160 labels.
+PROJECTION_MARKERS = "os^DvPX*"
+PROJECTION_LEGEND_MAX = 60  # labels named in the legend (20 per column)
 
-    ``points`` has columns ``label``, ``pc1``, ``pc2``.
+
+def plot_projection(points: pd.DataFrame) -> Figure:
+    """Scatter of the first two components, one colour and marker per label.
+
+    ``points`` has columns ``label``, ``pc1``, ``pc2`` (null when k = 1: then each label
+    gets a row of its own along PC 1).
     """
-    fig = plt.figure(figsize=(7.5, 6))
-    ax = fig.add_subplot()
     labels = sorted(points["label"].unique())
+    one_component = bool(points["pc2"].isna().all()) and len(points) > 0
+    legend_columns = -(-len(labels) // 20) if len(labels) <= PROJECTION_LEGEND_MAX else 0
+    fig = plt.figure(figsize=(7.5 + 2.2 * max(legend_columns - 1, 0), 6))
+    ax = fig.add_subplot()
     colours = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
     for index, label in enumerate(labels):
         group = points[points["label"] == label]
+        y = np.full(len(group), index) if one_component else group["pc2"]
+        marker = PROJECTION_MARKERS[index // 20 % len(PROJECTION_MARKERS)]
         ax.scatter(
-            group["pc1"], group["pc2"], s=12, alpha=0.75, color=colours(index % 20), label=label
-        )
-    ax.set(xlabel="PC 1", ylabel="PC 2", title="Images on the first two principal components")
-    if len(labels) <= 20:
-        ax.legend(fontsize="small", markerscale=1.5, bbox_to_anchor=(1.02, 1), loc="upper left")
+            group["pc1"], y, s=12, alpha=0.75, color=colours(index % 20), marker=marker,
+            label=label,
+        )  # fmt: skip
+    if one_component:
+        ax.set(xlabel="PC 1", title="Images on the first principal component (k = 1)")
+        named = labels if len(labels) <= PROJECTION_LEGEND_MAX else []
+        ax.set_yticks(range(len(labels)), named, fontsize="small")
+        ax.invert_yaxis()
+    else:
+        ax.set(xlabel="PC 1", ylabel="PC 2", title="Images on the first two principal components")
+    if legend_columns and not one_component:
+        ax.legend(
+            fontsize="small" if len(labels) <= 20 else "x-small", markerscale=1.5,
+            ncols=legend_columns, bbox_to_anchor=(1.02, 1), loc="upper left",
+        )  # fmt: skip
+    elif not legend_columns:
+        ax.set_title(f"{ax.get_title()}\n{len(labels)} labels: too many to name here", fontsize=10)
     fig.tight_layout()
     return fig
 
