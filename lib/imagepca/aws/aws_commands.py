@@ -8,6 +8,7 @@ import sys
 
 from . import account, stage
 from .command_support import client as _client
+from .command_support import command_group
 from .command_support import guard as _guard
 from .settings import NOTEBOOK_SERVICE_ROLE, AwsSettings
 
@@ -39,13 +40,12 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 
 def add_aws(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    commands = command_group(
+        subparsers,
         "aws",
         help="create the S3 bucket and IAM roles, upload data",
         description="One-time AWS account setup and data upload for imagepca on EMR.",
     )
-    commands = parser.add_subparsers(dest="aws_command", metavar="COMMAND")
-    parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
 
     setup = commands.add_parser(
         "setup",

@@ -34,3 +34,14 @@ def guard(command: Command) -> Command:
 
 def client(service: str, region: str | None) -> Any:
     return boto3.client(service, region_name=region)
+
+
+def command_group(
+    subparsers: argparse._SubParsersAction, name: str, *, help: str, description: str
+) -> argparse._SubParsersAction:
+    """``imagepca NAME``, whose commands go on the returned subparsers; without one it
+    prints its help and exits 2."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    commands = parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
+    parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
+    return commands

@@ -22,6 +22,7 @@ from imagepca.config import IMAGE_SIZES
 from . import account, cluster, doctor, runs, stage
 from .aws_commands import add_aws
 from .command_support import client as _client
+from .command_support import command_group
 from .command_support import guard as _guard
 from .settings import NOTEBOOK_SERVICE_ROLE, AwsError, EmrSettings
 
@@ -325,13 +326,12 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_emr(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    commands = command_group(
+        subparsers,
         "emr",
         help="stage artifacts, start an EMR cluster, run the notebooks on it, stop it",
         description="Run imagepca on AWS EMR 7.x (see docs/emr.md).",
     )
-    commands = parser.add_subparsers(dest="emr_command", metavar="COMMAND")
-    parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
 
     render = commands.add_parser(
         "render", help="print the run_job_flow request built from emr_config.json + settings",
