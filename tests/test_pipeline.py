@@ -385,3 +385,7 @@ def test_statistics_counting_a_task_twice_are_not_kept(spark, tmp_path, monkeypa
     assert not (output / "features" / pipeline.MOMENTS_FILE).exists()
     reduction = reduce_features(spark, ReduceParams(output=str(output), k=3))
     assert reduction.metrics["pca_statistics"] == "pass over features/"
+    # A fixed k used no threshold: none is recorded.
+    assert (
+        reduction.metrics["k_mode"] == "fixed" and reduction.metrics["variance_threshold"] is None
+    )

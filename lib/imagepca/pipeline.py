@@ -465,7 +465,7 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         "images_per_label": labels,
         "k": fit.k,
         "k_mode": "fixed" if params.k else "variance",
-        "variance_threshold": params.variance,
+        "variance_threshold": None if params.k else params.variance,  # unused with a fixed k
         "variance_reached": fit.variance_reached,
         "explained_variance": fit.explained_variance,
         "cumulative_variance": cumulative,
