@@ -294,11 +294,12 @@ class ClassifyParams:
         0.01 matters: unregularized, the classifier on ~120 components of 180 training
         photos scored 0.717 instead of 0.933.
     sweep_max_images : int
-        Most images used by the full-feature comparison and the k sweep (a stratified,
-        seeded subset above that): bounds their cost and the driver's memory (about
-        ``sweep_max_images x 1280`` floats). With the default 5,000, 1,250 test images put
-        an accuracy of 0.9 within about +-0.01 (one standard error). The saved classifier
-        always uses every image.
+        About the most images used by the full-feature comparison and the k sweep (a
+        stratified, seeded subset above that; each label keeps a training and a test
+        image, so many small labels raise it to 2 per label): bounds their cost and the
+        driver's memory (about ``max(sweep_max_images, 2 x labels) x 1280`` floats).
+        With the default 5,000, 1,250 test images put an accuracy of 0.9 within about
+        +-0.01 (one standard error). The saved classifier always uses every image.
     driver_max_mb : int
         Largest training matrix (float64 megabytes) fitted on the driver; a larger
         ``reduced/`` is fitted by Spark's distributed LogisticRegression instead.
