@@ -13,9 +13,12 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
+from imagepca import progress
 from imagepca.progress import format_duration, format_line
 
 N_IMAGES = 24  # 3 classes x 8
@@ -175,3 +178,40 @@ def test_a_failing_block_keeps_its_own_error_when_the_jvm_is_gone(spark):
     finally:
         for key, value in previous.items():
             context.setLocalProperty(key, value)
+
+
+def test_a_cell_run_by_livy_stays_cancellable_in_its_job_group(spark):
+    """Livy runs each cell in the job group of its statement id and cancels the cell with
+    cancelJobGroup: a tracked job stays in that group, so the notebook's interrupt stops it,
+    and the cell's earlier jobs are not counted as its progress."""
+    context = spark.sparkContext
+    outcome = {}
+
+    def cell() -> None:  # the thread Livy's interpreter runs statement 7 in
+        context.setJobGroup("7", "statement 7", interruptOnCancel=True)
+        spark.range(10).count()  # an earlier job of the same cell
+        try:
+            with progress.track(spark, "featurize", out=io.StringIO(), err=io.StringIO()) as t:
+                outcome["tracker"] = t
+                spark.range(4, numPartitions=2).rdd.map(lambda x: time.sleep(60) or x).count()
+        except Exception as error:  # the cancelled job
+            outcome["error"] = error
+
+    thread = threading.Thread(target=cell)
+    started = time.monotonic()
+    thread.start()
+    status = context.statusTracker()
+    while time.monotonic() - started < 60 and not any(
+        status.getJobInfo(job).status == "RUNNING" and status.getJobInfo(job).stageIds
+        and "tracker" in outcome
+        for job in status.getJobIdsForGroup("7")
+    ):  # fmt: skip
+        time.sleep(0.2)
+    context.cancelJobGroup("7")
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the tracked job was not cancelled with its cell's group"
+    assert "cancel" in str(outcome["error"]).lower()
+    assert time.monotonic() - started < 50  # well before its tasks' 60 s sleep
+    tracker = outcome["tracker"]
+    assert tracker.group == "7"
+    assert len(tracker._job_ids()) == 1  # the tracked job, not the cell's earlier count

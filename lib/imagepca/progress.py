@@ -106,7 +106,8 @@ class Tracker:
         self.interval = interval
         self.out = out if out is not None else sys.stdout
         self.err = err if err is not None else sys.stderr
-        self.group = f"imagepca-{name}-{uuid.uuid4().hex[:8]}"
+        self.group = f"imagepca-{name}-{uuid.uuid4().hex[:8]}"  # unless the cell has one
+        self._earlier_jobs: set[int] = set()
         self._sc = spark.sparkContext
         self._store = self._status_store()
         self._started = time.monotonic()
@@ -136,9 +137,14 @@ class Tracker:
             return []
         return [seq.apply(i) for i in range(seq.size())]
 
+    def _job_ids(self) -> list[int]:
+        """The jobs of the block: the group's, less those it held before the block."""
+        jobs = self._sc.statusTracker().getJobIdsForGroup(self.group)
+        return [job for job in jobs if job not in self._earlier_jobs]
+
     def snapshot(self) -> Snapshot:
         tracker = self._sc.statusTracker()
-        job_ids = tracker.getJobIdsForGroup(self.group)
+        job_ids = self._job_ids()
         stage_ids = sorted(
             {sid for job in job_ids if (info := tracker.getJobInfo(job)) for sid in info.stageIds}
         )
@@ -267,7 +273,7 @@ class Tracker:
         stage_ids = sorted(
             {
                 sid
-                for job in self._sc.statusTracker().getJobIdsForGroup(self.group)
+                for job in self._job_ids()
                 if (info := self._sc.statusTracker().getJobInfo(job))
                 for sid in info.stageIds
             }
@@ -325,7 +331,15 @@ class Tracker:
         self._previous = {
             key: self._sc.getLocalProperty(key) for key in (_GROUP_KEY, _DESCRIPTION_KEY)
         }
-        self._sc.setLocalProperty(_GROUP_KEY, self.group)
+        # Livy runs each cell in the job group of its statement id, and cancels the cell
+        # (the notebook's interrupt) with cancelJobGroup: a cell's group is kept, so its
+        # jobs stay cancellable and in Livy's progress; its earlier jobs are not counted.
+        self._earlier_jobs: set[int] = set()
+        if self._previous[_GROUP_KEY]:
+            self.group = self._previous[_GROUP_KEY]
+            self._earlier_jobs = set(self._sc.statusTracker().getJobIdsForGroup(self.group))
+        else:
+            self._sc.setLocalProperty(_GROUP_KEY, self.group)
         self._sc.setLocalProperty(_DESCRIPTION_KEY, self.name)
         with suppress(Exception):
             self._known_dead_executors()
