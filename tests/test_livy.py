@@ -167,6 +167,8 @@ def test_cli_refuses_what_cannot_apply(sample_dir, tmp_path, capsys):
     relative = ["run", "--input", "data/sample", "--output", "output/x"]
     assert main([*relative, "--kernel", "pysparkkernel"]) == 2
     assert "--input data/sample, --output output/x: a relative path" in capsys.readouterr().err
+    assert main([*base, "--kernel", "pysparkkernel", "--weights", "models/w.h5"]) == 2
+    assert "--weights models/w.h5: a relative path" in capsys.readouterr().err
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -510,8 +512,15 @@ def test_notebook_runs_over_https_with_the_clusters_ca(tmp_path, monkeypatch, ca
             pass
         assert server.sessions == {}  # refused before any session
 
-        # `imagepca run --kernel pysparkkernel` takes the bundle from the environment.
+        # `imagepca run --kernel pysparkkernel` takes the bundle from the environment,
         monkeypatch.setenv(livy.CA_BUNDLE_ENV, str(pki.ca))
+        # for https URLs only: an http one (a cluster without in-transit encryption) is
+        # tried, not refused as if --livy-ca-bundle had been passed.
+        with (
+            pytest.raises(livy.LivyUnavailable, match="does not answer"),
+            livy.kernel_environment(livy.KERNEL_NAME, livy_url="http://127.0.0.1:9"),
+        ):
+            pass
         with livy.kernel_environment(livy.KERNEL_NAME, livy_url=server.url) as env:
             metrics = runner.run_notebooks(
                 [runner.NotebookRun("tls.ipynb", {"n": 7, "out": str(output)})],

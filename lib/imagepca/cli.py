@@ -214,6 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_run_options(args)
     if args.kernel == livy.KERNEL_NAME:
         locations = {"input": args.input, "manifest": args.manifest, "output": args.output}
+        locations["weights"] = None if args.weights == "imagenet" else args.weights
         relative = [
             f"--{name} {value}"
             for name, value in locations.items()

@@ -463,8 +463,8 @@ def kernel_environment(
     :func:`livy_environment` of the ``pysparkkernel`` run (cleaned up on exit).
 
     ``ca_bundle`` / ``insecure`` (:class:`LivyTls`) default to ``IMAGEPCA_LIVY_CA_BUNDLE``
-    / ``IMAGEPCA_LIVY_INSECURE``; options that cannot apply are refused before anything runs.
-    """
+    / ``IMAGEPCA_LIVY_INSECURE`` for an https URL; options that cannot apply are refused
+    before anything runs."""
     check_kernel_options(
         kernel,
         master=master,
@@ -477,7 +477,8 @@ def kernel_environment(
     if kernel != KERNEL_NAME:
         yield None
         return
-    from_env = LivyTls.from_environment()
+    https = (livy_url or DEFAULT_LIVY_URL).startswith("https://")
+    from_env = LivyTls.from_environment() if https else LivyTls()
     tls = LivyTls(
         ca_bundle if ca_bundle is not None else from_env.ca_bundle,
         insecure if insecure is not None else from_env.insecure,
