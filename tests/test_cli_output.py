@@ -10,13 +10,14 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 
 import nbformat
 import pytest
 
 from conftest import REPO, WEIGHTS
 from imagepca import runner
-from imagepca.console import NORMAL, VERBOSE, Console, log_path
+from imagepca.console import NORMAL, VERBOSE, Console, log_path, upload_log
 
 NOISE = re.compile(r"NativeCodeLoader|WARN |without encryption|XNNPACK|absl|Stage \d+:")
 
@@ -149,3 +150,16 @@ def test_imagepca_run_shows_notebook_lines_and_keeps_noise_in_the_log(tmp_path):
     assert NOISE.search(log.read_text()), "the kernel's logs are kept in the log file"
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["n_images"] == 24
+
+
+def test_the_log_is_copied_without_papermill_warning_of_its_name(tmp_path):
+    """papermill's writer warns of any file but .ipynb and .json; the run's log is copied
+    through it (to an s3:// output) without that warning on the user's terminal."""
+    log = tmp_path / "run.log"
+    log.write_text("[imagepca] the run's log\n")
+    destination = tmp_path / "out" / "logs" / "run.log"
+    destination.parent.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert upload_log(log, str(destination)) == str(destination)
+    assert destination.read_text() == "[imagepca] the run's log\n"

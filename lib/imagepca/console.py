@@ -15,6 +15,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -199,9 +200,11 @@ def upload_log(log: Path, uri: str) -> str | None:
     from papermill.iorw import papermill_io
 
     try:
-        papermill_io.write(
-            log.read_text(encoding="utf-8", errors="replace"), papermill_location(uri)
-        )
+        with warnings.catch_warnings():  # papermill warns of any file but .ipynb and .json
+            warnings.simplefilter("ignore", UserWarning)
+            papermill_io.write(
+                log.read_text(encoding="utf-8", errors="replace"), papermill_location(uri)
+            )
     except Exception:  # the log stays local, and the summary says where
         return None
     return uri
