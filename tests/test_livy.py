@@ -534,3 +534,5 @@ def test_notebook_runs_over_https_with_the_clusters_ca(tmp_path, monkeypatch, ca
     assert metrics == {"n": 42}  # written by the cell, in the Livy session
     executed = _notebook(output / "notebooks" / "tls.ipynb")
     assert "over tls 42" in _text(executed)
+    # The copy reopens in the kernel that ran it, not the source's python3.
+    assert executed["metadata"]["kernelspec"]["name"] == livy.KERNEL_NAME

@@ -239,6 +239,8 @@ def run_notebooks(
                     f"(partial notebook: {destination})"
                 ) from None
             _ended(console, label, started)
+            if kernel != LOCAL_KERNEL:
+                _record_kernel(destination, kernel, kernel_manager.kernel_spec)
             if run.name == EXTRACT_NOTEBOOK and kernel != LOCAL_KERNEL and is_local(output):
                 _check_written_here(output, run.name, since=started_at)
         completed = True
@@ -265,6 +267,21 @@ def run_notebooks(
             else:
                 os.environ[key] = value
     return read_metrics(output)
+
+
+def _record_kernel(notebook: str, kernel: str, spec) -> None:
+    """Name in the executed copy the kernel that ran it: papermill keeps the source's
+    ``python3`` kernelspec, and a copy run by sparkmagic's kernel would reopen (in
+    JupyterHub, say) in a local Python kernel without the cluster."""
+    from papermill.iorw import load_notebook_node, write_ipynb
+
+    executed = load_notebook_node(notebook)
+    executed.metadata["kernelspec"] = {
+        "name": kernel,
+        "display_name": spec.display_name,
+        "language": spec.language,
+    }
+    write_ipynb(executed, notebook)
 
 
 def _sigterm_interrupts():
