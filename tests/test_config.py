@@ -193,6 +193,8 @@ def test_spark_masters_are_accepted(master):
         (["--notebooks", "/no/such/folder"], "no 01_extract_features.ipynb there"),
         (["--livy-url", "http://127.0.0.1:1"], "--livy-\\* options need --kernel pysparkkernel"),
         (["--kernel", "pysparkkernel", "--master", "local[2]"], "--master does not apply"),
+        # Two image files: notebook 02 would refuse k = 3 after notebook 01's whole work.
+        (["--k", "3"], "--k 3: .* holds 2 image files"),
     ],
 )
 def test_run_options_spark_or_jupyter_would_reject_stop_before_any_write(
@@ -200,7 +202,9 @@ def test_run_options_spark_or_jupyter_would_reject_stop_before_any_write(
 ):
     """Refused as parameters (exit 2, the option named) before the run's log or output
     exists, not as a Java gateway's or a kernel's error once it had begun."""
-    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "apple").mkdir(parents=True)
+    for name in ("1.jpg", "2.JPG", "notes.txt"):
+        (tmp_path / "images" / "apple" / name).write_bytes(b"")
     output = tmp_path / "out"
     status = main(["run", "--input", str(tmp_path / "images"), "--output", str(output), *options])
     assert status == 2

@@ -160,6 +160,7 @@ def _check_run_options(args: argparse.Namespace) -> None:
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
     from . import livy, runner
+    from .storage import is_local, local_path
 
     check_master(args.master)
     if args.execution_timeout is not None and args.execution_timeout <= 0:
@@ -176,6 +177,14 @@ def _check_run_options(args: argparse.Namespace) -> None:
                 f"--kernel {args.kernel}: no such Jupyter kernel here (`jupyter kernelspec "
                 f"list` shows them); use {runner.LOCAL_KERNEL} or {livy.KERNEL_NAME}"
             ) from None
+    local_input = args.input and is_local(args.input) and args.kernel == runner.LOCAL_KERNEL
+    if args.k is not None and local_input and os.path.isdir(local_path(args.input)):
+        found = runner.local_image_count(args.input, args.k)
+        if found < args.k:  # noticed in notebook 02 otherwise, after notebook 01's work
+            raise ParameterError(
+                f"--k {args.k}: {args.input} holds {found} image files, and the PCA of n "
+                f"images has at most n components; give --k up to {found}, or --variance"
+            )
     for name in (runner.EXTRACT_NOTEBOOK, runner.REDUCE_NOTEBOOK):
         if not runner.has_notebook(args.notebooks, name):
             raise ParameterError(

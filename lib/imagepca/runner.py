@@ -107,7 +107,6 @@ def jvm_environment(extract: ExtractParams, *, master: str | None, kernel: str) 
     :data:`imagepca.session.QUICK_JIT_ENV`), so the folder's image files are counted first,
     up to :data:`QUICK_JIT_MAX_IMAGES`. A setting of ``IMAGEPCA_JVM_QUICK_JIT`` wins.
     """
-    from .images import IMAGE_EXTENSIONS
     from .session import QUICK_JIT_ENV
 
     local_master = master is None or master.startswith("local")
@@ -115,12 +114,25 @@ def jvm_environment(extract: ExtractParams, *, master: str | None, kernel: str) 
         return {}
     if extract.input is None or not is_local(extract.input):
         return {}  # a manifest, or an object store: nothing cheap to count, large runs
-    count = 0
-    for _, _, names in os.walk(local_path(extract.input)):
-        count += sum(name.lower().endswith(IMAGE_EXTENSIONS) for name in names)
-        if count > QUICK_JIT_MAX_IMAGES:
-            return {}
+    if local_image_count(extract.input, QUICK_JIT_MAX_IMAGES) > QUICK_JIT_MAX_IMAGES:
+        return {}
     return {QUICK_JIT_ENV: "1"}
+
+
+def local_image_count(folder: str, limit: int) -> int:
+    """Image files under a local folder, counted until there are more than ``limit``.
+
+    Names Spark's listing skips (``_`` or ``.`` first) count too: never fewer than the run
+    will find, so a check against it refuses only what cannot work.
+    """
+    from .images import IMAGE_EXTENSIONS
+
+    count = 0
+    for _, _, names in os.walk(local_path(folder)):
+        count += sum(name.lower().endswith(IMAGE_EXTENSIONS) for name in names)
+        if count > limit:
+            break
+    return count
 
 
 def run_notebooks(
