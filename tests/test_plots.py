@@ -49,3 +49,15 @@ def test_projection_with_one_component_draws_no_second_axis():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["fruit 00", "fruit 01", "fruit 02"]
     rows = [set(c.get_offsets()[:, 1]) for c in ax.collections]
     assert rows == [{0.0}, {1.0}, {2.0}]
+
+
+def test_each_new_figure_closes_the_ones_made_before():
+    """Livy's %matplot never closes the figure it shows: on a cluster's driver, re-running
+    plot cells must not pile figures up (matplotlib warns past 20)."""
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    for _ in range(25):
+        plot_projection(projection_points(3))
+    assert len(plt.get_fignums()) == 1
+    assert plt.gcf().axes[0].get_title().startswith("Images on the first")  # what %matplot shows

@@ -3,12 +3,15 @@ confusion matrix and accuracy against k.
 
 Each function draws on a new pyplot figure and returns it, so a notebook cell can show it
 with ``%matplot plt`` (sparkmagic's magic, and the lib's equivalent in a local kernel), and
-:func:`save_figure` writes it next to the other outputs.
+:func:`save_figure` writes it next to the other outputs. Livy's ``%matplot`` shows the
+current figure but never closes it, so each new figure closes the ones this module made
+before it: a cluster's driver holds one, not one per plot cell run.
 """
 
 from __future__ import annotations
 
 import io
+import weakref
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -19,6 +22,16 @@ from matplotlib.figure import Figure
 from .magics import remember_png
 from .storage import Storage, join
 
+_FIGURES: weakref.WeakSet = weakref.WeakSet()  # the figures made here and not closed yet
+
+
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    for earlier in list(_FIGURES):
+        plt.close(earlier)
+    fig = plt.figure(figsize=figsize)
+    _FIGURES.add(fig)
+    return fig
+
 
 def plot_explained_variance(
     explained_variance: Sequence[float], k: int, threshold: float | None
@@ -28,7 +41,7 @@ def plot_explained_variance(
     cumulative = np.cumsum(explained)
     shown = int(min(len(explained), max(2 * k, 30)))
     components = np.arange(1, shown + 1)
-    fig = plt.figure(figsize=(9, 4.5))
+    fig = _new_figure(figsize=(9, 4.5))
     ax = fig.add_subplot()
     # One filled step outline, not a bar per component: hundreds of bars are hundreds of
     # artists to lay out and draw (0.4-0.6 s of the figure for k = 387).
@@ -71,7 +84,7 @@ def plot_projection(points: pd.DataFrame) -> Figure:
     labels = sorted(points["label"].unique())
     one_component = bool(points["pc2"].isna().all()) and len(points) > 0
     legend_columns = -(-len(labels) // 20) if len(labels) <= PROJECTION_LEGEND_MAX else 0
-    fig = plt.figure(figsize=(7.5 + 2.2 * max(legend_columns - 1, 0), 6))
+    fig = _new_figure(figsize=(7.5 + 2.2 * max(legend_columns - 1, 0), 6))
     ax = fig.add_subplot()
     colours = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
     for index, label in enumerate(labels):
@@ -119,7 +132,7 @@ def plot_samples(samples: Sequence[tuple[str, np.ndarray]], columns: int = 6) ->
     title_in = 0.5
     width_in = columns * 1.8
     grid_in = width_in * canvas.shape[0] / canvas.shape[1]
-    fig = plt.figure(figsize=(width_in, grid_in + title_in))
+    fig = _new_figure(figsize=(width_in, grid_in + title_in))
     ax = fig.add_axes((0, 0, 1, grid_in / (grid_in + title_in)))
     ax.imshow(canvas, interpolation="antialiased")
     ax.axis("off")
@@ -160,7 +173,7 @@ def plot_confusion_matrix(
     shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     n = len(labels)
     side = min(16.0, 3.0 + 0.55 * n)
-    fig = plt.figure(figsize=(side + 1.5, side))
+    fig = _new_figure(figsize=(side + 1.5, side))
     ax = fig.add_subplot()
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label")
@@ -212,7 +225,7 @@ def plot_k_sweep(
     """
     cumulative = np.asarray(cumulative_variance, dtype=float)
     ks = [row["k"] for row in sweep]
-    fig = plt.figure(figsize=(9, 4.8))
+    fig = _new_figure(figsize=(9, 4.8))
     ax = fig.add_subplot()
     components = np.arange(1, len(cumulative) + 1)
     ax.plot(components, cumulative, color="#dd8452", label="cumulative explained variance")
