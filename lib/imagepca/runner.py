@@ -194,6 +194,7 @@ def run_notebooks(
     else:
         kernel_manager = AsyncKernelManager(kernel_name=kernel)
         streams = {}
+    engine = _kernel_recording_engine() if kernel != LOCAL_KERNEL else None
     completed = False
     restore_sigterm = _sigterm_interrupts()
     try:
@@ -222,6 +223,7 @@ def run_notebooks(
                     progress_bar=False,
                     cwd=None,
                     km=kernel_manager,
+                    engine_name=engine,
                     **streams,
                 )
             except KeyboardInterrupt as error:  # Ctrl-C, SIGINT or SIGTERM to the run
@@ -251,8 +253,6 @@ def run_notebooks(
                     f"(partial notebook: {destination})"
                 ) from None
             _ended(console, label, started)
-            if kernel != LOCAL_KERNEL:
-                _record_kernel(destination, kernel, kernel_manager.kernel_spec)
             if run.name == EXTRACT_NOTEBOOK and kernel != LOCAL_KERNEL and is_local(output):
                 _check_written_here(output, run.name, since=started_at)
         completed = True
@@ -281,19 +281,29 @@ def run_notebooks(
     return read_metrics(output)
 
 
-def _record_kernel(notebook: str, kernel: str, spec) -> None:
-    """Name in the executed copy the kernel that ran it: papermill keeps the source's
-    ``python3`` kernelspec, and a copy run by sparkmagic's kernel would reopen (in
-    JupyterHub, say) in a local Python kernel without the cluster."""
-    from papermill.iorw import load_notebook_node, write_ipynb
+KERNEL_RECORDING_ENGINE = "imagepca"
 
-    executed = load_notebook_node(notebook)
-    executed.metadata["kernelspec"] = {
-        "name": kernel,
-        "display_name": spec.display_name,
-        "language": spec.language,
-    }
-    write_ipynb(executed, notebook)
+
+def _kernel_recording_engine() -> str:
+    """papermill's nbclient engine, also naming in the notebook it saves the kernel that
+    runs it: papermill keeps the source's ``python3`` kernelspec, and a copy run by
+    sparkmagic's kernel would reopen (in JupyterHub, say) in a local Python kernel without
+    the cluster. Registered under the returned name."""
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class KernelRecordingEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
+            spec = kwargs["km"].kernel_spec
+            nb_man.nb.metadata["kernelspec"] = {
+                "name": kernel_name,
+                "display_name": spec.display_name,
+                "language": spec.language,
+            }
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    papermill_engines.register(KERNEL_RECORDING_ENGINE, KernelRecordingEngine)
+    return KERNEL_RECORDING_ENGINE
 
 
 def _sigterm_interrupts():
