@@ -62,6 +62,22 @@ def render_policy(name: str, settings: AwsSettings, policies_dir: Path | None = 
     return document
 
 
+def instance_role_prefixes(action: str, policies_dir: Path | None = None) -> tuple[str, ...]:
+    """The bucket's key prefixes (``input/``, ...) on which the nodes' role may use
+    ``action`` (``s3:GetObject``, ``s3:PutObject``), as its policy template grants them."""
+    directory = policies_dir or find_resource("aws")
+    text = (directory / "emr-instance-role-policy.json").read_text(encoding="utf-8")
+    prefixes = []
+    for statement in json.loads(text)["Statement"]:
+        actions, resources = statement["Action"], statement["Resource"]
+        if action in ([actions] if isinstance(actions, str) else actions):
+            for resource in [resources] if isinstance(resources, str) else resources:
+                key = resource.partition("${BUCKET}/")[2]
+                if key.endswith("/*"):
+                    prefixes.append(key.removesuffix("*"))
+    return tuple(prefixes)
+
+
 @dataclass(frozen=True)
 class AwsCall:
     """One AWS API call, runnable with boto3 or printable as an ``aws`` CLI command.

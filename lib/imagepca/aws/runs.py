@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 from botocore.exceptions import ClientError
 
+from . import account
 from .cluster import validate_request
 from .settings import NOTEBOOK_SERVICE_ROLE, AwsError, parse_s3_uri
 
@@ -60,16 +61,14 @@ class RunOptions:
             raise AwsError("give --k or --variance, not both")
 
 
-# What aws/emr-instance-role-policy.json lets the nodes read, and write, in the bucket.
-INSTANCE_ROLE_READS = ("input/", "artifacts/")
-INSTANCE_ROLE_WRITES = ("runs/",)
-
-
 def outside_instance_role(options: RunOptions, bucket: str) -> list[str]:
-    """The run's locations the project's instance role cannot reach, each with what to do.
+    """The run's locations the project's instance role cannot reach, each with what to do
+    (the prefixes come from aws/emr-instance-role-policy.json).
 
     Warnings, not errors: a role extended by hand may well reach them.
     """
+    reads = account.instance_role_prefixes("s3:GetObject")
+    writes = account.instance_role_prefixes("s3:PutObject")
 
     def outside(uri: str | None, prefixes: tuple[str, ...]) -> bool:
         if uri is None:
@@ -77,22 +76,24 @@ def outside_instance_role(options: RunOptions, bucket: str) -> list[str]:
         uri_bucket, key = parse_s3_uri(uri)
         return uri_bucket != bucket or not key.startswith(prefixes)
 
+    def names(prefixes: tuple[str, ...]) -> str:
+        return ", ".join(f"s3://{bucket}/{prefix}" for prefix in prefixes)
+
     role = "the nodes' role (aws/emr-instance-role-policy.json)"
-    readable = ", ".join(f"s3://{bucket}/{prefix}" for prefix in INSTANCE_ROLE_READS)
     warnings = [
-        f"{name} {uri} is outside {readable}: {role} cannot read it, and the run would stop "
-        "on AccessDenied; copy it there (`imagepca aws upload`) or grant the role "
+        f"{name} {uri} is outside {names(reads)}: {role} cannot read it, and the run would "
+        "stop on AccessDenied; copy it there (`imagepca aws upload`) or grant the role "
         "s3:GetObject on it"
         for name, uri in (
             ("--input", options.input),
             ("--manifest", options.manifest),
             ("--weights", options.weights),
         )  # fmt: skip
-        if outside(uri, INSTANCE_ROLE_READS + INSTANCE_ROLE_WRITES)
+        if outside(uri, reads)
     ]
-    if outside(options.output, INSTANCE_ROLE_WRITES):
+    if outside(options.output, writes):
         warnings.append(
-            f"--output {options.output} is outside s3://{bucket}/runs/: {role} cannot write "
+            f"--output {options.output} is outside {names(writes)}: {role} cannot write "
             f"it; use s3://{bucket}/runs/NAME or grant the role s3:PutObject there"
         )
     return warnings
