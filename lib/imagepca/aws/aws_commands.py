@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from . import account, stage
 from .command_support import client as _client
-from .command_support import command_group
+from .command_support import command_group, default_region
 from .command_support import guard as _guard
 from .settings import NOTEBOOK_SERVICE_ROLE, AwsSettings
 
@@ -34,7 +33,7 @@ def _cmd_upload(args: argparse.Namespace) -> int:
     from .settings import parse_s3_uri
 
     parse_s3_uri(args.destination)
-    region = args.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    region = args.region or default_region()
     stage.upload(args.source, args.destination, s3_client=_client("s3", region))
     return 0
 

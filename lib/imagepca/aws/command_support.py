@@ -5,6 +5,7 @@ it)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,12 @@ def guard(command: Command) -> Command:
 
 def client(service: str, region: str | None) -> Any:
     return boto3.client(service, region_name=region)
+
+
+def default_region() -> str | None:
+    """The region a command given none uses: ``AWS_REGION``, else boto3's own default
+    (``AWS_DEFAULT_REGION``, the profile's)."""
+    return os.environ.get("AWS_REGION") or boto3.session.Session().region_name
 
 
 def command_group(

@@ -10,29 +10,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
-
-import boto3
 
 from imagepca.config import IMAGE_SIZES
 
 from . import account, cluster, doctor, runs, stage
 from .aws_commands import add_aws
 from .command_support import client as _client
-from .command_support import command_group
+from .command_support import command_group, default_region
 from .command_support import guard as _guard
 from .settings import NOTEBOOK_SERVICE_ROLE, AwsError, EmrSettings
 
 # --------------------------------------------------------------------------- emr
 
 
+def _settings_path(args: argparse.Namespace) -> str | None:
+    """``--settings``, else ``./emr_settings.json`` when it exists."""
+    if args.settings is None and Path("emr_settings.json").exists():
+        return "emr_settings.json"
+    return args.settings
+
+
 def _settings(args: argparse.Namespace) -> EmrSettings:
-    path = args.settings
-    if path is None and Path("emr_settings.json").exists():
-        path = "emr_settings.json"
+    path = _settings_path(args)
     overrides = {
         "bucket": args.bucket,
         "region": args.region,
@@ -242,15 +244,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _region(args: argparse.Namespace) -> str:
     """The region alone, for a command that needs nothing else (``emr down`` stops the
     billing: a settings file without a subnet must not stand in its way)."""
-    path = args.settings or ("emr_settings.json" if Path("emr_settings.json").exists() else None)
-    from_file = EmrSettings.load_raw(path).get("region") if path else None
-    region = (
-        args.region
-        or from_file
-        or os.environ.get("AWS_REGION")
-        or os.environ.get("AWS_DEFAULT_REGION")
-        or boto3.session.Session().region_name
-    )
+    path = _settings_path(args)
+    region = args.region or (EmrSettings.load_raw(path).get("region") if path else None)
+    region = region or default_region()
     if not region:
         raise AwsError("no region: pass --region (or set it in emr_settings.json, AWS_REGION)")
     return region
