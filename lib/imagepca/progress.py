@@ -334,7 +334,6 @@ class Tracker:
         # Livy runs each cell in the job group of its statement id, and cancels the cell
         # (the notebook's interrupt) with cancelJobGroup: a cell's group is kept, so its
         # jobs stay cancellable and in Livy's progress; its earlier jobs are not counted.
-        self._earlier_jobs: set[int] = set()
         if self._previous[_GROUP_KEY]:
             self.group = self._previous[_GROUP_KEY]
             self._earlier_jobs = set(self._sc.statusTracker().getJobIdsForGroup(self.group))
