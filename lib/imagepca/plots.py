@@ -70,9 +70,10 @@ def plot_explained_variance(
     return fig
 
 
-# A label's marker changes with each block of 20 colours: distinct up to 160 labels.
+# A label's marker changes with each block of tab20's colours: distinct up to 160 labels.
+PROJECTION_COLOURS = 20
 PROJECTION_MARKERS = "os^DvPX*"
-PROJECTION_LEGEND_MAX = 60  # labels named in the legend (20 per column)
+PROJECTION_LEGEND_MAX = 60  # labels named in the legend (PROJECTION_COLOURS per column)
 
 
 def plot_projection(points: pd.DataFrame) -> Figure:
@@ -83,18 +84,20 @@ def plot_projection(points: pd.DataFrame) -> Figure:
     """
     labels = sorted(points["label"].unique())
     one_component = bool(points["pc2"].isna().all()) and len(points) > 0
-    legend_columns = -(-len(labels) // 20) if len(labels) <= PROJECTION_LEGEND_MAX else 0
+    legend_columns = (
+        -(-len(labels) // PROJECTION_COLOURS) if len(labels) <= PROJECTION_LEGEND_MAX else 0
+    )
     fig = _new_figure(figsize=(7.5 + 2.2 * max(legend_columns - 1, 0), 6))
     ax = fig.add_subplot()
     colours = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
     for index, label in enumerate(labels):
         group = points[points["label"] == label]
         y = np.full(len(group), index) if one_component else group["pc2"]
-        marker = PROJECTION_MARKERS[index // 20 % len(PROJECTION_MARKERS)]
+        block, colour = divmod(index, PROJECTION_COLOURS)
+        marker = PROJECTION_MARKERS[block % len(PROJECTION_MARKERS)]
         ax.scatter(
-            group["pc1"], y, s=12, alpha=0.75, color=colours(index % 20), marker=marker,
-            label=label,
-        )  # fmt: skip
+            group["pc1"], y, s=12, alpha=0.75, color=colours(colour), marker=marker, label=label
+        )
     if one_component:
         ax.set(xlabel="PC 1", title="Images on the first principal component (k = 1)")
         named = labels if len(labels) <= PROJECTION_LEGEND_MAX else []
