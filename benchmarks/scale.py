@@ -258,7 +258,7 @@ def child_reference(job: dict) -> dict:
     for name, matrix in [("reduced", reduced[:, :k]), ("full", scaled)] + [
         (f"k={kk}", reduced[:, :kk]) for kk in sorted({2, 5, 10, 20, 50, 100} - {k})
     ]:
-        coefficients, intercepts = fit_multinomial(
+        coefficients, intercepts, _ = fit_multinomial(
             matrix[~is_test], y[~is_test], len(classes), reg_param=0.01, max_iter=100
         )
         accuracy[name] = float(

@@ -183,7 +183,7 @@ def test_driver_fit_minimizes_sparks_objective(spark, n_classes) -> None:
     centres = rng.normal(0, 2, (n_classes, 6))
     y = rng.integers(0, n_classes, 300)
     x = centres[y] + rng.normal(0, 1.5, (300, 6)) + np.array([50, 0, 0, 0, 0, 0])
-    coefficients, intercepts = logistic.fit_multinomial(
+    coefficients, intercepts, _ = logistic.fit_multinomial(
         x, y, n_classes, reg_param=0.05, max_iter=1000, tol=1e-10
     )
     frame = spark.createDataFrame(
@@ -225,7 +225,7 @@ def test_driver_fit_is_scikit_learns(n_classes, n_dims) -> None:
     rng = np.random.default_rng(n_classes)
     y = np.arange(240) % n_classes
     x = rng.normal(0, 1, (n_classes, n_dims))[y] + rng.normal(0, 2, (240, n_dims))
-    coefficients, intercepts = logistic.fit_multinomial(
+    coefficients, intercepts, _ = logistic.fit_multinomial(
         x, y, n_classes, reg_param=0.01, max_iter=100
     )
     c = 1 / (240 * 0.01)
@@ -252,7 +252,49 @@ def test_float32_products_approximate_the_float64_fit() -> None:
     np.testing.assert_allclose(single[0], exact[0], atol=1e-3)
     np.testing.assert_allclose(single[1], exact[1], atol=5e-3)
     assert not np.array_equal(single[0], exact[0])  # the products did run in float32
-    np.testing.assert_array_equal(logistic.predict(*single, x), logistic.predict(*exact, x))
+    np.testing.assert_array_equal(logistic.predict(*single[:2], x), logistic.predict(*exact[:2], x))
+
+
+def _objective(x, y, coefficients, intercepts, reg_param) -> float:
+    """Spark's objective, written out again: mean log-loss plus the L2 penalty."""
+    margins = x @ coefficients.T + intercepts
+    top = margins.max(axis=1, keepdims=True)
+    log_sums = np.log(np.exp(margins - top).sum(axis=1)) + top[:, 0]
+    return float(
+        np.mean(log_sums - margins[np.arange(len(y)), y]) + reg_param / 2 * np.sum(coefficients**2)
+    )
+
+
+def test_a_fit_from_a_nearby_start_stops_where_its_objective_flattens() -> None:
+    """A diagnostic's fit: started from a classifier fitted on other rows, it stops once
+    its objective has flattened, near the optimum, in fewer iterations than from zero."""
+    rng = np.random.default_rng(7)
+    y = np.arange(600) % 6
+    x = rng.normal(0, 1, (6, 40))[y] + rng.normal(0, 2, (600, 40))
+    x[:, :3] *= 3  # the first dimensions dominate, as PCA scores' do
+    half = np.arange(600) < 300
+    optimum = logistic.fit_multinomial(
+        x[half], y[half], 6, reg_param=0.01, max_iter=2000, tol=1e-10
+    )
+    zero = logistic.fit_multinomial(x[half], y[half], 6, reg_param=0.01, max_iter=100)
+    other = logistic.fit_multinomial(x[~half], y[~half], 6, reg_param=0.01, max_iter=100)
+    warm = logistic.fit_multinomial(
+        x[half], y[half], 6, reg_param=0.01, max_iter=100, start=other[:2], flat_tol=1e-4
+    )
+    best = _objective(x[half], y[half], *optimum[:2], 0.01)
+    gap = {
+        name: _objective(x[half], y[half], *fit[:2], 0.01) / best - 1
+        for name, fit in (("zero", zero), ("warm", warm))
+    }
+    print(f"iterations: zero {zero.iterations}, warm {warm.iterations}; relative gaps {gap}")
+    assert warm.iterations < zero.iterations == 100
+    assert 0 <= gap["warm"] < 1e-4
+    # Started at the optimum, the fit stays there and stops after its window.
+    again = logistic.fit_multinomial(
+        x[half], y[half], 6, reg_param=0.01, max_iter=100, start=optimum[:2], flat_tol=1e-4
+    )
+    assert again.iterations <= logistic.FLAT_WINDOW + 1
+    np.testing.assert_allclose(again.coefficients, optimum.coefficients, atol=1e-4)
 
 
 def test_scores_from_a_confusion_matrix() -> None:
@@ -353,10 +395,32 @@ def test_sweep_fits_side_by_side_equal_fits_alone(classified) -> None:
         if row["k"] == clf.k:  # the saved classifier's own fit on the same rows
             assert row["accuracy"] == block["reduced"]["accuracy"]
             continue
-        *_, alone = clf._fit_driver("alone", clf.subset, clf.scores_of(row["k"]))
+        start = clf._diagnostic_start(row["k"])
+        *_, alone = clf._fit_driver("alone", clf.subset, clf.scores_of(row["k"]), start)
         assert (row["accuracy"], row["f1_macro"]) == (alone["accuracy"], alone["f1_macro"])
     assert [row["accuracy"] for row in block["k_sweep"]] != [block["k_sweep"][0]["accuracy"]] * 3
     assert block["reduced"]["products"] == block["full"]["products"] == "float32"
+
+
+def test_diagnostics_start_from_the_saved_classifier(classified) -> None:
+    """The comparison and the sweep start where the saved classifier is: on the
+    standardized features and on k or more components, with its very margins."""
+    clf, block = classified["clf"], classified["metrics"]["classification"]
+    coefficients, intercepts = clf._saved_weights
+    saved_margins = clf.scores_of(clf.k) @ coefficients.T + intercepts
+    start, start_intercepts = clf._diagnostic_start(None)
+    assert start.shape == (len(clf.labels), 1280)
+    np.testing.assert_allclose(
+        clf.scores_of(None) @ start.T + start_intercepts, saved_margins, rtol=1e-6, atol=1e-6
+    )
+    padded, _ = clf._diagnostic_start(clf.k + 3)
+    np.testing.assert_allclose(clf.scores_of(clf.k + 3) @ padded.T + intercepts, saved_margins)
+    truncated, _ = clf._diagnostic_start(2)
+    np.testing.assert_array_equal(truncated, coefficients[:, :2])
+    assert block["full"]["started_from"] == "saved classifier"
+    assert 0 < block["full"]["iterations"] <= clf.params.max_iter
+    assert all(0 < row["iterations"] <= clf.params.max_iter for row in block["k_sweep"])
+    assert block["reduced"]["started_from"] == "zero"
 
 
 def test_large_data_paths_spark_fit_and_sweep_subset(spark, classified, tmp_path) -> None:
