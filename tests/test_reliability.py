@@ -608,6 +608,31 @@ def test_interrupted_run_leaves_no_complete_looking_output(spark, small_input, t
     )
 
 
+def test_a_failed_staged_write_leaves_no_staging_folder(spark, tmp_path):
+    """A Spark write that fails under ``_staging/`` takes its folder with it, and
+    ``_staging/`` itself unless another write is staged there."""
+    from pyspark.sql import functions as F
+
+    from imagepca.storage import Storage
+
+    @F.udf("long")
+    def fails_on_three(value):
+        if value == 3:
+            raise ValueError("a broken row")
+        return value
+
+    storage, output = Storage(spark), str(tmp_path / "out")
+    failing = spark.range(0, 6, numPartitions=2).select(fails_on_three("id").alias("id"))
+    with pytest.raises(Exception, match="a broken row"):
+        storage.stage(output, "reduced", failing.write.parquet)
+    assert not (tmp_path / "out" / "_staging").exists()
+    # Beside another staged write, only the failed one's folder goes.
+    kept = storage.stage(output, "pca_model", spark.range(2).write.parquet)
+    with pytest.raises(Exception, match="a broken row"):
+        storage.stage(output, "reduced", failing.write.parquet)
+    assert [p.name for p in (tmp_path / "out" / "_staging").iterdir()] == [kept.rsplit("/", 1)[1]]
+
+
 def test_reuse_features_keeps_features_when_only_pca_changes(spark, small_input, tmp_path):
     """reuse_features with unchanged input files (the folder spelled another way) and
     extraction parameters: features/ untouched (same part files, same mtimes), only the PCA is

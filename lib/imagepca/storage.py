@@ -14,6 +14,7 @@ import re
 import tempfile
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from functools import partial
 from urllib.parse import unquote, urlsplit
 
@@ -241,16 +242,25 @@ class Storage:
     def publish(self, output: str, name: str, write: Callable[[str], None]) -> str:
         """Write a dataset with ``write(staging_uri)``, then swap it in as ``OUTPUT/name``.
 
-        A crash before the swap leaves the previous ``name`` untouched (and only debris
+        A crash before the swap leaves the previous ``name`` untouched (and at most debris
         under ``_staging/``); the swap itself is a delete plus a rename.
         """
         return self.swap_in(output, name, self.stage(output, name, write))
 
     def stage(self, output: str, name: str, write: Callable[[str], None]) -> str:
         """The first half of :meth:`publish`: ``write`` into a new folder under
-        ``OUTPUT/_staging/``, whose URI is returned."""
+        ``OUTPUT/_staging/``, whose URI is returned. A write that fails (or is
+        interrupted) takes its folder with it, and ``_staging/`` once nothing else is
+        staged there: a failed run leaves no empty folder in the output."""
         staging = join(output, STAGING_DIR, f"{name}-{uuid.uuid4().hex[:12]}")
-        write(staging)
+        try:
+            write(staging)
+        except BaseException:
+            with suppress(Exception):  # the write's own error is the one to report
+                self.delete(staging)
+                if not self.list_names(join(output, STAGING_DIR)):
+                    self.delete(join(output, STAGING_DIR))
+            raise
         return staging
 
     def swap_in(self, output: str, name: str, staging: str) -> str:
