@@ -494,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="imagepca-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     cache = workdir / "cache"
     results: dict = {
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
