@@ -20,8 +20,8 @@ from imagepca.config import ExtractParams, ParameterError, ReduceParams
 from imagepca.features import WeightsError, resolve_weights
 from imagepca.images import InputError
 from imagepca.inputs import fingerprint, list_folder
-from imagepca.pipeline import extract_features, reduce_features
-from imagepca.reduction import reduce_with
+from imagepca.pipeline import extract_features, finish_run, reduce_features
+from imagepca.reduction import reduce_with, save_models
 from imagepca.storage import Storage, local_file_path
 
 PHOTO_COUNT = sum(1 for p in FRUIT_PHOTOS.rglob("*") if p.is_file())
@@ -148,10 +148,39 @@ def test_vectors_are_written_as_two_level_lists(spark, photos_run):
     pca_data = next((output / "pca_components" / "data").glob("*.parquet"))
     values = [c.path for c in pq.ParquetFile(pca_data).schema if c.path.startswith("pc.values")]
     assert values == ["pc.values.array"]
+    # pca_model's stages, saved on threads of their own through the models' session.
+    stage_data = next((output / "pca_model" / "stages").glob("*PCA*/data/*.parquet"))
+    values = [c.path for c in pq.ParquetFile(stage_data).schema if c.path.startswith("pc.values")]
+    assert values == ["pc.values.array"]
     stored = spark.read.parquet(str(output / "features")).schema["features"].dataType
     assert stored.simpleString() == "array<float>"
     frame = pd.read_parquet(output / "reduced")
     assert {len(v) for v in frame["pca"]} == {photos_run["reduction"].fit.k}
+
+
+def test_finish_run_waits_for_the_models_and_reports_a_failed_save(
+    spark, photos_run, tmp_path, monkeypatch
+):
+    """The models are saved beside reduced/'s write and past it; finish_run completes the
+    output only once they are written, and a save that failed fails the run there."""
+    output = tmp_path / "out"
+    shutil.copytree(photos_run["output"], output)
+    reduction = reduce_features(spark, ReduceParams(output=str(output), k=4))
+    finish_run(spark, str(output), reduction.metrics)
+    assert reduction.metrics["timings_s"]["models_wait_s"] >= 0
+    assert PipelineModel.load(str(output / "pca_model")).stages[1].getK() == 4
+    assert json.loads((output / "metrics.json").read_text())["k"] == 4
+    assert (output / "_SUCCESS").exists() and not (output / "_staging").exists()
+
+    def fails(uri: str) -> None:
+        raise OSError(f"no space left writing {uri}")
+
+    fit = reduction.fit
+    monkeypatch.setattr(fit.model, "save", fails)
+    save_models(spark, Storage(spark), str(output), fit, {})
+    with pytest.raises(OSError, match="no space left"):
+        finish_run(spark, str(output), reduction.metrics)
+    assert not (output / "_staging").exists()
 
 
 def test_reloaded_model_reproduces_reduced(spark, photos_run):

@@ -55,7 +55,7 @@ from .inputs import (
     scan_settings,
 )
 from .moments import Moments
-from .reduction import FLOAT64_BATCH_ROWS, PCAFit, check_k, fit_pca
+from .reduction import FLOAT64_BATCH_ROWS, PCAFit, check_k, fit_pca, save_models, wait_for_models
 from .rejects import checked, rejected_files
 from .session import ARROW_BATCH_KEY, default_parallelism, run_concurrently, spark_settings
 from .storage import (
@@ -423,22 +423,14 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         moments = _stored_moments(storage, params.output, extraction)
         fit = fit_pca(features, k=params.k, variance=params.variance, moments=moments)
     reduced = fit.transform(features)
+    layout = list_layout_settings(reduced)  # the models' vectors are written alike
+    save_models(spark, storage, params.output, fit, layout)  # finish_run waits for them
     with (
         timer.stage("reduce_write_s"),
-        # The projection holds a batch as float64 in the worker. The models' vectors are
-        # written in the same list layout as reduced/'s.
-        spark_settings(
-            spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS), **list_layout_settings(reduced)}
-        ),
+        # The projection holds a batch as float64 in the worker.
+        spark_settings(spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS), **layout}),
     ):
-        *_, reduced_uri = storage.publish_all(
-            params.output,
-            {
-                "pca_model": fit.model.save,
-                "pca_components": fit.components.save,
-                "reduced": reduced.write.parquet,
-            },
-        )
+        reduced_uri = storage.publish(params.output, "reduced", reduced.write.parquet)
     with timer.stage("projection_s"):
         # The plot's points: a bounded sample of the first two components.
         fraction = min(1.0, params.projection_points / max(fit.n_images, 1))
@@ -489,5 +481,10 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
 
 
 def finish_run(spark: SparkSession, output: str, metrics: dict) -> None:
-    """Write ``metrics.json`` then ``_SUCCESS``: from here on the output is complete."""
+    """Wait for notebook 02's models (:func:`imagepca.reduction.save_models`; a failed save
+    raises here), then write ``metrics.json`` and ``_SUCCESS``: from here on the output is
+    complete."""
+    waited = wait_for_models(output)
+    if waited is not None:
+        metrics.setdefault("timings_s", {})["models_wait_s"] = waited
     Storage(spark).finish_run(output, metrics)

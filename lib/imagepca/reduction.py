@@ -23,7 +23,9 @@ transforms new features after ``array_to_vector``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +42,7 @@ from threadpoolctl import threadpool_limits
 
 from .config import ParameterError
 from .moments import MOMENTS_SCHEMA, Moments, merge_partials, partition_moments, projector
-from .session import ARROW_BATCH_KEY, java_doubles, spark_settings
+from .session import ARROW_BATCH_KEY, in_background, java_doubles, spark_settings
 from .storage import FLOAT_VECTOR, Storage, join
 
 VECTOR_COL = "features_vector"
@@ -56,6 +58,8 @@ REDUCED_SCHEMA = StructType(
         StructField("pca", FLOAT_VECTOR),
     ]
 )
+# The models' saves still running, by output (see save_models).
+_model_saves: dict[str, Future] = {}
 
 
 def choose_k(cumulative: Sequence[float], variance: float) -> int:
@@ -332,3 +336,61 @@ def pca_model(spark: SparkSession, components: np.ndarray, explained: np.ndarray
     model._set(inputCol=SCALED_COL, outputCol=PCA_COL, k=k)
     model._transfer_params_to_java()
     return model
+
+
+# -- the models' saves ---------------------------------------------------------------------
+
+
+def save_models(
+    spark: SparkSession, storage: Storage, output: str, fit: PCAFit, layout: dict[str, str]
+) -> None:
+    """Start publishing ``pca_model/`` and ``pca_components/``; return at once.
+
+    Spark ML's saves are a dozen small jobs, one after the other. Beside ``reduced/``'s
+    write, whose tasks hold every core, each of them waited for a core, and the last ones
+    ran after that write (0.9 s at 10,000 images). On threads of their own they run past
+    it, while notebook 02 draws its plots; :func:`wait_for_models` (in
+    :func:`imagepca.pipeline.finish_run`) waits for them before the run completes. They
+    write through a session of their own holding ``layout``
+    (:func:`imagepca.storage.list_layout_settings`), whatever the notebook's has by then.
+    """
+    wait_for_models(output, check=False)  # an earlier call's, into the same output
+    session = spark.newSession()
+    for key, value in layout.items():
+        session.conf.set(key, value)
+    jvm_sessions = spark.sparkContext._jvm.org.apache.spark.sql.SparkSession
+
+    def in_session(save: Callable[[str], None]) -> Callable[[str], None]:
+        def write(uri: str) -> None:
+            # Spark ML's writers (a pipeline's stages' too) use the thread's active session.
+            jvm_sessions.setActiveSession(session._jsparkSession)
+            try:
+                save(uri)
+            finally:
+                jvm_sessions.clearActiveSession()
+
+        return write
+
+    _model_saves[output] = in_background(
+        storage.publish_all,
+        output,
+        {
+            "pca_model": in_session(fit.model.save),
+            "pca_components": in_session(fit.components.save),
+        },
+    )
+
+
+def wait_for_models(output: str, *, check: bool = True) -> float | None:
+    """Wait for :func:`save_models`'s saves into ``output``, if any are running; the seconds
+    waited. A failed save raises its error here (with ``check``)."""
+    pending = _model_saves.pop(output, None)
+    if pending is None:
+        return None
+    start = time.perf_counter()
+    try:
+        pending.result()
+    except Exception:
+        if check:
+            raise
+    return round(time.perf_counter() - start, 3)

@@ -258,10 +258,13 @@ class Storage:
         except BaseException:
             with suppress(Exception):  # the write's own error is the one to report
                 self.delete(staging)
-                if not self.list_names(join(output, STAGING_DIR)):
-                    self.delete(join(output, STAGING_DIR))
+                self._remove_empty_staging(output)
             raise
         return staging
+
+    def _remove_empty_staging(self, output: str) -> None:
+        if not self.list_names(join(output, STAGING_DIR)):
+            self.delete(join(output, STAGING_DIR))
 
     def swap_in(self, output: str, name: str, staging: str) -> str:
         """The second half of :meth:`publish`: replace ``OUTPUT/name`` with ``staging``."""
@@ -272,10 +275,16 @@ class Storage:
 
     def publish_all(self, output: str, writes: dict[str, Callable[[str], None]]) -> list[str]:
         """:meth:`publish` several datasets side by side (see
-        :func:`imagepca.session.run_concurrently`); the final URIs in order."""
-        return run_concurrently(
-            *(partial(self.publish, output, name, write) for name, write in writes.items())
-        )
+        :func:`imagepca.session.run_concurrently`); the final URIs in order. When one
+        fails, ``_staging/`` goes too once the others have been swapped in."""
+        try:
+            return run_concurrently(
+                *(partial(self.publish, output, name, write) for name, write in writes.items())
+            )
+        except BaseException:
+            with suppress(Exception):
+                self._remove_empty_staging(output)
+            raise
 
     def finish_run(self, output: str, metrics: dict) -> None:
         """Write ``metrics.json`` and then ``_SUCCESS``: the last two files of a run."""
