@@ -44,7 +44,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml import PipelineModel
 from pyspark.ml.feature import StringIndexerModel
 from pyspark.ml.functions import array_to_vector
 from pyspark.sql import DataFrame, SparkSession
@@ -61,7 +61,6 @@ from .logistic import (
     ClassifierResult,
     classifier_pipeline,
     label_indexer,
-    spark_regression,
 )
 from .pipeline import timed
 from .plots import save_figure
@@ -225,11 +224,7 @@ class Classification:
         if self._saved_weights is None:
             return None
         coefficients, intercepts = self._saved_weights
-        if k is None:
-            return coefficients @ self.pca.components[:, : self.k].T, intercepts
-        start = np.zeros((len(intercepts), k))
-        start[:, : min(k, self.k)] = coefficients[:, : min(k, self.k)]
-        return start, intercepts
+        return self.pca.coefficients_on(coefficients, k), intercepts
 
     def _fit_driver(
         self,
@@ -267,14 +262,9 @@ class Classification:
             started_from="saved classifier" if start is not None else "zero",
         )
         if name == "reduced":
-            wrong = predicted != data.y[test]
-            self._misclassified = pd.DataFrame(
-                {
-                    "path": data.paths[test][wrong],
-                    "label": np.asarray(labels)[data.y[test][wrong]],
-                    PREDICTED_LABEL_COL: np.asarray(labels)[predicted[wrong]],
-                }
-            ).sort_values(["label", "path"], ignore_index=True)
+            self._misclassified = logistic.misclassified(
+                data.paths[test], data.y[test], predicted, labels
+            )
         return coefficients, intercepts, scores
 
     def _fit_spark(self, data: DataFrame) -> tuple[PipelineModel, dict]:
@@ -286,30 +276,16 @@ class Classification:
         # Every optimizer iteration is a Spark job over these rows: a few cached partitions.
         data = data.coalesce(partitions).persist()
         try:
-            regression = spark_regression(
-                PCA_COL, max_iter=self.params.max_iter, reg_param=self.params.reg_param
+            model, matrix, self._misclassified, fit_s = logistic.fit_distributed(
+                data.filter(~F.col(IS_TEST_COL)),
+                data.filter(F.col(IS_TEST_COL)),
+                self.indexer,
+                features_col=PCA_COL,
+                max_iter=self.params.max_iter,
+                reg_param=self.params.reg_param,
             )
-            start = time.perf_counter()
-            fitted = Pipeline(stages=[self.indexer, regression]).fit(
-                data.filter(~F.col(IS_TEST_COL))
-            )
-            fit_s = round(time.perf_counter() - start, 3)
-            model = classifier_pipeline(self.indexer, fitted.stages[1])
-            predicted = model.transform(data.filter(F.col(IS_TEST_COL))).persist()
-            counts = predicted.groupBy(LABEL_INDEX_COL, PREDICTION_COL).count().collect()
-            self._misclassified = (
-                predicted.filter(F.col("label") != F.col(PREDICTED_LABEL_COL))
-                .select("path", "label", PREDICTED_LABEL_COL)
-                .orderBy("label", "path")
-                .limit(1000)
-                .toPandas()
-            )
-            predicted.unpersist()
         finally:
             data.unpersist()
-        matrix = np.zeros((len(self.labels), len(self.labels)), dtype=np.int64)
-        for row in counts:
-            matrix[int(row[LABEL_INDEX_COL]), int(row[PREDICTION_COL])] += row["count"]
         scores = logistic.scores(matrix, self.labels)
         n_train = sum(split["train"] for split in self.split_counts.values())
         scores.update(

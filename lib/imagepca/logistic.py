@@ -18,17 +18,20 @@ Spark fit (a ``groupBy`` over the predictions) are scored by the same code.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from pyspark.ml import PipelineModel
+import pandas as pd
+from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import LogisticRegression, LogisticRegressionModel
 from pyspark.ml.common import _py2java
 from pyspark.ml.feature import IndexToString, StringIndexerModel
 from pyspark.ml.linalg import DenseMatrix, DenseVector
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from threadpoolctl import ThreadpoolController
 
 FLOAT64_BYTES = 8
@@ -257,6 +260,57 @@ def spark_regression(features_col: str, *, max_iter: int, reg_param: float):
             max_iter=max_iter,
         )
     )
+
+
+def fit_distributed(
+    train: DataFrame,
+    test: DataFrame,
+    indexer: StringIndexerModel,
+    *,
+    features_col: str,
+    max_iter: int,
+    reg_param: float,
+) -> tuple[PipelineModel, np.ndarray, pd.DataFrame, float]:
+    """Fit :func:`spark_regression` on ``train`` (for training sets too large for the
+    driver) and test it on ``test``: the model (:func:`classifier_pipeline`), the test
+    confusion matrix, up to 1000 misclassified test images and the fit's seconds."""
+    start = time.perf_counter()
+    fitted = Pipeline(
+        stages=[indexer, spark_regression(features_col, max_iter=max_iter, reg_param=reg_param)]
+    ).fit(train)
+    fit_s = round(time.perf_counter() - start, 3)
+    model = classifier_pipeline(indexer, fitted.stages[1])
+    predicted = model.transform(test).persist()
+    try:
+        counts = predicted.groupBy(LABEL_INDEX_COL, PREDICTION_COL).count().collect()
+        misclassified = (
+            predicted.filter(F.col("label") != F.col(PREDICTED_LABEL_COL))
+            .select("path", "label", PREDICTED_LABEL_COL)
+            .orderBy("label", "path")
+            .limit(1000)
+            .toPandas()
+        )
+    finally:
+        predicted.unpersist()
+    n_classes = len(indexer.labels)
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    for row in counts:
+        matrix[int(row[LABEL_INDEX_COL]), int(row[PREDICTION_COL])] += row["count"]
+    return model, matrix, misclassified, fit_s
+
+
+def misclassified(
+    paths: np.ndarray, truth: np.ndarray, predicted: np.ndarray, labels: Sequence[str]
+) -> pd.DataFrame:
+    """The test images predicted wrong (``path``, ``label``, ``predicted_label``), sorted."""
+    wrong = predicted != truth
+    return pd.DataFrame(
+        {
+            "path": paths[wrong],
+            "label": np.asarray(labels)[truth[wrong]],
+            PREDICTED_LABEL_COL: np.asarray(labels)[predicted[wrong]],
+        }
+    ).sort_values(["label", "path"], ignore_index=True)
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:

@@ -231,6 +231,16 @@ class StoredPCA:
         scaled = (np.asarray(features, dtype=np.float64) - self.mean) * inverse
         return scaled if k is None else scaled @ self.components[:, :k]
 
+    def coefficients_on(self, coefficients: np.ndarray, k: int | None) -> np.ndarray:
+        """Linear coefficients on the first ``k`` (:attr:`k`) scores, carried to the first
+        ``k`` scores (None: the standardized features) with the same values of their
+        products wherever ``k`` reaches :attr:`k`: zeros past :attr:`k`, dropped past ``k``."""
+        if k is None:
+            return coefficients @ self.components[:, : self.k].T
+        carried = np.zeros((coefficients.shape[0], k))
+        carried[:, : min(k, self.k)] = coefficients[:, : min(k, self.k)]
+        return carried
+
 
 def read_pca(spark: SparkSession, output: str) -> StoredPCA:
     """``OUTPUT/pca_model`` (scaler, k) and ``OUTPUT/pca_components`` (every component).
