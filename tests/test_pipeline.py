@@ -14,6 +14,7 @@ import pytest
 from pyspark.ml import PipelineModel
 from pyspark.ml.classification import LogisticRegression
 from pyspark.ml.functions import array_to_vector
+from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
 from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca.config import ExtractParams, ParameterError, ReduceParams
@@ -22,7 +23,13 @@ from imagepca.images import InputError
 from imagepca.inputs import fingerprint, list_folder
 from imagepca.pipeline import extract_features, finish_run, reduce_features
 from imagepca.reduction import reduce_with, save_models
-from imagepca.storage import Storage, local_file_path
+from imagepca.session import spark_settings
+from imagepca.storage import (
+    Storage,
+    list_layout_settings,
+    local_file_path,
+    vector_write_options,
+)
 
 PHOTO_COUNT = sum(1 for p in FRUIT_PHOTOS.rglob("*") if p.is_file())
 
@@ -156,6 +163,41 @@ def test_vectors_are_written_as_two_level_lists(spark, photos_run):
     assert stored.simpleString() == "array<float>"
     frame = pd.read_parquet(output / "reduced")
     assert {len(v) for v in frame["pca"]} == {photos_run["reduction"].fit.k}
+
+
+def chunk_encodings(dataset: Path) -> dict[str, set[str]]:
+    """Every encoding each column of ``dataset``'s part files uses, by column path."""
+    encodings: dict[str, set[str]] = {}
+    for part in dataset.rglob("*.parquet"):
+        metadata = pq.ParquetFile(part).metadata
+        for group in range(metadata.num_row_groups):
+            for index in range(metadata.num_columns):
+                chunk = metadata.row_group(group).column(index)
+                encodings.setdefault(chunk.path_in_schema, set()).update(chunk.encodings)
+    return encodings
+
+
+@pytest.mark.parametrize("nullable", [False, True], ids=["two-level", "three-level"])
+def test_float_vectors_are_written_without_a_dictionary(spark, tmp_path, nullable):
+    """Parquet tries a dictionary first and gives float vectors, which hardly repeat, up
+    past 262,144 distinct values (imagepca.storage.vector_write_options). Vectors that do
+    repeat show the options reach the writer, in either list layout; labels keep theirs."""
+    schema = StructType(
+        [
+            StructField("label", StringType()),
+            StructField("features", ArrayType(FloatType(), containsNull=nullable)),
+        ]
+    )
+    frame = spark.createDataFrame([("a", [0.0, 1.0] * 8)] * 200, schema)
+    path = "features.list.element" if nullable else "features.array"
+    dictionary = {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
+    with spark_settings(spark, list_layout_settings(frame)):
+        frame.write.parquet(str(tmp_path / "default"))
+        frame.write.options(**vector_write_options(frame)).parquet(str(tmp_path / "plain"))
+    assert chunk_encodings(tmp_path / "default")[path] & dictionary
+    encodings = chunk_encodings(tmp_path / "plain")
+    assert encodings[path] and not encodings[path] & dictionary
+    assert encodings["label"] & dictionary
 
 
 def test_finish_run_waits_for_the_models_and_reports_a_failed_save(

@@ -41,7 +41,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .session import spark_settings
-from .storage import Storage, join, list_layout_settings, normalize_uri
+from .storage import Storage, join, list_layout_settings, normalize_uri, vector_write_options
 
 BATCH_COLUMN = "batch"
 LAYOUT = "batches-v1"  # features/_extraction.json "layout": what plan_increment can extend
@@ -139,7 +139,7 @@ def stage_batch(new_rows: DataFrame, increment: Increment, staged_uri: str) -> N
     if increment.survivors is not None:
         rows = rows.unionByName(increment.survivors)
     with spark_settings(rows.sparkSession, list_layout_settings(rows)):
-        rows.write.parquet(staged_uri)
+        rows.write.options(**vector_write_options(rows)).parquet(staged_uri)
 
 
 def commit_batch(

@@ -66,6 +66,7 @@ from .storage import (
     Storage,
     join,
     list_layout_settings,
+    vector_write_options,
 )
 
 MOMENTS_FILE = "_moments.npz"  # the PCA's statistics of features/, from featurization
@@ -276,13 +277,14 @@ def extract_features(
                                                  increment)  # fmt: skip
             features = scored.filter(F.col("reason").isNull()).select(*STORED_COLUMNS)
             batch_id = new_batch_id()
+            vector_options = vector_write_options(features)
 
             # Independent jobs over the cache, side by side (see run_concurrently).
             jobs = [partial(storage.publish, params.output, "rejected", rejected.write.parquet)]
             if increment is None:
 
                 def write_features(uri: str) -> None:
-                    features.write.parquet(batch_folder(uri, batch_id))
+                    features.write.options(**vector_options).parquet(batch_folder(uri, batch_id))
 
                 jobs.append(partial(storage.publish, params.output, "features", write_features))
                 # The featurization job summed the files it scanned.
@@ -430,7 +432,8 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         # The projection holds a batch as float64 in the worker.
         spark_settings(spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS), **layout}),
     ):
-        reduced_uri = storage.publish(params.output, "reduced", reduced.write.parquet)
+        writer = reduced.write.options(**vector_write_options(reduced))
+        reduced_uri = storage.publish(params.output, "reduced", writer.parquet)
     with timer.stage("projection_s"):
         # The plot's points: a bounded sample of the first two components.
         fraction = min(1.0, params.projection_points / max(fit.n_images, 1))
