@@ -9,7 +9,10 @@ called in this process.
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -137,3 +140,44 @@ def test_staged_models_live_beside_remote_weights():
     assert staged_models_uri(uri) == "s3://bucket/artifacts/0.1.0/models/tflite"
     assert staged_models_uri("/local/weights.h5") is None
     assert staged_models_uri("imagenet") is None
+
+
+# A fresh Spark session in its own process: every Python worker it ever has is its own.
+FRESH_SESSION_RUN = """
+import json, sys
+import psutil
+from imagepca.config import ExtractParams
+from imagepca.features import warm_python_workers
+from imagepca.pipeline import extract_features
+from imagepca.session import get_spark
+
+def python_workers():  # the daemon and its forks, all below this process
+    return sorted(p.pid for p in psutil.Process().children(recursive=True)
+                  if "pyspark.daemon" in " ".join(p.cmdline()))
+
+spark = get_spark("local[2]", conf={"spark.ui.enabled": "false"})
+before = python_workers()
+started = sorted(warm_python_workers(spark).result(timeout=120))
+warm = python_workers()
+extraction = extract_features(spark, ExtractParams(input=sys.argv[1], output=sys.argv[2],
+                                                   weights=sys.argv[3]))
+print(json.dumps({"before": before, "started": started, "warm": warm,
+                  "after": python_workers(), "n_images": extraction.n_images}))
+"""
+
+
+def test_featurization_runs_in_the_python_workers_started_beforehand(tmp_path):
+    """Notebook 01 starts the Python workers while it shows the sample images: featurization
+    then forks none, and runs in workers that have this package imported already."""
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_SESSION_RUN, str(FRUIT_PHOTOS), str(tmp_path / "out"),
+         str(WEIGHTS)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    workers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert workers["before"] == []
+    assert workers["started"] and set(workers["started"]) <= set(workers["warm"])
+    assert workers["after"] == workers["warm"], "featurization forked Python workers of its own"
+    n_photos = sum(1 for p in FRUIT_PHOTOS.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    assert workers["n_images"] == n_photos

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from .config import FEATURE_DIM, KERAS_WEIGHTS_FILE, ExtractParams, cache_dir
 from .executor_reads import ReadOptions, read_files
 from .images import ImageDecodeError, decode_image
 from .moments import Moments, MomentsBuilder
-from .session import task_cpus
+from .session import default_parallelism, in_background, task_cpus
 from .storage import FLOAT_VECTOR, Storage, is_local, local_path
 
 KERAS_WEIGHTS_ORIGIN = (
@@ -188,11 +190,8 @@ def _not_mobilenet_v2(weights, h5py) -> str | None:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def build_keras_model(image_size: int, weights_file: Path | None):
@@ -365,6 +364,34 @@ class TFLiteRunner:
 
 
 ENGINE_RUNNERS = {"keras": KerasRunner, "tflite": TFLiteRunner}
+
+
+def _worker_ids(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    # A worker imports this module (and what featurization runs on) to unpickle it.
+    for _ in batches:
+        yield pd.DataFrame({"pid": [os.getpid()]})
+
+
+def warm_python_workers(spark: SparkSession) -> Future:
+    """Start a Python worker per core, this module imported, from a thread of its own.
+
+    A session's first pandas UDF job forks its Python workers and imports pandas, pyarrow
+    and this package: 1.2 s on a warm JVM here, paid by featurization's first tasks while
+    notebook 01 drew its sample figure on idle cores. Spark reuses the workers, so
+    featurization finds them started; one that cannot start fails it, with its error.
+    The future gives the workers' pids (none on failure)."""
+    cores = default_parallelism(spark)
+    frame = spark.range(cores, numPartitions=cores).mapInPandas(_worker_ids, "pid long")
+
+    def run() -> set[int]:
+        spark.sparkContext.setLocalProperty("spark.job.description", "start the Python workers")
+        try:
+            return {row["pid"] for row in frame.collect()}
+        except Exception as error:  # the featurization that follows reports it
+            logging.getLogger(__name__).debug("Python workers not started: %r", error)
+            return set()
+
+    return in_background(run)
 
 
 def get_runner(payload: ModelPayload, threads: int):

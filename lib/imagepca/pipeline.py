@@ -30,6 +30,7 @@ from .features import (
     load_model_payload,
     moments_accumulator,
     resolve_weights,
+    warm_python_workers,
 )
 from .images import classifiable
 from .increments import (
@@ -154,11 +155,14 @@ def start_extraction(spark: SparkSession, params: ExtractParams) -> ImageListing
     """Check the run's inputs, then begin replacing its output; the input's listing.
 
     The weights and the input are resolved first: a mistyped path leaves an earlier run's
-    output as it was, complete. Then its completion markers go.
+    output as it was, complete. Then its completion markers go, and the Python workers
+    start in the background (:func:`imagepca.features.warm_python_workers`).
     """
     resolve_weights(params.weights, spark)
     listing = list_inputs(spark, params)
     Storage(spark).begin_run(params.output)
+    if not params.reuse_features:
+        warm_python_workers(spark)  # while the notebook shows the sample images
     return listing
 
 
