@@ -9,8 +9,17 @@ from pyspark.ml import PipelineModel
 from pyspark.ml.feature import PCA, PCAModel, StandardScaler
 from pyspark.ml.functions import array_to_vector, vector_to_array
 
+from imagepca import reduction
 from imagepca.moments import MomentsBuilder
-from imagepca.reduction import Moments, feature_moments, fit_pca, read_pca, reduce_with
+from imagepca.reduction import (
+    Moments,
+    decompose,
+    decompose_ahead,
+    feature_moments,
+    fit_pca,
+    read_pca,
+    reduce_with,
+)
 
 
 def test_merged_moments_are_exact_and_stable_for_large_means():
@@ -71,6 +80,33 @@ def test_distributed_moments_equal_numpy(synthetic):
     assert moments.n == 600
     np.testing.assert_allclose(moments.mean, values.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(moments.covariance, np.cov(values, rowvar=False), atol=1e-9)
+
+
+def test_the_fit_takes_the_decomposition_started_for_its_statistics(synthetic, monkeypatch):
+    """Notebook 01 starts the eigendecomposition once featurization has summed the
+    statistics; notebook 02's fit in the same kernel, reading their .npz copy, takes it
+    instead of decomposing again. Other statistics leave it alone."""
+    df, values = synthetic
+    moments = feature_moments(df)
+    copy = Moments.from_npz(moments.to_npz())  # what notebook 02 reads back
+    other = Moments(moments.n, moments.mean + 1.0, moments.m2)
+    expected = fit_pca(df, k=3, variance=0.9, moments=copy)
+
+    decompositions = []
+    monkeypatch.setattr(reduction, "decompose", lambda m: decompositions.append(m) or decompose(m))
+    decompose_ahead(other)
+    next(iter(reduction._decompositions.values())).result()
+    fit_pca(df, k=3, variance=0.9, moments=copy)
+    assert [m.n for m in decompositions] == [moments.n, moments.n]  # ahead, then its own
+    assert reduction._decompositions, "another run's decomposition was taken"
+
+    decompositions.clear()
+    decompose_ahead(moments)
+    fit = fit_pca(df, k=3, variance=0.9, moments=copy)
+    assert decompositions == [moments] and not reduction._decompositions
+    np.testing.assert_array_equal(fit.chosen_components, expected.chosen_components)
+    np.testing.assert_array_equal(fit.std, expected.std)
+    assert fit.explained_variance == expected.explained_variance
 
 
 def test_fit_equals_sparks_own_scaler_and_pca(spark, synthetic, tmp_path):

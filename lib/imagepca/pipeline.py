@@ -56,7 +56,15 @@ from .inputs import (
     scan_settings,
 )
 from .moments import Moments
-from .reduction import FLOAT64_BATCH_ROWS, PCAFit, check_k, fit_pca, save_models, wait_for_models
+from .reduction import (
+    FLOAT64_BATCH_ROWS,
+    PCAFit,
+    check_k,
+    decompose_ahead,
+    fit_pca,
+    save_models,
+    wait_for_models,
+)
 from .rejects import checked, rejected_files
 from .session import ARROW_BATCH_KEY, default_parallelism, run_concurrently, spark_settings
 from .storage import (
@@ -77,19 +85,15 @@ MOMENTS_FILE = "_moments.npz"  # the PCA's statistics of features/, from featuri
 FUSED_MOMENTS_MAX_TASKS = 32
 
 
+VERSIONED = (
+    "imagepca", "pyspark", "tensorflow", "keras", "ai-edge-litert", "numpy", "pandas",
+    "pyarrow", "pillow",
+)  # fmt: skip
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for package in (
-        "imagepca",
-        "pyspark",
-        "tensorflow",
-        "keras",
-        "ai-edge-litert",
-        "numpy",
-        "pandas",
-        "pyarrow",
-        "pillow",
-    ):
+    for package in VERSIONED:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -103,14 +107,6 @@ def timed(timings: dict[str, float], name: str):
     start = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - start, 3)
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-
-    def stage(self, name: str):
-        return timed(self.timings, name)
 
 
 # -- stage 1: images -> features ---------------------------------------------------------
@@ -186,11 +182,11 @@ def extract_features(
     :func:`start_extraction`'s, which has checked the inputs and begun the run; without
     one, this starts the run itself (a missing weights file fails before any Spark job).
     """
-    timer = _Timer()
+    timings: dict[str, float] = {}
     storage = Storage(spark)
     listing = listing or start_extraction(spark, params)
-    timer.timings["list_s"] = listing.seconds
-    with timer.stage("weights_s"):
+    timings["list_s"] = listing.seconds
+    with timed(timings, "weights_s"):
         weights_file = resolve_weights(params.weights, spark)  # the copy it resolved
         weights_sha = file_sha256(weights_file)
     features_uri = join(params.output, "features")
@@ -213,7 +209,7 @@ def extract_features(
             metadata.update(
                 **_listing_fields(params, listing),
                 params=identity,
-                timings_s=timer.timings,
+                timings_s=timings,
                 images_per_s=None,
                 reused_features_created_at=stored.get("reused_features_created_at")
                 or stored["created_at"],
@@ -227,11 +223,11 @@ def extract_features(
     if params.incremental:
         full_run_reason = why_not_incremental(stored, identity)
         if full_run_reason is None:
-            with timer.stage("plan_s"):
+            with timed(timings, "plan_s"):
                 increment = plan_increment(spark, features_uri, listing.files)
             not_reused = None  # what changed is featurized, not everything "again"
 
-    with timer.stage("model_s"):
+    with timed(timings, "model_s"):
         payload = load_model_payload(params, weights_file, storage)
     settings = {ARROW_BATCH_KEY: str(params.max_records_per_batch)}
     cores = default_parallelism(spark)
@@ -266,7 +262,7 @@ def extract_features(
         # (label x rejection kind; a null kind means featurized).
         with (
             spark_settings(spark, settings),
-            timer.stage("featurize_s"),
+            timed(timings, "featurize_s"),
             progress.track(spark, "featurize", total=n_todo),
         ):
             outcomes = (
@@ -276,9 +272,11 @@ def extract_features(
             )
         # Taken now: a later job recomputing a lost cached partition would add it again.
         statistics = accumulator.value if accumulator is not None else None
-        with timer.stage("write_s"):
+        with timed(timings, "write_s"):
             rejected, by_kind, n_new = rejected_files(spark, storage, listing, scored, outcomes,
                                                  increment)  # fmt: skip
+            if statistics is not None and statistics.n == n_new:
+                decompose_ahead(statistics)  # for notebook 02, beside the writes
             features = scored.filter(F.col("reason").isNull()).select(*STORED_COLUMNS)
             batch_id = new_batch_id()
             vector_options = vector_write_options(features)
@@ -353,8 +351,8 @@ def extract_features(
         listing.release()
         if increment:
             increment.release()
-    metadata["timings_s"] = timer.timings
-    metadata["images_per_s"] = round(n_todo / max(timer.timings["featurize_s"], 1e-9), 2)
+    metadata["timings_s"] = timings
+    metadata["images_per_s"] = round(n_todo / max(timings["featurize_s"], 1e-9), 2)
     # Written last: features/ never has a description of another run's rows.
     storage.write_json(join(features_uri, EXTRACTION_FILE), metadata)
     return checked(Extraction(listing, metadata), params)
@@ -409,7 +407,7 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     Artifacts of notebook 03 left by an earlier run are removed first: they were made from
     another PCA, and a completed output holds only what its own run produced.
     """
-    timer = _Timer()
+    timings: dict[str, float] = {}
     storage = Storage(spark)
     extraction = _stored_extraction(storage, params.output)
     if extraction is None:
@@ -425,20 +423,20 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         params.output, (FAILED_EXTRACT_NOTEBOOK, *CLASSIFY_ARTIFACTS)
     )
     features = read_features(spark, params.output)
-    with timer.stage("fit_s"):
+    with timed(timings, "fit_s"):
         moments = _stored_moments(storage, params.output, extraction)
         fit = fit_pca(features, k=params.k, variance=params.variance, moments=moments)
     reduced = fit.transform(features)
     layout = list_layout_settings(reduced)  # the models' vectors are written alike
     save_models(spark, storage, params.output, fit, layout)  # finish_run waits for them
     with (
-        timer.stage("reduce_write_s"),
+        timed(timings, "reduce_write_s"),
         # The projection holds a batch as float64 in the worker.
         spark_settings(spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS), **layout}),
     ):
         writer = reduced.write.options(**vector_write_options(reduced))
         reduced_uri = storage.publish(params.output, "reduced", writer.parquet)
-    with timer.stage("projection_s"):
+    with timed(timings, "projection_s"):
         # The plot's points: a bounded sample of the first two components.
         fraction = min(1.0, params.projection_points / max(fit.n_images, 1))
         points = (
@@ -468,7 +466,7 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         "variance_reached": fit.variance_reached,
         "explained_variance": fit.explained_variance,
         "cumulative_variance": cumulative,
-        "timings_s": {**extraction.get("timings_s", {}), **timer.timings},
+        "timings_s": {**extraction.get("timings_s", {}), **timings},
         "images_per_s": extraction.get("images_per_s"),
         # When notebook 01 reused features/ (--reuse-features): when they were featurized.
         "reused_features_created_at": extraction.get("reused_features_created_at"),
