@@ -404,8 +404,12 @@ def test_the_run_summary_warns_of_skipped_images(photos_run):
 
 
 def test_k_larger_than_the_data_is_refused(spark, photos_run):
-    with pytest.raises(ParameterError, match="k=1000 is larger than the data allows"):
+    """Notebook 02 is where a k too large for an object store's input or a manifest (no
+    listing count before featurization) is found: the message says the features stay."""
+    with pytest.raises(ParameterError, match="k=1000 is larger than the data allows") as error:
         reduce_features(spark, ReduceParams(output=photos_run["output"], k=1000))
+    assert "features/ is kept" in str(error.value) and "--reuse-features" in str(error.value)
+    assert len(str(error.value).splitlines()) == 1  # the CLI shows the error's last line
 
 
 def test_pca_spectrum_matches_numpy_and_repeats(spark, photos_run):

@@ -79,6 +79,7 @@ from .storage import (
 )
 
 MOMENTS_FILE = "_moments.npz"  # the PCA's statistics of features/, from featurization
+KEPT_FEATURES = "features/ is kept: `imagepca run --reuse-features --k K` featurizes nothing again"
 # Featurization accumulates the PCA's statistics (one d x d update per task, 13 MB at
 # d = 1280, sent to the driver) when it runs at most this many tasks; a larger cluster's
 # run leaves them to notebook 02's distributed pass, which merges them on the executors.
@@ -415,7 +416,8 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
             f"no features under {join(params.output, 'features')}: run notebook "
             "01_extract_features (or `imagepca run`) with this output first"
         )
-    check_k(params.k, extraction["n_images"], FEATURE_DIM)
+    # An object store's input or a manifest has no image count before featurization.
+    check_k(params.k, extraction["n_images"], FEATURE_DIM, then=KEPT_FEATURES)
     storage.begin_run(params.output)
     # What an earlier notebook 03 left, made from another PCA, and an earlier attempt's
     # failed notebook 01 (kept while the output it had left alone was complete).

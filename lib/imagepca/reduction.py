@@ -73,8 +73,8 @@ def choose_k(cumulative: Sequence[float], variance: float) -> int:
     return int(reached[0]) + 1 if reached.size else len(cumulative)
 
 
-def check_k(k: int | None, n_images: int, n_features: int) -> None:
-    """Reject a k the data cannot give, before any fitting."""
+def check_k(k: int | None, n_images: int, n_features: int, *, then: str = "") -> None:
+    """Reject a k the data cannot give, before any fitting (``then``: what to do next)."""
     if n_images < 2:
         raise ParameterError(
             f"PCA needs at least 2 featurized images, found {n_images}; check the input "
@@ -84,6 +84,7 @@ def check_k(k: int | None, n_images: int, n_features: int) -> None:
         raise ParameterError(
             f"k={k} is larger than the data allows: at most min(images, features) = "
             f"min({n_images}, {n_features}) = {min(n_images, n_features)} components"
+            + (f"; {then}" if then else "")
         )
 
 
