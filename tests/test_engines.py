@@ -152,8 +152,14 @@ from imagepca.pipeline import extract_features
 from imagepca.session import get_spark
 
 def python_workers():  # the daemon and its forks, all below this process
-    return sorted(p.pid for p in psutil.Process().children(recursive=True)
-                  if "pyspark.daemon" in " ".join(p.cmdline()))
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:  # the JVM's short-lived helpers may have ended (or be zombies) by now
+            if "pyspark.daemon" in " ".join(process.cmdline()):
+                found.append(process.pid)
+        except psutil.Error:
+            continue
+    return sorted(found)
 
 spark = get_spark("local[2]", conf={"spark.ui.enabled": "false"})
 before = python_workers()
