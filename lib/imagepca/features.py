@@ -39,7 +39,7 @@ KERAS_WEIGHTS_ORIGIN = (
     "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
     + KERAS_WEIGHTS_FILE
 )
-# Elements that cannot be null: stored as compact Parquet lists (storage.list_layout_settings).
+# Elements that cannot be null: stored as compact Parquet lists (storage.vector_write_settings).
 FEATURES_SCHEMA = StructType(
     [StructField("features", FLOAT_VECTOR), StructField("reason", StringType())]
 )
@@ -384,7 +384,7 @@ def warm_python_workers(spark: SparkSession) -> Future:
     frame = spark.range(cores, numPartitions=cores).mapInPandas(_worker_ids, "pid long")
 
     def run() -> set[int]:
-        spark.sparkContext.setLocalProperty("spark.job.description", "start the Python workers")
+        spark.sparkContext.setJobDescription("start the Python workers")
         try:
             return {row["pid"] for row in frame.collect()}
         except Exception as error:  # the featurization that follows reports it
