@@ -24,12 +24,7 @@ from imagepca.inputs import fingerprint, list_folder
 from imagepca.pipeline import extract_features, finish_run, reduce_features
 from imagepca.reduction import reduce_with, save_models
 from imagepca.session import spark_settings
-from imagepca.storage import (
-    Storage,
-    list_layout_settings,
-    local_file_path,
-    vector_write_options,
-)
+from imagepca.storage import LEGACY_PARQUET_KEY, Storage, local_file_path, vector_write_settings
 
 PHOTO_COUNT = sum(1 for p in FRUIT_PHOTOS.rglob("*") if p.is_file())
 
@@ -146,7 +141,7 @@ def column_paths(dataset: Path) -> set[tuple[str, ...]]:
 def test_vectors_are_written_as_two_level_lists(spark, photos_run):
     """features/, reduced/ and the models' vectors are Parquet's two-level lists of required
     floats (``repeated float array``: the fast layout to write, see
-    imagepca.storage.list_layout_settings), which Spark and pandas read as arrays."""
+    imagepca.storage.vector_write_settings), which Spark and pandas read as arrays."""
     output = Path(photos_run["output"])
     assert column_paths(output / "features") == {
         (("path",), ("label",), ("size",), ("modified",), ("features", "array"))
@@ -180,8 +175,8 @@ def chunk_encodings(dataset: Path) -> dict[str, set[str]]:
 @pytest.mark.parametrize("nullable", [False, True], ids=["two-level", "three-level"])
 def test_float_vectors_are_written_without_a_dictionary(spark, tmp_path, nullable):
     """Parquet tries a dictionary first and gives float vectors, which hardly repeat, up
-    past 262,144 distinct values (imagepca.storage.vector_write_options). Vectors that do
-    repeat show the options reach the writer, in either list layout; labels keep theirs."""
+    past 262,144 distinct values (imagepca.storage.vector_write_settings). Vectors that do
+    repeat show the settings reach the writer, in either list layout; labels keep theirs."""
     schema = StructType(
         [
             StructField("label", StringType()),
@@ -191,9 +186,11 @@ def test_float_vectors_are_written_without_a_dictionary(spark, tmp_path, nullabl
     frame = spark.createDataFrame([("a", [0.0, 1.0] * 8)] * 200, schema)
     path = "features.list.element" if nullable else "features.array"
     dictionary = {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
-    with spark_settings(spark, list_layout_settings(frame)):
-        frame.write.parquet(str(tmp_path / "default"))
-        frame.write.options(**vector_write_options(frame)).parquet(str(tmp_path / "plain"))
+    settings = vector_write_settings(frame)
+    with spark_settings(spark, {LEGACY_PARQUET_KEY: settings[LEGACY_PARQUET_KEY]}):
+        frame.write.parquet(str(tmp_path / "default"))  # the same layout, Parquet's encoding
+    with spark_settings(spark, settings):
+        frame.write.parquet(str(tmp_path / "plain"))
     assert chunk_encodings(tmp_path / "default")[path] & dictionary
     encodings = chunk_encodings(tmp_path / "plain")
     assert encodings[path] and not encodings[path] & dictionary

@@ -41,7 +41,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .session import spark_settings
-from .storage import Storage, join, list_layout_settings, normalize_uri, vector_write_options
+from .storage import Storage, join, normalize_uri, vector_write_settings
 
 BATCH_COLUMN = "batch"
 LAYOUT = "batches-v1"  # features/_extraction.json "layout": what plan_increment can extend
@@ -138,8 +138,8 @@ def stage_batch(new_rows: DataFrame, increment: Increment, staged_uri: str) -> N
     rows = new_rows.select(*STORED_COLUMNS)
     if increment.survivors is not None:
         rows = rows.unionByName(increment.survivors)
-    with spark_settings(rows.sparkSession, list_layout_settings(rows)):
-        rows.write.options(**vector_write_options(rows)).parquet(staged_uri)
+    with spark_settings(rows.sparkSession, vector_write_settings(rows)):
+        rows.write.parquet(staged_uri)
 
 
 def commit_batch(

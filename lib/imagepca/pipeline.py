@@ -74,8 +74,7 @@ from .storage import (
     STAGING_DIR,
     Storage,
     join,
-    list_layout_settings,
-    vector_write_options,
+    vector_write_settings,
 )
 
 MOMENTS_FILE = "_moments.npz"  # the PCA's statistics of features/, from featurization
@@ -280,21 +279,20 @@ def extract_features(
                 decompose_ahead(statistics)  # for notebook 02, beside the writes
             features = scored.filter(F.col("reason").isNull()).select(*STORED_COLUMNS)
             batch_id = new_batch_id()
-            vector_options = vector_write_options(features)
 
             # Independent jobs over the cache, side by side (see run_concurrently).
             jobs = [partial(storage.publish, params.output, "rejected", rejected.write.parquet)]
             if increment is None:
 
                 def write_features(uri: str) -> None:
-                    features.write.options(**vector_options).parquet(batch_folder(uri, batch_id))
+                    features.write.parquet(batch_folder(uri, batch_id))
 
                 jobs.append(partial(storage.publish, params.output, "features", write_features))
                 # The featurization job summed the files it scanned.
                 listing_fingerprint = fingerprint_digest(listing.n_files, outcomes)
             else:
                 jobs.append(partial(fingerprint, listing.files, listing.n_files))
-            with spark_settings(spark, list_layout_settings(features)):
+            with spark_settings(spark, vector_write_settings(features)):
                 *_, last = run_concurrently(*jobs)
             if increment is not None:
                 listing_fingerprint = last
@@ -429,15 +427,14 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         moments = _stored_moments(storage, params.output, extraction)
         fit = fit_pca(features, k=params.k, variance=params.variance, moments=moments)
     reduced = fit.transform(features)
-    layout = list_layout_settings(reduced)  # the models' vectors are written alike
+    layout = vector_write_settings(reduced)  # the models' vectors are written alike
     save_models(spark, storage, params.output, fit, layout)  # finish_run waits for them
     with (
         timed(timings, "reduce_write_s"),
         # The projection holds a batch as float64 in the worker.
         spark_settings(spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS), **layout}),
     ):
-        writer = reduced.write.options(**vector_write_options(reduced))
-        reduced_uri = storage.publish(params.output, "reduced", writer.parquet)
+        reduced_uri = storage.publish(params.output, "reduced", reduced.write.parquet)
     with timed(timings, "projection_s"):
         # The plot's points: a bounded sample of the first two components.
         fraction = min(1.0, params.projection_points / max(fit.n_images, 1))

@@ -395,7 +395,7 @@ def save_models(
     it, while notebook 02 draws its plots; :func:`wait_for_models` (in
     :func:`imagepca.pipeline.finish_run`) waits for them before the run completes. They
     write through a session of their own holding ``layout``
-    (:func:`imagepca.storage.list_layout_settings`), whatever the notebook's has by then.
+    (:func:`imagepca.storage.vector_write_settings`), whatever the notebook's has by then.
     """
     wait_for_models(output, check=False)  # an earlier call's, into the same output
     session = spark.newSession()

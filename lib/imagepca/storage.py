@@ -55,35 +55,31 @@ LEGACY_PARQUET_KEY = "spark.sql.parquet.writeLegacyFormat"
 FLOAT_VECTOR = ArrayType(FloatType(), containsNull=False)
 
 
-def vector_write_options(frame: DataFrame) -> dict[str, str]:
-    """Parquet writer options for ``frame``'s float arrays: plain encoding from the start.
+def vector_write_settings(frame: DataFrame) -> dict[str, str]:
+    """The session settings under which ``frame``'s vectors are written. Set around the block
+    that runs the writes (they are the session's, which Spark copies into the writers' Hadoop
+    configuration), never inside concurrent ones.
 
-    Parquet's writer begins every column chunk with a dictionary and falls back to plain
-    encoding once the dictionary outgrows its page (1 MB: 262,144 floats). Features and PCA
-    scores hardly repeat, so past small writes every chunk's first quarter-million values
-    were hashed and then encoded again, in vain: writing a 10,000-image ``features/`` from
-    the cache (8 files, C1 only, four alternating pairs) 1.45-1.79 -> 1.34-1.42 s, the files
-    the same size. Strings (labels) keep their dictionaries. Both list layouts' column paths
-    are named (see :func:`list_layout_settings`); Parquet ignores the other one.
+    - Layout: two-level Parquet lists, or the standard layout when one of the arrays may hold
+      nulls (rows read back from Parquet, whose element nullability Spark forgets): legacy
+      mode would write those as Hive's three-level ``bag`` lists.
+    - Encoding: float arrays plain from the start. Parquet's writer begins every column
+      chunk with a dictionary and falls back to plain encoding once the dictionary outgrows
+      its page (1 MB: 262,144 floats). Features and PCA scores hardly repeat, so past small
+      writes every chunk's first quarter-million values were hashed and then encoded again,
+      in vain: writing a 10,000-image ``features/`` from the cache (8 files, C1 only, four
+      alternating pairs) 1.45-1.79 -> 1.34-1.42 s, the files the same size. Strings (labels)
+      keep their dictionaries. Both layouts' column paths are named; Parquet ignores the
+      other one.
     """
-    options = {}
-    for field in frame.schema.fields:
-        kind = field.dataType
-        if isinstance(kind, ArrayType) and isinstance(kind.elementType, FloatType):
+    arrays = [f for f in frame.schema.fields if isinstance(f.dataType, ArrayType)]
+    compact = bool(arrays) and not any(f.dataType.containsNull for f in arrays)
+    settings = {LEGACY_PARQUET_KEY: "true" if compact else "false"}
+    for field in arrays:
+        if isinstance(field.dataType.elementType, FloatType):
             for path in (f"{field.name}.array", f"{field.name}.list.element"):
-                options[f"parquet.enable.dictionary#{path}"] = "false"
-    return options
-
-
-def list_layout_settings(frame: DataFrame) -> dict[str, str]:
-    """The session setting under which ``frame``'s arrays are written as two-level Parquet
-    lists, or in the standard layout when one of them may hold nulls (rows read back from
-    Parquet, whose element nullability Spark forgets): legacy mode would write those as
-    Hive's three-level ``bag`` lists. Set around the block that runs the writes (it is the
-    session's), never inside concurrent ones."""
-    arrays = [f.dataType for f in frame.schema.fields if isinstance(f.dataType, ArrayType)]
-    compact = bool(arrays) and not any(array.containsNull for array in arrays)
-    return {LEGACY_PARQUET_KEY: "true" if compact else "false"}
+                settings[f"parquet.enable.dictionary#{path}"] = "false"
+    return settings
 
 
 def is_local(uri: str) -> bool:
