@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_info
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMAGEPCA_SHARED", REPO.parent / "shared")).resolve()
@@ -464,6 +465,18 @@ def machine_info() -> dict:
         "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1),
         "platform": platform.platform(),
         "versions": library_versions(),
+        # numpy's BLAS kernels, which a machine's environment can choose instead of OpenBLAS
+        # (this sandbox sets OPENBLAS_CORETYPE=Haswell on CPUs with AVX-512 kernels).
+        "blas": {
+            "kernels": sorted(
+                {
+                    str(pool.get("architecture"))
+                    for pool in threadpool_info()
+                    if pool["user_api"] == "blas"
+                }
+            ),
+            "environment": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")},
+        },
     }
 
 

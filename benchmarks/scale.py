@@ -458,7 +458,9 @@ def write_doc(results: dict) -> None:
     body = (
         f"{BEGIN}\nOne run of `benchmarks/scale.py` ({results['started']}, "
         f"{results['machine']['cpu_model']}, {results['machine']['cpus']} cores, TensorFlow "
-        f"oneDNN by default: {results.get('reference', [{}])[0].get('onednn_enabled')}). "
+        f"oneDNN by default: {results.get('reference', [{}])[0].get('onednn_enabled')}; "
+        f"numpy's BLAS kernels: {', '.join(results['machine']['blas']['kernels'])}, "
+        f"environment {results['machine']['blas']['environment'] or 'none'}). "
         + (
             f"Before the runs, the TFLite model was converted "
             f"({results['one_time']['tflite_conversion_s']:.1f} s) and a first run on "
