@@ -458,7 +458,7 @@ def write_doc(results: dict) -> None:
     body = (
         f"{BEGIN}\nOne run of `benchmarks/scale.py` ({results['started']}, "
         f"{results['machine']['cpu_model']}, {results['machine']['cpus']} cores, TensorFlow "
-        f"oneDNN by default: {results.get('reference', [{}])[0].get('onednn_enabled')}; "
+        f"oneDNN by default: {(results.get('reference') or [{}])[0].get('onednn_enabled')}; "
         f"numpy's BLAS kernels: {', '.join(results['machine']['blas']['kernels'])}, "
         f"environment {results['machine']['blas']['environment'] or 'none'}). "
         + (
