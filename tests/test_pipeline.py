@@ -430,12 +430,12 @@ def test_pca_spectrum_matches_numpy_and_repeats(spark, photos_run):
     assert again.k == photos_run["reduction"].fit.k
 
 
-def test_statistics_counting_a_task_twice_are_not_kept(spark, tmp_path, monkeypatch):
-    """A task that runs twice (a retry, a recomputed partition) adds its statistics twice:
-    featurization keeps them only when they count each featurized image once; otherwise
-    notebook 02 makes its own pass."""
+def test_statistics_counting_other_images_are_not_kept(spark, tmp_path, monkeypatch):
+    """Featurization keeps its statistics only when they count each featurized image once
+    (a partition counts once however often its task runs, see test_reduction; here they
+    hold a partition the job does not have); otherwise notebook 02 makes its own pass."""
     from imagepca import pipeline
-    from imagepca.moments import Moments
+    from imagepca.moments import Moments, PartitionMoments
 
     for label in ("apple", "banana"):
         (tmp_path / "input" / label).mkdir(parents=True)
@@ -445,7 +445,8 @@ def test_statistics_counting_a_task_twice_are_not_kept(spark, tmp_path, monkeypa
 
     def counted_twice(session):
         statistics = accumulator(session)
-        statistics.add(Moments(2, np.ones(1280), np.zeros((1280, 1280))))  # a duplicate of 2 images
+        extra = Moments(2, np.ones(1280), np.zeros((1280, 1280)))  # 2 images more
+        statistics.add(PartitionMoments.of(10_000, extra))
         return statistics
 
     monkeypatch.setattr(pipeline, "moments_accumulator", counted_twice)

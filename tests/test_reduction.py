@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +12,7 @@ from pyspark.ml.feature import PCA, PCAModel, StandardScaler
 from pyspark.ml.functions import array_to_vector, vector_to_array
 
 from imagepca import reduction
-from imagepca.moments import MomentsBuilder
+from imagepca.moments import MomentsBuilder, PartitionMoments
 from imagepca.reduction import (
     Moments,
     decompose,
@@ -57,6 +59,41 @@ def test_batched_moments_are_exact_and_stable_for_large_means():
     np.testing.assert_allclose(merged.mean, rows.mean(axis=0), rtol=1e-14)
     np.testing.assert_allclose(merged.covariance, np.cov(rows, rowvar=False), rtol=1e-7)
     assert MomentsBuilder().moments().n == 0
+
+
+def test_partition_moments_are_the_same_bits_in_any_order_and_count_a_partition_once():
+    """Featurization's tasks finish in any order, and a task may run again: the statistics
+    they add up to depend on neither (they decide the PCA, and through it the classifier)."""
+    rng = np.random.default_rng(3)
+    rows = 50 + rng.normal(size=(2000, 6)) @ rng.normal(size=(6, 6))
+    parts = []
+    for chunk in np.array_split(rows, 11):
+        centred = chunk - chunk.mean(axis=0)
+        parts.append(Moments(len(chunk), chunk.mean(axis=0), centred.T @ centred))
+    totals = []
+    for seed in range(6):
+        order = np.random.default_rng(seed).permutation(11)
+        merged = PartitionMoments()
+        for partition in [*order, order[0], order[5]]:  # two tasks ran twice
+            merged.add(PartitionMoments.of(int(partition), parts[partition]))
+        assert len(merged.nodes) == 3  # 11 = 8 + 2 + 1: halves merged once both were in
+        totals.append(merged.total())
+    for total in totals:
+        assert total.n == 2000
+        assert np.array_equal(total.mean, totals[0].mean)
+        assert np.array_equal(total.m2, totals[0].m2)
+    np.testing.assert_allclose(totals[0].mean, rows.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(totals[0].covariance, np.cov(rows, rowvar=False), rtol=1e-9)
+    # Merged as they arrive, the same parts give other bits in other orders.
+    arrival = [
+        functools.reduce(
+            Moments.merge, [parts[i] for i in np.random.default_rng(s).permutation(11)]
+        )
+        for s in range(6)
+    ]
+    assert any(not np.array_equal(a.m2, arrival[0].m2) for a in arrival)
+    with pytest.raises(ValueError, match="single partitions"):
+        PartitionMoments().add(merged)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pyspark import TaskContext
 from pyspark.accumulators import Accumulator, AccumulatorParam
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
@@ -31,7 +32,7 @@ from pyspark.sql.types import StringType, StructField, StructType
 from .config import FEATURE_DIM, KERAS_WEIGHTS_FILE, ExtractParams, cache_dir
 from .executor_reads import ReadOptions, read_files
 from .images import ImageDecodeError, decode_image
-from .moments import Moments, MomentsBuilder
+from .moments import MomentsBuilder, PartitionMoments
 from .session import default_parallelism, in_background, task_cpus
 from .storage import FLOAT_VECTOR, Storage, is_local, local_path
 
@@ -436,18 +437,18 @@ def featurize_batch(
 
 
 class MomentsParam(AccumulatorParam):
-    """Merges the featurized vectors' :class:`Moments`, one update per task, on the driver."""
+    """Merges the tasks' :class:`PartitionMoments` on the driver, in their partitions' order."""
 
-    def zero(self, value: Moments) -> Moments:
-        return Moments.empty()
+    def zero(self, value: PartitionMoments) -> PartitionMoments:
+        return PartitionMoments()
 
-    def addInPlace(self, first: Moments, second: Moments) -> Moments:
-        return first.merge(second)
+    def addInPlace(self, first: PartitionMoments, second: PartitionMoments) -> PartitionMoments:
+        return first.add(second)
 
 
 def moments_accumulator(spark: SparkSession) -> Accumulator:
-    """An accumulator for :func:`features_udf`'s ``moments``."""
-    return spark.sparkContext.accumulator(Moments.empty(), MomentsParam())
+    """An accumulator for :func:`features_udf`'s ``moments``; ``.value.total()`` is the sum."""
+    return spark.sparkContext.accumulator(PartitionMoments(), MomentsParam())
 
 
 def features_udf(
@@ -463,10 +464,9 @@ def features_udf(
     bytes itself (a manifest's URIs, or the new files of an incremental run): a file that
     cannot be read gets the reason why.
 
-    With ``moments``, each task also adds the count, mean and centred Gram matrix of the
-    vectors it featurized (what the PCA fit needs) to that accumulator, while the vectors
-    are in its memory: the fit then needs no second pass over ``features/``. A task that
-    runs twice adds twice, so the caller checks the count.
+    With ``moments``, each task also adds the count, mean and centred Gram matrix of its
+    vectors (what the PCA fit needs) to that accumulator while they are in its memory: the
+    fit needs no pass over ``features/``. A partition counts once; the caller checks the count.
     """
     broadcast = spark.sparkContext.broadcast(payload)
     threads = task_cpus(spark)
@@ -495,6 +495,6 @@ def features_udf(
                 statistics.add(out["features"][out["reason"].isna()].tolist())
             yield out
         if moments is not None and statistics.n:
-            moments.add(statistics.moments())
+            moments.add(PartitionMoments.of(TaskContext.get().partitionId(), statistics.moments()))
 
     return mobilenet_v2_features

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -70,6 +70,50 @@ class Moments:
         mean_array = np.frombuffer(mean, dtype=np.float64)
         side = len(mean_array)
         return cls(n, mean_array, np.frombuffer(m2, dtype=np.float64).reshape(side, side).copy())
+
+
+@dataclass
+class PartitionMoments:
+    """:class:`Moments` of numbered partitions, merged in an order fixed by their numbers.
+
+    Floating-point merges depend on their order, and tasks finish in any order: merged as
+    they arrived, the statistics of one input differed between runs in their last bits,
+    enough to move a test image across the classifier's boundary (0.9762 or 0.9766). Here a
+    partition's moments are merged with its sibling's in a binary tree over the partition
+    numbers, as soon as both are in (so few are held at once), and what remains, in order,
+    by :meth:`total`: the same input gives the same bits. A partition that arrives twice
+    (its task ran again) counts once.
+    """
+
+    # (level, index) -> Moments of partitions index * 2**level .. (index + 1) * 2**level - 1
+    nodes: dict[tuple[int, int], Moments] = field(default_factory=dict)
+    partitions: set[int] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, partition: int, moments: Moments) -> PartitionMoments:
+        return cls({(0, partition): moments}, {partition})
+
+    def add(self, other: PartitionMoments) -> PartitionMoments:
+        """``other``'s single partitions added to these (in place), each once."""
+        for (level, index), moments in sorted(other.nodes.items()):
+            if level:
+                raise ValueError("only single partitions can be added")
+            if index in self.partitions:
+                continue
+            self.partitions.add(index)
+            while (level, index ^ 1) in self.nodes:
+                sibling = self.nodes.pop((level, index ^ 1))
+                moments = sibling.merge(moments) if index & 1 else moments.merge(sibling)
+                level, index = level + 1, index >> 1
+            self.nodes[(level, index)] = moments
+        return self
+
+    def total(self) -> Moments:
+        """Everything added, merged from the first partition to the last."""
+        merged = Moments.empty()
+        for level, index in sorted(self.nodes, key=lambda node: node[1] << node[0]):
+            merged = merged.merge(self.nodes[(level, index)])
+        return merged
 
 
 def _batch_rows(column: pa.Array) -> np.ndarray:

@@ -271,7 +271,7 @@ def extract_features(
                 .collect()
             )
         # Taken now: a later job recomputing a lost cached partition would add it again.
-        statistics = accumulator.value if accumulator is not None else None
+        statistics = accumulator.value.total() if accumulator is not None else None
         with timed(timings, "write_s"):
             rejected, by_kind, n_new = rejected_files(spark, storage, listing, scored, outcomes,
                                                  increment)  # fmt: skip
