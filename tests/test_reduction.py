@@ -12,7 +12,7 @@ from pyspark.ml.feature import PCA, PCAModel, StandardScaler
 from pyspark.ml.functions import array_to_vector, vector_to_array
 
 from imagepca import reduction
-from imagepca.moments import MomentsBuilder, PartitionMoments
+from imagepca.moments import MomentsBuilder, PartitionMoments, merge_partials, merged_rows
 from imagepca.reduction import (
     Moments,
     decompose,
@@ -96,6 +96,35 @@ def test_partition_moments_are_the_same_bits_in_any_order_and_count_a_partition_
         PartitionMoments().add(merged)
 
 
+def test_a_merge_level_merges_runs_of_partitions_in_their_order():
+    """notebook 02's pass merges its partitions' statistics on the executors, in the order
+    the shuffle delivers them: each run of `span` partitions is merged in the partitions'
+    order all the same, to the same bits."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for part in range(11):
+        chunk = 1e3 + rng.normal(size=(30 + part, 4))
+        centred = chunk - chunk.mean(axis=0)
+        moments = Moments(len(chunk), chunk.mean(axis=0), centred.T @ centred)
+        rows.append({"part": part, **moments.to_bytes()})
+    outputs = []
+    for seed in range(5):
+        shuffled = [rows[i] for i in np.random.default_rng(seed).permutation(11)]
+        batches = [
+            pa.RecordBatch.from_pylist(shuffled[:3]),
+            pa.RecordBatch.from_pylist(shuffled[3:]),
+        ]
+        merged = [row for batch in merge_partials(4)(iter(batches)) for row in batch.to_pylist()]
+        assert [row["part"] for row in merged] == [0, 4, 8]
+        outputs.append(merged)
+    assert all(output == outputs[0] for output in outputs)  # the same bytes
+    expected = [merged_rows(rows[start : start + 4]) for start in (0, 4, 8)]
+    for row, moments in zip(outputs[0], expected, strict=True):
+        assert row["n"] == moments.n and row["m2"] == moments.m2.tobytes()
+
+
 @pytest.fixture(scope="module")
 def synthetic(spark):
     rng = np.random.default_rng(1)
@@ -113,10 +142,11 @@ def synthetic(spark):
 
 def test_distributed_moments_equal_numpy(synthetic):
     df, values = synthetic
-    moments = feature_moments(df)
-    assert moments.n == 600
-    np.testing.assert_allclose(moments.mean, values.mean(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(moments.covariance, np.cov(values, rowvar=False), atol=1e-9)
+    for frame in (df, df.repartition(40)):  # one merge level, then two
+        moments = feature_moments(frame)
+        assert moments.n == 600
+        np.testing.assert_allclose(moments.mean, values.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(moments.covariance, np.cov(values, rowvar=False), atol=1e-9)
 
 
 def test_the_fit_takes_the_decomposition_started_for_its_statistics(synthetic, monkeypatch):

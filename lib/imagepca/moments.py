@@ -13,13 +13,15 @@ workers load it (by reference, from the functions given to ``mapInArrow``) in mi
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-MOMENTS_SCHEMA = "n long, mean binary, m2 binary"
+# part: the first partition a row covers (see merge_partials).
+MOMENTS_SCHEMA = "part long, n long, mean binary, m2 binary"
 
 
 @dataclass(frozen=True)
@@ -159,22 +161,43 @@ class MomentsBuilder:
 
 
 def partition_moments(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """``mapInArrow`` function: one row of :class:`Moments` per partition of vectors."""
+    """``mapInArrow`` function: one row of :class:`Moments` per partition of vectors, its
+    ``part`` the partition's number."""
+    from pyspark import TaskContext  # loaded in every Spark worker already
+
     builder = MomentsBuilder()
     for batch in batches:
         builder.add(_batch_rows(batch.column(0)))
     if builder.n:
-        yield pa.RecordBatch.from_pylist([builder.moments().to_bytes()])
+        part = TaskContext.get().partitionId()
+        yield pa.RecordBatch.from_pylist([{"part": part, **builder.moments().to_bytes()}])
 
 
-def merge_partials(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """``mapInArrow`` function: merge rows of :class:`Moments` into one (a tree level)."""
+def merge_partials(span: int):
+    """A ``mapInArrow`` function for a level of the merge tree: the rows of each run of
+    ``span`` consecutive partitions merged into one, in the partitions' order (as
+    :class:`PartitionMoments`, whatever order the shuffle delivers them in)."""
+
+    def merge(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        rows = sorted((row for batch in batches for row in batch.to_pylist()), key=_part)
+        for _, group in itertools.groupby(rows, key=lambda row: row["part"] // span):
+            group = list(group)
+            total = merged_rows(group).to_bytes()
+            yield pa.RecordBatch.from_pylist([{"part": group[0]["part"], **total}])
+
+    return merge
+
+
+def merged_rows(rows: Iterable[dict]) -> Moments:
+    """Rows of :data:`MOMENTS_SCHEMA` merged in the order given."""
     total = Moments.empty()
-    for batch in batches:
-        for row in batch.to_pylist():
-            total = total.merge(Moments.from_bytes(row["n"], row["mean"], row["m2"]))
-    if total.n:
-        yield pa.RecordBatch.from_pylist([total.to_bytes()])
+    for row in rows:
+        total = total.merge(Moments.from_bytes(row["n"], row["mean"], row["m2"]))
+    return total
+
+
+def _part(row: dict) -> int:
+    return row["part"]
 
 
 def projector(mean: np.ndarray, std: np.ndarray, components: np.ndarray, scores_type: pa.DataType):

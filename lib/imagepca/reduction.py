@@ -42,7 +42,14 @@ from pyspark.sql.types import StringType, StructField, StructType
 from threadpoolctl import threadpool_limits
 
 from .config import ParameterError
-from .moments import MOMENTS_SCHEMA, Moments, merge_partials, partition_moments, projector
+from .moments import (
+    MOMENTS_SCHEMA,
+    Moments,
+    merge_partials,
+    merged_rows,
+    partition_moments,
+    projector,
+)
 from .session import ARROW_BATCH_KEY, in_background, java_doubles, spark_settings
 from .storage import FLOAT_VECTOR, Storage, join
 
@@ -100,20 +107,22 @@ def feature_moments(features: DataFrame, column: str = "features") -> Moments:
     """:class:`Moments` of an ``array<float>`` column, accumulated on the executors.
 
     One partial per partition (``d x d`` float64, 13 MB at d = 1280); past a few
-    partitions they are merged on the executors, a square root of them at a time, so the
-    driver never holds more than a few.
+    partitions they are merged on the executors, runs of about a square root of them at a
+    time, so the driver never holds more than a few. Every merge goes in the partitions'
+    order: the same input, partitioned alike, gives the same bits.
     """
     spark = features.sparkSession
     with spark_settings(spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS)}):
         partials = features.select(column).mapInArrow(partition_moments, MOMENTS_SCHEMA)
-        count = features.rdd.getNumPartitions()
+        count, span = features.rdd.getNumPartitions(), 1  # span: partitions a row covers
         while count > 4:
-            count = math.isqrt(count - 1) + 1
-            partials = partials.repartition(count).mapInArrow(merge_partials, MOMENTS_SCHEMA)
-        total = Moments.empty()
-        for row in partials.collect():
-            total = total.merge(Moments.from_bytes(row["n"], row["mean"], row["m2"]))
-        return total
+            fanout = math.isqrt(count - 1) + 1
+            span, count = span * fanout, -(-count // fanout)
+            groups = F.floor(F.col("part") / span)  # runs of consecutive partitions
+            partials = partials.repartition(count, groups).mapInArrow(
+                merge_partials(span), MOMENTS_SCHEMA
+            )
+        return merged_rows(sorted(partials.collect(), key=lambda row: row["part"]))
 
 
 # -- the fit ------------------------------------------------------------------------------
