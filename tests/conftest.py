@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def sample_run(sample_dir, tmp_path_factory, test_environment):
     scratch.mkdir()
     session_scratch = os.environ["SPARK_LOCAL_DIRS"]
     os.environ.update({marker: "1", "SPARK_LOCAL_DIRS": str(scratch)})
+    threads_before = set(threading.enumerate())
     try:
         status = main(
             ["run", "--input", str(sample_dir), "--output", str(output), "--master", "local[2]"]
@@ -144,6 +146,12 @@ def sample_run(sample_dir, tmp_path_factory, test_environment):
         os.environ.pop(marker)
         os.environ["SPARK_LOCAL_DIRS"] = session_scratch
     assert status == 0
+    # Every kernel client the run made (papermill's, one per notebook) is stopped: a running
+    # one's sockets would reconnect to the ended kernel's ports as long as this process lives.
+    clients = [
+        t for t in set(threading.enumerate()) - threads_before if type(t).__name__ == "HBChannel"
+    ]
+    assert not clients, f"kernel clients still running: {clients}"
     # The kernel is killed once its Spark has stopped: no process of the run is left, and
     # the JVM stopped in order first (a JVM killed with its kernel leaves its scratch
     # directories behind).

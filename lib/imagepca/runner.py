@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from importlib import resources
@@ -195,6 +196,7 @@ def run_notebooks(
         kernel_manager = AsyncKernelManager(kernel_name=kernel)
         streams = {}
     engine = _kernel_recording_engine() if kernel != LOCAL_KERNEL else None
+    stop_clients = _stopping_clients(kernel_manager)
     completed = False
     restore_sigterm = _sigterm_interrupts()
     try:
@@ -273,6 +275,7 @@ def run_notebooks(
             # request, Python's teardown, polled every 0.1 s) cost 0.5-0.8 s of every run.
             # Any other kernel is asked to shut down: sparkmagic's deletes its Livy session.
             run_sync(kernel_manager.shutdown_kernel)(now=stopped)
+        stop_clients()
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -363,6 +366,31 @@ def _skip_slow_optional_imports() -> None:
     module as absent. Has no effect when something imported it already.
     """
     sys.modules.setdefault("rfc3987_syntax", None)
+
+
+def _stopping_clients(kernel_manager) -> Callable[[], None]:
+    """A function that stops every client made from ``kernel_manager`` from now on.
+
+    nbclient makes a client per notebook and stops it only with a kernel manager of its
+    own. Left running, a client's ZeroMQ sockets reconnect to the ended kernel's ports every
+    0.1 s for as long as this process lives, and greet whatever binds a port next: in a test
+    process, a JVM's result server took the greeting for its handshake (CANNOT_OPEN_SOCKET).
+    """
+    made = []
+    make = kernel_manager.client
+
+    def client(**kwargs):
+        made.append(make(**kwargs))
+        return made[-1]
+
+    kernel_manager.client = client
+
+    def stop() -> None:
+        for each in made:
+            with suppress(Exception):
+                each.stop_channels()
+
+    return stop
 
 
 async def _stop_kernel_spark(kernel_manager) -> bool:
