@@ -87,9 +87,15 @@ def test_no_jvm_options_when_spark_defaults_set_the_drivers_java_options(tmp_pat
     monkeypatch.setenv("IMAGEPCA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(session, "_pending_archive", None)  # this process's JVM keeps its own
     assert session.local_jvm_options() == ""
+    # Other settings there: the session's options, but no class archive, which Java does not
+    # write for a class path with a non-empty folder (Spark's launcher puts this one on it).
     (tmp_path / "spark-defaults.conf").write_text("spark.driver.extraClassPath=/opt/x.jar\n")
-    assert session.local_jvm_options().startswith("-XX:ArchiveClassesAtExit=")
     monkeypatch.setenv("IMAGEPCA_JVM_QUICK_JIT", "1")
+    assert session.local_jvm_options() == session.QUICK_JIT_OPTION
+    empty = tmp_path / "empty-conf"
+    empty.mkdir()
+    monkeypatch.setenv("SPARK_CONF_DIR", str(empty))
+    assert session.local_jvm_options().startswith("-XX:ArchiveClassesAtExit=")
     assert session.local_jvm_options().split()[-1] == session.QUICK_JIT_OPTION
     monkeypatch.setenv("IMAGEPCA_JVM_CLASS_ARCHIVE", "0")
     assert session.local_jvm_options() == session.QUICK_JIT_OPTION

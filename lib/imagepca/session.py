@@ -226,6 +226,12 @@ def class_archive_options(extra_class_path: str = "") -> str:
     spark_home = Path(_find_spark_home())
     if java_home is None or (_java_major(java_home) or 0) < 13:
         return ""
+    # Spark's launcher puts the configuration folder on the class path, and Java writes no
+    # archive for a class path with a non-empty folder (it printed "Cannot have non-empty
+    # directory in paths" at every exit instead).
+    conf_dir = _conf_dir(spark_home)
+    if conf_dir.is_dir() and any(conf_dir.iterdir()):
+        return ""
     jars = spark_home / "jars"
     identity = "\n".join(
         [
@@ -254,13 +260,18 @@ def class_archive_options(extra_class_path: str = "") -> str:
 def _admin_java_options(spark_home: Path) -> bool:
     """Whether ``spark-defaults.conf`` sets the driver's Java options (an EMR node's does):
     a session's own setting would replace them, so they win and the session adds none."""
-    conf_dir = Path(os.environ.get("SPARK_CONF_DIR") or spark_home / "conf")
     try:
-        lines = (conf_dir / "spark-defaults.conf").read_text(errors="replace").splitlines()
+        lines = (_conf_dir(spark_home) / "spark-defaults.conf").read_text(errors="replace")
+        lines = lines.splitlines()
     except OSError:
         return False
     setting = re.compile(rf"\s*{re.escape(JAVA_OPTIONS_KEY)}\s*[=:\s]")  # Java properties
     return any(setting.match(line) for line in lines)
+
+
+def _conf_dir(spark_home: Path) -> Path:
+    """Spark's configuration folder, as its launcher finds it."""
+    return Path(os.environ.get("SPARK_CONF_DIR") or spark_home / "conf")
 
 
 def _java_home() -> Path | None:
