@@ -12,8 +12,10 @@ workers load it (by reference, from the functions given to ``mapInArrow``) in mi
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
+import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -22,6 +24,7 @@ import pyarrow as pa
 
 # part: the first partition a row covers (see merge_partials).
 MOMENTS_SCHEMA = "part long, n long, mean binary, m2 binary"
+_PART = operator.itemgetter("part")
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,8 @@ class PartitionMoments:
 
     def total(self) -> Moments:
         """Everything added, merged from the first partition to the last."""
-        merged = Moments.empty()
-        for level, index in sorted(self.nodes, key=lambda node: node[1] << node[0]):
-            merged = merged.merge(self.nodes[(level, index)])
-        return merged
+        in_order = sorted(self.nodes, key=lambda node: node[1] << node[0])  # by first partition
+        return functools.reduce(Moments.merge, map(self.nodes.get, in_order), Moments.empty())
 
 
 def _batch_rows(column: pa.Array) -> np.ndarray:
@@ -179,7 +180,7 @@ def merge_partials(span: int):
     :class:`PartitionMoments`, whatever order the shuffle delivers them in)."""
 
     def merge(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        rows = sorted((row for batch in batches for row in batch.to_pylist()), key=_part)
+        rows = sorted((row for batch in batches for row in batch.to_pylist()), key=_PART)
         for _, group in itertools.groupby(rows, key=lambda row: row["part"] // span):
             group = list(group)
             total = merged_rows(group).to_bytes()
@@ -188,16 +189,11 @@ def merge_partials(span: int):
     return merge
 
 
-def merged_rows(rows: Iterable[dict]) -> Moments:
-    """Rows of :data:`MOMENTS_SCHEMA` merged in the order given."""
-    total = Moments.empty()
-    for row in rows:
-        total = total.merge(Moments.from_bytes(row["n"], row["mean"], row["m2"]))
-    return total
-
-
-def _part(row: dict) -> int:
-    return row["part"]
+def merged_rows(rows: Iterable) -> Moments:
+    """Rows of :data:`MOMENTS_SCHEMA` merged in the order of their partitions."""
+    in_order = sorted(rows, key=_PART)
+    parts = (Moments.from_bytes(row["n"], row["mean"], row["m2"]) for row in in_order)
+    return functools.reduce(Moments.merge, parts, Moments.empty())
 
 
 def projector(mean: np.ndarray, std: np.ndarray, components: np.ndarray, scores_type: pa.DataType):

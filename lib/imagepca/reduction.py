@@ -122,7 +122,7 @@ def feature_moments(features: DataFrame, column: str = "features") -> Moments:
             partials = partials.repartition(count, groups).mapInArrow(
                 merge_partials(span), MOMENTS_SCHEMA
             )
-        return merged_rows(sorted(partials.collect(), key=lambda row: row["part"]))
+        return merged_rows(partials.collect())
 
 
 # -- the fit ------------------------------------------------------------------------------
