@@ -270,7 +270,7 @@ def extract_features(
                 .agg(*fingerprint_sums())
                 .collect()
             )
-        # Taken now: a later job recomputing a lost cached partition would add it again.
+        # Every task has added its partition's part (each once, however often it ran).
         statistics = accumulator.value.total() if accumulator is not None else None
         with timed(timings, "write_s"):
             rejected, by_kind, n_new = rejected_files(spark, storage, listing, scored, outcomes,

@@ -261,12 +261,11 @@ def _admin_java_options(spark_home: Path) -> bool:
     """Whether ``spark-defaults.conf`` sets the driver's Java options (an EMR node's does):
     a session's own setting would replace them, so they win and the session adds none."""
     try:
-        lines = (_conf_dir(spark_home) / "spark-defaults.conf").read_text(errors="replace")
-        lines = lines.splitlines()
+        text = (_conf_dir(spark_home) / "spark-defaults.conf").read_text(errors="replace")
     except OSError:
         return False
     setting = re.compile(rf"\s*{re.escape(JAVA_OPTIONS_KEY)}\s*[=:\s]")  # Java properties
-    return any(setting.match(line) for line in lines)
+    return any(setting.match(line) for line in text.splitlines())
 
 
 def _conf_dir(spark_home: Path) -> Path:
