@@ -4,6 +4,7 @@ images without labels are a first-class input (the classifier is skipped, the ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,10 @@ import pytest
 
 from conftest import FRUIT_PHOTOS, WEIGHTS, processes_with, signal_once_started, write_notebook
 from imagepca import executed, runner
+from imagepca.classify import prepare
 from imagepca.cli import main
+from imagepca.config import ClassifyParams, ExtractParams, ReduceParams
+from imagepca.pipeline import extract_features, finish_run, reduce_features
 from imagepca.storage import CLASSIFY_ARTIFACTS
 from moto_server import aws_env, moto_endpoint  # noqa: F401
 
@@ -75,6 +79,50 @@ def test_unlabeled_images_skip_the_classifier_and_succeed(sample_dir, tmp_path, 
     notes = [line for line in printed.splitlines() if "classifier skipped" in line]
     assert len(notes) == 1 and "2 labels" in notes[0]
     assert "[3/3] 03_classify.ipynb skipped: " in progress  # the third status line, too
+
+
+def test_notebooks_run_by_hand_remove_the_copies_an_earlier_run_saved(spark, sample_run, tmp_path):
+    """Run by hand (the calls a notebook in JupyterHub makes), a notebook saves no executed
+    copy in the output: the copy an earlier `imagepca run` saved there, which describes
+    another run's outputs, goes, and metrics.json lists it. A copy papermill is writing
+    (no end_time yet: `imagepca run` under way) stays."""
+    output = tmp_path / "out"
+    shutil.copytree(sample_run, output)
+    copies = output / "notebooks"
+    earlier = {path.name: path.read_bytes() for path in copies.iterdir()}
+    stored = json.loads((output / "metrics.json").read_text())["params"]["extract"]
+    extract = {field.name: stored[field.name] for field in dataclasses.fields(ExtractParams)}
+    extract.update(output=str(output), reuse_features=True)  # the same features, quickly
+
+    extract_features(spark, ExtractParams(**extract))
+    assert not (copies / runner.EXTRACT_NOTEBOOK).exists()
+    running = nbformat.reads(earlier[runner.REDUCE_NOTEBOOK].decode(), as_version=4)
+    running.metadata.papermill.update(end_time=None, duration=None)  # as papermill starts
+    nbformat.write(running, str(copies / runner.REDUCE_NOTEBOOK))
+    reduction = reduce_features(spark, ReduceParams(output=str(output), k=5))
+    assert (copies / runner.REDUCE_NOTEBOOK).exists()
+    assert sorted(reduction.metrics["removed_from_earlier_run"]) == sorted(
+        [f"notebooks/{runner.EXTRACT_NOTEBOOK}", *CLASSIFY_ARTIFACTS]
+    )
+
+    (copies / runner.REDUCE_NOTEBOOK).write_bytes(earlier[runner.REDUCE_NOTEBOOK])
+    reduction = reduce_features(spark, ReduceParams(output=str(output), k=5))
+    finish_run(spark, str(output), reduction.metrics)
+    assert not any(copies.iterdir())
+    by_hand = [f"notebooks/{runner.EXTRACT_NOTEBOOK}", f"notebooks/{runner.REDUCE_NOTEBOOK}"]
+    assert sorted(reduction.metrics["removed_from_earlier_run"]) == by_hand
+
+    (copies / runner.CLASSIFY_NOTEBOOK).write_bytes(earlier[runner.CLASSIFY_NOTEBOOK])
+    clf = prepare(spark, ClassifyParams(output=str(output)))
+    clf.fit_reduced()
+    metrics = clf.publish()
+    assert (output / "_SUCCESS").exists() and (output / "classifier_model").is_dir()
+    assert not any(copies.iterdir())
+    assert metrics["removed_from_earlier_run"] == [
+        *by_hand,
+        f"notebooks/{runner.CLASSIFY_NOTEBOOK}",
+    ]
+    assert json.loads((output / "metrics.json").read_text()) == metrics
 
 
 def _input_of(output: Path) -> Path:

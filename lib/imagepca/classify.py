@@ -67,7 +67,7 @@ from .plots import save_figure
 from .reduction import PCA_COL, StoredPCA
 from .session import default_parallelism, in_background
 from .split import IS_TEST_COL, SPLIT_BY, TrainingMatrix
-from .storage import CLASSIFY_ARTIFACTS, Storage, join
+from .storage import CLASSIFY_NOTEBOOK, Storage, join
 
 MODEL_DIR = "classifier_model"
 ROWS_PER_PARTITION = 2000  # ~20 MB of 1280-d features per cached partition
@@ -457,15 +457,15 @@ class Classification:
         timings = dict(self.run_metrics.get("timings_s", {}))
         timings["classify_s"] = round(sum(self.timings.values()), 3)
         merged = {**self.run_metrics, "classification": block, "timings_s": timings}
-        # What notebook 02 removed and this notebook has just made again is not missing.
+        # What notebook 02 removed and is still missing (this notebook made its artifacts
+        # again, but saves no copy of itself when run by hand), and an earlier copy of it.
         merged["removed_from_earlier_run"] = [
             name
             for name in self.run_metrics.get("removed_from_earlier_run", [])
-            if name not in CLASSIFY_ARTIFACTS
-        ]
+            if not self.storage.exists(join(self.params.output, name))
+        ] + self.storage.remove_earlier_copy(self.params.output, CLASSIFY_NOTEBOOK)
         self.storage.finish_run(self.params.output, merged)
-        # Complete again: a later write (a figure, a refit's model, another publish)
-        # withdraws the markers first.
+        # Complete again: a later write (a figure, a refit, a publish) withdraws the markers.
         self.writing = False
         self.split.unpersist()
         return merged

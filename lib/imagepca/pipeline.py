@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import platform
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -69,8 +69,10 @@ from .rejects import checked, rejected_files
 from .session import ARROW_BATCH_KEY, default_parallelism, run_concurrently, spark_settings
 from .storage import (
     CLASSIFY_ARTIFACTS,
+    EXTRACT_NOTEBOOK,
     EXTRACTION_FILE,
     FAILED_EXTRACT_NOTEBOOK,
+    REDUCE_NOTEBOOK,
     STAGING_DIR,
     Storage,
     join,
@@ -94,10 +96,8 @@ VERSIONED = (
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for package in VERSIONED:
-        try:
+        with suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
     return versions
 
 
@@ -186,6 +186,7 @@ def extract_features(
     storage = Storage(spark)
     listing = listing or start_extraction(spark, params)
     timings["list_s"] = listing.seconds
+    removed = storage.remove_earlier_copy(params.output, EXTRACT_NOTEBOOK)  # run by hand
     with timed(timings, "weights_s"):
         weights_file = resolve_weights(params.weights, spark)  # the copy it resolved
         weights_sha = file_sha256(weights_file)
@@ -207,6 +208,7 @@ def extract_features(
                 if key not in ("incremental", "reuse_refused")
             }
             metadata.update(
+                removed_from_earlier_run=removed,
                 **_listing_fields(params, listing),
                 params=identity,
                 timings_s=timings,
@@ -313,6 +315,7 @@ def extract_features(
             metadata = {
                 # --reuse-features that featurized again all the same: why.
                 "reuse_refused": not_reused,
+                "removed_from_earlier_run": removed,
                 **_listing_fields(params, listing),
                 "layout": LAYOUT,
                 "rejected_by_kind": by_kind,
@@ -417,11 +420,13 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     # An object store's input or a manifest has no image count before featurization.
     check_k(params.k, extraction["n_images"], FEATURE_DIM, then=KEPT_FEATURES)
     storage.begin_run(params.output)
-    # What an earlier notebook 03 left, made from another PCA, and an earlier attempt's
-    # failed notebook 01 (kept while the output it had left alone was complete).
-    removed = storage.remove_artifacts(
-        params.output, (FAILED_EXTRACT_NOTEBOOK, *CLASSIFY_ARTIFACTS)
-    )
+    # An earlier notebook 03's (another PCA's), a failed attempt's notebook 01 (kept while the
+    # output stayed complete), and an earlier run's copies of notebooks 01-02 run by hand.
+    removed = [
+        *extraction.get("removed_from_earlier_run", []),
+        *storage.remove_artifacts(params.output, (FAILED_EXTRACT_NOTEBOOK, *CLASSIFY_ARTIFACTS)),
+        *storage.remove_earlier_copy(params.output, REDUCE_NOTEBOOK),
+    ]
     features = read_features(spark, params.output)
     with timed(timings, "fit_s"):
         moments = _stored_moments(storage, params.output, extraction)

@@ -27,12 +27,18 @@ from pathlib import Path
 from .config import ExtractParams, ReduceParams
 from .console import Console
 from .executed import completed_copy, keep_completed_copy, record_stop
-from .storage import EXTRACTION_FILE, METRICS_FILE, is_local, join, local_path, papermill_location
-
-EXTRACT_NOTEBOOK = "01_extract_features.ipynb"
-REDUCE_NOTEBOOK = "02_reduce_pca.ipynb"
-CLASSIFY_NOTEBOOK = "03_classify.ipynb"
-
+from .storage import (  # the notebooks' names: imported from here too (cli, aws.runs)
+    CLASSIFY_NOTEBOOK,
+    EXECUTED_DIR,
+    EXTRACT_NOTEBOOK,
+    EXTRACTION_FILE,
+    METRICS_FILE,
+    REDUCE_NOTEBOOK,
+    is_local,
+    join,
+    local_path,
+    papermill_location,
+)
 
 # The kernel of local runs: the notebooks' Python runs in it, with its own Spark JVM (not so
 # for sparkmagic's pysparkkernel, whose code runs in a Livy session on the cluster).
@@ -183,7 +189,7 @@ def run_notebooks(
 
     source = papermill_location(notebooks or notebooks_dir())
     if is_local(output):
-        Path(local_path(output), "notebooks").mkdir(parents=True, exist_ok=True)
+        Path(local_path(output), EXECUTED_DIR).mkdir(parents=True, exist_ok=True)
     saved_env = {key: os.environ.get(key) for key in (env or {})}
     os.environ.update(env or {})
     # One kernel for every notebook of the run: its Spark session (or Livy session), the
@@ -207,7 +213,7 @@ def run_notebooks(
                 if console is not None:
                     console.line(f"{label} skipped: {skipped}")
                 continue
-            destination = join(papermill_location(output), "notebooks", run.name)
+            destination = join(papermill_location(output), EXECUTED_DIR, run.name)
             kept = completed_copy(output, destination) if run.name == EXTRACT_NOTEBOOK else None
             started, started_at = time.perf_counter(), time.time()
             if console is not None:

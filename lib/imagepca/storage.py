@@ -29,16 +29,22 @@ SUCCESS_MARKER = "_SUCCESS"
 METRICS_FILE = "metrics.json"
 EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
 STAGING_DIR = "_staging"
+# A run's notebooks; `imagepca run` has papermill save each, as it executes, under
+# OUTPUT/EXECUTED_DIR (imagepca.runner).
+EXTRACT_NOTEBOOK = "01_extract_features.ipynb"
+REDUCE_NOTEBOOK = "02_reduce_pca.ipynb"
+CLASSIFY_NOTEBOOK = "03_classify.ipynb"
+EXECUTED_DIR = "notebooks"
 # Where `imagepca run` keeps a notebook 01 that failed before touching a complete output
 # (imagepca.runner); notebook 02 removes it, as it removes notebook 03's artifacts.
-FAILED_EXTRACT_NOTEBOOK = "logs/01_extract_features.ipynb"
+FAILED_EXTRACT_NOTEBOOK = f"logs/{EXTRACT_NOTEBOOK}"
 # What notebook 03 adds to an output. Notebook 02 removes these when it starts: a
 # classifier of an earlier run was trained on another PCA.
 CLASSIFY_ARTIFACTS = (
     "classifier_model",
     "confusion_matrix.png",
     "k_sweep.png",
-    "notebooks/03_classify.ipynb",
+    f"{EXECUTED_DIR}/{CLASSIFY_NOTEBOOK}",
 )
 
 
@@ -254,6 +260,29 @@ class Storage:
                 self.delete(uri)
                 removed.append(name)
         return removed
+
+    def remove_earlier_copy(self, output: str, notebook: str) -> list[str]:
+        """Delete ``OUTPUT/notebooks/NOTEBOOK`` if an earlier execution left it; return the
+        name deleted, if any.
+
+        A notebook run by hand (JupyterHub, EMR Notebooks) replaces the output's work
+        without saving its own copy there, so the copy of the run before would describe
+        another run's outputs. papermill sets a copy's ``end_time`` once its execution has
+        ended: the copy ``imagepca run`` is writing while this notebook runs has none yet
+        and stays, as does anything that is not a papermill notebook (or is half-written).
+        """
+        name = f"{EXECUTED_DIR}/{notebook}"
+        uri = join(output, name)
+        if not self.exists(uri):
+            return []
+        try:
+            ended = self.read_json(uri)["metadata"]["papermill"]["end_time"]
+        except (ValueError, KeyError, TypeError):
+            return []
+        if ended is None:
+            return []
+        self.delete(uri)
+        return [name]
 
     def publish(self, output: str, name: str, write: Callable[[str], None]) -> str:
         """Write a dataset with ``write(staging_uri)``, then swap it in as ``OUTPUT/name``.

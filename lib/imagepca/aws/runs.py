@@ -330,8 +330,13 @@ def run_notebook_executions(
     when ``metrics.json`` says classification was skipped (fewer than 2 labels: it would
     raise). Returns the ids of the executions started.
     """
-    from imagepca.runner import CLASSIFY_NOTEBOOK, EXTRACT_NOTEBOOK
-    from imagepca.storage import EXTRACTION_FILE, METRICS_FILE, SUCCESS_MARKER
+    from imagepca.storage import (
+        CLASSIFY_NOTEBOOK,
+        EXTRACT_NOTEBOOK,
+        EXTRACTION_FILE,
+        METRICS_FILE,
+        SUCCESS_MARKER,
+    )
 
     out = out or sys.stdout
     output = output.rstrip("/")
