@@ -20,10 +20,10 @@ LAB_PORT ?= 8888
 # command on PATH, or an absolute path) exists.
 #   Java: Spark. Kerberos headers: sparkmagic's gssapi builds from source (dev extra).
 #   shellcheck: lints the EMR bootstrap scripts. Chromium: the JupyterLab browser test.
-#   git: a test lists the repository's files.
+#   git: a test lists the repository's files. A CJK font: figures with Chinese labels.
 JAVA_DEPS := openjdk-17-jre-headless:java
 TEST_DEPS := $(JAVA_DEPS) libkrb5-dev:krb5-config shellcheck:shellcheck chromium:/usr/bin/chromium \
-	git:git
+	git:git fonts-wqy-microhei:/usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 
 # $(call debian_packages,PACKAGE:PROBE ...): install the missing ones (apt-get update once),
 # or stop with the command to run when this user cannot.
@@ -31,7 +31,7 @@ define debian_packages
 	@missing=""; \
 	for dep in $(1); do \
 	    package=$${dep%%:*}; probe=$${dep#*:}; \
-	    case "$$probe" in /*) test -x "$$probe" ;; *) command -v "$$probe" >/dev/null ;; esac \
+	    case "$$probe" in /*) test -e "$$probe" ;; *) command -v "$$probe" >/dev/null ;; esac \
 	        || missing="$$missing $$package"; \
 	done; \
 	if [ -n "$$missing" ]; then \

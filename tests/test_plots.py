@@ -10,7 +10,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 
-from imagepca.plots import plot_projection  # noqa: E402
+from imagepca.plots import (  # noqa: E402
+    plot_confusion_matrix,
+    plot_projection,
+    plot_samples,
+    save_figure,
+)
+from imagepca.storage import Storage  # noqa: E402
 
 
 def projection_points(n_labels: int, *, k: int = 2) -> pd.DataFrame:
@@ -61,3 +67,44 @@ def test_each_new_figure_closes_the_ones_made_before():
         plot_projection(projection_points(3))
     assert len(plt.get_fignums()) == 1
     assert plt.gcf().axes[0].get_title().startswith("Images on the first")  # what %matplot shows
+
+
+def test_labels_in_scripts_dejavu_sans_lacks_are_drawn_with_an_installed_font(tmp_path):
+    """Chinese class folders: matplotlib's DejaVu Sans has none of their characters (boxes,
+    and a warning per character at every drawing). `make test` installs a CJK font
+    (fonts-wqy-microhei): every figure with labels falls back to it, glyph by glyph."""
+    import warnings
+
+    labels = ["苹果", "香蕉", "橙子 blood"]
+    figures = [
+        plot_confusion_matrix(labels, np.eye(3, dtype=int) * 4),
+        plot_projection(pd.DataFrame({"label": labels * 2, "pc1": range(6), "pc2": range(6)})),
+        plot_samples([(label, np.zeros((16, 16, 3), np.uint8)) for label in labels]),
+    ]
+    for fig in figures:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "Glyph ... missing from font(s)" fails the test
+            fig.savefig(tmp_path / "figure.png", format="png")
+    ticks = figures[0].axes[0].get_yticklabels()
+    assert [t.get_text() for t in ticks] == labels
+    assert len(ticks[0].get_fontfamily()) == 2  # matplotlib's own, then the CJK font
+
+
+def test_labels_no_installed_font_has_get_one_warning(spark, tmp_path):
+    """Without a font for a label's script, the figures still draw (boxes), and the user gets
+    one warning naming the label and what to install, not one per character and drawing."""
+    import warnings
+
+    labels = ["ivy", "\U00010000\U00010001 (Linear B)"]  # a script no font here has
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        confusion = plot_confusion_matrix(labels, [[2, 0], [1, 1]])
+        projection = plot_projection(pd.DataFrame({"label": labels, "pc1": [0, 1], "pc2": [1, 0]}))
+        for fig, name in ((confusion, "confusion_matrix.png"), (projection, "projection.png")):
+            save_figure(fig, Storage(spark), str(tmp_path), name)
+    assert [str(w.message).split(":")[0] for w in caught] == [
+        "1 label(s) have characters no installed font has, drawn as boxes in the figures"
+    ]
+    assert labels[1] in str(caught[0].message) and "fonts-noto-cjk" in str(caught[0].message)
+    assert caught[0].filename == __file__  # where the figure was asked for
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 0

@@ -11,18 +11,24 @@ before it: a cluster's driver holds one, not one per plot cell run.
 from __future__ import annotations
 
 import io
+import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib import font_manager, ft2font
 from matplotlib.figure import Figure
 
 from .magics import remember_png
 from .storage import Storage, join
 
 _FIGURES: weakref.WeakSet = weakref.WeakSet()  # the figures made here and not closed yet
+# What matplotlib warns, at each drawing, for each character its fonts lack.
+_MISSING_GLYPH = r"Glyph .* missing from"
 
 
 def _new_figure(figsize: tuple[float, float]) -> Figure:
@@ -31,6 +37,56 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
     fig = plt.figure(figsize=figsize)
     _FIGURES.add(fig)
     return fig
+
+
+@contextmanager
+def _drawing_labels(labels: Iterable[str]):
+    """Draw ``labels`` in matplotlib's font, falling back glyph by glyph to installed fonts
+    that have the characters it lacks (Chinese, Japanese, Korean, Thai...: DejaVu Sans has
+    none of them). Texts keep the fonts they were made with, so the figure's later drawings
+    use them too."""
+    fallback = _fallback_fonts(tuple(sorted(set(labels))))
+    with (
+        plt.rc_context({"font.family": [*plt.rcParams["font.family"], *fallback]}),
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", _MISSING_GLYPH, UserWarning)  # said once, below
+        yield
+
+
+@lru_cache(maxsize=32)
+def _fallback_fonts(labels: tuple[str, ...]) -> tuple[str, ...]:
+    """The families of the installed fonts that draw what matplotlib's default font cannot
+    in ``labels``; a label no font can draw gets one warning saying what to install, not
+    matplotlib's, one per character at every drawing."""
+    default = _characters(font_manager.findfont(font_manager.FontProperties()))
+    missing = {char for label in labels for char in label if not char.isspace()} - default
+    families: list[str] = []
+    # The system's fonts, read afresh: matplotlib's cached list misses fonts installed
+    # after it was made.
+    for path in sorted(font_manager.findSystemFonts()) if missing else []:
+        drawn = missing & _characters(path)
+        if drawn:
+            font_manager.fontManager.addfont(path)
+            families.append(font_manager.FontProperties(fname=path).get_name())
+            missing -= drawn
+    if missing:
+        undrawable = [label for label in labels if missing & set(label)]
+        warnings.warn(
+            f"{len(undrawable)} label(s) have characters no installed font has, drawn as "
+            f"boxes in the figures: {', '.join(undrawable[:3])}. Install a font that has them "
+            "(for Chinese, Japanese and Korean, Noto Sans CJK: Debian's and Ubuntu's "
+            "fonts-noto-cjk), then restart the kernel.",
+            stacklevel=5,  # the plot function's caller (through the context manager)
+        )
+    return tuple(dict.fromkeys(families))
+
+
+def _characters(font_path: str) -> set[str]:
+    try:
+        return {chr(code) for code in ft2font.FT2Font(font_path).get_charmap()}
+    except (OSError, RuntimeError):  # not a font FreeType can read
+        return set()
 
 
 def plot_explained_variance(
@@ -87,32 +143,37 @@ def plot_projection(points: pd.DataFrame) -> Figure:
     legend_columns = (
         -(-len(labels) // PROJECTION_COLOURS) if len(labels) <= PROJECTION_LEGEND_MAX else 0
     )
-    fig = _new_figure(figsize=(7.5 + 2.2 * max(legend_columns - 1, 0), 6))
-    ax = fig.add_subplot()
-    colours = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
-    for index, label in enumerate(labels):
-        group = points[points["label"] == label]
-        y = np.full(len(group), index) if one_component else group["pc2"]
-        block, colour = divmod(index, PROJECTION_COLOURS)
-        marker = PROJECTION_MARKERS[block % len(PROJECTION_MARKERS)]
-        ax.scatter(
-            group["pc1"], y, s=12, alpha=0.75, color=colours(colour), marker=marker, label=label
-        )
-    if one_component:
-        ax.set(xlabel="PC 1", title="Images on the first principal component (k = 1)")
-        named = labels if len(labels) <= PROJECTION_LEGEND_MAX else []
-        ax.set_yticks(range(len(labels)), named, fontsize="small")
-        ax.invert_yaxis()
-    else:
-        ax.set(xlabel="PC 1", ylabel="PC 2", title="Images on the first two principal components")
-    if legend_columns and not one_component:
-        ax.legend(
-            fontsize="small" if len(labels) <= 20 else "x-small", markerscale=1.5,
-            ncols=legend_columns, bbox_to_anchor=(1.02, 1), loc="upper left",
-        )  # fmt: skip
-    elif not legend_columns:
-        ax.set_title(f"{ax.get_title()}\n{len(labels)} labels: too many to name here", fontsize=10)
-    fig.tight_layout()
+    with _drawing_labels(labels):
+        fig = _new_figure(figsize=(7.5 + 2.2 * max(legend_columns - 1, 0), 6))
+        ax = fig.add_subplot()
+        colours = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
+        for index, label in enumerate(labels):
+            group = points[points["label"] == label]
+            y = np.full(len(group), index) if one_component else group["pc2"]
+            block, colour = divmod(index, PROJECTION_COLOURS)
+            marker = PROJECTION_MARKERS[block % len(PROJECTION_MARKERS)]
+            ax.scatter(
+                group["pc1"], y, s=12, alpha=0.75, color=colours(colour), marker=marker, label=label
+            )
+        if one_component:
+            ax.set(xlabel="PC 1", title="Images on the first principal component (k = 1)")
+            named = labels if len(labels) <= PROJECTION_LEGEND_MAX else []
+            ax.set_yticks(range(len(labels)), named, fontsize="small")
+            ax.invert_yaxis()
+        else:
+            ax.set(
+                xlabel="PC 1", ylabel="PC 2", title="Images on the first two principal components"
+            )
+        if legend_columns and not one_component:
+            ax.legend(
+                fontsize="small" if len(labels) <= 20 else "x-small", markerscale=1.5,
+                ncols=legend_columns, bbox_to_anchor=(1.02, 1), loc="upper left",
+            )  # fmt: skip
+        elif not legend_columns:
+            ax.set_title(
+                f"{ax.get_title()}\n{len(labels)} labels: too many to name here", fontsize=10
+            )
+        fig.tight_layout()
     return fig
 
 
@@ -135,15 +196,16 @@ def plot_samples(samples: Sequence[tuple[str, np.ndarray]], columns: int = 6) ->
     title_in = 0.5
     width_in = columns * 1.8
     grid_in = width_in * canvas.shape[0] / canvas.shape[1]
-    fig = _new_figure(figsize=(width_in, grid_in + title_in))
-    ax = fig.add_axes((0, 0, 1, grid_in / (grid_in + title_in)))
-    ax.imshow(canvas, interpolation="antialiased")
-    ax.axis("off")
-    for index, (label, _) in enumerate(samples):
-        x = (index % columns) * cell_w + cell_w / 2
-        y = (index // columns) * cell_h + label_px * 0.55
-        ax.text(x, y, label, ha="center", va="center", fontsize=9, clip_on=True)
-    fig.suptitle("Sample input images", y=1 - 0.08 / (grid_in + title_in), va="top")
+    with _drawing_labels(label for label, _ in samples):
+        fig = _new_figure(figsize=(width_in, grid_in + title_in))
+        ax = fig.add_axes((0, 0, 1, grid_in / (grid_in + title_in)))
+        ax.imshow(canvas, interpolation="antialiased")
+        ax.axis("off")
+        for index, (label, _) in enumerate(samples):
+            x = (index % columns) * cell_w + cell_w / 2
+            y = (index // columns) * cell_h + label_px * 0.55
+            ax.text(x, y, label, ha="center", va="center", fontsize=9, clip_on=True)
+        fig.suptitle("Sample input images", y=1 - 0.08 / (grid_in + title_in), va="top")
     return fig
 
 
@@ -153,7 +215,9 @@ def save_figure(fig: Figure, storage: Storage, output: str, name: str) -> str:
     # Each figure lays itself out (tight_layout or fixed margins): bbox_inches="tight"
     # would draw it once more to measure it. zlib level 3 here gave smaller files than
     # the default 6 (the samples: 406 against 440 kB), in two thirds of the time.
-    fig.savefig(buffer, format="png", dpi=110, pil_kwargs={"compress_level": 3})
+    with warnings.catch_warnings():  # labels no font has: _fallback_fonts has said so
+        warnings.filterwarnings("ignore", _MISSING_GLYPH, UserWarning)
+        fig.savefig(buffer, format="png", dpi=110, pil_kwargs={"compress_level": 3})
     uri = join(output, name)
     storage.write_bytes(uri, buffer.getvalue())
     remember_png(fig, buffer.getvalue())  # %matplot then shows this file, not a new drawing
@@ -176,30 +240,33 @@ def plot_confusion_matrix(
     shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     n = len(labels)
     side = min(16.0, 3.0 + 0.55 * n)
-    fig = _new_figure(figsize=(side + 1.5, side))
-    ax = fig.add_subplot()
-    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label")
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                if counts[i, j]:
-                    ax.text(
-                        j,
-                        i,
-                        f"{int(counts[i, j])}",
-                        ha="center",
-                        va="center",
-                        fontsize=9,
-                        color="white" if shares[i, j] > 0.6 else "black",
-                    )
-    ticks = np.arange(n)
-    ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=9 if n <= 20 else 6)
-    ax.set_yticks(ticks, labels, fontsize=9 if n <= 20 else 6)
-    ax.set(
-        xlabel="predicted label", ylabel="true label", title=title or "Confusion matrix (test set)"
-    )
-    fig.tight_layout()
+    with _drawing_labels(labels):
+        fig = _new_figure(figsize=(side + 1.5, side))
+        ax = fig.add_subplot()
+        image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label")
+        if n <= 30:
+            for i in range(n):
+                for j in range(n):
+                    if counts[i, j]:
+                        ax.text(
+                            j,
+                            i,
+                            f"{int(counts[i, j])}",
+                            ha="center",
+                            va="center",
+                            fontsize=9,
+                            color="white" if shares[i, j] > 0.6 else "black",
+                        )
+        ticks = np.arange(n)
+        ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=9 if n <= 20 else 6)
+        ax.set_yticks(ticks, labels, fontsize=9 if n <= 20 else 6)
+        ax.set(
+            xlabel="predicted label",
+            ylabel="true label",
+            title=title or "Confusion matrix (test set)",
+        )
+        fig.tight_layout()
     return fig
 
 
