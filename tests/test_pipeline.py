@@ -21,8 +21,9 @@ from imagepca.config import ExtractParams, ParameterError, ReduceParams
 from imagepca.features import WeightsError, resolve_weights
 from imagepca.images import InputError
 from imagepca.inputs import fingerprint, list_folder
-from imagepca.pipeline import extract_features, finish_run, reduce_features
-from imagepca.reduction import reduce_with, save_models
+from imagepca.moments import sample_key
+from imagepca.pipeline import extract_features, finish_run, read_features, reduce_features
+from imagepca.reduction import ProjectionSample, reduce_with, save_models
 from imagepca.session import spark_settings
 from imagepca.storage import LEGACY_PARQUET_KEY, Storage, local_file_path, vector_write_settings
 
@@ -234,6 +235,31 @@ def test_reloaded_model_reproduces_reduced(spark, photos_run):
     np.testing.assert_allclose(
         np.stack(again["pca"].to_numpy()), np.stack(stored["pca"].to_numpy()), atol=1e-4
     )
+
+
+def test_projection_points_are_reduced_values_of_a_sample_partitioning_does_not_change(
+    spark, photos_run
+):
+    """The projection plot's points are kept by the job that writes reduced/: the first two
+    scores reduced/ holds, for every image when there are at most `projection_points`, else
+    for that many chosen by a hash of their path, the same ones however the rows are
+    partitioned (a task that ran twice adds nothing)."""
+    output, fit = photos_run["output"], photos_run["reduction"].fit
+    stored = pd.read_parquet(Path(output) / "reduced")
+    stored = stored.assign(key=stored["path"].map(sample_key)).sort_values("key")
+    first_two = [tuple(map(float, scores[:2])) for scores in stored["pca"]]
+    everything = photos_run["reduction"].projection
+    assert len(everything) == len(stored) == fit.n_images
+    assert list(zip(everything["pc1"], everything["pc2"], strict=True)) == first_two
+
+    for partitions in (1, 3):
+        sample = ProjectionSample(spark, 10, fit.n_images)
+        reduced = fit.transform(read_features(spark, output).repartition(partitions), sample)
+        reduced.write.format("noop").mode("overwrite").save()
+        sample.accumulator.add(sample.accumulator.value[:3])  # as a task run again adds
+        points = sample.points()
+        assert list(points["label"]) == list(stored["label"][:10])
+        assert list(zip(points["pc1"], points["pc2"], strict=True)) == first_two[:10]
 
 
 def test_reduced_features_separate_single_fruits(spark, photos_run):

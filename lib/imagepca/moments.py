@@ -13,11 +13,13 @@ workers load it (by reference, from the functions given to ``mapInArrow``) in mi
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import itertools
 import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +27,11 @@ import pyarrow as pa
 # part: the first partition a row covers (see merge_partials).
 MOMENTS_SCHEMA = "part long, n long, mean binary, m2 binary"
 _PART = operator.itemgetter("part")
+# What projector's sample holds of each row it keeps (pc2 null when k = 1).
+SAMPLE_SCHEMA = pa.schema(
+    [("key", pa.float64()), ("path", pa.string()), ("label", pa.string()),
+     ("pc1", pa.float32()), ("pc2", pa.float32())]
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -196,19 +203,37 @@ def merged_rows(rows: Iterable) -> Moments:
     return functools.reduce(Moments.merge, parts, Moments.empty())
 
 
-def projector(mean: np.ndarray, std: np.ndarray, components: np.ndarray, scores_type: pa.DataType):
+def projector(
+    mean: np.ndarray,
+    std: np.ndarray,
+    components: np.ndarray,
+    scores_type: pa.DataType,
+    sample: tuple[Any, float] | None = None,
+):
     """A ``mapInArrow`` function: ``path``, ``label``, ``features`` batches to ``path``,
     ``label``, ``pca`` (float32 lists of ``scores_type``, the Arrow spelling of the output
     schema's column), as ``StandardScaler(withMean, withStd)`` then ``PCAModel`` compute it
-    (a constant feature, std 0, scales to 0)."""
+    (a constant feature, std 0, scales to 0).
+
+    ``sample`` (an accumulator of lists, a fraction) also gets, for each batch, a
+    :data:`SAMPLE_SCHEMA` batch of its rows whose :func:`sample_key` is below the fraction.
+    """
     inverse = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
     k = components.shape[1]
 
     def project(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             rows = _batch_rows(batch.column(2)) if batch.num_rows else np.zeros((0, len(mean)))
-            scores = ((rows - mean) * inverse) @ components
-            values = pa.array(scores.astype(np.float32).ravel())
+            scores = (((rows - mean) * inverse) @ components).astype(np.float32)
+            if sample is not None:
+                points, fraction = sample
+                keys = np.array([sample_key(path) for path in batch.column(0).to_pylist()])
+                kept = np.flatnonzero(keys < fraction)
+                second = scores[kept, 1] if k > 1 else pa.nulls(len(kept), pa.float32())
+                columns = [keys[kept], batch.column(0).take(kept), batch.column(1).take(kept)]
+                columns += [scores[kept, 0], second]  # the values written
+                points.add([pa.RecordBatch.from_arrays(columns, schema=SAMPLE_SCHEMA)])
+            values = pa.array(scores.ravel())
             offsets = pa.array(np.arange(0, (batch.num_rows + 1) * k, k, dtype=np.int32))
             pca = pa.ListArray.from_arrays(offsets, values, type=scores_type)
             yield pa.RecordBatch.from_arrays(
@@ -216,3 +241,23 @@ def projector(mean: np.ndarray, std: np.ndarray, components: np.ndarray, scores_
             )
 
     return project
+
+
+class ListsParam:
+    """An accumulator of lists, concatenated (PySpark's ``AccumulatorParam`` by its two
+    methods). Defined here, not beside the driver's code: a Python worker unpickles it
+    with each task, and importing :mod:`imagepca.reduction` (Spark ML) there cost 0.3 s."""
+
+    def zero(self, value: list) -> list:
+        return []
+
+    def addInPlace(self, lists: list, more: list) -> list:
+        lists.extend(more)
+        return lists
+
+
+def sample_key(path: str) -> float:
+    """A number in [0, 1) from a hash of ``path``: a sample by it keeps the same images
+    however the rows are partitioned."""
+    digest = hashlib.blake2b(path.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64

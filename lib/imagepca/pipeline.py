@@ -59,6 +59,7 @@ from .moments import Moments
 from .reduction import (
     FLOAT64_BATCH_ROWS,
     PCAFit,
+    ProjectionSample,
     check_k,
     decompose_ahead,
     fit_pca,
@@ -431,7 +432,9 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     with timed(timings, "fit_s"):
         moments = _stored_moments(storage, params.output, extraction)
         fit = fit_pca(features, k=params.k, variance=params.variance, moments=moments)
-    reduced = fit.transform(features)
+    # The projection plot's points, kept as reduced/ is written (a bounded sample).
+    sample = ProjectionSample(spark, params.projection_points, fit.n_images)
+    reduced = fit.transform(features, sample)
     layout = vector_write_settings(reduced)  # the models' vectors are written alike
     save_models(spark, storage, params.output, fit, layout)  # finish_run waits for them
     with (
@@ -439,21 +442,9 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         # The projection holds a batch as float64 in the worker.
         spark_settings(spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS), **layout}),
     ):
-        reduced_uri = storage.publish(params.output, "reduced", reduced.write.parquet)
+        storage.publish(params.output, "reduced", reduced.write.parquet)
     with timed(timings, "projection_s"):
-        # The plot's points: a bounded sample of the first two components.
-        fraction = min(1.0, params.projection_points / max(fit.n_images, 1))
-        points = (
-            spark.read.parquet(reduced_uri)
-            .sample(fraction=fraction, seed=0)
-            .select(
-                "label",
-                F.col("pca")[0].alias("pc1"),
-                F.col("pca")[1].alias("pc2"),  # null when k = 1
-            )
-            .limit(params.projection_points)
-            .toPandas()
-        )
+        points = sample.points()
     cumulative = fit.cumulative_variance
     labels = extraction["images_per_label"]
     metrics = {

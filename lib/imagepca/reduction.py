@@ -30,6 +30,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 from pyspark.ml import PipelineModel
 from pyspark.ml.common import _py2java
 from pyspark.ml.feature import PCAModel, StandardScalerModel
@@ -44,6 +46,8 @@ from threadpoolctl import threadpool_limits
 from .config import ParameterError
 from .moments import (
     MOMENTS_SCHEMA,
+    SAMPLE_SCHEMA,
+    ListsParam,
     Moments,
     merge_partials,
     merged_rows,
@@ -152,14 +156,39 @@ class PCAFit:
     def variance_reached(self) -> float:
         return float(self.cumulative_variance[self.k - 1])
 
-    def transform(self, features: DataFrame) -> DataFrame:
+    def transform(self, features: DataFrame, sample: ProjectionSample | None = None) -> DataFrame:
         """``path``, ``label``, ``pca`` (k floats) for a features DataFrame: what
         :func:`reduce_with` gives with :attr:`model`, computed with one matrix product per
-        Arrow batch."""
+        Arrow batch. A job over it also fills ``sample``."""
         # Derived here, on the driver: the workers' module stays free of pyspark imports.
         scores_type = to_arrow_type(REDUCED_SCHEMA["pca"].dataType)
-        project = projector(self.mean, self.std, self.chosen_components, scores_type)
+        project = projector(
+            self.mean, self.std, self.chosen_components, scores_type,
+            sample and (sample.accumulator, sample.fraction),
+        )  # fmt: skip
         return features.select("path", "label", "features").mapInArrow(project, REDUCED_SCHEMA)
+
+
+class ProjectionSample:
+    """The projection plot's points, kept by the Python workers as they project: the
+    ``size`` images of smallest :func:`imagepca.moments.sample_key` (all, when there are
+    fewer), whatever the partitioning, without a second pass over ``reduced/``.
+
+    The workers keep a share of the rows a little above ``size / n_images``, as Arrow
+    batches: the driver holds about 1.1 ``size`` rows, however many images there are.
+    """
+
+    def __init__(self, spark: SparkSession, size: int, n_images: int):
+        self.size = size
+        self.fraction = min(1.0, (1.1 * size + 16) / max(n_images, 1))
+        self.accumulator = spark.sparkContext.accumulator([], ListsParam())
+
+    def points(self) -> pd.DataFrame:
+        """``label``, ``pc1``, ``pc2`` (null when k = 1) of the sampled images, a row each
+        (a task that ran twice added its rows twice)."""
+        kept = pa.Table.from_batches(self.accumulator.value, schema=SAMPLE_SCHEMA).to_pandas()
+        kept = kept.drop_duplicates("path").sort_values(["key", "path"]).head(self.size)
+        return kept[["label", "pc1", "pc2"]].reset_index(drop=True)
 
 
 def reduce_with(model: PipelineModel, features: DataFrame) -> DataFrame:
