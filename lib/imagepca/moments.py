@@ -58,6 +58,11 @@ class Moments:
         m2 += np.outer(delta, delta) * (self.n * other.n / n)
         return Moments(n, self.mean + delta * (other.n / n), m2)
 
+    @classmethod
+    def merged(cls, parts: Iterable[Moments]) -> Moments:
+        """``parts`` merged from the first to the last: the order decides the last bits."""
+        return functools.reduce(cls.merge, parts, cls.empty())
+
     @property
     def covariance(self) -> np.ndarray:
         """Sample covariance (divisor n - 1), as Spark's ``StandardScaler`` and ``PCA``."""
@@ -123,7 +128,7 @@ class PartitionMoments:
     def total(self) -> Moments:
         """Everything added, merged from the first partition to the last."""
         in_order = sorted(self.nodes, key=lambda node: node[1] << node[0])  # by first partition
-        return functools.reduce(Moments.merge, map(self.nodes.get, in_order), Moments.empty())
+        return Moments.merged(map(self.nodes.get, in_order))
 
 
 def _batch_rows(column: pa.Array) -> np.ndarray:
@@ -200,7 +205,7 @@ def merged_rows(rows: Iterable) -> Moments:
     """Rows of :data:`MOMENTS_SCHEMA` merged in the order of their partitions."""
     in_order = sorted(rows, key=_PART)
     parts = (Moments.from_bytes(row["n"], row["mean"], row["m2"]) for row in in_order)
-    return functools.reduce(Moments.merge, parts, Moments.empty())
+    return Moments.merged(parts)
 
 
 def projector(
