@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca.config import ExtractParams
 from imagepca.pipeline import extract_features
+from imagepca.rejects import Outcomes
 
 
 def _png_bomb() -> bytes:
@@ -68,3 +69,45 @@ def test_valid_images_featurized_bad_ones_rejected_with_reasons(spark, mixed_inp
         "not an image": 2,
     }
     assert "readme.txt" not in " ".join(rejected["path"])
+    # The empty file is one the scan never returned: the labels were counted in features/.
+    assert extraction.metadata["images_per_label"] == {"apple": 4, "banana": 4, "orange": 4}
+
+
+def test_rejects_observed_by_the_featurization_job_every_file_scanned(spark, mixed_input, tmp_path):
+    """Without a file the scan drops, the rejected rows and the counts per label come from
+    what the featurization job observed as it wrote features/: no pass over them."""
+    root, valid, broken = mixed_input
+    copy = tmp_path / "input"
+    shutil.copytree(root, copy)
+    (copy / "apple" / "empty.jpg").unlink()
+    output = tmp_path / "out"
+    extraction = extract_features(
+        spark, ExtractParams(input=str(copy), output=str(output), weights=str(WEIGHTS))
+    )
+    features = pd.read_parquet(output / "features")
+    rejected = pd.read_parquet(output / "rejected")
+    assert extraction.metadata["images_per_label"] == {"apple": 4, "banana": 4, "orange": 4}
+    assert features.groupby("label").size().to_dict() == {"apple": 4, "banana": 4, "orange": 4}
+    assert sorted(name.rsplit("/", 2)[-2] for name in rejected["path"]) == [
+        "apple", "banana", "banana", "orange",
+    ]  # fmt: skip
+    assert extraction.metadata["rejected_by_kind"] == {
+        "corrupt image": 1,
+        "decompression bomb": 1,
+        "not an image": 2,
+    }
+
+
+def test_featurized_per_label_is_the_listing_less_the_rejects():
+    rejects = [
+        {"path": "a/1.jpg", "label": "a", "reason": "corrupt image: x"},
+        {"path": "b/2.jpg", "label": "b", "reason": "not an image: y"},
+    ]
+    outcomes = Outcomes(scanned=10, rejects=rejects, sums={})
+    assert outcomes.n_featurized == 8
+    assert outcomes.featurized_per_label({"b": 4, "a": 5, "c": 1}) == {"a": 4, "b": 3, "c": 1}
+    assert outcomes.featurized_per_label({"a": 1, "b": 1}) is None  # not what was scanned
+    assert outcomes.featurized_per_label({"a": 7, "b": 0, "c": 3}) is None  # b below zero
+    # A label left with no featurized image is not one of features/'s labels.
+    alone = Outcomes(scanned=3, rejects=rejects[:1], sums={})
+    assert alone.featurized_per_label({"a": 1, "c": 2}) == {"c": 2}

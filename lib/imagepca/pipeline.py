@@ -16,8 +16,7 @@ from functools import partial
 from importlib import metadata
 
 import pandas as pd
-from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from . import progress
@@ -50,7 +49,6 @@ from .inputs import (
     ImageListing,
     fingerprint,
     fingerprint_digest,
-    fingerprint_sums,
     folder_rows,
     list_inputs,
     scan_settings,
@@ -66,8 +64,14 @@ from .reduction import (
     save_models,
     wait_for_models,
 )
-from .rejects import checked, rejected_files
-from .session import ARROW_BATCH_KEY, default_parallelism, run_concurrently, spark_settings
+from .rejects import Outcomes, checked, outcome_metrics, rejected_files
+from .session import (
+    ARROW_BATCH_KEY,
+    default_parallelism,
+    run_concurrently,
+    spark_settings,
+    stages_named,
+)
 from .storage import (
     CLASSIFY_ARTIFACTS,
     EXTRACT_NOTEBOOK,
@@ -86,6 +90,7 @@ KEPT_FEATURES = "features/ is kept: `imagepca run --reuse-features --k K` featur
 # d = 1280, sent to the driver) when it runs at most this many tasks; a larger cluster's
 # run leaves them to notebook 02's distributed pass, which merges them on the executors.
 FUSED_MOMENTS_MAX_TASKS = 32
+FEATURIZE_STAGE = "featurize into features/"  # the Spark UI's name for its stages
 
 
 VERSIONED = (
@@ -254,53 +259,52 @@ def extract_features(
         rows = todo.repartition(max(1, min(cores * params.tasks_per_core, n_todo))).select(
             *ROW_KEY, udf("path").alias("out")
         )
-    # The cached plan is made here and the files are split when it first runs: the scan
-    # settings must be in force for both.
+    # The plan is made here and the files are split when it first runs: the scan settings
+    # must be in force for both. The job that featurizes writes the featurized rows, and
+    # observes what the accounting needs (the rejected rows, the scan's fingerprint).
+    observation = Observation()
     with spark_settings(spark, settings):
-        scored = rows.select(*ROW_KEY, "out.features", "out.reason").persist(
-            StorageLevel.MEMORY_AND_DISK
+        scored = rows.select(*ROW_KEY, "out.features", "out.reason").observe(
+            observation, *outcome_metrics()
         )
+        features = scored.filter(F.col("reason").isNull()).select(*STORED_COLUMNS)
+    batch_id = new_batch_id()
+    staged = join(params.output, STAGING_DIR, f"features-{batch_id}")
+
+    def write_features(uri: str) -> None:
+        features.write.parquet(batch_folder(uri, batch_id))
+
     try:
-        # One job featurizes every image into the cache and counts the outcomes
-        # (label x rejection kind; a null kind means featurized).
         with (
-            spark_settings(spark, settings),
+            spark_settings(spark, {**settings, **vector_write_settings(features)}),
             timed(timings, "featurize_s"),
             progress.track(spark, "featurize", total=n_todo),
+            stages_named(spark, FEATURIZE_STAGE),
         ):
-            outcomes = (
-                scored.groupBy("label", F.split("reason", ":")[0].alias("kind"))
-                .agg(*fingerprint_sums())
-                .collect()
-            )
+            if increment is None:
+                storage.publish(params.output, "features", write_features)
+            else:
+                stage_batch(features, increment, staged)
+        outcomes = Outcomes.observed(observation.get)
         # Every task has added its partition's part (each once, however often it ran).
         statistics = accumulator.value.total() if accumulator is not None else None
+        n_new = outcomes.n_featurized
         with timed(timings, "write_s"):
-            rejected, by_kind, n_new = rejected_files(spark, storage, listing, scored, outcomes,
-                                                 increment)  # fmt: skip
             if statistics is not None and statistics.n == n_new:
                 decompose_ahead(statistics)  # for notebook 02, beside the writes
-            features = scored.filter(F.col("reason").isNull()).select(*STORED_COLUMNS)
-            batch_id = new_batch_id()
-
-            # Independent jobs over the cache, side by side (see run_concurrently).
+            rejected, by_kind = rejected_files(
+                spark, storage, listing, outcomes, features_uri, increment
+            )
+            # Independent jobs, side by side (see run_concurrently).
             jobs = [partial(storage.publish, params.output, "rejected", rejected.write.parquet)]
-            if increment is None:
-
-                def write_features(uri: str) -> None:
-                    features.write.parquet(batch_folder(uri, batch_id))
-
-                jobs.append(partial(storage.publish, params.output, "features", write_features))
-                # The featurization job summed the files it scanned.
-                listing_fingerprint = fingerprint_digest(listing.n_files, outcomes)
-            else:
-                jobs.append(partial(fingerprint, listing.files, listing.n_files))
-            with spark_settings(spark, vector_write_settings(features)):
-                *_, last = run_concurrently(*jobs)
             if increment is not None:
+                jobs.append(partial(fingerprint, listing.files, listing.n_files))
+            *_, last = run_concurrently(*jobs)
+            if increment is None:
+                # The featurization job summed the files it scanned.
+                listing_fingerprint = fingerprint_digest(listing.n_files, [outcomes.sums])
+            else:
                 listing_fingerprint = last
-                staged = join(params.output, STAGING_DIR, f"features-{batch_id}")
-                stage_batch(features, increment, staged)
                 # features/ changes from here: its description and statistics go first. A
                 # run that fails before writing them again leaves none of another run's
                 # rows (notebook 02 then asks for notebook 01; the next run is a full one).
@@ -326,10 +330,9 @@ def extract_features(
                 "versions": library_versions(),
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
-            if increment is None:  # this run's outcomes are the whole of features/
-                labels = {r["label"]: r["count"] for r in outcomes if r["kind"] is None}
-                labels = dict(sorted(labels.items()))
-            else:
+            # This run's featurized rows are the whole of features/, unless it is an increment.
+            labels = None if increment else outcomes.featurized_per_label(listing.labels())
+            if labels is None:
                 labels = _label_counts(read_features(spark, params.output))
             metadata.update(
                 n_images=sum(labels.values()),
@@ -350,7 +353,6 @@ def extract_features(
                     else {"featurized": n_new, "full_run_because": full_run_reason}
                 )
     finally:
-        scored.unpersist()
         listing.release()
         if increment:
             increment.release()

@@ -7,65 +7,116 @@ word), and the stop for a run that has nothing to reduce or more rejects than it
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import pandas as pd
 from py4j.protocol import Py4JJavaError
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .config import ExtractParams
 from .images import InputError
 from .increments import Increment
-from .inputs import ImageListing
+from .inputs import ImageListing, fingerprint_sums
 from .storage import Storage, error_summary, join
 
 if TYPE_CHECKING:
     from .pipeline import Extraction
 
 
+REJECTED_SCHEMA = "path string, reason string"
+
+
 class RejectedShareError(RuntimeError):
     """More images were rejected than the run allows (``max_rejected_fraction``)."""
+
+
+def outcome_metrics() -> list[Column]:
+    """What the featurization job observes (``DataFrame.observe``) as it writes
+    ``features/``, so that nothing reads the featurized rows again: the scanned rows' count
+    and fingerprint sums, and the rejected rows themselves (path, label, reason: they reach
+    the driver, one short row per unusable file)."""
+    rejected = F.col("reason").isNotNull()
+    return [
+        *fingerprint_sums(),
+        F.to_json(F.collect_list(F.when(rejected, F.struct("path", "label", "reason")))).alias(
+            "rejects"
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """The featurization job's observations (:func:`outcome_metrics`)."""
+
+    scanned: int  # rows the scan returned, featurized or rejected
+    rejects: list[dict]  # path, label, reason of each rejected row
+    sums: dict  # fingerprint sums over the scanned rows (count, a, b)
+
+    @classmethod
+    def observed(cls, metrics: dict) -> Outcomes:
+        rejects = json.loads(metrics["rejects"])
+        sums = {name: metrics[name] for name in ("count", "a", "b")}
+        return cls(scanned=metrics["count"], rejects=rejects, sums=sums)
+
+    @property
+    def n_featurized(self) -> int:
+        return self.scanned - len(self.rejects)
+
+    def featurized_per_label(self, listed: dict[str, int]) -> dict[str, int] | None:
+        """Featurized images per label: the listing's counts less the rejected rows; None
+        when the scan did not return every listed file (the listing's counts are then not
+        the scanned rows')."""
+        per_label = Counter(listed)
+        per_label.subtract(Counter(row["label"] for row in self.rejects))
+        if per_label.total() != self.n_featurized or min(per_label.values(), default=0) < 0:
+            return None
+        return {label: n for label, n in sorted(per_label.items()) if n}
 
 
 def rejected_files(
     spark: SparkSession,
     storage: Storage,
     listing: ImageListing,
-    scored: DataFrame,
-    outcomes: list,
+    outcomes: Outcomes,
+    features_uri: str,
     increment: Increment | None,
-) -> tuple[DataFrame, dict[str, int], int]:
-    """The run's rejected files with reasons, their count by kind, and the featurized count.
+) -> tuple[DataFrame, dict[str, int]]:
+    """The run's rejected files with reasons, and their count by kind.
 
     A folder's scan reads the listed files only, so fewer rows than files means some were
-    skipped (empty, vanished, unreadable): only then are they looked for, with Spark.
+    skipped (empty, vanished, unreadable): only then are they looked for, with Spark, among
+    the listed files that are neither in ``features_uri`` nor rejected.
     """
-    n_new, by_kind = 0, {}
-    for row in outcomes:
-        if row["kind"] is None:
-            n_new += row["count"]
-        else:
-            by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + row["count"]
-    rejected = scored.filter(F.col("reason").isNotNull()).select("path", "reason")
-    scanned = (
-        (increment.n_todo + increment.n_kept)
-        if increment
-        else sum(row["count"] for row in outcomes)
-    )
+    rows = [(row["path"], row["reason"]) for row in outcomes.rejects]
+    scanned = (increment.n_todo + increment.n_kept) if increment else outcomes.scanned
     if listing.relation is not None and scanned < listing.n_files:
-        seen = listing.files if increment else scored
-        unread = [
+        if increment:
+            seen = listing.files
+        else:
+            seen = spark.read.parquet(features_uri).select("path")
+            if rows:
+                seen = seen.unionByName(_rejected_frame(spark, rows).select("path"))
+        rows += [
             (row["path"], unread_reason(storage, row["path"]))
             for row in listing.unscanned(seen).collect()  # the few files no scan returned
         ]
-        for _, reason in unread:
-            kind = reason.split(":")[0]
-            by_kind[kind] = by_kind.get(kind, 0) + 1
-        if unread:
-            rejected = rejected.unionByName(
-                spark.createDataFrame(unread, "path string, reason string")
-            )
-    return rejected, dict(sorted(by_kind.items())), n_new
+    by_kind = Counter(reason.split(":")[0] for _, reason in rows)
+    return _rejected_frame(spark, rows), dict(sorted(by_kind.items()))
+
+
+def _rejected_frame(spark: SparkSession, rows: list[tuple[str, str]]) -> DataFrame:
+    """``rows`` as a DataFrame made in the JVM: PySpark sends a non-empty pandas DataFrame
+    through Arrow (the session enables it), but a list of tuples, or an empty pandas
+    DataFrame, to Python workers of their own, forked for that one job."""
+    if not rows:
+        return spark.range(0).select(
+            *(F.lit(None).cast("string").alias(name) for name in ("path", "reason"))
+        )
+    return spark.createDataFrame(pd.DataFrame(rows, columns=["path", "reason"]), REJECTED_SCHEMA)
 
 
 def checked(extraction: Extraction, params: ExtractParams) -> Extraction:
