@@ -26,13 +26,7 @@ from imagepca import pipeline
 from imagepca.config import ExtractParams, ReduceParams
 from imagepca.console import summary
 from imagepca.inputs import read_manifest
-from imagepca.pipeline import (
-    FEATURIZE_STAGE,
-    MOMENTS_FILE,
-    extract_features,
-    finish_run,
-    reduce_features,
-)
+from imagepca.pipeline import MOMENTS_FILE, extract_features, finish_run, reduce_features
 
 LABELS = ("apple", "banana", "orange")
 
@@ -386,7 +380,7 @@ def test_killed_incremental_run_then_rerun_is_exactly_once(spark, tmp_path):
                 "signal_file": str(signal_file),
                 "min_tasks": 2,
                 "min_completed": 1,
-                "stage_contains": FEATURIZE_STAGE,
+                "stage_contains": "featurize",  # progress.track names its stages
                 "timeout_s": 240,
             },
             "extract": {

@@ -70,7 +70,6 @@ from .session import (
     default_parallelism,
     run_concurrently,
     spark_settings,
-    stages_named,
 )
 from .storage import (
     CLASSIFY_ARTIFACTS,
@@ -90,7 +89,6 @@ KEPT_FEATURES = "features/ is kept: `imagepca run --reuse-features --k K` featur
 # d = 1280, sent to the driver) when it runs at most this many tasks; a larger cluster's
 # run leaves them to notebook 02's distributed pass, which merges them on the executors.
 FUSED_MOMENTS_MAX_TASKS = 32
-FEATURIZE_STAGE = "featurize into features/"  # the Spark UI's name for its stages
 
 
 VERSIONED = (
@@ -279,7 +277,6 @@ def extract_features(
             spark_settings(spark, {**settings, **vector_write_settings(features)}),
             timed(timings, "featurize_s"),
             progress.track(spark, "featurize", total=n_todo),
-            stages_named(spark, FEATURIZE_STAGE),
         ):
             if increment is None:
                 storage.publish(params.output, "features", write_features)

@@ -35,6 +35,9 @@ POLL_S = 1.0  # how often the status store is read
 WARNING_PREFIX = "warning: "
 _GROUP_KEY = "spark.jobGroup.id"
 _DESCRIPTION_KEY = "spark.job.description"
+# The stages' names in the Spark UI (their call site): a DataFrameWriter's, called from Python,
+# would read "parquet at NativeMethodAccessorImpl.java:0".
+_CALL_SITE_KEY = "callSite.short"
 
 
 @dataclass(frozen=True)
@@ -329,7 +332,8 @@ class Tracker:
 
     def start(self) -> None:
         self._previous = {
-            key: self._sc.getLocalProperty(key) for key in (_GROUP_KEY, _DESCRIPTION_KEY)
+            key: self._sc.getLocalProperty(key)
+            for key in (_GROUP_KEY, _DESCRIPTION_KEY, _CALL_SITE_KEY)
         }
         # Livy runs each cell in the job group of its statement id, and cancels the cell
         # (the notebook's interrupt) with cancelJobGroup: a cell's group is kept, so its
@@ -340,6 +344,7 @@ class Tracker:
         else:
             self._sc.setLocalProperty(_GROUP_KEY, self.group)
         self._sc.setLocalProperty(_DESCRIPTION_KEY, self.name)
+        self._sc.setLocalProperty(_CALL_SITE_KEY, self.name)
         with suppress(Exception):
             self._known_dead_executors()
         self._started = time.monotonic()

@@ -428,19 +428,6 @@ def spark_settings(spark: SparkSession, settings: dict[str, str]):
                 spark.conf.set(key, value)
 
 
-@contextmanager
-def stages_named(spark: SparkSession, name: str):
-    """Name the stages of the jobs run inside the block (the Spark UI's stage names, which
-    are call sites: a ``DataFrameWriter`` call from Python shows as
-    ``parquet at NativeMethodAccessorImpl.java:0``)."""
-    jsc = spark.sparkContext._jsc
-    jsc.setCallSite(name)
-    try:
-        yield
-    finally:
-        jsc.clearCallSite()
-
-
 def java_doubles(spark: SparkSession, values: np.ndarray):
     """A JVM ``double[]`` holding ``values`` (flattened in C order), for a Java constructor.
 
