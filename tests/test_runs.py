@@ -23,8 +23,16 @@ from imagepca import executed, runner
 from imagepca.classify import prepare
 from imagepca.cli import main
 from imagepca.config import ClassifyParams, ExtractParams, ReduceParams
-from imagepca.pipeline import extract_features, finish_run, reduce_features
-from imagepca.storage import CLASSIFY_ARTIFACTS
+from imagepca.images import load_samples
+from imagepca.pipeline import extract_features, finish_run, reduce_features, start_extraction
+from imagepca.plots import plot_confusion_matrix, plot_explained_variance, plot_samples, save_figure
+from imagepca.storage import (
+    CLASSIFY_ARTIFACTS,
+    CLASSIFY_FIGURES,
+    EXTRACT_FIGURES,
+    REDUCE_FIGURES,
+    Storage,
+)
 from moto_server import aws_env, moto_endpoint  # noqa: F401
 
 
@@ -96,21 +104,22 @@ def test_notebooks_run_by_hand_remove_the_copies_an_earlier_run_saved(spark, sam
 
     extract_features(spark, ExtractParams(**extract))
     assert not (copies / runner.EXTRACT_NOTEBOOK).exists()
+    assert not (output / "samples.png").exists()  # not drawn again: no plot call here
     running = nbformat.reads(earlier[runner.REDUCE_NOTEBOOK].decode(), as_version=4)
     running.metadata.papermill.update(end_time=None, duration=None)  # as papermill starts
     nbformat.write(running, str(copies / runner.REDUCE_NOTEBOOK))
     reduction = reduce_features(spark, ReduceParams(output=str(output), k=5))
     assert (copies / runner.REDUCE_NOTEBOOK).exists()
     assert sorted(reduction.metrics["removed_from_earlier_run"]) == sorted(
-        [f"notebooks/{runner.EXTRACT_NOTEBOOK}", *CLASSIFY_ARTIFACTS]
+        [f"notebooks/{runner.EXTRACT_NOTEBOOK}", *FIGURES[:3], *CLASSIFY_ARTIFACTS]
     )
 
     (copies / runner.REDUCE_NOTEBOOK).write_bytes(earlier[runner.REDUCE_NOTEBOOK])
     reduction = reduce_features(spark, ReduceParams(output=str(output), k=5))
     finish_run(spark, str(output), reduction.metrics)
     assert not any(copies.iterdir())
-    by_hand = [f"notebooks/{runner.EXTRACT_NOTEBOOK}", f"notebooks/{runner.REDUCE_NOTEBOOK}"]
-    assert sorted(reduction.metrics["removed_from_earlier_run"]) == by_hand
+    by_hand = ["samples.png", *(f"notebooks/{nb}" for nb in (runner.EXTRACT_NOTEBOOK, REDUCE))]
+    assert reduction.metrics["removed_from_earlier_run"] == by_hand
 
     (copies / runner.CLASSIFY_NOTEBOOK).write_bytes(earlier[runner.CLASSIFY_NOTEBOOK])
     clf = prepare(spark, ClassifyParams(output=str(output)))
@@ -123,6 +132,61 @@ def test_notebooks_run_by_hand_remove_the_copies_an_earlier_run_saved(spark, sam
         f"notebooks/{runner.CLASSIFY_NOTEBOOK}",
     ]
     assert json.loads((output / "metrics.json").read_text()) == metrics
+
+
+FIGURES = (*EXTRACT_FIGURES, *REDUCE_FIGURES, *CLASSIFY_FIGURES)
+REDUCE = runner.REDUCE_NOTEBOOK
+
+
+def _removed_figures(metrics: dict) -> list[str]:
+    return [name for name in metrics["removed_from_earlier_run"] if name in FIGURES]
+
+
+def test_figures_not_drawn_again_by_hand_go_with_the_earlier_run(spark, sample_run, tmp_path):
+    """Each notebook removes an earlier run's copies of its own figures as it starts, and its
+    cells draw them again: a figure's cell skipped by hand leaves none of another run's, and
+    metrics.json lists it as removed; a figure drawn again is not listed."""
+    output = tmp_path / "out"
+    shutil.copytree(sample_run, output)
+    assert all((output / name).exists() for name in FIGURES)
+    earlier_sweep = (output / "k_sweep.png").read_bytes()
+    storage, uri = Storage(spark), str(output)
+    stored = json.loads((output / "metrics.json").read_text())["params"]["extract"]
+    extract = {field.name: stored[field.name] for field in dataclasses.fields(ExtractParams)}
+    extract.update(output=uri, reuse_features=True)
+    params = ExtractParams(**extract)
+
+    listing = start_extraction(spark, params)
+    assert not (output / "samples.png").exists()
+    fig = plot_samples(load_samples(spark, listing, per_label=3, size=params.image_size))
+    save_figure(fig, storage, uri, "samples.png")
+    extraction = extract_features(spark, params, listing)
+    assert _removed_figures(extraction.metadata) == []
+
+    reduction = reduce_features(spark, ReduceParams(output=uri, k=5))
+    assert not any((output / name).exists() for name in (*REDUCE_FIGURES, *CLASSIFY_FIGURES))
+    fit = reduction.fit
+    fig = plot_explained_variance(fit.explained_variance, fit.k, None)
+    save_figure(fig, storage, uri, "explained_variance.png")
+    finish_run(spark, uri, reduction.metrics)  # the projection's cell skipped
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert _removed_figures(metrics) == ["projection.png", *CLASSIFY_FIGURES]
+
+    def classify_drawing_the_confusion_matrix_only() -> dict:
+        clf = prepare(spark, ClassifyParams(output=uri))
+        assert not any((output / name).exists() for name in CLASSIFY_FIGURES)
+        scores = clf.fit_reduced().scores
+        clf.save_figure(plot_confusion_matrix(**scores["confusion_matrix"]), "confusion_matrix.png")
+        return clf.publish()
+
+    metrics = classify_drawing_the_confusion_matrix_only()
+    assert _removed_figures(metrics) == ["projection.png", "k_sweep.png"]
+    # Notebook 03 again, alone, on an output that has an earlier sweep's figure.
+    (output / "k_sweep.png").write_bytes(earlier_sweep)
+    metrics = classify_drawing_the_confusion_matrix_only()
+    assert _removed_figures(metrics) == ["projection.png", "k_sweep.png"]
+    assert (output / "confusion_matrix.png").exists() and not (output / "k_sweep.png").exists()
+    assert (output / "_SUCCESS").exists()
 
 
 def _input_of(output: Path) -> Path:

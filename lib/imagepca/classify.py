@@ -67,16 +67,14 @@ from .plots import save_figure
 from .reduction import PCA_COL, StoredPCA
 from .session import default_parallelism, in_background
 from .split import IS_TEST_COL, SPLIT_BY, TrainingMatrix
-from .storage import CLASSIFY_NOTEBOOK, Storage, join
+from .storage import CLASSIFY_FIGURES, CLASSIFY_NOTEBOOK, Storage, join
 
 MODEL_DIR = "classifier_model"
 ROWS_PER_PARTITION = 2000  # ~20 MB of 1280-d features per cached partition
 # Every driver fit does its matrix products in float32 (the loss and the intercepts' gradient
-# are still summed in float64): 1.6x to 1.8x faster. The 1280-d comparison of a 10,000-image run:
-# 2.5 -> 1.45 s, its accuracy moved by 0.001; the saved classifier of that run (7,481 x 521,
-# 60 classes): 2.25 -> 1.27 s, the same objective to 6 digits (0.400828 against 0.400829),
-# accuracy 0.9778 against 0.9782 (one of 2,519 test images). The largest change measured was
-# the 2-component fit's (a 13% classifier): 0.137 -> 0.132.
+# are still summed in float64): 1.6x to 1.8x faster. The saved classifier of a 10,000-image run
+# (7,481 x 521, 60 classes): 2.25 -> 1.27 s, the same objective to 6 digits, one test image of
+# 2,519 classified otherwise (docs/performance.md has the comparison's and the sweep's).
 PRODUCTS_DTYPE = np.float32
 # The diagnostics (the 1280-d comparison and the k sweep) start from the saved classifier,
 # carried into their space, and stop once their objective fell by less than this fraction
@@ -124,6 +122,7 @@ class Classification:
     results: dict[str, ClassifierResult] = field(default_factory=dict)
     sweep: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    removed_figures: list[str] = field(default_factory=list)  # an earlier run's, by prepare()
     writing: bool = False
     _misclassified: pd.DataFrame | None = None
     _staged_model: Future | None = None  # the saved classifier's staging URI, once written
@@ -457,13 +456,13 @@ class Classification:
         timings = dict(self.run_metrics.get("timings_s", {}))
         timings["classify_s"] = round(sum(self.timings.values()), 3)
         merged = {**self.run_metrics, "classification": block, "timings_s": timings}
-        # What notebook 02 removed and is still missing (this notebook made its artifacts
-        # again, but saves no copy of itself when run by hand), and an earlier copy of it.
-        merged["removed_from_earlier_run"] = [
-            name
-            for name in self.run_metrics.get("removed_from_earlier_run", [])
-            if not self.storage.exists(join(self.params.output, name))
-        ] + self.storage.remove_earlier_copy(self.params.output, CLASSIFY_NOTEBOOK)
+        # What notebook 02 and prepare() removed that is still missing (not made again: a
+        # figure's cell skipped, this notebook's copy when run by hand), and that copy.
+        removed = [*self.run_metrics.get("removed_from_earlier_run", []), *self.removed_figures]
+        removed = self.storage.missing(self.params.output, removed)
+        merged["removed_from_earlier_run"] = removed + self.storage.remove_earlier_copy(
+            self.params.output, CLASSIFY_NOTEBOOK
+        )
         self.storage.finish_run(self.params.output, merged)
         # Complete again: a later write (a figure, a refit, a publish) withdraws the markers.
         self.writing = False
@@ -483,6 +482,8 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
     storage = Storage(spark)
     inputs = read_inputs(spark, params, storage)
     storage.withdraw_success(params.output)
+    # An earlier notebook 03's figures (rerun alone), which the cells that follow draw again.
+    removed = storage.remove_artifacts(params.output, CLASSIFY_FIGURES)
     return Classification(
         spark=spark,
         params=params,
@@ -497,4 +498,5 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
         subset=inputs.subset,
         subset_is_everything=inputs.subset_is_everything,
         timings={"prepare_s": round(time.perf_counter() - start, 3)},
+        removed_figures=removed,
     )

@@ -76,6 +76,8 @@ class ImageListing:
     n_hidden: int = 0
     # The listing's own time (it runs in notebook 01's listing cell, before the extraction).
     seconds: float = field(default=0.0, compare=False)
+    # An earlier run's figures of notebook 01 that the start of this run removed.
+    removed_figures: tuple[str, ...] = field(default=(), compare=False)
 
     def __len__(self) -> int:
         return self.n_files

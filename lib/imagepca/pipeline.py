@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 import time
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from importlib import metadata
@@ -73,9 +73,11 @@ from .session import (
 )
 from .storage import (
     CLASSIFY_ARTIFACTS,
+    EXTRACT_FIGURES,
     EXTRACT_NOTEBOOK,
     EXTRACTION_FILE,
     FAILED_EXTRACT_NOTEBOOK,
+    REDUCE_FIGURES,
     REDUCE_NOTEBOOK,
     STAGING_DIR,
     Storage,
@@ -160,10 +162,12 @@ def start_extraction(spark: SparkSession, params: ExtractParams) -> ImageListing
     """
     resolve_weights(params.weights, spark)
     listing = list_inputs(spark, params)
-    Storage(spark).begin_run(params.output)
+    storage = Storage(spark)
+    storage.begin_run(params.output)
+    removed = storage.remove_artifacts(params.output, EXTRACT_FIGURES)  # drawn again next
     if not params.reuse_features:
         warm_python_workers(spark)  # while the notebook shows the sample images
-    return listing
+    return replace(listing, removed_figures=tuple(removed))
 
 
 def _listing_fields(params: ExtractParams, listing: ImageListing) -> dict:
@@ -190,7 +194,9 @@ def extract_features(
     storage = Storage(spark)
     listing = listing or start_extraction(spark, params)
     timings["list_s"] = listing.seconds
-    removed = storage.remove_earlier_copy(params.output, EXTRACT_NOTEBOOK)  # run by hand
+    # An earlier run's figures not drawn again (a cell skipped by hand), its executed copy.
+    removed = storage.missing(params.output, listing.removed_figures)
+    removed += storage.remove_earlier_copy(params.output, EXTRACT_NOTEBOOK)
     with timed(timings, "weights_s"):
         weights_file = resolve_weights(params.weights, spark)  # the copy it resolved
         weights_sha = file_sha256(weights_file)
@@ -258,7 +264,7 @@ def extract_features(
             *ROW_KEY, udf("path").alias("out")
         )
     # The plan is made here and the files are split when it first runs: the scan settings
-    # must be in force for both. The job that featurizes writes the featurized rows, and
+    # must be in force for both. The job that featurizes writes the featurized rows and
     # observes what the accounting needs (the rejected rows, the scan's fingerprint).
     observation = Observation()
     with spark_settings(spark, settings):
@@ -421,10 +427,13 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     check_k(params.k, extraction["n_images"], FEATURE_DIM, then=KEPT_FEATURES)
     storage.begin_run(params.output)
     # An earlier notebook 03's (another PCA's), a failed attempt's notebook 01 (kept while the
-    # output stayed complete), and an earlier run's copies of notebooks 01-02 run by hand.
+    # output stayed complete), an earlier run's figures of this notebook (drawn again next),
+    # and an earlier run's copies of notebooks 01-02 run by hand.
     removed = [
         *extraction.get("removed_from_earlier_run", []),
-        *storage.remove_artifacts(params.output, (FAILED_EXTRACT_NOTEBOOK, *CLASSIFY_ARTIFACTS)),
+        *storage.remove_artifacts(
+            params.output, (FAILED_EXTRACT_NOTEBOOK, *REDUCE_FIGURES, *CLASSIFY_ARTIFACTS)
+        ),
         *storage.remove_earlier_copy(params.output, REDUCE_NOTEBOOK),
     ]
     features = read_features(spark, params.output)
@@ -486,4 +495,6 @@ def finish_run(spark: SparkSession, output: str, metrics: dict) -> None:
     waited = wait_for_models(output)
     if waited is not None:
         metrics.setdefault("timings_s", {})["models_wait_s"] = waited
-    Storage(spark).finish_run(output, metrics)
+    storage, removed = Storage(spark), metrics.get("removed_from_earlier_run", [])
+    metrics["removed_from_earlier_run"] = storage.missing(output, removed)  # not drawn again
+    storage.finish_run(output, metrics)

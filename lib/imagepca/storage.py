@@ -38,14 +38,15 @@ EXECUTED_DIR = "notebooks"
 # Where `imagepca run` keeps a notebook 01 that failed before touching a complete output
 # (imagepca.runner); notebook 02 removes it, as it removes notebook 03's artifacts.
 FAILED_EXTRACT_NOTEBOOK = f"logs/{EXTRACT_NOTEBOOK}"
+# The figures each notebook draws. A notebook removes an earlier run's copies of its own as
+# it starts, and draws them again: one run by hand whose figure cell is skipped leaves none
+# of another run's.
+EXTRACT_FIGURES = ("samples.png",)
+REDUCE_FIGURES = ("explained_variance.png", "projection.png")
+CLASSIFY_FIGURES = ("confusion_matrix.png", "k_sweep.png")
 # What notebook 03 adds to an output. Notebook 02 removes these when it starts: a
 # classifier of an earlier run was trained on another PCA.
-CLASSIFY_ARTIFACTS = (
-    "classifier_model",
-    "confusion_matrix.png",
-    "k_sweep.png",
-    f"{EXECUTED_DIR}/{CLASSIFY_NOTEBOOK}",
-)
+CLASSIFY_ARTIFACTS = ("classifier_model", *CLASSIFY_FIGURES, f"{EXECUTED_DIR}/{CLASSIFY_NOTEBOOK}")
 
 
 # Spark's switch to Parquet's older layouts. Under it, an array whose elements cannot be null
@@ -260,6 +261,11 @@ class Storage:
                 self.delete(uri)
                 removed.append(name)
         return removed
+
+    def missing(self, output: str, names: list[str] | tuple[str, ...]) -> list[str]:
+        """Those of ``names`` not (or no longer) under ``output``, each once: what a run (or
+        its notebooks, in turn) removed and did not make again."""
+        return [name for name in dict.fromkeys(names) if not self.exists(join(output, name))]
 
     def remove_earlier_copy(self, output: str, notebook: str) -> list[str]:
         """Delete ``OUTPUT/notebooks/NOTEBOOK`` if an earlier execution left it; return the
