@@ -65,12 +65,7 @@ from .reduction import (
     wait_for_models,
 )
 from .rejects import Outcomes, checked, outcome_metrics, rejected_files
-from .session import (
-    ARROW_BATCH_KEY,
-    default_parallelism,
-    run_concurrently,
-    spark_settings,
-)
+from .session import ARROW_BATCH_KEY, default_parallelism, run_concurrently, spark_settings
 from .storage import (
     CLASSIFY_ARTIFACTS,
     EXTRACT_FIGURES,
