@@ -447,7 +447,7 @@ def test_large_data_paths_spark_fit_and_sweep_subset(spark, classified, tmp_path
     assert len(clf.misclassified()) == round((1 - reduced.scores["accuracy"]) * 60)
     assert clf.fit_full().scores["n_test"] == int(clf.subset.is_test.sum())
     assert [row["k"] for row in clf.k_sweep()] == [2, 10]
-    assert clf._staged_model is None  # nothing written to the output: nothing staged
+    assert clf._model_save.future is None  # nothing written to the output: nothing staged
 
 
 def test_driver_max_mb_0_fits_with_spark_even_with_every_image_on_the_driver(
@@ -587,12 +587,12 @@ def test_model_staged_once_the_stage_writes_and_swapped_in_by_publish(spark, pho
     assert (output / "metrics.json").exists() and not (output / "_staging").exists()
     clf.save_figure(plot_confusion_matrix(**reduced.scores["confusion_matrix"]), "cm.png")
     assert not (output / "_SUCCESS").exists() and not (output / "metrics.json").exists()
-    first = Path(clf._staged_model.result().removeprefix("file:"))
+    first = Path(clf._model_save.future.result().removeprefix("file:"))
     assert first.parent == output / "_staging" and (first / "stages").is_dir()
     assert not (output / MODEL_DIR).exists()
     clf.fit_reduced()  # a refit, after the first model was staged
     assert not first.exists()
-    second = Path(clf._staged_model.result().removeprefix("file:"))
+    second = Path(clf._model_save.future.result().removeprefix("file:"))
     assert (second / "stages").is_dir()
     clf.fit_full()
     clf.k_sweep()
@@ -605,19 +605,19 @@ def test_model_staged_once_the_stage_writes_and_swapped_in_by_publish(spark, pho
     # After publish the output is complete: a refit writes nothing into it, and the next
     # write withdraws the markers before anything is staged.
     clf.fit_reduced()
-    assert clf._staged_model is None
+    assert clf._model_save.future is None
     assert (output / "_SUCCESS").exists() and not (output / "_staging").exists()
     clf.save_figure(plot_confusion_matrix(**reduced.scores["confusion_matrix"]), "cm.png")
     assert not (output / "_SUCCESS").exists() and not (output / "metrics.json").exists()
     # A background save that failed (an interrupt of another cell cancels its jobs) is
     # done again by publish.
-    clf._wait_for_staged_model()
+    clf._model_save.wait()
     failed = Future()
     failed.set_exception(RuntimeError("Job 12 cancelled part of cancelled job group"))
-    clf._staged_model = failed
+    clf._model_save.future = failed
     clf.publish()
     assert (output / MODEL_DIR / "stages").is_dir() and (output / "_SUCCESS").exists()
-    assert not (output / "_staging").exists() and clf._staged_model is None
+    assert not (output / "_staging").exists() and clf._model_save.future is None
 
 
 # -- notebook 03 as the CLI runs it ----------------------------------------------------

@@ -28,7 +28,8 @@ metrics, the PCA, the split by label, the comparison subset) and returns a
 The scores go into ``metrics.json`` under ``"classification"``. :func:`prepare` withdraws
 the output's ``_SUCCESS`` (a run stopped in notebook 03 must not look complete); its
 ``metrics.json`` goes at this stage's first write (a figure, or the model's), and the
-fitted model is saved under ``_staging/`` while the notebook goes on;
+fitted model is saved under ``_staging/`` while the notebook goes on
+(:class:`imagepca.classify_model.StagedSave`);
 :meth:`Classification.publish` swaps it in and writes ``metrics.json``, then ``_SUCCESS``,
 again.
 """
@@ -36,7 +37,7 @@ again.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -53,10 +54,10 @@ from threadpoolctl import ThreadpoolController
 
 from . import logistic
 from .classify_inputs import read_inputs, sweep_ks
+from .classify_model import MODEL_DIR, StagedSave, predict  # noqa: F401 (re-exported)
 from .config import ClassifyParams
 from .logistic import (
     LABEL_INDEX_COL,
-    PREDICTED_LABEL_COL,
     PREDICTION_COL,
     ClassifierResult,
     classifier_pipeline,
@@ -65,11 +66,10 @@ from .logistic import (
 from .pipeline import timed
 from .plots import save_figure
 from .reduction import PCA_COL, StoredPCA
-from .session import default_parallelism, in_background
+from .session import default_parallelism
 from .split import IS_TEST_COL, SPLIT_BY, TrainingMatrix
 from .storage import CLASSIFY_FIGURES, CLASSIFY_NOTEBOOK, Storage, join
 
-MODEL_DIR = "classifier_model"
 ROWS_PER_PARTITION = 2000  # ~20 MB of 1280-d features per cached partition
 # Every driver fit does its matrix products in float32 (the loss and the intercepts' gradient
 # are still summed in float64): 1.6x to 1.8x faster. The saved classifier of a 10,000-image run
@@ -83,17 +83,6 @@ PRODUCTS_DTYPE = np.float32
 # iterations from zero reach, its accuracy the same; the 521-component fit at 33, 1.3e-4
 # above, the same accuracy. From zero, the rule would stop that 1280-d fit at 80 of 100.
 DIAGNOSTIC_FLAT_TOL = 1e-4
-
-
-def predict(model: PipelineModel, reduced: DataFrame) -> DataFrame:
-    """``path``, ``label``, ``predicted_label`` for rows of ``reduced/`` (``pca`` arrays).
-
-    The classifier's input column is ``pca_vector``, the output column of ``pca_model``:
-    ``PipelineModel(stages=[*pca_model.stages, *classifier.stages])`` therefore classifies
-    ``array_to_vector(features)`` directly.
-    """
-    vectors = reduced.withColumn(PCA_COL, array_to_vector("pca"))
-    return model.transform(vectors).select("path", "label", PREDICTED_LABEL_COL)
 
 
 # -- the stage --------------------------------------------------------------------------
@@ -125,10 +114,13 @@ class Classification:
     removed_figures: list[str] = field(default_factory=list)  # an earlier run's, by prepare()
     writing: bool = False
     _misclassified: pd.DataFrame | None = None
-    _staged_model: Future | None = None  # the saved classifier's staging URI, once written
+    _model_save: StagedSave = field(init=False)
     # The saved classifier's coefficients (classes x k) and intercepts: where the
     # diagnostics start (read once, not from the sweep's threads).
     _saved_weights: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        self._model_save = StagedSave(self.storage, self.params.output)
 
     @property
     def k(self) -> int:
@@ -155,41 +147,10 @@ class Classification:
         self._stage_model()
 
     def _stage_model(self) -> None:
-        """Start writing the reduced classifier under ``OUTPUT/_staging/``, on a thread of
-        its own, once it is fitted and this stage writes to the output.
-
-        Spark ML's save (six small jobs, 0.5 s) then runs beside what follows in notebook 03
-        (the confusion matrix's drawing, the comparison's fits), none of which runs a Spark
-        job; :meth:`publish` waits for it and swaps it in. The output's completion markers
-        are already withdrawn: the staged model never sits in an output that looks complete.
-        """
-        if not self.writing or "reduced" not in self.results or self._staged_model is not None:
-            return
-        model = self.results["reduced"].model
-        self._staged_model = in_background(
-            self.storage.stage, self.params.output, MODEL_DIR, model.save
-        )
-
-    def _wait_for_staged_model(self) -> str | None:
-        """The staged model's URI once its save has ended (None if it failed); it is no
-        longer tracked then. An interrupt of the wait leaves it tracked: a running save is
-        never forgotten (a later :meth:`publish` would otherwise finish the run under it)."""
-        staged = self._staged_model
-        try:
-            return staged.result()
-        except Exception:
-            return None
-        finally:
-            if staged.done():
-                self._staged_model = None
-
-    def _discard_staged_model(self) -> None:
-        """Before a refit: wait for the earlier model's save and remove what it staged (a
-        failed save's debris goes with ``_staging/`` when the run completes)."""
-        if self._staged_model is not None:
-            staging = self._wait_for_staged_model()
-            if staging is not None:
-                self.storage.delete(staging)
+        """Start saving the reduced classifier (:class:`StagedSave`) once it is fitted and
+        this stage writes to the output."""
+        if self.writing and "reduced" in self.results and not self._model_save.started:
+            self._model_save.start(self.results["reduced"].model)
 
     def save_figure(self, fig: Figure, name: str) -> str:
         """Write ``fig`` as ``OUTPUT/name`` (withdrawing the completion markers first)."""
@@ -295,7 +256,7 @@ class Classification:
     def fit_reduced(self) -> ClassifierResult:
         """The classifier on ``reduced/`` (the chosen k): the model that is saved."""
         params = self.params
-        self._discard_staged_model()
+        self._model_save.discard()
         n_rows = sum(c["train"] + c["test"] for c in self.split_counts.values())
         with timed(self.timings, "reduced_s"):
             source = "reduced/ (array_to_vector(pca))"
@@ -445,13 +406,7 @@ class Classification:
         block = self.metrics()
         self._begin_writes()  # which starts the model's save, unless a figure's write did
         with timed(self.timings, "save_s"):  # the wait for that save, and the swap
-            staging = self._wait_for_staged_model()
-            if staging is None:
-                # Failed in the background: an interrupt of any cell cancels every running
-                # job in a local kernel, this save's too. Saved here again, or its own error.
-                model = self.results["reduced"].model
-                staging = self.storage.stage(self.params.output, MODEL_DIR, model.save)
-            self.storage.swap_in(self.params.output, MODEL_DIR, staging)
+            self._model_save.swap_in(self.results["reduced"].model)
         block["timings_s"] = dict(self.timings)
         timings = dict(self.run_metrics.get("timings_s", {}))
         timings["classify_s"] = round(sum(self.timings.values()), 3)
