@@ -131,6 +131,19 @@ def browser():
         chromium.close()
 
 
+def _close_dialogs(page) -> None:
+    """Close (Escape: its cancel) a JupyterLab dialog open over the notebook, printing its
+    text. Seen once in CI: a dialog covered the Run menu until the click timed out, its text
+    unknown. The run's own checks follow: a dialog that mattered fails them."""
+    dialogs = page.locator(".jp-Dialog")
+    for _ in range(3):
+        if not dialogs.count():
+            return
+        print("JupyterLab dialog closed:", " | ".join(dialogs.first.inner_text().split("\n")))
+        page.keyboard.press("Escape")
+        time.sleep(0.5)
+
+
 def _run_all_cells(page, attempts: int = 3) -> None:
     """Run > Run All Cells, until a cell is queued or running.
 
@@ -138,6 +151,7 @@ def _run_all_cells(page, attempts: int = 3) -> None:
     600 s. Clicking again is safe only while no cell has started, which is what is checked.
     """
     for _ in range(attempts):
+        _close_dialogs(page)
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
         for _ in range(60):
