@@ -269,13 +269,13 @@ def test_a_timed_out_cell_is_interrupted_before_spark_is_stopped(tmp_path, monke
         notebooks / "slow.ipynb", "seconds = 0", "import time\ntime.sleep(seconds)", "print(1)"
     )
     stops = []
-    stop = runner._stop_kernel_spark
+    stop = runner.stop_kernel_spark
 
     async def recorded(kernel_manager):
         stops.append(await stop(kernel_manager))
         return stops[-1]
 
-    monkeypatch.setattr(runner, "_stop_kernel_spark", recorded)
+    monkeypatch.setattr(runner, "stop_kernel_spark", recorded)
     with pytest.raises(runner.NotebookFailed, match="did not complete: CellTimeoutError") as failed:
         runner.run_notebooks(
             [runner.NotebookRun("slow.ipynb", {"seconds": 600})],
@@ -458,3 +458,67 @@ def test_an_s3_output_keeps_its_completed_notebook_01_too(aws_env):  # noqa: F81
     assert json.loads(body("out/logs/01_extract_features.ipynb"))["metadata"]["run"] == "failed"
     restored = json.loads(body("out/notebooks/01_extract_features.ipynb"))
     assert restored["metadata"]["run"] == "completed"
+
+
+# A thread of the kernel prints every 20 ms until told to stop (or for 60 s at most).
+CHATTER = """
+import threading, time
+stop_chatter = threading.Event()
+def chatter():
+    end = time.monotonic() + 60
+    while not stop_chatter.wait(0.02) and time.monotonic() < end:
+        print(".", end="", flush=True)
+chatty = threading.Thread(target=chatter, daemon=True)
+chatty.start()
+"""
+
+
+def test_a_notebook_client_is_ready_while_the_kernels_output_never_pauses():
+    """nbclient makes a client per notebook of the run's one kernel, and waits until it is
+    ready: once the kernel answered on the shell channel and on IOPub, not once IOPub has
+    been quiet for 0.2 s (jupyter_client's own wait, which a busy IOPub prolongs)."""
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.utils import run_sync
+
+    from imagepca.kernel import PromptKernelClient
+
+    async def reply_to(client, request):
+        while True:
+            reply = await client.get_shell_msg(timeout=30)
+            if reply["parent_header"]["msg_id"] == request:
+                return reply["content"]
+
+    async def scenario() -> tuple[str, str]:
+        manager = AsyncKernelManager(kernel_name="python3")
+        manager.client_factory = PromptKernelClient
+        await manager.start_kernel()
+        clients = []
+        try:
+            for _ in range(2):
+                clients.append(manager.client())
+                clients[-1].start_channels()
+                await clients[-1].wait_for_ready(timeout=60)
+                if len(clients) == 1:  # the first notebook leaves a thread printing
+                    started = await reply_to(clients[0], clients[0].execute(CHATTER))
+                    assert started["status"] == "ok"
+            # The next notebook's client: ready while the thread still prints.
+            asked = clients[1].execute("", user_expressions={"alive": "chatty.is_alive()"})
+            alive = (await reply_to(clients[1], asked))["user_expressions"]["alive"]
+            clients[1].execute("stop_chatter.set(); chatty.join()")
+            # Its IOPub works: this cell's output arrives on it.
+            printed = clients[1].execute("print('on iopub')")
+            while True:
+                message = await clients[1].get_iopub_msg(timeout=30)
+                if (
+                    message["parent_header"].get("msg_id") == printed
+                    and message["msg_type"] == "stream"
+                ):
+                    return alive["data"]["text/plain"], message["content"]["text"]
+        finally:
+            for client in clients:
+                client.stop_channels()
+            await manager.shutdown_kernel(now=True)
+
+    alive, printed = run_sync(scenario)()
+    assert alive == "True"
+    assert printed == "on iopub\n"

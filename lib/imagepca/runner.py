@@ -18,7 +18,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from importlib import resources
@@ -27,6 +26,7 @@ from pathlib import Path
 from .config import ExtractParams, ReduceParams
 from .console import Console
 from .executed import completed_copy, keep_completed_copy, record_stop
+from .kernel import PromptKernelClient, recording_engine, stop_kernel_spark, stopping_clients
 from .storage import (  # the notebooks' names: imported from here too (cli, aws.runs)
     CLASSIFY_NOTEBOOK,
     EXECUTED_DIR,
@@ -46,7 +46,6 @@ LOCAL_KERNEL = "python3"
 # Local runs on folders of at most this many images get a JVM compiling with C1 only: measured
 # faster at 2,000 and 10,000 images, slower at 100,000 (imagepca.session.QUICK_JIT_ENV).
 QUICK_JIT_MAX_IMAGES = 20_000
-STOP_SPARK_CODE = "from imagepca.session import stop_spark\nstop_spark()"
 
 
 class NotebookFailed(RuntimeError):
@@ -201,8 +200,9 @@ def run_notebooks(
     else:
         kernel_manager = AsyncKernelManager(kernel_name=kernel)
         streams = {}
-    engine = _kernel_recording_engine() if kernel != LOCAL_KERNEL else None
-    stop_clients = _stopping_clients(kernel_manager)
+    kernel_manager.client_factory = PromptKernelClient  # ready without a 0.2 s wait
+    engine = recording_engine() if kernel != LOCAL_KERNEL else None
+    stop_clients = stopping_clients(kernel_manager)
     completed = False
     restore_sigterm = _sigterm_interrupts()
     try:
@@ -275,7 +275,7 @@ def run_notebooks(
                 # stop below at once instead of after its 30 s wait.
                 with suppress(Exception):
                     run_sync(kernel_manager.interrupt_kernel)()
-            stopped = kernel == LOCAL_KERNEL and run_sync(_stop_kernel_spark)(kernel_manager)
+            stopped = kernel == LOCAL_KERNEL and run_sync(stop_kernel_spark)(kernel_manager)
             # A local kernel whose Spark (and JVM) has stopped holds nothing left to flush or
             # release, so it is ended at once: its own orderly exit (interrupt, shutdown
             # request, Python's teardown, polled every 0.1 s) cost 0.5-0.8 s of every run.
@@ -288,31 +288,6 @@ def run_notebooks(
             else:
                 os.environ[key] = value
     return read_metrics(output)
-
-
-KERNEL_RECORDING_ENGINE = "imagepca"
-
-
-def _kernel_recording_engine() -> str:
-    """papermill's nbclient engine, also naming in the notebook it saves the kernel that
-    runs it: papermill keeps the source's ``python3`` kernelspec, and a copy run by
-    sparkmagic's kernel would reopen (in JupyterHub, say) in a local Python kernel without
-    the cluster. Registered under the returned name."""
-    from papermill.engines import NBClientEngine, papermill_engines
-
-    class KernelRecordingEngine(NBClientEngine):
-        @classmethod
-        def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
-            spec = kwargs["km"].kernel_spec
-            nb_man.nb.metadata["kernelspec"] = {
-                "name": kernel_name,
-                "display_name": spec.display_name,
-                "language": spec.language,
-            }
-            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
-
-    papermill_engines.register(KERNEL_RECORDING_ENGINE, KernelRecordingEngine)
-    return KERNEL_RECORDING_ENGINE
 
 
 def _sigterm_interrupts():
@@ -372,70 +347,6 @@ def _skip_slow_optional_imports() -> None:
     module as absent. Has no effect when something imported it already.
     """
     sys.modules.setdefault("rfc3987_syntax", None)
-
-
-def _stopping_clients(kernel_manager) -> Callable[[], None]:
-    """A function that stops every client made from ``kernel_manager`` from now on.
-
-    nbclient makes a client per notebook and stops it only with a kernel manager of its
-    own. Left running, a client's ZeroMQ sockets reconnect to the ended kernel's ports every
-    0.1 s for as long as this process lives, and greet whatever binds a port next: in a test
-    process, a JVM's result server took the greeting for its handshake (CANNOT_OPEN_SOCKET).
-    """
-    made = []
-    make = kernel_manager.client
-
-    def client(**kwargs):
-        made.append(make(**kwargs))
-        return made[-1]
-
-    kernel_manager.client = client
-
-    def stop() -> None:
-        for each in made:
-            with suppress(Exception):
-                each.stop_channels()
-
-    return stop
-
-
-async def _stop_kernel_spark(kernel_manager) -> bool:
-    """Stop the kernel's Spark (session and JVM) before the kernel is shut down; see
-    :func:`imagepca.session.stop_spark`. Whether it stopped: best effort, the kernel
-    shutdown follows anyway."""
-    client = None
-    try:
-        if not await kernel_manager.is_alive():
-            return False
-        # The shell channel alone: its replies say whether the kernel is free (a kernel
-        # still running a timed-out cell answers nothing within 30 s) and whether the code
-        # raised. Waiting for the kernel's IOPub stream as well (wait_for_ready,
-        # execute_interactive) cost 0.2 s, the quiet period wait_for_ready lets pass.
-        client = kernel_manager.client()
-        client.start_channels(iopub=False, stdin=False, hb=False, control=False)
-        await _shell_reply(client, client.kernel_info(), timeout=30)
-        request = client.execute(STOP_SPARK_CODE, silent=True, store_history=False)
-        reply = await _shell_reply(client, request, timeout=120)
-    except Exception as error:  # a dead or busy kernel: its shutdown still ends it
-        problem = f"{type(error).__name__}: {error}"
-    else:
-        if reply["content"]["status"] == "ok":
-            return True
-        problem = reply["content"].get("evalue", "")
-    finally:
-        if client is not None:
-            client.stop_channels()
-    logging.getLogger(__name__).warning("could not stop the kernel's Spark: %s", problem)
-    return False
-
-
-async def _shell_reply(client, request: str, timeout: float) -> dict:
-    """The kernel's reply to ``request`` (raises ``queue.Empty`` after ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        reply = await client.get_shell_msg(timeout=max(0.0, deadline - time.monotonic()))
-        if reply["parent_header"].get("msg_id") == request:
-            return reply
 
 
 def _ended(console: Console | None, label: str, started: float, failed: bool = False) -> None:
