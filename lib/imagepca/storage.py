@@ -160,42 +160,51 @@ class Storage:
     """Small file-system operations on any Hadoop URI, run on the driver."""
 
     def __init__(self, spark: SparkSession):
-        self._jvm = spark.sparkContext._jvm
+        # The class, looked up once: py4j resolves ``jvm.org.apache.hadoop.fs.Path`` one
+        # name at a time, a round trip to the JVM each (five calls for every path made).
+        self._hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path
         self._conf = spark.sparkContext._jsc.hadoopConfiguration()
+        self._file_systems: dict[tuple[str, str], object] = {}  # by scheme and authority
 
     def _path(self, uri: str):
-        return self._jvm.org.apache.hadoop.fs.Path(uri)
+        return self._hadoop_path(uri)
 
-    def _fs(self, path):
-        fs = path.getFileSystem(self._conf)
-        # The local checksummed FS would add a hidden .crc file beside every small file.
-        return fs.getRawFileSystem() if fs.getUri().getScheme() == "file" else fs
+    def _located(self, uri: str) -> tuple:
+        """``uri``'s Hadoop path and file system (each file system found once: three
+        round trips to the JVM)."""
+        path = self._path(uri)
+        parts = urlsplit(uri)
+        key = (parts.scheme, parts.netloc)  # none: the default file system's
+        fs = self._file_systems.get(key)
+        if fs is None:
+            fs = path.getFileSystem(self._conf)
+            # The local checksummed FS would add a hidden .crc file beside every small file.
+            fs = fs.getRawFileSystem() if fs.getUri().getScheme() == "file" else fs
+            self._file_systems[key] = fs
+        return path, fs
 
     def exists(self, uri: str) -> bool:
-        path = self._path(uri)
-        return bool(self._fs(path).exists(path))
+        path, fs = self._located(uri)
+        return bool(fs.exists(path))
 
     def size(self, uri: str) -> int:
-        path = self._path(uri)
-        return int(self._fs(path).getFileStatus(path).getLen())
+        path, fs = self._located(uri)
+        return int(fs.getFileStatus(path).getLen())
 
     def delete(self, uri: str) -> None:
-        path = self._path(uri)
-        fs = self._fs(path)
+        path, fs = self._located(uri)
         if fs.exists(path):
             fs.delete(path, True)
 
     def list_names(self, uri: str) -> list[str]:
         """Names of the entries directly inside a folder (none when it does not exist)."""
-        path = self._path(uri)
-        fs = self._fs(path)
+        path, fs = self._located(uri)
         if not fs.exists(path):
             return []
         return sorted(status.getPath().getName() for status in fs.listStatus(path))
 
     def rename(self, src: str, dst: str) -> None:
-        source, target = self._path(src), self._path(dst)
-        fs = self._fs(source)
+        (source, fs), target = self._located(src), self._path(dst)
         fs.mkdirs(target.getParent())
         if not fs.rename(source, target):
             raise OSError(f"could not move {src} to {dst}")
@@ -217,8 +226,7 @@ class Storage:
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write a whole file; readers see the old or the new content, never a part."""
-        path = self._path(uri)
-        fs = self._fs(path)
+        path, fs = self._located(uri)
         scheme = fs.getUri().getScheme() or ""
         # Object stores publish a PUT atomically; file systems need write-then-rename.
         target = path if scheme.startswith("s3") else self._path(f"{uri}.{uuid.uuid4().hex}.tmp")
@@ -232,8 +240,8 @@ class Storage:
                 raise OSError(f"could not write {uri}")
 
     def copy_to_local(self, uri: str, local_path: str) -> None:
-        path = self._path(uri)
-        self._fs(path).copyToLocalFile(False, path, self._path(f"file://{local_path}"), True)
+        path, fs = self._located(uri)
+        fs.copyToLocalFile(False, path, self._path(f"file://{local_path}"), True)
 
     def read_json(self, uri: str) -> dict:
         return json.loads(self.read_bytes(uri).decode("utf-8"))
