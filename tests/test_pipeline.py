@@ -48,8 +48,8 @@ def test_listed_files_read_by_python_as_hadoop_reads_them(spark, tmp_path):
     paths = [row["path"] for row in listing.files.select("path").collect()]
     assert len(paths) == len(names) and all(local_file_path(p) for p in paths)
     for path in paths:
-        jvm = storage._path(path)
-        with_jvm = bytes(storage._fs(jvm).open(jvm).readAllBytes())
+        jvm, fs = storage._located(path)
+        with_jvm = bytes(fs.open(jvm).readAllBytes())
         assert (
             storage.read_bytes(path)
             == with_jvm
