@@ -23,7 +23,8 @@ from pyspark.ml.linalg import Vectors
 from pyspark.sql import functions as F
 
 from imagepca import logistic
-from imagepca.classify import MODEL_DIR, predict, prepare, sweep_ks
+from imagepca.classify import prepare, sweep_ks
+from imagepca.classify_model import MODEL_DIR, predict
 from imagepca.config import ClassifyParams, ParameterError
 from imagepca.images import classifiable, small_labels
 from imagepca.logistic import PREDICTED_LABEL_COL

@@ -54,7 +54,7 @@ from threadpoolctl import ThreadpoolController
 
 from . import logistic
 from .classify_inputs import read_inputs, sweep_ks
-from .classify_model import MODEL_DIR, StagedSave, predict  # noqa: F401 (re-exported)
+from .classify_model import MODEL_DIR, StagedSave
 from .config import ClassifyParams
 from .logistic import (
     LABEL_INDEX_COL,
