@@ -164,24 +164,28 @@ class Storage:
         # name at a time, a round trip to the JVM each (five calls for every path made).
         self._hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path
         self._conf = spark.sparkContext._jsc.hadoopConfiguration()
-        self._file_systems: dict[tuple[str, str], object] = {}  # by scheme and authority
+        # The file system and its scheme, by the URI's scheme and authority.
+        self._file_systems: dict[tuple[str, str], tuple[object, str]] = {}
 
     def _path(self, uri: str):
         return self._hadoop_path(uri)
 
     def _located(self, uri: str) -> tuple:
-        """``uri``'s Hadoop path and file system (each file system found once: three
-        round trips to the JVM)."""
+        """``uri``'s Hadoop path and file system."""
         path = self._path(uri)
+        return path, self._file_system(uri, path)[0]
+
+    def _file_system(self, uri: str, path) -> tuple[object, str]:
+        """The file system of ``path`` (``uri``'s) and its scheme, each file system found
+        once (three round trips to the JVM)."""
         parts = urlsplit(uri)
         key = (parts.scheme, parts.netloc)  # none: the default file system's
-        fs = self._file_systems.get(key)
-        if fs is None:
+        if key not in self._file_systems:
             fs = path.getFileSystem(self._conf)
+            scheme = fs.getUri().getScheme() or ""
             # The local checksummed FS would add a hidden .crc file beside every small file.
-            fs = fs.getRawFileSystem() if fs.getUri().getScheme() == "file" else fs
-            self._file_systems[key] = fs
-        return path, fs
+            self._file_systems[key] = (fs.getRawFileSystem() if scheme == "file" else fs, scheme)
+        return self._file_systems[key]
 
     def exists(self, uri: str) -> bool:
         path, fs = self._located(uri)
@@ -226,8 +230,8 @@ class Storage:
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write a whole file; readers see the old or the new content, never a part."""
-        path, fs = self._located(uri)
-        scheme = fs.getUri().getScheme() or ""
+        path = self._path(uri)
+        fs, scheme = self._file_system(uri, path)
         # Object stores publish a PUT atomically; file systems need write-then-rename.
         target = path if scheme.startswith("s3") else self._path(f"{uri}.{uuid.uuid4().hex}.tmp")
         with tempfile.TemporaryDirectory(prefix="imagepca-") as folder:
