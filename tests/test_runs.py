@@ -111,7 +111,12 @@ def test_notebooks_run_by_hand_remove_the_copies_an_earlier_run_saved(spark, sam
     reduction = reduce_features(spark, ReduceParams(output=str(output), k=5))
     assert (copies / runner.REDUCE_NOTEBOOK).exists()
     assert sorted(reduction.metrics["removed_from_earlier_run"]) == sorted(
-        [f"notebooks/{runner.EXTRACT_NOTEBOOK}", *FIGURES[:3], *CLASSIFY_ARTIFACTS]
+        [
+            f"notebooks/{runner.EXTRACT_NOTEBOOK}",
+            *EXTRACT_FIGURES,
+            *REDUCE_FIGURES,
+            *CLASSIFY_ARTIFACTS,
+        ]
     )
 
     (copies / runner.REDUCE_NOTEBOOK).write_bytes(earlier[runner.REDUCE_NOTEBOOK])
