@@ -154,6 +154,11 @@ def fingerprint(rows: DataFrame, n_files: int) -> str:
     return fingerprint_digest(n_files, [row])
 
 
+SCANNED_COUNT = "count"
+FINGERPRINT_SUMS = (SCANNED_COUNT, "a", "b")
+"""The names of :func:`fingerprint_sums`'s aggregates, which :func:`fingerprint_digest` reads."""
+
+
 def fingerprint_sums() -> list[Column]:
     """The aggregates :func:`fingerprint` sums, for a job that has other counting to do:
     sums over groups of rows add up to the sums over all of them."""
@@ -164,17 +169,19 @@ def fingerprint_sums() -> list[Column]:
         F.coalesce(F.col("size").cast("string"), F.lit("")),
         F.coalesce(F.col("modified").cast("string"), F.lit("")),
     )
+    _, xxhash_sum, hash_sum = FINGERPRINT_SUMS
     return [
-        F.count(F.lit(1)).alias("count"),
-        F.sum(F.xxhash64(key).cast("decimal(38,0)")).alias("a"),
-        F.sum(F.hash(key).cast("decimal(38,0)")).alias("b"),
+        F.count(F.lit(1)).alias(SCANNED_COUNT),
+        F.sum(F.xxhash64(key).cast("decimal(38,0)")).alias(xxhash_sum),
+        F.sum(F.hash(key).cast("decimal(38,0)")).alias(hash_sum),
     ]
 
 
 def fingerprint_digest(n_files: int, groups: list) -> str:
     """The fingerprint from :func:`fingerprint_sums` over one or more groups of rows."""
-    n = sum(group["count"] for group in groups)
-    a, b = (sum((group[name] or 0 for group in groups), Decimal(0)) for name in ("a", "b"))
+    _, *hash_sums = FINGERPRINT_SUMS
+    n = sum(group[SCANNED_COUNT] for group in groups)
+    a, b = (sum((group[name] or 0 for group in groups), Decimal(0)) for name in hash_sums)
     return hashlib.sha256(f"{n_files}:{n}:{a}:{b}".encode()).hexdigest()
 
 

@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 from .config import ExtractParams
 from .images import InputError
 from .increments import Increment
-from .inputs import ImageListing, fingerprint_sums
+from .inputs import FINGERPRINT_SUMS, SCANNED_COUNT, ImageListing, fingerprint_sums
 from .storage import Storage, error_summary, join
 
 if TYPE_CHECKING:
@@ -59,8 +59,8 @@ class Outcomes:
     @classmethod
     def observed(cls, metrics: dict) -> Outcomes:
         rejects = json.loads(metrics["rejects"])
-        sums = {name: metrics[name] for name in ("count", "a", "b")}
-        return cls(scanned=metrics["count"], rejects=rejects, sums=sums)
+        sums = {name: metrics[name] for name in FINGERPRINT_SUMS}
+        return cls(scanned=sums[SCANNED_COUNT], rejects=rejects, sums=sums)
 
     @property
     def n_featurized(self) -> int:
