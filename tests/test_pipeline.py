@@ -416,6 +416,41 @@ def test_bad_input_locations_are_named(spark, tmp_path):
     listing.release()
 
 
+def test_paths_with_glob_characters_are_read_as_written(spark, tmp_path):
+    """Spark's readers expand glob patterns: ``in[1]`` would list ``in1`` and ``out[1]``
+    read ``out1``'s features. Beside such siblings, a run on the bracketed folders reads and
+    classifies its own images only."""
+    from imagepca.classify import prepare
+    from imagepca.config import ClassifyParams
+
+    photos = {label: sorted((FRUIT_PHOTOS / label).glob("*.jpg")) for label in ("apple", "banana")}
+    for folder, chosen in (("in1", slice(0, 3)), ("in[1]", slice(3, 7))):
+        for label, files in photos.items():
+            (tmp_path / folder / label).mkdir(parents=True)
+            for photo in files[chosen]:
+                shutil.copy(photo, tmp_path / folder / label / photo.name)
+    expected = {p.name for p in (tmp_path / "in[1]").rglob("*.jpg")}
+    for name in ("1", "[1]"):
+        output = str(tmp_path / f"out{name}")
+        extract_features(
+            spark,
+            ExtractParams(input=str(tmp_path / f"in{name}"), output=output, weights=str(WEIGHTS)),
+        )
+        reduction = reduce_features(spark, ReduceParams(output=output, k=2))
+        finish_run(spark, output, reduction.metrics)
+    listing = list_folder(spark, str(tmp_path / "in[1]"))
+    assert listing.n_files == len(expected) == 8
+    listing.release()
+    output = str(tmp_path / "out[1]")
+    names = {Path(local_file_path(row.path)).name for row in read_features(spark, output).collect()}
+    assert names == expected
+    clf = prepare(spark, ClassifyParams(output=output))
+    assert clf.pca.k == 2 and sum(n for n in clf.label_counts.values()) == 8
+    reduced = clf.fit_reduced()  # reads OUTPUT/reduced, joined with the split
+    assert reduced.scores["n_train"] + reduced.scores["n_test"] == 8
+    clf.split.unpersist()
+
+
 def test_the_run_summary_warns_of_skipped_images(photos_run):
     from imagepca.console import summary
 

@@ -68,7 +68,7 @@ from .plots import save_figure
 from .reduction import PCA_COL, StoredPCA
 from .session import default_parallelism
 from .split import IS_TEST_COL, SPLIT_BY, TrainingMatrix
-from .storage import CLASSIFY_FIGURES, CLASSIFY_NOTEBOOK, Storage, join
+from .storage import CLASSIFY_FIGURES, CLASSIFY_NOTEBOOK, Storage, join, literal
 
 ROWS_PER_PARTITION = 2000  # ~20 MB of 1280-d features per cached partition
 # Every driver fit does its matrix products in float32 (the loss and the intercepts' gradient
@@ -299,7 +299,7 @@ class Classification:
         return result
 
     def _reduced_split(self) -> DataFrame:
-        reduced = self.spark.read.parquet(join(self.params.output, "reduced"))
+        reduced = self.spark.read.parquet(literal(join(self.params.output, "reduced")))
         return reduced.join(self.split, ["path", "label"])
 
     def misclassified(self) -> pd.DataFrame:

@@ -41,7 +41,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .session import spark_settings
-from .storage import Storage, join, normalize_uri, vector_write_settings
+from .storage import Storage, join, literal, normalize_uri, vector_write_settings
 
 BATCH_COLUMN = "batch"
 LAYOUT = "batches-v1"  # features/_extraction.json "layout": what plan_increment can extend
@@ -108,7 +108,9 @@ class Increment:
 def plan_increment(spark: SparkSession, features_uri: str, listing: DataFrame) -> Increment:
     """Compare the listing with ``features/``: only counts and the (few) part-file names of
     stale rows reach the driver."""
-    stored = spark.read.parquet(features_uri).select(*ROW_KEY, F.input_file_name().alias("file"))
+    stored = spark.read.parquet(literal(features_uri)).select(
+        *ROW_KEY, F.input_file_name().alias("file")
+    )
     same = [listing[c].eqNullSafe(stored[c]) for c in ROW_KEY]
     todo = listing.join(stored, same, "left_anti").persist(StorageLevel.MEMORY_AND_DISK)
     stale = stored.join(listing, [stored[c].eqNullSafe(listing[c]) for c in ROW_KEY], "left_anti")
@@ -118,7 +120,7 @@ def plan_increment(spark: SparkSession, features_uri: str, listing: DataFrame) -
     survivors = None
     if stale_files:
         survivors = (
-            spark.read.parquet(*stale_files)
+            spark.read.parquet(*map(literal, stale_files))
             .select(*STORED_COLUMNS)
             .join(stale.select("path"), "path", "left_anti")
         )

@@ -33,7 +33,7 @@ from pyspark.sql import functions as F
 from .config import ExtractParams
 from .images import IMAGE_EXTENSIONS, InputError, extension_glob, label_column, name_column
 from .session import cached_shuffle_settings, default_parallelism, spark_settings
-from .storage import URI_SCHEME, Storage, is_local, local_path
+from .storage import URI_SCHEME, Storage, is_local, literal, local_path
 
 LISTING_COLUMNS = ("path", "label", "size", "modified")
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
@@ -254,7 +254,7 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
     discovery = {PARALLEL_DISCOVERY_KEY: str(2**31 - 1)} if is_local(input_uri) else {}
     try:
         with spark_settings(spark, discovery):
-            relation = folder_reader(spark).load(input_uri)
+            relation = folder_reader(spark).load(literal(input_uri))
         n_files = len(relation._jdf.inputFiles())  # counted in the JVM: no Python copy
     except AnalysisException as error:
         raise InputError(
@@ -425,9 +425,9 @@ def _uri_table(spark: SparkSession, uri: str) -> DataFrame:
     """A CSV or Parquet manifest as ``path``, ``label``, ``size``, ``modified``."""
     name = uri.rstrip("/").rsplit("/", 1)[-1].lower()
     if name.endswith((".csv", ".csv.gz", ".txt")):
-        table = spark.read.option("header", "true").csv(uri)
+        table = spark.read.option("header", "true").csv(literal(uri))
     else:
-        table = spark.read.parquet(uri)
+        table = spark.read.parquet(literal(uri))
     columns = {c.lower(): c for c in table.columns}
     if "path" not in columns:
         raise InputError(
@@ -474,7 +474,7 @@ def _inventory_table(spark: SparkSession, manifest_uri: str) -> DataFrame:
     # off EMR), s3:// otherwise.
     scheme = urlsplit(manifest_uri).scheme.lower()
     scheme = scheme if scheme in ("s3a", "s3n") else "s3"
-    data_files = [f"{scheme}{uri[2:]}" for uri in data_files]
+    data_files = [literal(f"{scheme}{uri[2:]}") for uri in data_files]
     if not data_files:
         return spark.createDataFrame([], "path string, label string, size long, modified string")
     if file_format == "csv":

@@ -77,6 +77,7 @@ from .storage import (
     STAGING_DIR,
     Storage,
     join,
+    literal,
     vector_write_settings,
 )
 
@@ -382,7 +383,7 @@ def _stored_moments(storage: Storage, output: str, extraction: dict) -> Moments 
 
 def read_features(spark: SparkSession, output: str) -> DataFrame:
     """The ``features/`` dataset of a run (``path``, ``label``, ``features``), every batch."""
-    return spark.read.parquet(join(output, "features")).select("path", "label", "features")
+    return spark.read.parquet(literal(join(output, "features"))).select("path", "label", "features")
 
 
 # -- stage 2: features -> scaler + PCA ---------------------------------------------------

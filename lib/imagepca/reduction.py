@@ -55,7 +55,7 @@ from .moments import (
     projector,
 )
 from .session import ARROW_BATCH_KEY, in_background, java_doubles, spark_settings
-from .storage import FLOAT_VECTOR, Storage, join
+from .storage import FLOAT_VECTOR, Storage, join, literal
 
 VECTOR_COL = "features_vector"
 SCALED_COL = "scaled"
@@ -341,10 +341,10 @@ def read_pca(spark: SparkSession, output: str) -> StoredPCA:
             f"{model_uri} is not a pca_model of this project (StandardScaler -> PCA): "
             "re-run notebook 02"
         )
-    scaler = spark.read.schema(_SCALER_DATA).parquet(join(stage_uris[0], "data")).head()
+    scaler = spark.read.schema(_SCALER_DATA).parquet(literal(join(stage_uris[0], "data"))).head()
     pca = (
         spark.read.schema(_PCA_DATA)
-        .parquet(join(output, "pca_components", "data"))
+        .parquet(literal(join(output, "pca_components", "data")))
         .select("pc.*", F.col("explainedVariance.values").alias("explained_variance"))
         .toPandas()
         .iloc[0]

@@ -21,7 +21,7 @@ from .config import ExtractParams
 from .images import InputError
 from .increments import Increment
 from .inputs import FINGERPRINT_SUMS, SCANNED_COUNT, ImageListing, fingerprint_sums
-from .storage import Storage, error_summary, join
+from .storage import Storage, error_summary, join, literal
 
 if TYPE_CHECKING:
     from .pipeline import Extraction
@@ -97,7 +97,7 @@ def rejected_files(
         if increment:
             seen = listing.files
         else:
-            seen = spark.read.parquet(features_uri).select("path")
+            seen = spark.read.parquet(literal(features_uri)).select("path")
             if rows:
                 seen = seen.unionByName(_rejected_frame(spark, rows).select("path"))
         rows += [

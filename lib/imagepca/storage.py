@@ -99,6 +99,16 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+_GLOB_CHARACTERS = re.compile(r"([\\{}\[\]*?])")
+
+
+def literal(uri: str) -> str:
+    """``uri`` as Spark's readers take it literally: they expand Hadoop glob patterns in a
+    path, so ``out[1]/features`` would read ``out1/features`` (or fail), and ``run*`` every
+    folder starting with ``run``. Each glob character is escaped with a backslash."""
+    return _GLOB_CHARACTERS.sub(r"\\\1", uri)
+
+
 def local_file_path(uri: str) -> str | None:
     """The path on this machine of a ``file:`` URI spelled as Hadoop and Spark's ``path``
     columns spell it (``file:/a b/c.jpg``, ``file:///a b/c.jpg``: not percent-encoded); None
