@@ -270,6 +270,30 @@ def test_only_a_full_run_keeps_the_pca_statistics_of_its_featurization(increment
     assert incremental["fresh_reduction"].metrics["pca_statistics"] == "featurization"
 
 
+def test_a_smaller_image_limit_makes_the_incremental_run_a_full_one(spark, tmp_path):
+    """Images kept from a run with a larger ``max_image_pixels`` would pass a limit that now
+    rejects them: the increment is refused, and every image is checked again."""
+    from PIL import Image
+
+    chosen = [p for label in ("apple", "banana") for p in photos(label, 0, 3)]
+    copy_photos(tmp_path / "input", chosen)
+    pixels = sorted(Image.open(p).size[0] * Image.open(p).size[1] for p in chosen)
+    assert pixels[0] < pixels[-1]  # photos of several sizes
+    params = dict(input=str(tmp_path / "input"), output=str(tmp_path / "out"), incremental=True)
+    first = extract_features(spark, ExtractParams(**params, weights=str(WEIGHTS)))
+    assert first.n_images == 6 and first.n_rejected == 0
+    limit = pixels[2]  # the three smallest images pass
+    again = extract_features(
+        spark, ExtractParams(**params, weights=str(WEIGHTS), max_image_pixels=limit)
+    )
+    increment = again.metadata["incremental"]
+    assert (
+        increment["full_run_because"] == "the stored features were made with other max_image_pixels"
+    )
+    assert (again.n_images, again.n_rejected) == (3, 3)
+    assert len(pd.read_parquet(tmp_path / "out" / "features")) == 3
+
+
 def test_incremental_equals_a_fresh_full_run(incremental):
     features = pd.read_parquet(incremental["output"] / "features")
     assert features.path.is_unique

@@ -47,8 +47,9 @@ BATCH_COLUMN = "batch"
 LAYOUT = "batches-v1"  # features/_extraction.json "layout": what plan_increment can extend
 ROW_KEY = ("path", "label", "size", "modified")
 STORED_COLUMNS = (*ROW_KEY, "features")
-# Extraction parameters that change the features: an increment must share them all.
-FEATURE_KEYS = ("weights_sha256", "engine", "image_size", "fast_decode")
+# Extraction parameters that change the features, or which images have one (the largest
+# image accepted): an increment must share them all.
+FEATURE_KEYS = ("weights_sha256", "engine", "image_size", "fast_decode", "max_image_pixels")
 
 
 def new_batch_id() -> str:
@@ -74,7 +75,7 @@ def why_not_incremental(stored: dict | None, identity: dict) -> str | None:
 # What stored features depend on: --reuse-features keeps them only when all are the same.
 # The listing's fingerprint (every file's path, label, size and time) says which images they
 # are, however the input was spelled (a relative path, file://, a trailing slash) or listed.
-REUSE_KEYS = ("listing_fingerprint", *FEATURE_KEYS, "max_image_pixels")
+REUSE_KEYS = ("listing_fingerprint", *FEATURE_KEYS)
 _REUSE_NAMES = {"listing_fingerprint": "input files", "weights_sha256": "weights"}
 
 
