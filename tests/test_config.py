@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from imagepca import runner
 from imagepca.cli import main
 from imagepca.config import ExtractParams, ParameterError, ReduceParams, check_master
 from imagepca.images import extension_glob, label_of
@@ -65,13 +66,56 @@ def test_an_output_or_input_that_is_a_file_is_refused(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_an_input_whose_links_loop_is_refused(tmp_path, capsys):
+    """Spark's listing follows a link to a folder that holds it until the system's limit of
+    40 links: every image below it would be featurized 41 times."""
+    photos = tmp_path / "photos"
+    (photos / "apple").mkdir(parents=True)
+    (photos / "banana" / "ripe").mkdir(parents=True)
+    (photos / "banana" / "ripe" / "more").symlink_to(photos / "banana")
+    with pytest.raises(
+        ParameterError, match="'.*/banana/ripe/more' links to '.*/banana', which the"
+    ):
+        ExtractParams(input=str(photos), output=str(tmp_path / "out"))
+    status = main(["run", "--input", str(photos), "--output", str(tmp_path / "out")])
+    assert status == 2 and "input has a link that loops" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (photos / "banana" / "ripe" / "more").unlink()
+    # Two folders linking to each other: apple/to_banana/to_apple/to_banana/...
+    (photos / "apple" / "to_banana").symlink_to(photos / "banana")
+    (photos / "banana" / "to_apple").symlink_to(photos / "apple")
+    with pytest.raises(ParameterError, match="input has a link that loops: '.*/to_(apple|banana)'"):
+        ExtractParams(input=str(photos), output=str(tmp_path / "out"))
+    (photos / "banana" / "to_apple").unlink()
+    (photos / "apple" / "to_banana").unlink()
+    (photos / "_old").symlink_to(photos)  # Spark skips it: no loop
+    (photos / "banana" / "ripe" / "apple").symlink_to(photos / "apple")  # no loop either
+    assert ExtractParams(input=str(photos), output=str(tmp_path / "out")).output
+
+
+def test_linked_class_folders_count_for_k(tmp_path, capsys):
+    """Spark lists the images of linked class folders: so does the check of ``--k``."""
+    store = tmp_path / "store"
+    (tmp_path / "images").mkdir()
+    for label in ("apple", "banana"):
+        (store / label).mkdir(parents=True)
+        for name in ("1.jpg", "2.JPG"):
+            (store / label / name).write_bytes(b"")
+        (tmp_path / "images" / label).symlink_to(store / label)
+    (tmp_path / "images" / "again").symlink_to(store / "apple")  # Spark lists these twice
+    assert runner.local_image_count(str(tmp_path / "images"), 100) == 6
+    output = tmp_path / "out"
+    status = main(["run", "--input", str(tmp_path / "images"), "--output", str(output), "--k", "7"])
+    assert status == 2 and "holds 6 image files" in capsys.readouterr().err
+    assert not output.exists()
+
+
 def test_an_output_reached_through_a_link_in_the_input_is_refused(tmp_path):
     """Spark's listing follows a folder's link: an output in its target, or holding it, is
     read by the next run. Folders Spark skips (``_``, ``.``) don't count."""
     photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
     (photos / "apple").mkdir(parents=True)
     (elsewhere / "pears").mkdir(parents=True)
-    (photos / "apple" / "loop").symlink_to(photos)  # walked once, not forever
     (photos / "apple" / "pears").symlink_to(elsewhere / "pears")
     (photos / "more").symlink_to(elsewhere)
     for output in (elsewhere / "out", elsewhere / "pears", elsewhere):

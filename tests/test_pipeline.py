@@ -414,6 +414,14 @@ def test_bad_input_locations_are_named(spark, tmp_path):
     listing = list_folder(spark, str(tmp_path / "hidden"))
     assert (listing.n_files, listing.n_hidden) == (2, 3)
     listing.release()
+    # Spark lists a linked folder's files: its skipped images count too.
+    (tmp_path / "elsewhere" / "plum").mkdir(parents=True)
+    shutil.copy(photos[0], tmp_path / "elsewhere" / "plum" / "IMG_1.jpg")
+    shutil.copy(photos[1], tmp_path / "elsewhere" / "plum" / "_MG_1.jpg")
+    (tmp_path / "hidden" / "plum").symlink_to(tmp_path / "elsewhere" / "plum")
+    listing = list_folder(spark, str(tmp_path / "hidden"))
+    assert (listing.n_files, listing.n_hidden) == (3, 4)
+    listing.release()
 
 
 def test_paths_with_glob_characters_are_read_as_written(spark, tmp_path):

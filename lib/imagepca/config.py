@@ -169,13 +169,22 @@ class ExtractParams:
                 "output must not be inside input: the next run would read the run's own "
                 f"plots as images; choose an output outside {self.input!r}",
             )
-            link = link_reaching(source, output)
-            if link is not None:
+            links, loops = followed_links(source)
+            if loops:
+                link, target = loops[0]
                 raise ParameterError(
-                    f"output must not be inside input: {link[0]!r} links to {link[1]!r}, "
-                    f"through which Spark's listing of the input reaches output {self.output!r}"
-                    ": the next run would read the run's own plots as images; choose another "
-                    "output, or remove the link"
+                    f"input has a link that loops: {link!r} links to {target!r}, which the "
+                    "listing passes through to reach it; Spark would follow it again and again "
+                    "(every image below it read 41 times, to the system's limit of 40 links). "
+                    "Remove the link"
+                )
+            for link, target in links:
+                _require(
+                    not (_within(output, target) or _within(target, output)),
+                    f"output must not be inside input: {link!r} links to {target!r}, through "
+                    f"which Spark's listing of the input reaches output {self.output!r}: the "
+                    "next run would read the run's own plots as images; choose another output, "
+                    "or remove the link",
                 )
         _check_location("weights", self.weights)
         _require(
@@ -377,33 +386,45 @@ def location_key(location: str) -> str:
     return location.rstrip("/")
 
 
-def link_reaching(folder: str, target: str) -> tuple[str, str] | None:
-    """A symbolic link to a folder, under the local ``folder``, through which Spark's
-    listing would reach ``target`` (both spelled by :func:`location_key`): its target holds
-    ``target`` or lies inside it. ``(link, its target)``, or None.
-
-    Walked as Spark lists: links followed, ``_`` and ``.`` names skipped. Only links are
-    resolved, each target walked once (a link back up the tree ends there).
-    """
-    if "://" in folder or not os.path.isdir(folder):
-        return None
-    followed = {folder}
-    for parent, subfolders, _ in os.walk(folder, followlinks=True):
+def followed_walk(folder: str, loops: list[tuple[str, str]] | None = None):
+    """``os.walk`` of a local folder that follows links to folders as Spark's listing does,
+    but not a link that loops: one to a folder holding a folder walked on the way to it,
+    which Spark follows again and again (to the system's limit of 40 links). Those are
+    appended to ``loops`` as ``(link, target)``. Prune ``subfolders`` in place, as with
+    ``os.walk``."""
+    # The real folders on the way to each folder still to walk.
+    chains = {folder: frozenset([os.path.realpath(folder)])}
+    for parent, subfolders, names in os.walk(folder, followlinks=True):
+        yield parent, subfolders, names
+        chain = chains.pop(parent)
         kept = []
         for name in subfolders:
-            if name.startswith(("_", ".")):
-                continue
             path = os.path.join(parent, name)
-            if os.path.islink(path):
-                real = os.path.realpath(path)
-                if _within(target, real) or _within(real, target):
-                    return path, real
-                if real in followed:
-                    continue
-                followed.add(real)
+            real = os.path.realpath(path)
+            if os.path.islink(path) and any(_within(step, real) for step in chain):
+                if loops is not None:
+                    loops.append((path, real))
+                continue
+            chains[path] = chain | {real}
             kept.append(name)
         subfolders[:] = kept
-    return None
+
+
+def followed_links(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The links to folders that Spark's listing of the local ``folder`` follows (``_`` and
+    ``.`` names skipped, as Spark skips them; none for a remote location), and among them
+    those that loop (:func:`followed_walk`): ``(link, target)`` lists."""
+    links: list[tuple[str, str]] = []
+    loops: list[tuple[str, str]] = []
+    if "://" in folder or not os.path.isdir(folder):
+        return links, loops
+    for parent, subfolders, _ in followed_walk(folder, loops):
+        subfolders[:] = [name for name in subfolders if not name.startswith(("_", "."))]
+        for name in subfolders:
+            path = os.path.join(parent, name)
+            if os.path.islink(path):
+                links.append((path, os.path.realpath(path)))
+    return links, loops
 
 
 def _within(path: str, folder: str) -> bool:

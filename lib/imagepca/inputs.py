@@ -30,7 +30,7 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from .config import ExtractParams
+from .config import ExtractParams, followed_walk
 from .images import IMAGE_EXTENSIONS, InputError, extension_glob, label_column, name_column
 from .session import cached_shuffle_settings, default_parallelism, spark_settings
 from .storage import URI_SCHEME, Storage, is_local, literal, local_path
@@ -223,7 +223,7 @@ def _hidden_images(input_uri: str, most: int = 100_000) -> int:
         return 0
     hidden = seen = 0
     root = Path(local_path(input_uri))
-    for folder, folders, names in os.walk(root):
+    for folder, folders, names in followed_walk(str(root)):  # links followed, as Spark does
         folders[:] = [name for name in folders if name[0] != "." and name != "__MACOSX"]
         parts = Path(folder).relative_to(root).parts
         in_skipped = any(_skipped_by_spark(part) for part in parts)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .config import ExtractParams, ReduceParams
+from .config import ExtractParams, ReduceParams, followed_walk
 from .console import Console
 from .executed import completed_copy, keep_completed_copy, record_stop
 from .kernel import PromptKernelClient, recording_engine, stop_kernel_spark, stopping_clients
@@ -134,7 +134,7 @@ def local_image_count(folder: str, limit: int) -> int:
     from .images import IMAGE_EXTENSIONS
 
     count = 0
-    for _, _, names in os.walk(local_path(folder)):
+    for _, _, names in followed_walk(local_path(folder)):  # links followed, as Spark does
         count += sum(name.lower().endswith(IMAGE_EXTENSIONS) for name in names)
         if count > limit:
             break
