@@ -237,6 +237,15 @@ def test_spark_masters_are_accepted(master):
         (["--notebooks", "/no/such/folder"], "no 01_extract_features.ipynb there"),
         (["--livy-url", "http://127.0.0.1:1"], "--livy-\\* options need --kernel pysparkkernel"),
         (["--kernel", "pysparkkernel", "--master", "local[2]"], "--master does not apply"),
+        (["--livy-startup-timeout", "900"], "--livy-\\* options need --kernel pysparkkernel"),
+        (
+            ["--kernel", "pysparkkernel", "--livy-startup-timeout", "10"],
+            "--livy-startup-timeout 10: give at least 300 seconds",
+        ),
+        (
+            ["--kernel", "pysparkkernel", "--livy-url", "ftp://127.0.0.1:1"],
+            "--livy-url ftp://127.0.0.1:1: give an http:// or https:// URL",
+        ),
         # Two image files: notebook 02 would refuse k = 3 after notebook 01's whole work.
         (["--k", "3"], "--k 3: .* holds 2 image files"),
     ],

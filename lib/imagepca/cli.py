@@ -113,7 +113,6 @@ def _add_run(subparsers) -> None:
     livy.add_argument(
         "--livy-startup-timeout",
         type=int,
-        default=600,
         help="seconds the Livy session may take to start (at least 300; default 600)",
     )
     livy.add_argument(
@@ -150,6 +149,7 @@ def _livy_options(args: argparse.Namespace) -> dict:
         "driver_memory": args.livy_driver_memory,
         "ca_bundle": args.livy_ca_bundle,
         "insecure": args.livy_insecure or None,
+        "startup_timeout": args.livy_startup_timeout,
     }
 
 
@@ -169,6 +169,13 @@ def _check_run_options(args: argparse.Namespace) -> None:
             "one cell may run, or leave it out for no limit"
         )
     livy.check_kernel_options(args.kernel, master=args.master, **_livy_options(args))
+    if args.livy_url and not args.livy_url.startswith(("http://", "https://")):
+        raise ParameterError(f"--livy-url {args.livy_url}: give an http:// or https:// URL")
+    if args.livy_startup_timeout is not None and args.livy_startup_timeout < 300:
+        raise ParameterError(
+            f"--livy-startup-timeout {args.livy_startup_timeout}: give at least 300 seconds "
+            "(a YARN driver that imports TensorFlow takes minutes), or leave it out for 600"
+        )
     if args.kernel not in (runner.LOCAL_KERNEL, livy.KERNEL_NAME):
         try:
             KernelSpecManager().get_kernel_spec(args.kernel)
@@ -252,12 +259,7 @@ def _run(args: argparse.Namespace) -> int:
         with (
             Console(mode, log=log) as console,
             console.python_logging(),
-            livy.kernel_environment(
-                args.kernel,
-                startup_timeout=args.livy_startup_timeout,
-                master=args.master,
-                **_livy_options(args),
-            ) as env,
+            livy.kernel_environment(args.kernel, master=args.master, **_livy_options(args)) as env,
         ):
             metrics = runner.run_notebooks(
                 runs,

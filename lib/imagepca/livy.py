@@ -454,7 +454,7 @@ def kernel_environment(
     livy_url: str | None = None,
     livy_conf: list[str] | tuple[str, ...] = (),
     driver_memory: str | None = None,
-    startup_timeout: int = DEFAULT_STARTUP_TIMEOUT_S,
+    startup_timeout: int | None = None,
     master: str | None = None,
     ca_bundle: str | None = None,
     insecure: bool | None = None,
@@ -473,6 +473,7 @@ def kernel_environment(
         driver_memory=driver_memory,
         ca_bundle=ca_bundle,
         insecure=insecure,
+        startup_timeout=startup_timeout,
     )
     if kernel != KERNEL_NAME:
         yield None
@@ -487,7 +488,7 @@ def kernel_environment(
         livy_url or DEFAULT_LIVY_URL,
         spark_conf=parse_spark_conf(livy_conf),
         driver_memory=driver_memory,
-        startup_timeout=startup_timeout,
+        startup_timeout=startup_timeout or DEFAULT_STARTUP_TIMEOUT_S,
         tls=tls,
     ) as run:
         yield run.env
