@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,20 @@ def test_an_output_or_input_that_is_a_file_is_refused(tmp_path):
         with pytest.raises(ParameterError, match="is a file: give the folder .*--manifest"):
             ExtractParams(input=spelling, output=str(tmp_path / "out"))
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_notebooks_folder_without_the_classifier_needs_skip_classify(tmp_path, capsys):
+    from imagepca.runner import notebooks_dir
+
+    (tmp_path / "images" / "apple").mkdir(parents=True)
+    (tmp_path / "notebooks").mkdir()
+    for name in ("01_extract_features.ipynb", "02_reduce_pca.ipynb"):
+        (tmp_path / "notebooks" / name).write_bytes((Path(notebooks_dir()) / name).read_bytes())
+    run = ["run", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "out")]
+    assert main([*run, "--notebooks", str(tmp_path / "notebooks")]) == 2
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert "no 03_classify.ipynb there" in message and "--skip-classify" in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_input_whose_links_loop_is_refused(tmp_path, capsys):

@@ -192,11 +192,15 @@ def _check_run_options(args: argparse.Namespace) -> None:
                 f"--k {args.k}: {args.input} holds {found} image files, and the PCA of n "
                 f"images has at most n components; give --k up to {found}, or --variance"
             )
-    for name in (runner.EXTRACT_NOTEBOOK, runner.REDUCE_NOTEBOOK):
+    needed = [runner.EXTRACT_NOTEBOOK, runner.REDUCE_NOTEBOOK]
+    if not args.skip_classify:
+        needed.append(runner.CLASSIFY_NOTEBOOK)
+    for name in needed:
         if not runner.has_notebook(args.notebooks, name):
             raise ParameterError(
                 f"--notebooks {args.notebooks}: no {name} there; pass the folder holding the "
                 "project's notebooks, or leave the option out for the bundled ones"
+                + ("" if name != runner.CLASSIFY_NOTEBOOK else " (or --skip-classify)")
             )
 
 
@@ -246,8 +250,7 @@ def _run(args: argparse.Namespace) -> int:
         extract,
         reduce,
         master=args.master,
-        classify=not args.skip_classify
-        and runner.has_notebook(args.notebooks, runner.CLASSIFY_NOTEBOOK),
+        classify=not args.skip_classify,
     )
     started = time.perf_counter()
     # The terminal shows the notebooks' progress; Spark's, TensorFlow's and the kernel's own

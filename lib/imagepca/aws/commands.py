@@ -198,7 +198,8 @@ def _run_options(args: argparse.Namespace, settings: EmrSettings, run_id: str) -
     )
     for warning in runs.outside_instance_role(options, settings.bucket):
         print(f"warning: {warning}", file=sys.stderr)
-    if options.skip_classify or args.via == "step":  # on the cluster, `imagepca run` checks
+    # A step runs the `imagepca run` staged beside the notebooks, which knows what they hold.
+    if options.skip_classify or args.via == "step":
         return options
     # Artifacts staged before notebook 03 existed: run what is there.
     s3 = _client("s3", settings.region)
