@@ -324,6 +324,9 @@ def test_incremental_run_appends_without_rewriting_other_files(incremental):
     assert all(now[p] == first[p] for p in kept)
     rewritten = incremental["second"].metadata["incremental"]["rewritten_part_files"]
     assert len(first) - len(kept) == rewritten >= 1
+    # Spark's checksums went with the files they check.
+    checksums = list((output / "features").rglob(".*.crc"))
+    assert checksums and all(p.with_name(p.name[1:-4]).exists() for p in checksums)
 
 
 def test_batches_in_both_list_layouts_read_as_one(incremental):

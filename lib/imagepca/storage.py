@@ -209,6 +209,12 @@ class Storage:
         path, fs = self._located(uri)
         if fs.exists(path):
             fs.delete(path, True)
+        if self._file_system(uri, path)[1] == "file":
+            # Spark's local writes leave a checksum beside each file, which the raw file
+            # system used here would leave behind.
+            checksum = self._hadoop_path(path.getParent(), f".{path.getName()}.crc")
+            if fs.exists(checksum):
+                fs.delete(checksum, False)
 
     def list_names(self, uri: str) -> list[str]:
         """Names of the entries directly inside a folder (none when it does not exist)."""
