@@ -270,6 +270,38 @@ def test_only_a_full_run_keeps_the_pca_statistics_of_its_featurization(increment
     assert incremental["fresh_reduction"].metrics["pca_statistics"] == "featurization"
 
 
+def test_an_incremental_run_with_nothing_new_adds_no_batch(spark, tmp_path):
+    copy_photos(
+        tmp_path / "input", [p for label in ("apple", "banana") for p in photos(label, 0, 2)]
+    )
+    params = ExtractParams(
+        input=str(tmp_path / "input"),
+        output=str(tmp_path / "out"),
+        weights=str(WEIGHTS),
+        incremental=True,
+    )
+    first = extract_features(spark, params)
+    files = sorted((tmp_path / "out" / "features").rglob("*"))
+    again = extract_features(spark, params)
+    assert again.metadata["incremental"] == {
+        "featurized": 0,
+        "kept": 4,
+        "dropped": 0,
+        "rewritten_part_files": 0,
+        "batch": None,
+    }
+    assert (
+        again.metadata["batches"] == first.metadata["batches"]
+        and len(first.metadata["batches"]) == 1
+    )
+    assert sorted((tmp_path / "out" / "features").rglob("*")) == files
+    assert again.n_images == 4
+    # The first run's statistics still describe features/: notebook 02 needs no pass over it.
+    assert again.metadata["moments_file"] == first.metadata["moments_file"] == MOMENTS_FILE
+    reduction = reduce_features(spark, ReduceParams(output=params.output, k=2))
+    assert reduction.metrics["pca_statistics"] == "featurization"
+
+
 def test_a_smaller_image_limit_makes_the_incremental_run_a_full_one(spark, tmp_path):
     """Images kept from a run with a larger ``max_image_pixels`` would pass a limit that now
     rejects them: the increment is refused, and every image is checked again."""

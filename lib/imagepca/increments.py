@@ -146,12 +146,31 @@ def stage_batch(new_rows: DataFrame, increment: Increment, staged_uri: str) -> N
 
 
 def commit_batch(
-    storage: Storage, features_uri: str, staged_uri: str, increment: Increment, batch_id: str
-) -> None:
-    """Swap the rewritten part files for the staged batch (see the module's protocol)."""
+    storage: Storage,
+    features_uri: str,
+    staged_uri: str,
+    increment: Increment,
+    batch_id: str,
+    n_new: int,
+    descriptions: list[str],
+) -> str | None:
+    """Swap the rewritten part files for the staged batch (see the module's protocol); its
+    id, or None when it adds nothing and drops nothing: ``features/`` then stays as it was
+    (no empty batch), and the staged folder goes.
+
+    ``descriptions`` (the files describing ``features/``) go first: a run that fails before
+    writing them again leaves none that describes another run's rows (notebook 02 then asks
+    for notebook 01; the next run is a full one).
+    """
+    if not (n_new or increment.stale_files):
+        storage.delete(staged_uri)
+        return None
+    for uri in descriptions:
+        storage.delete(uri)
     for part_file in increment.stale_files:
         storage.delete(part_file)
     storage.rename(staged_uri, batch_folder(features_uri, batch_id))
+    return batch_id
 
 
 def batches(storage: Storage, features_uri: str) -> list[str]:

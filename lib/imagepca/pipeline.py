@@ -304,18 +304,22 @@ def extract_features(
                 listing_fingerprint = fingerprint_digest(listing.n_files, [outcomes.sums])
             else:
                 listing_fingerprint = last
-                # features/ changes from here: its description and statistics go first. A
-                # run that fails before writing them again leaves none of another run's
-                # rows (notebook 02 then asks for notebook 01; the next run is a full one).
-                storage.delete(join(features_uri, EXTRACTION_FILE))
-                storage.delete(join(features_uri, MOMENTS_FILE))
-                commit_batch(storage, features_uri, staged, increment, batch_id)
+                descriptions = [
+                    join(features_uri, name) for name in (EXTRACTION_FILE, MOMENTS_FILE)
+                ]
+                batch_id = commit_batch(
+                    storage, features_uri, staged, increment, batch_id, n_new, descriptions
+                )
+            unchanged = increment is not None and batch_id is None
             moments_uri = join(features_uri, MOMENTS_FILE)
             if statistics is not None and statistics.n == n_new:
                 storage.write_bytes(moments_uri, statistics.to_npz())
-            else:  # none, or a task counted twice: notebook 02 makes its own pass
+            elif not unchanged:  # none, or a task counted twice: notebook 02 makes its own pass
                 statistics = None
                 storage.delete(moments_uri)
+            moments_file = MOMENTS_FILE if statistics is not None else None
+            if unchanged:  # the statistics of the features kept, if they have them
+                moments_file = stored.get("moments_file")
             metadata = {
                 # --reuse-features that featurized again all the same: why.
                 "reuse_refused": not_reused,
@@ -325,7 +329,7 @@ def extract_features(
                 "rejected_by_kind": by_kind,
                 "n_rejected": sum(by_kind.values()),
                 "params": {**identity, "listing_fingerprint": listing_fingerprint},
-                "moments_file": MOMENTS_FILE if statistics is not None else None,
+                "moments_file": moments_file,
                 "versions": library_versions(),
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
