@@ -54,6 +54,13 @@ def test_output_inside_input_is_refused_through_links_and_uri_spellings(tmp_path
             ExtractParams(input=str(photos), output=str(inside))
     with pytest.raises(ParameterError, match="output must differ from input"):
         ExtractParams(input=f"file:{photos}/", output=str(tmp_path / "link"))
+    # Hadoop's S3 connectors reach one bucket under three schemes.
+    for output in ("s3a://bucket/photos/out", "S3://bucket/photos/runs/1", "s3n://bucket/photos/o"):
+        with pytest.raises(ParameterError, match="output must not be inside input"):
+            ExtractParams(input="s3://bucket/photos/", output=output)
+    with pytest.raises(ParameterError, match="output must differ from input"):
+        ExtractParams(input="s3a://bucket/photos", output="s3://bucket/photos/")
+    assert ExtractParams(input="s3://bucket/photos", output="s3a://bucket/photos-out").output
     assert ExtractParams(input=str(photos), output=str(tmp_path / "out")).output
 
 

@@ -376,14 +376,20 @@ class ClassifyParams:
         }
 
 
+# Hadoop's connectors to S3: one bucket, whichever spells its URI.
+S3_SCHEMES = ("s3", "s3a", "s3n")
+
+
 def location_key(location: str) -> str:
     """One spelling per location: ``file:///x``, ``file:/x``, ``/x/`` and a symbolic link to
-    ``/x`` are the same folder."""
-    if location.startswith("file:"):
-        location = "/" + location.removeprefix("file:").lstrip("/")
+    ``/x`` are the same folder, and so are ``s3://b/x``, ``s3a://b/x/`` and ``S3://b/x``."""
+    if location.lower().startswith("file:"):
+        location = "/" + location[len("file:") :].lstrip("/")
     if "://" not in location:
         return os.path.realpath(os.path.expanduser(location))
-    return location.rstrip("/")
+    scheme, rest = location.split("://", 1)
+    scheme = "s3" if scheme.lower() in S3_SCHEMES else scheme.lower()
+    return f"{scheme}://{rest}".rstrip("/")
 
 
 def followed_walk(folder: str, loops: list[tuple[str, str]] | None = None):
