@@ -113,6 +113,14 @@ def test_a_relative_manifest_location_reads_relative_entries_beside_it(
         listing.release()
     assert spelled(manifest_run["relative"]) in paths
     assert all(path.startswith("file:/") for path in paths)
+    # The manifest's own location spelled as a URI: its relative rows are the same URIs.
+    manifest = manifest_run["output"].parent / "images.csv"
+    for spelling in (f"file://{manifest}", f"file:{manifest}"):
+        listing = read_manifest(spark, spelling)
+        try:
+            assert {row.path for row in listing.files.select("path").collect()} == paths
+        finally:
+            listing.release()
 
 
 def test_first_look_skips_a_manifest_label_whose_files_are_gone(spark, manifest_run):

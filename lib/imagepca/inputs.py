@@ -450,6 +450,8 @@ def _absolute(path: Column, base: str) -> Column:
     the manifest's folder, a local absolute path becomes ``file:/...``."""
     with_scheme = path.rlike(URI_SCHEME.pattern)
     base_uri = base if "://" in base or base.startswith("file:") else f"file:{base}"
+    if base_uri.startswith("file:///"):  # spelled as the rows' own file:// URIs become
+        base_uri = "file:" + base_uri.removeprefix("file://")
     return (
         F.when(with_scheme, F.regexp_replace(path, r"^file://(?=/)", "file:"))
         .when(path.startswith("/"), F.concat(F.lit("file:"), path))
