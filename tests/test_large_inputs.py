@@ -191,6 +191,20 @@ def test_manifest_features_equal_the_folder_run(manifest_run, photos_run):
     )
 
 
+def test_a_manifest_spark_cannot_read_is_named_with_how_it_was_read(spark, tmp_path):
+    """Not an AnalysisException: the Parquet reader's job fails on a tab-separated file. The
+    message is the JVM exception's first line, not py4j's call and Java's stack."""
+    from imagepca.images import InputError
+
+    manifest = tmp_path / "list.tsv"
+    manifest.write_text("path\tlabel\n/data/a.jpg\tapple\n")
+    with pytest.raises(InputError) as caught:
+        read_manifest(spark, str(manifest))
+    message = str(caught.value)
+    assert message.startswith(f"manifest {str(manifest)!r} cannot be read: SparkException: ")
+    assert "any other as Parquet" in message and "\tat " not in message
+
+
 def test_parquet_manifest_without_labels(spark, tmp_path):
     chosen = [p for label in ("apple", "orange") for p in photos(label, 0, 2)]
     manifest = tmp_path / "images.parquet"

@@ -383,6 +383,10 @@ def test_weights_given_as_a_uri_are_fetched_through_hadoop(spark):
 def test_bad_input_locations_are_named(spark, tmp_path):
     with pytest.raises(InputError, match="cannot be read"):
         list_folder(spark, str(tmp_path / "missing"))
+    # A Java error, not Spark's AnalysisException (so is a missing S3 bucket's): its line.
+    message = 'cannot be read: UnsupportedFileSystemException: No FileSystem for scheme "nosuch"'
+    with pytest.raises(InputError, match=message):
+        list_folder(spark, "nosuch://bucket/photos")
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     (tmp_path / "empty" / "cls" / "notes.txt").write_text("no images here")
     with pytest.raises(InputError, match="no image files .* under .*empty.*INPUT/banana/2.jpg.$"):

@@ -36,6 +36,21 @@ from imagepca.storage import (
 from moto_server import aws_env, moto_endpoint  # noqa: F401
 
 
+def test_a_java_errors_line_is_its_exception_not_its_stack(spark):
+    """What the terminal shows of a failed cell: a Java error's text is py4j's call, the
+    exception, then its stack, whose last line ("... 20 more") said nothing."""
+    from py4j.protocol import Py4JJavaError
+
+    with pytest.raises(Py4JJavaError) as caught:
+        spark._jvm.java.lang.Class.forName("no.such.Class")
+    text = str(caught.value)
+    assert text.splitlines()[-1].strip().startswith("at ")
+    line = runner.cell_error_line("Py4JJavaError", text)
+    assert line == "java.lang.ClassNotFoundException: no.such.Class"
+    assert runner.cell_error_line("ValueError", "k is too large\n") == "k is too large"
+    assert runner.cell_error_line("KeyError", "") == ""
+
+
 def test_rerun_without_classifier_removes_the_earlier_classifier(sample_run, tmp_path, capsys):
     output = tmp_path / "out"
     shutil.copytree(sample_run, output)

@@ -12,6 +12,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .local_folders import followed_links, within
+
 ENGINES = ("tflite", "keras")
 DEFAULT_ENGINE = "tflite"
 IMAGE_SIZES = (96, 128, 160, 192, 224)
@@ -165,7 +167,7 @@ class ExtractParams:
                 "output must differ from input: the output folder is replaced on every run",
             )
             _require(
-                not _within(output, source),
+                not within(output, source),
                 "output must not be inside input: the next run would read the run's own "
                 f"plots as images; choose an output outside {self.input!r}",
             )
@@ -180,7 +182,7 @@ class ExtractParams:
                 )
             for link, target in links:
                 _require(
-                    not (_within(output, target) or _within(target, output)),
+                    not (within(output, target) or within(target, output)),
                     f"output must not be inside input: {link!r} links to {target!r}, through "
                     f"which Spark's listing of the input reaches output {self.output!r}: the "
                     "next run would read the run's own plots as images; choose another output, "
@@ -390,51 +392,6 @@ def location_key(location: str) -> str:
     scheme, rest = location.split("://", 1)
     scheme = "s3" if scheme.lower() in S3_SCHEMES else scheme.lower()
     return f"{scheme}://{rest}".rstrip("/")
-
-
-def followed_walk(folder: str, loops: list[tuple[str, str]] | None = None):
-    """``os.walk`` of a local folder that follows links to folders as Spark's listing does,
-    but not a link that loops: one to a folder holding a folder walked on the way to it,
-    which Spark follows again and again (to the system's limit of 40 links). Those are
-    appended to ``loops`` as ``(link, target)``. Prune ``subfolders`` in place, as with
-    ``os.walk``."""
-    # The real folders on the way to each folder still to walk.
-    chains = {folder: frozenset([os.path.realpath(folder)])}
-    for parent, subfolders, names in os.walk(folder, followlinks=True):
-        yield parent, subfolders, names
-        chain = chains.pop(parent)
-        kept = []
-        for name in subfolders:
-            path = os.path.join(parent, name)
-            real = os.path.realpath(path)
-            if os.path.islink(path) and any(_within(step, real) for step in chain):
-                if loops is not None:
-                    loops.append((path, real))
-                continue
-            chains[path] = chain | {real}
-            kept.append(name)
-        subfolders[:] = kept
-
-
-def followed_links(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """The links to folders that Spark's listing of the local ``folder`` follows (``_`` and
-    ``.`` names skipped, as Spark skips them; none for a remote location), and among them
-    those that loop (:func:`followed_walk`): ``(link, target)`` lists."""
-    links: list[tuple[str, str]] = []
-    loops: list[tuple[str, str]] = []
-    if "://" in folder or not os.path.isdir(folder):
-        return links, loops
-    for parent, subfolders, _ in followed_walk(folder, loops):
-        subfolders[:] = [name for name in subfolders if not name.startswith(("_", "."))]
-        for name in subfolders:
-            path = os.path.join(parent, name)
-            if os.path.islink(path):
-                links.append((path, os.path.realpath(path)))
-    return links, loops
-
-
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def _is_int(value: object) -> bool:

@@ -23,6 +23,13 @@ class InputError(ValueError):
     """The input location cannot be used; the message names it and says what to do."""
 
 
+def hidden_note(n_hidden: int) -> str:
+    return (
+        f"{n_hidden} image files skipped: their names, or a parent folder's, start with '_', "
+        "which Spark's listing ignores; rename them, or list them in a manifest (--manifest)"
+    )
+
+
 class ImageDecodeError(ValueError):
     """An image file cannot become a model input; ``str(error)`` is the reason recorded."""
 

@@ -22,18 +22,26 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from pathlib import Path
 from urllib.parse import urlsplit
 
+from py4j.protocol import Py4JJavaError
 from pyspark import StorageLevel
 from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from .config import ExtractParams, followed_walk
-from .images import IMAGE_EXTENSIONS, InputError, extension_glob, label_column, name_column
+from .config import ExtractParams
+from .images import (
+    IMAGE_EXTENSIONS,
+    InputError,
+    extension_glob,
+    hidden_note,
+    label_column,
+    name_column,
+)
+from .local_folders import hidden_images
 from .session import cached_shuffle_settings, default_parallelism, spark_settings
-from .storage import URI_SCHEME, Storage, is_local, literal, local_path
+from .storage import URI_SCHEME, Storage, error_line, is_local, literal, local_path
 
 LISTING_COLUMNS = ("path", "label", "size", "modified")
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
@@ -200,44 +208,10 @@ def folder_reader(spark: SparkSession):
     )
 
 
-def hidden_note(n_hidden: int) -> str:
-    return (
-        f"{n_hidden} image files skipped: their names, or a parent folder's, start with '_', "
-        "which Spark's listing ignores; rename them, or list them in a manifest (--manifest)"
-    )
-
-
-def _skipped_by_spark(name: str) -> bool:
-    """Whether Spark's listing ignores this file or folder name for its leading ``_``
-    (``InMemoryFileIndex.shouldFilterOutPathName``: not a partition's ``k=v``)."""
-    return name.startswith("_") and "=" not in name
-
-
-def _hidden_images(input_uri: str, most: int = 100_000) -> int:
-    """Image files of a local folder that Spark's listing skips for a leading ``_`` (in
-    their name or a parent folder's), counted among its first ``most`` entries; 0 for a
-    remote location, which is not listed twice. Names with a leading ``.`` are hidden on
-    purpose (``._IMG_1.JPG``, ``.thumbnails/``) and macOS's ``__MACOSX/`` holds no image:
-    neither is counted."""
-    if not is_local(input_uri):
-        return 0
-    hidden = seen = 0
-    root = Path(local_path(input_uri))
-    for folder, folders, names in followed_walk(str(root)):  # links followed, as Spark does
-        folders[:] = [name for name in folders if name[0] != "." and name != "__MACOSX"]
-        parts = Path(folder).relative_to(root).parts
-        in_skipped = any(_skipped_by_spark(part) for part in parts)
-        for name in names:
-            seen += 1
-            if (
-                name.lower().endswith(IMAGE_EXTENSIONS)
-                and not name.startswith(".")
-                and (in_skipped or _skipped_by_spark(name))
-            ):
-                hidden += 1
-        if seen >= most:
-            break
-    return hidden
+def _hidden_images(input_uri: str) -> int:
+    """:func:`imagepca.local_folders.hidden_images`; 0 for a remote location, which is not
+    listed twice."""
+    return hidden_images(local_path(input_uri), IMAGE_EXTENSIONS) if is_local(input_uri) else 0
 
 
 def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
@@ -256,10 +230,10 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
         with spark_settings(spark, discovery):
             relation = folder_reader(spark).load(literal(input_uri))
         n_files = len(relation._jdf.inputFiles())  # counted in the JVM: no Python copy
-    except AnalysisException as error:
+    except (AnalysisException, Py4JJavaError) as error:
         raise InputError(
             f"input location {input_uri!r} cannot be read: "
-            f"{str(error).splitlines()[0].rstrip('.')}. Pass a folder (or s3:// prefix) that "
+            f"{error_line(error)}. Pass a folder (or s3:// prefix) that "
             "holds one sub-folder of images per class, or a manifest of image URIs "
             "(manifest=..., --manifest with imagepca run)."
         ) from None
@@ -375,10 +349,12 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
             table = _inventory_table(spark, manifest_uri)
         else:
             table = _uri_table(spark, manifest_uri)
-    except AnalysisException as error:
+    except (AnalysisException, Py4JJavaError) as error:
         raise InputError(
-            f"manifest {manifest_uri!r} cannot be read: {str(error).splitlines()[0].rstrip('.')}. "
-            "Pass a CSV or Parquet file with a `path` column, or an S3 Inventory manifest.json."
+            f"manifest {manifest_uri!r} cannot be read: {error_line(error)}. "
+            "Pass a CSV or Parquet file with a `path` column, or an S3 Inventory manifest.json "
+            "(a name ending in .csv, .csv.gz or .txt is read as CSV, .json as an inventory's "
+            "manifest, any other as Parquet)."
         ) from None
     # A label is trimmed like the path ("a.jpg, apple " in a CSV); a blank one means the
     # parent folder's name.

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .config import ExtractParams, ReduceParams, followed_walk
+from .config import ExtractParams, ReduceParams
 from .console import Console
 from .executed import completed_copy, keep_completed_copy, record_stop
 from .kernel import PromptKernelClient, recording_engine, stop_kernel_spark, stopping_clients
+from .local_folders import followed_walk
 from .storage import (  # the notebooks' names: imported from here too (cli, aws.runs)
     CLASSIFY_NOTEBOOK,
     EXECUTED_DIR,
@@ -141,6 +142,17 @@ def local_image_count(folder: str, limit: int) -> int:
     return count
 
 
+def cell_error_line(ename: str, evalue: str) -> str:
+    """The line of a failed cell's error for the terminal: the end of Python's message, or
+    for a Java error (py4j's call, then the exception and its stack) the exception's line."""
+    lines = [line.strip() for line in evalue.strip().splitlines() if line.strip()]
+    if ename == "Py4JJavaError":
+        java = [line.removeprefix(": ") for line in lines if line.startswith(": ")]
+        if java:
+            return java[0]
+    return lines[-1] if lines else ""
+
+
 def run_notebooks(
     runs: list[NotebookRun],
     output: str,
@@ -245,7 +257,7 @@ def run_notebooks(
                 destination = keep_completed_copy(output, destination, kept)
                 raise NotebookFailed(
                     f"{run.name} failed in cell {error.exec_count}: {error.ename}: "
-                    f"{error.evalue.strip().splitlines()[-1] if error.evalue.strip() else ''} "
+                    f"{cell_error_line(error.ename, error.evalue)} "
                     f"(executed notebook: {destination})"
                 ) from None
             except Exception as error:  # kernel died, cell timeout, unreachable Livy...

@@ -166,6 +166,16 @@ def error_summary(error: BaseException) -> tuple[str, str]:
     return type(error).__name__, (str(error).splitlines() or [""])[0]
 
 
+def error_line(error: BaseException) -> str:
+    """A failed read's cause in one line: Spark's message, or the JVM's exception (a missing
+    bucket's ``UnknownStoreException``, a file that is not Parquet) without py4j's call and
+    Java's stack trace."""
+    if isinstance(error, Py4JJavaError):
+        name, message = error_summary(error)
+        return f"{name}: {(message.splitlines() or [''])[0]}".rstrip(".")
+    return (str(error).splitlines() or [""])[0].rstrip(".")
+
+
 class Storage:
     """Small file-system operations on any Hadoop URI, run on the driver."""
 

@@ -1,0 +1,88 @@
+"""What Spark's listing of a local folder will see, walked on this machine: the links it
+follows (and those it would follow forever), and the image files it skips.
+
+Spark lists a folder through Hadoop's local file system, which follows every link to a
+folder and skips names with a leading ``_`` or ``.``; :mod:`imagepca.config` checks an
+input's links before a run, and :mod:`imagepca.inputs` counts the images Spark skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both spelled alike)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def followed_walk(folder: str, loops: list[tuple[str, str]] | None = None):
+    """``os.walk`` of a local folder that follows links to folders as Spark's listing does,
+    but not a link that loops: one to a folder holding a folder walked on the way to it,
+    which Spark follows again and again (to the system's limit of 40 links). Those are
+    appended to ``loops`` as ``(link, target)``. Prune ``subfolders`` in place, as with
+    ``os.walk``."""
+    # The real folders on the way to each folder still to walk.
+    chains = {folder: frozenset([os.path.realpath(folder)])}
+    for parent, subfolders, names in os.walk(folder, followlinks=True):
+        yield parent, subfolders, names
+        chain = chains.pop(parent)
+        kept = []
+        for name in subfolders:
+            path = os.path.join(parent, name)
+            real = os.path.realpath(path)
+            if os.path.islink(path) and any(within(step, real) for step in chain):
+                if loops is not None:
+                    loops.append((path, real))
+                continue
+            chains[path] = chain | {real}
+            kept.append(name)
+        subfolders[:] = kept
+
+
+def followed_links(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The links to folders that Spark's listing of the local ``folder`` follows (``_`` and
+    ``.`` names skipped, as Spark skips them; none for a remote location), and among them
+    those that loop (:func:`followed_walk`): ``(link, target)`` lists."""
+    links: list[tuple[str, str]] = []
+    loops: list[tuple[str, str]] = []
+    if "://" in folder or not os.path.isdir(folder):
+        return links, loops
+    for parent, subfolders, _ in followed_walk(folder, loops):
+        subfolders[:] = [name for name in subfolders if not name.startswith(("_", "."))]
+        for name in subfolders:
+            path = os.path.join(parent, name)
+            if os.path.islink(path):
+                links.append((path, os.path.realpath(path)))
+    return links, loops
+
+
+def _skipped_by_spark(name: str) -> bool:
+    """Whether Spark's listing ignores this file or folder name for its leading ``_``
+    (``InMemoryFileIndex.shouldFilterOutPathName``: not a partition's ``k=v``)."""
+    return name.startswith("_") and "=" not in name
+
+
+def hidden_images(folder: str, extensions: tuple[str, ...], most: int = 100_000) -> int:
+    """Image files (by ``extensions``, lower case) of a local folder that Spark's listing
+    skips for a leading ``_`` (in their name or a parent folder's), counted among its first
+    ``most`` entries. Names with a leading ``.`` are hidden on purpose (``._IMG_1.JPG``,
+    ``.thumbnails/``) and macOS's ``__MACOSX/`` holds no image: neither is counted."""
+    hidden = seen = 0
+    root = Path(folder)
+    for parent, folders, names in followed_walk(folder):
+        folders[:] = [name for name in folders if name[0] != "." and name != "__MACOSX"]
+        parts = Path(parent).relative_to(root).parts
+        in_skipped = any(_skipped_by_spark(part) for part in parts)
+        for name in names:
+            seen += 1
+            if (
+                name.lower().endswith(extensions)
+                and not name.startswith(".")
+                and (in_skipped or _skipped_by_spark(name))
+            ):
+                hidden += 1
+        if seen >= most:
+            break
+    return hidden
