@@ -465,6 +465,29 @@ def test_run_adds_the_step_waits_and_lists_outputs(capsys):
 
 
 @pytest.mark.usefixtures("aws_env")
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--k", "0"], "k must be an integer from 1 to 1280"),
+        (["--variance", "2.5"], "variance must be a fraction in"),
+        (["--output", f"s3://{BUCKET}/input/photos/out"], "output must not be inside input"),
+    ],
+)
+def test_run_refuses_impossible_parameters_before_adding_a_step(options, message, capsys):
+    """A step carries the notebooks' parameters to the cluster's `imagepca run`: checked
+    here, as the other two ways of running check them, not there after a step's start."""
+    _, cluster_id, _ = start_cluster()
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    code = cli(
+        "emr", "run", "--cluster-id", cluster_id, "--run-id", "r3", "--bucket", BUCKET,
+        "--region", REGION, "--subnet-id", SETTINGS["subnet_id"], "--version", "0.1.0",
+        "--input", f"s3://{BUCKET}/input/photos/", "--no-wait", *options,
+    )  # fmt: skip
+    assert code == 2 and message in capsys.readouterr().err
+    assert boto3.client("emr").list_steps(ClusterId=cluster_id)["Steps"] == []
+
+
+@pytest.mark.usefixtures("aws_env")
 def test_run_reports_a_failed_step(capsys):
     _, cluster_id, _ = start_cluster()
     options = runs.RunOptions(

@@ -13,6 +13,8 @@ from typing import Any
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
+from imagepca.config import ParameterError
+
 from .settings import AwsError
 
 Command = Callable[[argparse.Namespace], int]
@@ -25,10 +27,11 @@ def guard(command: Command) -> Command:
         except (ClientError, BotoCoreError) as error:
             print(f"error: AWS said: {error}", file=sys.stderr)
             return 1
-        # AwsError, and what a run raises: Livy unreachable, a notebook failed.
+        # AwsError, and what a run raises: Livy unreachable, a notebook failed. A parameter
+        # refused exits 2, as with `imagepca run`.
         except (AwsError, RuntimeError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(error, ParameterError) else 1
 
     return wrapped
 

@@ -196,6 +196,9 @@ def _run_options(args: argparse.Namespace, settings: EmrSettings, run_id: str) -
         skip_classify=args.skip_classify,
         max_records_per_batch=settings.arrow_max_records_per_batch,
     )
+    # The notebooks' parameters, checked here as `imagepca run` checks them: a step would
+    # carry an impossible one to the cluster, to fail there.
+    runs.notebook_runs(options, master=None)
     for warning in runs.outside_instance_role(options, settings.bucket):
         print(f"warning: {warning}", file=sys.stderr)
     # A step runs the `imagepca run` staged beside the notebooks, which knows what they hold.
