@@ -444,7 +444,7 @@ def test_a_terminated_run_exits_as_a_shell_reports_sigterm(tmp_path):
     output = tmp_path / "out"
     process = subprocess.Popen(
         [sys.executable, "-m", "imagepca", "run", "--input", str(FRUIT_PHOTOS), "--output",
-         str(output), "--weights", str(WEIGHTS), "--notebooks", str(notebooks)],
+         str(output), "--weights", str(WEIGHTS), "--notebooks", str(notebooks), "--skip-classify"],
         start_new_session=True, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     saved = output / "notebooks" / runner.EXTRACT_NOTEBOOK
