@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 
 from conftest import OUTPUT_LAYOUT, signal_once_started, write_notebook
-from imagepca import livy, runner
+from imagepca import livy, livy_api, runner
 from imagepca.cli import main
 from imagepca.config import SPARK_SETTINGS
 from livy_server import LivyServer
@@ -252,7 +252,7 @@ def test_livy_protocol(livy_server):
     log = call("GET", session + "/log?from=0&size=1000")[1]
     assert log["id"] == created["id"] and isinstance(log["log"], list)
     assert call("DELETE", session) == (200, {"msg": "deleted"})
-    assert created["id"] not in {s["id"] for s in livy.list_sessions(livy_server.url)}
+    assert created["id"] not in {s["id"] for s in livy_api.list_sessions(livy_server.url)}
     livy_server.wait_for_ended()
     states = livy_server.ended[created["id"]].states
     assert states[:4] == ["starting", "idle", "busy", "idle"]
@@ -274,12 +274,12 @@ def test_sessions_a_run_left_behind_are_deleted(tmp_path, names):
 
     with LivyServer(tmp_path, max_lifetime=300, names=names) as server:
         other = create("someone-else")
-        known = frozenset(session["id"] for session in livy.list_sessions(server.url))
+        known = frozenset(session["id"] for session in livy_api.list_sessions(server.url))
         ours = [create("imagepca-run-x"), create("imagepca-run-x-2")]
-        assert all(("name" in s) is names for s in livy.list_sessions(server.url))
-        deleted = livy.delete_run_sessions(server.url, "imagepca-run-x", known_ids=known)
+        assert all(("name" in s) is names for s in livy_api.list_sessions(server.url))
+        deleted = livy_api.delete_run_sessions(server.url, "imagepca-run-x", known_ids=known)
         assert sorted(deleted) == ours
-        assert [session["id"] for session in livy.list_sessions(server.url)] == [other]
+        assert [session["id"] for session in livy_api.list_sessions(server.url)] == [other]
 
 
 def test_notebooks_run_in_pyspark_kernel(livy_sample_run, livy_server, sample_dir, sample_run):
@@ -322,7 +322,7 @@ def test_notebooks_run_in_pyspark_kernel(livy_sample_run, livy_server, sample_di
     assert all(s.name.startswith(livy.SESSION_NAME_PREFIX + "-") for s in sessions)
     assert all(s.states[-1] == "dead" for s in sessions)
     assert any(f'input = "{sample_dir}"' in st.code for st in sessions[0].statements)
-    assert livy.list_sessions(livy_server.url) == []
+    assert livy_api.list_sessions(livy_server.url) == []
     # The session sparkmagic asked Livy for has the settings local sessions are built with.
     sent = sessions[0].request["conf"]
     assert {key: sent.get(key) for key in SPARK_SETTINGS} == SPARK_SETTINGS
@@ -368,7 +368,7 @@ def test_failing_cell_fails_the_run(livy_server, tmp_path):
     livy_server.wait_for_ended()
     new = [livy_server.ended[i] for i in set(livy_server.ended) - before]
     assert len(new) == 1 and new[0].states[-1] == "dead"
-    assert livy.list_sessions(livy_server.url) == []
+    assert livy_api.list_sessions(livy_server.url) == []
 
 
 def test_a_terminated_run_deletes_its_session(livy_server, tmp_path):
@@ -395,7 +395,7 @@ def test_a_terminated_run_deletes_its_session(livy_server, tmp_path):
         process,
         saved,
         lambda p: p.send_signal(signal.SIGTERM),
-        ready=lambda: any(s["state"] == "busy" for s in livy.list_sessions(livy_server.url)),
+        ready=lambda: any(s["state"] == "busy" for s in livy_api.list_sessions(livy_server.url)),
         timeout=240,
     )
     assert process.returncode != 0 and "RunTerminated" in stderr
@@ -405,7 +405,7 @@ def test_a_terminated_run_deletes_its_session(livy_server, tmp_path):
     livy_server.wait_for_ended()
     new = [livy_server.ended[i] for i in set(livy_server.ended) - before]
     assert len(new) == 1 and new[0].states[-1] == "dead"
-    assert livy.list_sessions(livy_server.url) == []
+    assert livy_api.list_sessions(livy_server.url) == []
 
 
 def test_local_output_written_elsewhere_stops_the_run(livy_server, tmp_path):
@@ -442,7 +442,7 @@ def test_local_output_written_elsewhere_stops_the_run(livy_server, tmp_path):
     assert (tmp_path / "out-driver-disk" / "features" / "_extraction.json").is_file()
     assert {p.name for p in (output / "notebooks").iterdir()} == {runner.EXTRACT_NOTEBOOK}
     livy_server.wait_for_ended()
-    assert livy.list_sessions(livy_server.url) == []
+    assert livy_api.list_sessions(livy_server.url) == []
 
 
 def test_livy_and_local_kernels_agree(livy_sample_run, sample_run):
@@ -474,11 +474,11 @@ def test_tls_options_are_validated_at_the_edge(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("not checked here")
     with pytest.raises(ValueError, match="no such file"):
-        livy.LivyTls(str(tmp_path / "missing.pem"))
+        livy_api.LivyTls(str(tmp_path / "missing.pem"))
     with pytest.raises(ValueError, match="not both"):
-        livy.LivyTls(str(ca), insecure=True)
+        livy_api.LivyTls(str(ca), insecure=True)
     with pytest.raises(ValueError, match="https://"):
-        livy.LivyTls(str(ca)).check("http://localhost:8998")
+        livy_api.LivyTls(str(ca)).check("http://localhost:8998")
     assert livy.sparkmagic_config("https://x:8998", verify_tls=False)["ignore_ssl_errors"] is True
     assert livy.sparkmagic_config("https://x:8998")["ignore_ssl_errors"] is False
     with (
@@ -506,18 +506,18 @@ def test_notebook_runs_over_https_with_the_clusters_ca(tmp_path, monkeypatch, ca
     output.mkdir()
     with LivyServer(tmp_path / "livy", tls=pki, max_lifetime=600) as server:
         with (
-            pytest.raises(livy.LivyUnavailable, match="--livy-ca-bundle"),
+            pytest.raises(livy_api.LivyUnavailable, match="--livy-ca-bundle"),
             livy.kernel_environment(livy.KERNEL_NAME, livy_url=server.url),
         ):
             pass
         assert server.sessions == {}  # refused before any session
 
         # `imagepca run --kernel pysparkkernel` takes the bundle from the environment,
-        monkeypatch.setenv(livy.CA_BUNDLE_ENV, str(pki.ca))
+        monkeypatch.setenv(livy_api.CA_BUNDLE_ENV, str(pki.ca))
         # for https URLs only: an http one (a cluster without in-transit encryption) is
         # tried, not refused as if --livy-ca-bundle had been passed.
         with (
-            pytest.raises(livy.LivyUnavailable, match="does not answer"),
+            pytest.raises(livy_api.LivyUnavailable, match="does not answer"),
             livy.kernel_environment(livy.KERNEL_NAME, livy_url="http://127.0.0.1:9"),
         ):
             pass

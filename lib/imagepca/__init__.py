@@ -4,6 +4,7 @@ The notebooks in ``notebooks/`` are the interface; this package holds their logi
 module per stage of the data flow:
 
 - :mod:`imagepca.config`    run parameters, validated once
+- :mod:`imagepca.local_folders` what Spark's listing of a local folder sees (links, skips)
 - :mod:`imagepca.session`   the SparkSession (the cluster's, or a local one)
 - :mod:`imagepca.images`    listing, reading and decoding images
 - :mod:`imagepca.features`  MobileNetV2 feature extraction on the executors
@@ -20,8 +21,10 @@ module per stage of the data flow:
 - :mod:`imagepca.classify`  classifier on the reduced features (notebook 03)
 - :mod:`imagepca.progress`  a progress line for long Spark jobs
 - :mod:`imagepca.runner`    papermill execution of the notebooks
+- :mod:`imagepca.kernel`    the run's one kernel: its clients, its Spark's stop
 - :mod:`imagepca.executed`  the executed notebooks a stopped or failed run leaves
 - :mod:`imagepca.livy`      the same notebooks through sparkmagic and Livy
+- :mod:`imagepca.livy_api`  Livy's REST API: TLS trust, the run's sessions listed and deleted
 - :mod:`imagepca.aws`       AWS in deployment order: settings, account, stage, cluster, runs
 - :mod:`imagepca.sample`    the generated sample data set (painted by :mod:`imagepca.fruits`)
 - :mod:`imagepca.cli`       ``python -m imagepca``
