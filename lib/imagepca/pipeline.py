@@ -310,16 +310,15 @@ def extract_features(
                 batch_id = commit_batch(
                     storage, features_uri, staged, increment, batch_id, n_new, descriptions
                 )
-            unchanged = increment is not None and batch_id is None
             moments_uri = join(features_uri, MOMENTS_FILE)
-            if statistics is not None and statistics.n == n_new:
-                storage.write_bytes(moments_uri, statistics.to_npz())
-            elif not unchanged:  # none, or a task counted twice: notebook 02 makes its own pass
-                statistics = None
-                storage.delete(moments_uri)
-            moments_file = MOMENTS_FILE if statistics is not None else None
-            if unchanged:  # the statistics of the features kept, if they have them
+            if increment is not None and batch_id is None:  # features/ and its statistics kept
                 moments_file = stored.get("moments_file")
+            elif statistics is not None and statistics.n == n_new:
+                storage.write_bytes(moments_uri, statistics.to_npz())
+                moments_file = MOMENTS_FILE
+            else:  # none, or a task counted twice: notebook 02 makes its own pass
+                storage.delete(moments_uri)
+                moments_file = None
             metadata = {
                 # --reuse-features that featurized again all the same: why.
                 "reuse_refused": not_reused,
