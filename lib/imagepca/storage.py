@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from functools import partial
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from py4j.protocol import Py4JJavaError
@@ -167,13 +168,18 @@ def error_summary(error: BaseException) -> tuple[str, str]:
 
 
 def error_line(error: BaseException) -> str:
-    """A failed read's cause in one line: Spark's message, or the JVM's exception (a missing
-    bucket's ``UnknownStoreException``, a file that is not Parquet) without py4j's call and
-    Java's stack trace."""
-    if isinstance(error, Py4JJavaError):
-        name, message = error_summary(error)
-        return f"{name}: {(message.splitlines() or [''])[0]}".rstrip(".")
-    return (str(error).splitlines() or [""])[0].rstrip(".")
+    """A failed read's cause in one line (:func:`error_summary`'s): Spark's message, or the
+    JVM's exception named (a missing bucket's ``UnknownStoreException``, a file that is not
+    Parquet)."""
+    name, message = error_summary(error)
+    line = (message.splitlines() or [""])[0]
+    return (f"{name}: {line}" if isinstance(error, Py4JJavaError) else line).rstrip(".")
+
+
+class _FileSystem(NamedTuple):
+    writer: object  # what Storage writes with: locally the raw file system (no .crc files)
+    scheme: str
+    whole: object  # as Hadoop gives it: locally checksummed, its delete takes the .crc along
 
 
 class Storage:
@@ -184,8 +190,8 @@ class Storage:
         # name at a time, a round trip to the JVM each (five calls for every path made).
         self._hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path
         self._conf = spark.sparkContext._jsc.hadoopConfiguration()
-        # The file system and its scheme, by the URI's scheme and authority.
-        self._file_systems: dict[tuple[str, str], tuple[object, str]] = {}
+        # The file systems, by the URI's scheme and authority.
+        self._file_systems: dict[tuple[str, str], _FileSystem] = {}
 
     def _path(self, uri: str):
         return self._hadoop_path(uri)
@@ -193,18 +199,19 @@ class Storage:
     def _located(self, uri: str) -> tuple:
         """``uri``'s Hadoop path and file system."""
         path = self._path(uri)
-        return path, self._file_system(uri, path)[0]
+        return path, self._file_system(uri, path).writer
 
-    def _file_system(self, uri: str, path) -> tuple[object, str]:
-        """The file system of ``path`` (``uri``'s) and its scheme, each file system found
-        once (three round trips to the JVM)."""
+    def _file_system(self, uri: str, path) -> _FileSystem:
+        """The file system of ``path`` (``uri``'s), each found once (three round trips to
+        the JVM)."""
         parts = urlsplit(uri)
         key = (parts.scheme, parts.netloc)  # none: the default file system's
         if key not in self._file_systems:
             fs = path.getFileSystem(self._conf)
             scheme = fs.getUri().getScheme() or ""
             # The local checksummed FS would add a hidden .crc file beside every small file.
-            self._file_systems[key] = (fs.getRawFileSystem() if scheme == "file" else fs, scheme)
+            writer = fs.getRawFileSystem() if scheme == "file" else fs
+            self._file_systems[key] = _FileSystem(writer, scheme, fs)
         return self._file_systems[key]
 
     def exists(self, uri: str) -> bool:
@@ -216,15 +223,11 @@ class Storage:
         return int(fs.getFileStatus(path).getLen())
 
     def delete(self, uri: str) -> None:
-        path, fs = self._located(uri)
+        path = self._path(uri)
+        # Spark's local writes leave a checksum beside each file: it goes too.
+        fs = self._file_system(uri, path).whole
         if fs.exists(path):
             fs.delete(path, True)
-        if self._file_system(uri, path)[1] == "file":
-            # Spark's local writes leave a checksum beside each file, which the raw file
-            # system used here would leave behind.
-            checksum = self._hadoop_path(path.getParent(), f".{path.getName()}.crc")
-            if fs.exists(checksum):
-                fs.delete(checksum, False)
 
     def list_names(self, uri: str) -> list[str]:
         """Names of the entries directly inside a folder (none when it does not exist)."""
@@ -257,7 +260,7 @@ class Storage:
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write a whole file; readers see the old or the new content, never a part."""
         path = self._path(uri)
-        fs, scheme = self._file_system(uri, path)
+        fs, scheme, _ = self._file_system(uri, path)
         # Object stores publish a PUT atomically; file systems need write-then-rename.
         target = path if scheme.startswith("s3") else self._path(f"{uri}.{uuid.uuid4().hex}.tmp")
         with tempfile.TemporaryDirectory(prefix="imagepca-") as folder:
