@@ -169,13 +169,6 @@ def _check_run_options(args: argparse.Namespace) -> None:
             "one cell may run, or leave it out for no limit"
         )
     livy.check_kernel_options(args.kernel, master=args.master, **_livy_options(args))
-    if args.livy_url and not args.livy_url.startswith(("http://", "https://")):
-        raise ParameterError(f"--livy-url {args.livy_url}: give an http:// or https:// URL")
-    if args.livy_startup_timeout is not None and args.livy_startup_timeout < 300:
-        raise ParameterError(
-            f"--livy-startup-timeout {args.livy_startup_timeout}: give at least 300 seconds "
-            "(a YARN driver that imports TensorFlow takes minutes), or leave it out for 600"
-        )
     if args.kernel not in (runner.LOCAL_KERNEL, livy.KERNEL_NAME):
         try:
             KernelSpecManager().get_kernel_spec(args.kernel)

@@ -276,13 +276,22 @@ def parse_spark_conf(items: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 
 def check_kernel_options(kernel: str, *, master: str | None, **livy_options: object) -> None:
-    """Refuse ``--livy-*`` options without ``pysparkkernel``, and ``--master`` with it."""
+    """Refuse ``--livy-*`` options without ``pysparkkernel``, ``--master`` with it, a Livy
+    URL that is not http(s) and a startup timeout under 300 s: before Livy is contacted."""
     if kernel != KERNEL_NAME and any(livy_options.values()):
         raise ParameterError(f"--livy-* options need --kernel {KERNEL_NAME}, not {kernel!r}")
     if kernel == KERNEL_NAME and master:
         raise ParameterError(
             f"--master does not apply to --kernel {KERNEL_NAME}: the Livy session runs where "
             "the cluster puts it (size it with --livy-conf / --livy-driver-memory)"
+        )
+    url, timeout = livy_options.get("livy_url"), livy_options.get("startup_timeout")
+    if url and not str(url).startswith(("http://", "https://")):
+        raise ParameterError(f"--livy-url {url}: give an http:// or https:// URL")
+    if timeout is not None and timeout < 300:
+        raise ParameterError(
+            f"--livy-startup-timeout {timeout}: give at least 300 seconds (a YARN driver that "
+            "imports TensorFlow takes minutes), or leave it out for 600"
         )
 
 
