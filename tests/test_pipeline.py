@@ -425,6 +425,18 @@ def test_bad_input_locations_are_named(spark, tmp_path):
     (tmp_path / "hidden" / "plum").symlink_to(tmp_path / "elsewhere" / "plum")
     listing = list_folder(spark, str(tmp_path / "hidden"))
     assert (listing.n_files, listing.n_hidden) == (3, 4)
+    assert listing.broken_links == ()
+    listing.release()
+    # Hadoop's listing leaves out a link to nothing: named, with what to do.
+    gone = tmp_path / "hidden" / "pear" / "IMG_9.jpg"
+    gone.symlink_to(tmp_path / "moved" / "IMG_9.jpg")
+    listing = list_folder(spark, str(tmp_path / "hidden"))
+    assert (listing.n_files, listing.n_hidden, listing.broken_links) == (3, 4, (str(gone),))
+    assert listing.describe().splitlines()[-1] == (
+        f"warning: 1 image files skipped: links to nothing (the first: {gone}), which Spark's "
+        "listing leaves out; restore their targets or remove the links"
+    )
+    assert listing.skipped()["broken_links_skipped"] == [str(gone)]
     listing.release()
 
 
@@ -467,10 +479,15 @@ def test_the_run_summary_warns_of_skipped_images(photos_run):
     from imagepca.console import summary
 
     metrics = photos_run["reduction"].metrics
-    assert metrics["n_hidden_skipped"] == 0  # carried from notebook 01's listing
+    # Carried from notebook 01's listing.
+    assert metrics["n_hidden_skipped"] == metrics["n_broken_links_skipped"] == 0
     assert "skipped" not in summary(metrics, "out")
     first = summary({**metrics, "n_hidden_skipped": 2}, "out").splitlines()[0]
     assert first.startswith("warning: 2 image files skipped: their names, or a parent folder's")
+    # metrics.json names the first 20 links to nothing and counts them all.
+    broken = {"n_broken_links_skipped": 25, "broken_links_skipped": ["in/a/1.jpg"] * 20}
+    first = summary({**metrics, **broken}, "out").splitlines()[0]
+    assert first.startswith("warning: 25 image files skipped: links to nothing (the first: in/a")
 
 
 def test_k_larger_than_the_data_is_refused(spark, photos_run):

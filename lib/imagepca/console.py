@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from .images import hidden_note
+from .images import broken_links_note, hidden_note
 from .storage import is_local, join, local_path, papermill_location
 
 LOG_FILE = "logs/run.log"  # under the output (a local file first when the output is remote)
@@ -236,6 +236,11 @@ def summary(metrics: dict, output: str, log: str | None = None) -> str:
         )
     if metrics.get("n_hidden_skipped"):
         lines.append(f"warning: {hidden_note(metrics['n_hidden_skipped'])}")
+    if metrics.get("n_broken_links_skipped"):
+        note = broken_links_note(
+            metrics["n_broken_links_skipped"], metrics["broken_links_skipped"][0]
+        )
+        lines.append(f"warning: {note}")
     lines += [
         # In features/: featurized by this run, or reused, or kept by an incremental run.
         f"images: {metrics['n_images']} in features/, {metrics['n_rejected']} rejected, "

@@ -30,6 +30,13 @@ def hidden_note(n_hidden: int) -> str:
     )
 
 
+def broken_links_note(n_links: int, first: str) -> str:
+    return (
+        f"{n_links} image files skipped: links to nothing (the first: {first}), which "
+        "Spark's listing leaves out; restore their targets or remove the links"
+    )
+
+
 class ImageDecodeError(ValueError):
     """An image file cannot become a model input; ``str(error)`` is the reason recorded."""
 

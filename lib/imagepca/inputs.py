@@ -34,12 +34,13 @@ from .config import ExtractParams
 from .images import (
     IMAGE_EXTENSIONS,
     InputError,
+    broken_links_note,
     extension_glob,
     hidden_note,
     label_column,
     name_column,
 )
-from .local_folders import hidden_images
+from .local_folders import skipped_images
 from .session import cached_shuffle_settings, default_parallelism, spark_settings
 from .storage import URI_SCHEME, Storage, error_line, is_local, literal, local_path
 
@@ -47,6 +48,9 @@ LISTING_COLUMNS = ("path", "label", "size", "modified")
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
 PARALLEL_DISCOVERY_KEY = "spark.sql.sources.parallelPartitionDiscovery.threshold"
 SAMPLES_PER_LABEL = 3  # paths per label the listing keeps for a first look
+BROKEN_LINKS_KEPT = 20  # paths of links to nothing that metrics.json names
+# What metrics.json says of image files Spark's listing dropped, when it dropped none.
+NOTHING_SKIPPED = {"n_hidden_skipped": 0, "n_broken_links_skipped": 0, "broken_links_skipped": []}
 # Column names an S3 Inventory report uses: CSV reports name them in ``fileSchema``,
 # Parquet and ORC reports carry them (in snake case) in the data files.
 INVENTORY_COLUMNS = {
@@ -79,9 +83,9 @@ class ImageListing:
     label_samples: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
     relation: DataFrame | None = field(default=None, compare=False, repr=False)
     n_duplicates: int = 0
-    # Image files of a local folder that Spark's listing skips for a leading _ (see
-    # _hidden_images).
+    # Local image files Spark's listing drops: for a leading _, links to nothing.
     n_hidden: int = 0
+    broken_links: tuple[str, ...] = ()
     # The listing's own time (it runs in notebook 01's listing cell, before the extraction).
     seconds: float = field(default=0.0, compare=False)
     # An earlier run's figures of notebook 01 that the start of this run removed.
@@ -96,7 +100,18 @@ class ImageListing:
         lines = [f"{self.n_files} image files {where} {self.source}"]
         if self.n_hidden:
             lines.append(f"warning: {hidden_note(self.n_hidden)}")
+        if self.broken_links:
+            note = broken_links_note(len(self.broken_links), self.broken_links[0])
+            lines.append(f"warning: {note}")
         return "\n".join(lines)
+
+    def skipped(self) -> dict:
+        """What metrics.json says of the image files Spark's listing dropped."""
+        return {
+            "n_hidden_skipped": self.n_hidden,
+            "n_broken_links_skipped": len(self.broken_links),
+            "broken_links_skipped": list(self.broken_links[:BROKEN_LINKS_KEPT]),
+        }
 
     def labels(self) -> dict[str, int]:
         """Files per label, as the listing's scan returned them."""
@@ -208,10 +223,12 @@ def folder_reader(spark: SparkSession):
     )
 
 
-def _hidden_images(input_uri: str) -> int:
-    """:func:`imagepca.local_folders.hidden_images`; 0 for a remote location, which is not
-    listed twice."""
-    return hidden_images(local_path(input_uri), IMAGE_EXTENSIONS) if is_local(input_uri) else 0
+def _skipped_images(input_uri: str) -> tuple[int, list[str]]:
+    """:func:`imagepca.local_folders.skipped_images`; none for a remote location, which is
+    not listed twice."""
+    if not is_local(input_uri):
+        return 0, []
+    return skipped_images(local_path(input_uri), IMAGE_EXTENSIONS)
 
 
 def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
@@ -237,12 +254,13 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
             "holds one sub-folder of images per class, or a manifest of image URIs "
             "(manifest=..., --manifest with imagepca run)."
         ) from None
+    hidden, broken = _skipped_images(input_uri)
     if not n_files:
-        hidden = _hidden_images(input_uri)
         raise InputError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {input_uri!r}. "
             "Expected one sub-folder per class, e.g. INPUT/apple/1.jpg, INPUT/banana/2.jpg."
             + (f" {hidden_note(hidden)}." if hidden else "")
+            + (f" {broken_links_note(len(broken), broken[0])}." if broken else "")
         )
     # Statuses only: binaryFile reads a file's bytes only when `content` is selected. Kept
     # (paths and sizes: small) for the sample, the fingerprint and an increment, and filled
@@ -261,7 +279,8 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
         counts,
         samples,
         relation=relation,
-        n_hidden=_hidden_images(input_uri),
+        n_hidden=hidden,
+        broken_links=tuple(broken),
     )
 
 

@@ -1,9 +1,10 @@
 """What Spark's listing of a local folder will see, walked on this machine: the links it
-follows (and those it would follow forever), and the image files it skips.
+follows (and those it would follow forever), and the image files it drops.
 
 Spark lists a folder through Hadoop's local file system, which follows every link to a
-folder and skips names with a leading ``_`` or ``.``; :mod:`imagepca.config` checks an
-input's links before a run, and :mod:`imagepca.inputs` counts the images Spark skipped.
+folder and skips names with a leading ``_`` or ``.`` and links to nothing; :mod:`imagepca.config`
+checks an input's links before a run, and :mod:`imagepca.inputs` reports the images Spark
+dropped.
 """
 
 from __future__ import annotations
@@ -64,12 +65,16 @@ def _skipped_by_spark(name: str) -> bool:
     return name.startswith("_") and "=" not in name
 
 
-def hidden_images(folder: str, extensions: tuple[str, ...], most: int = 100_000) -> int:
+def skipped_images(
+    folder: str, extensions: tuple[str, ...], most: int = 100_000
+) -> tuple[int, list[str]]:
     """Image files (by ``extensions``, lower case) of a local folder that Spark's listing
-    skips for a leading ``_`` (in their name or a parent folder's), counted among its first
-    ``most`` entries. Names with a leading ``.`` are hidden on purpose (``._IMG_1.JPG``,
+    drops without a word, among its first ``most`` entries: the number skipped for a leading
+    ``_`` (in their name or a parent folder's), and the links to nothing, which Hadoop's
+    listing leaves out. Names with a leading ``.`` are hidden on purpose (``._IMG_1.JPG``,
     ``.thumbnails/``) and macOS's ``__MACOSX/`` holds no image: neither is counted."""
     hidden = seen = 0
+    broken: list[str] = []
     root = Path(folder)
     for parent, folders, names in followed_walk(folder):
         folders[:] = [name for name in folders if name[0] != "." and name != "__MACOSX"]
@@ -77,12 +82,12 @@ def hidden_images(folder: str, extensions: tuple[str, ...], most: int = 100_000)
         in_skipped = any(_skipped_by_spark(part) for part in parts)
         for name in names:
             seen += 1
-            if (
-                name.lower().endswith(extensions)
-                and not name.startswith(".")
-                and (in_skipped or _skipped_by_spark(name))
-            ):
+            if not name.lower().endswith(extensions) or name.startswith("."):
+                continue
+            if in_skipped or _skipped_by_spark(name):
                 hidden += 1
+            elif not os.path.exists(os.path.join(parent, name)):  # a link to nothing
+                broken.append(os.path.join(parent, name))
         if seen >= most:
             break
-    return hidden
+    return hidden, sorted(broken)

@@ -46,6 +46,7 @@ from .increments import (
     why_not_reused,
 )
 from .inputs import (
+    NOTHING_SKIPPED,
     ImageListing,
     fingerprint,
     fingerprint_digest,
@@ -173,7 +174,7 @@ def _listing_fields(params: ExtractParams, listing: ImageListing) -> dict:
         "input_kind": listing.kind,
         "n_files_found": listing.n_files,
         "n_duplicate_uris": listing.n_duplicates,
-        "n_hidden_skipped": listing.n_hidden,
+        **listing.skipped(),
     }
 
 
@@ -456,7 +457,7 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     labels = extraction["images_per_label"]
     metrics = {
         "n_files_found": extraction["n_files_found"],
-        "n_hidden_skipped": extraction.get("n_hidden_skipped", 0),
+        **{key: extraction.get(key, none) for key, none in NOTHING_SKIPPED.items()},
         "n_images": extraction["n_images"],
         "n_rejected": extraction["n_rejected"],
         "rejected_by_kind": extraction["rejected_by_kind"],
