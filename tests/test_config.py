@@ -270,6 +270,10 @@ def test_spark_masters_are_accepted(master):
         ),
         # Two image files: notebook 02 would refuse k = 3 after notebook 01's whole work.
         (["--k", "3"], "--k 3: .* holds 2 image files"),
+        # The notebooks' parameters, named as the command line's options, with its choices.
+        (["--k", "0"], "^error: --k must be .* got 0; without it, k is chosen by the variance"),
+        (["--batch-size", "0"], "^error: --batch-size must be an integer from 1 to 4096, got 0$"),
+        (["--max-image-pixels", "10"], "^error: --max-image-pixels must be an integer >= 4096"),
     ],
 )
 def test_run_options_spark_or_jupyter_would_reject_stop_before_any_write(

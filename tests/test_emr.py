@@ -468,9 +468,9 @@ def test_run_adds_the_step_waits_and_lists_outputs(capsys):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--k", "0"], "k must be an integer from 1 to 1280"),
-        (["--variance", "2.5"], "variance must be a fraction in"),
-        (["--output", f"s3://{BUCKET}/input/photos/out"], "output must not be inside input"),
+        (["--k", "0"], "error: --k must be an integer from 1 to 1280"),
+        (["--variance", "2.5"], "error: --variance must be a fraction in"),
+        (["--output", f"s3://{BUCKET}/input/photos/out"], "--output must not be inside input"),
     ],
 )
 def test_run_refuses_impossible_parameters_before_adding_a_step(options, message, capsys):

@@ -339,5 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except (ParameterError, ValueError, FileNotFoundError, RuntimeError, OSError) as error:
+        if isinstance(error, ParameterError):
+            print(f"error: {error.option_message()}", file=sys.stderr)
+            return 2
         print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ParameterError) else 1
+        return 1

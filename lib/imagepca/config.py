@@ -48,7 +48,21 @@ SPARK_SETTINGS = {
 
 
 class ParameterError(ValueError):
-    """A run parameter is invalid; the message names it and says what is accepted."""
+    """A run parameter is invalid; the message names it and says what is accepted.
+
+    A message on one parameter starts with its name, ``parameter``, which the command line
+    gives as its option's (:meth:`option_message`)."""
+
+    def __init__(self, message: str, parameter: str | None = None) -> None:
+        super().__init__(f"{parameter} {message}" if parameter else message)
+        self.parameter = parameter
+        self.requirement = message
+
+    def option_message(self) -> str:
+        """The message as the command line gives it: ``--batch-size`` for ``batch_size``."""
+        if self.parameter is None:
+            return str(self)
+        return f"--{self.parameter.replace('_', '-')} {self.requirement}"
 
 
 # The masters Spark 3.5 accepts (SparkContext.createTaskScheduler and its cluster managers).
@@ -69,15 +83,16 @@ def check_master(master: str | None) -> None:
         )
 
 
-def _require(condition: bool, message: str) -> None:
+def _require(condition: bool, parameter: str, requirement: str) -> None:
     if not condition:
-        raise ParameterError(message)
+        raise ParameterError(requirement, parameter)
 
 
 def _check_location(name: str, value: object) -> None:
     _require(
         isinstance(value, str) and value.strip() == value and value != "",
-        f"{name} must be a non-empty local path or URI (file://, s3://, hdfs://), got {value!r}",
+        name,
+        f"must be a non-empty local path or URI (file://, s3://, hdfs://), got {value!r}",
     )
 
 
@@ -142,33 +157,37 @@ class ExtractParams:
     max_image_pixels: int = 89_478_485
 
     def __post_init__(self) -> None:
-        _require(
-            (self.input is None) != (self.manifest is None),
-            "give exactly one of input (a folder of images) and manifest (a list of image "
-            f"URIs); got input={self.input!r}, manifest={self.manifest!r}",
-        )
+        if (self.input is None) == (self.manifest is None):
+            raise ParameterError(
+                "give exactly one of input (a folder of images) and manifest (a list of image "
+                f"URIs); got input={self.input!r}, manifest={self.manifest!r}"
+            )
         _check_location("manifest" if self.input is None else "input", self.source)
         _check_location("output", self.output)
         output = location_key(self.output)
         _require(
             "://" in output or not os.path.exists(output) or os.path.isdir(output),
-            f"output {self.output!r} is a file: give a folder (created if missing)",
+            "output",
+            f"{self.output!r} is a file: give a folder (created if missing)",
         )
         if self.input is not None:
             source = location_key(self.input)
             _require(
                 "://" in source or not os.path.isfile(source),
-                f"input {self.input!r} is a file: give the folder that holds one sub-folder "
+                "input",
+                f"{self.input!r} is a file: give the folder that holds one sub-folder "
                 "of images per class, or pass a CSV/Parquet list of image URIs as manifest "
                 "(--manifest)",
             )
             _require(
                 source != output,
-                "output must differ from input: the output folder is replaced on every run",
+                "output",
+                "must differ from input: the output folder is replaced on every run",
             )
             _require(
                 not within(output, source),
-                "output must not be inside input: the next run would read the run's own "
+                "output",
+                "must not be inside input: the next run would read the run's own "
                 f"plots as images; choose an output outside {self.input!r}",
             )
             links, loops = followed_links(source)
@@ -183,7 +202,8 @@ class ExtractParams:
             for link, target in links:
                 _require(
                     not (within(output, target) or within(target, output)),
-                    f"output must not be inside input: {link!r} links to {target!r}, through "
+                    "output",
+                    f"must not be inside input: {link!r} links to {target!r}, through "
                     f"which Spark's listing of the input reaches output {self.output!r}: the "
                     "next run would read the run's own plots as images; choose another output, "
                     "or remove the link",
@@ -191,43 +211,51 @@ class ExtractParams:
         _check_location("weights", self.weights)
         _require(
             self.engine in ENGINES,
-            f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}",
+            "engine",
+            f"must be one of {', '.join(ENGINES)}, got {self.engine!r}",
         )
         _require(
             _is_int(self.image_size) and self.image_size in IMAGE_SIZES,
-            f"image_size must be one of {IMAGE_SIZES} (224 is the size the weights were "
+            "image_size",
+            f"must be one of {IMAGE_SIZES} (224 is the size the weights were "
             f"trained at), got {self.image_size!r}",
         )
         _require(
             _is_int(self.batch_size) and 1 <= self.batch_size <= 4096,
-            f"batch_size must be an integer from 1 to 4096, got {self.batch_size!r}",
+            "batch_size",
+            f"must be an integer from 1 to 4096, got {self.batch_size!r}",
         )
         _require(
             _is_int(self.max_records_per_batch) and 1 <= self.max_records_per_batch <= 100_000,
-            "max_records_per_batch must be an integer from 1 to 100000, "
-            f"got {self.max_records_per_batch!r}",
+            "max_records_per_batch",
+            f"must be an integer from 1 to 100000, got {self.max_records_per_batch!r}",
         )
         _require(
             isinstance(self.fast_decode, bool),
-            f"fast_decode must be True or False, got {self.fast_decode!r}",
+            "fast_decode",
+            f"must be True or False, got {self.fast_decode!r}",
         )
         for name in ("reuse_features", "incremental"):
             _require(
                 isinstance(getattr(self, name), bool),
-                f"{name} must be True or False, got {getattr(self, name)!r}",
+                name,
+                f"must be True or False, got {getattr(self, name)!r}",
             )
         _require(
             _is_int(self.tasks_per_core) and 1 <= self.tasks_per_core <= 64,
-            f"tasks_per_core must be an integer from 1 to 64, got {self.tasks_per_core!r}",
+            "tasks_per_core",
+            f"must be an integer from 1 to 64, got {self.tasks_per_core!r}",
         )
         _require(
             _is_number(self.max_rejected_fraction) and 0 <= self.max_rejected_fraction <= 1,
-            "max_rejected_fraction must be a number in [0, 1] (1 = never fail on rejects), "
+            "max_rejected_fraction",
+            "must be a number in [0, 1] (1 = never fail on rejects), "
             f"got {self.max_rejected_fraction!r}",
         )
         _require(
             _is_int(self.max_image_pixels) and self.max_image_pixels >= 64 * 64,
-            f"max_image_pixels must be an integer >= 4096, got {self.max_image_pixels!r}",
+            "max_image_pixels",
+            f"must be an integer >= 4096, got {self.max_image_pixels!r}",
         )
 
     @property
@@ -265,16 +293,19 @@ class ReduceParams:
         _check_location("output", self.output)
         _require(
             self.k is None or (_is_int(self.k) and 1 <= self.k <= FEATURE_DIM),
-            f"k must be an integer from 1 to {FEATURE_DIM} (the feature dimension), "
-            f"or None to choose k from the variance threshold; got {self.k!r}",
+            "k",
+            f"must be an integer from 1 to {FEATURE_DIM} (the feature dimension), got "
+            f"{self.k!r}; without it, k is chosen by the variance threshold",
         )
         _require(
             _is_number(self.variance) and 0 < self.variance <= 1,
-            f"variance must be a fraction in (0, 1], e.g. 0.95; got {self.variance!r}",
+            "variance",
+            f"must be a fraction in (0, 1], e.g. 0.95; got {self.variance!r}",
         )
         _require(
             _is_int(self.projection_points) and self.projection_points >= 10,
-            f"projection_points must be an integer >= 10, got {self.projection_points!r}",
+            "projection_points",
+            f"must be an integer >= 10, got {self.projection_points!r}",
         )
 
     def as_dict(self) -> dict:
@@ -329,12 +360,13 @@ class ClassifyParams:
         _check_location("output", self.output)
         _require(
             _is_number(self.test_fraction) and 0 < self.test_fraction < 1,
-            f"test_fraction must be a fraction strictly between 0 and 1, e.g. 0.25; "
-            f"got {self.test_fraction!r}",
+            "test_fraction",
+            f"must be a fraction strictly between 0 and 1, e.g. 0.25; got {self.test_fraction!r}",
         )
         _require(
             _is_int(self.seed) and 0 <= self.seed < 2**31,
-            f"seed must be an integer from 0 to 2**31 - 1, got {self.seed!r}",
+            "seed",
+            f"must be an integer from 0 to 2**31 - 1, got {self.seed!r}",
         )
         if self.k_values is not None:
             values = self.k_values
@@ -342,27 +374,31 @@ class ClassifyParams:
                 isinstance(values, list | tuple)
                 and len(values) > 0
                 and all(_is_int(k) and 1 <= k <= FEATURE_DIM for k in values),
-                f"k_values must be None (the default sweep) or a non-empty list of integers "
+                "k_values",
+                f"must be None (the default sweep) or a non-empty list of integers "
                 f"from 1 to {FEATURE_DIM}, e.g. [2, 10, 50]; got {values!r}",
             )
             # papermill injects lists; a sorted tuple keeps the dataclass hashable and frozen.
             object.__setattr__(self, "k_values", tuple(sorted(set(values))))
         _require(
             _is_int(self.max_iter) and 1 <= self.max_iter <= 10_000,
-            f"max_iter must be an integer from 1 to 10000, got {self.max_iter!r}",
+            "max_iter",
+            f"must be an integer from 1 to 10000, got {self.max_iter!r}",
         )
         _require(
             _is_number(self.reg_param) and self.reg_param >= 0,
-            f"reg_param must be a number >= 0 (0 = no regularization), got {self.reg_param!r}",
+            "reg_param",
+            f"must be a number >= 0 (0 = no regularization), got {self.reg_param!r}",
         )
         _require(
             _is_int(self.sweep_max_images) and self.sweep_max_images >= 10,
-            f"sweep_max_images must be an integer >= 10, got {self.sweep_max_images!r}",
+            "sweep_max_images",
+            f"must be an integer >= 10, got {self.sweep_max_images!r}",
         )
         _require(
             _is_int(self.driver_max_mb) and self.driver_max_mb >= 0,
-            "driver_max_mb must be an integer >= 0 (0: always fit with Spark), "
-            f"got {self.driver_max_mb!r}",
+            "driver_max_mb",
+            f"must be an integer >= 0 (0: always fit with Spark), got {self.driver_max_mb!r}",
         )
 
     def as_dict(self) -> dict:

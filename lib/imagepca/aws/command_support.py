@@ -30,8 +30,11 @@ def guard(command: Command) -> Command:
         # AwsError, and what a run raises: Livy unreachable, a notebook failed. A parameter
         # refused exits 2, as with `imagepca run`.
         except (AwsError, RuntimeError, ValueError) as error:
+            if isinstance(error, ParameterError):
+                print(f"error: {error.option_message()}", file=sys.stderr)
+                return 2
             print(f"error: {error}", file=sys.stderr)
-            return 2 if isinstance(error, ParameterError) else 1
+            return 1
 
     return wrapped
 
