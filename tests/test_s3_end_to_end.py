@@ -149,3 +149,18 @@ def test_run_reads_and_writes_s3_end_to_end(moto_endpoint, tmp_path):  # noqa: F
     assert metrics["k"] == 2
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/r1/")["Contents"]}
     assert not any("/_staging/" in key for key in keys)
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_an_output_in_a_bucket_that_does_not_exist_is_refused_before_the_run(capsys):
+    """papermill would find it only at its first write, after the kernel's start, and the
+    error would name a partial notebook that could not be written there."""
+    from imagepca.cli import main
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    run = ["run", "--input", f"s3://{BUCKET}/input/", "--weights", str(WEIGHTS), "--k", "2"]
+    assert main([*run, "--output", "s3a://no-such-bucket/runs/r1"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: --output s3a://no-such-bucket/runs/r1: S3 bucket 'no-such-bucket' does not "
+        "exist; create it (aws s3 mb s3://no-such-bucket) or choose an output in a bucket of yours"
+    )

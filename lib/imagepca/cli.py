@@ -185,6 +185,12 @@ def _check_run_options(args: argparse.Namespace) -> None:
                 f"--k {args.k}: {args.input} holds {found} image files, and the PCA of n "
                 f"images has at most n components; give --k up to {found}, or --variance"
             )
+    bucket = runner.missing_bucket(args.output)
+    if bucket:
+        raise ParameterError(
+            f"--output {args.output}: S3 bucket {bucket!r} does not exist; create it (aws s3 "
+            f"mb s3://{bucket}) or choose an output in a bucket of yours"
+        )
     needed = [runner.EXTRACT_NOTEBOOK, runner.REDUCE_NOTEBOOK]
     if not args.skip_classify:
         needed.append(runner.CLASSIFY_NOTEBOOK)

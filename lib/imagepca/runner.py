@@ -74,6 +74,30 @@ def has_notebook(notebooks: str | None, name: str) -> bool:
     return Path(local_path(source), name).is_file()
 
 
+def missing_bucket(output: str) -> str | None:
+    """The bucket of an ``s3://`` output (or ``s3a://``) that S3 says does not exist, which
+    papermill would find only at its first write; None otherwise, also when S3 cannot be
+    asked here (no credentials, no route, no permission): the run's own writes will say."""
+    from urllib.parse import urlsplit
+
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    location = urlsplit(output)
+    if location.scheme.lower() not in ("s3", "s3a", "s3n") or not location.netloc:
+        return None
+    patient = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2})
+    try:
+        boto3.client("s3", config=patient).head_bucket(Bucket=location.netloc)
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+            return location.netloc
+    except BotoCoreError:
+        pass
+    return None
+
+
 @dataclass(frozen=True)
 class NotebookRun:
     """One notebook to execute and the parameters papermill injects into it."""
