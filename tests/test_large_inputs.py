@@ -296,13 +296,16 @@ def test_an_incremental_run_with_nothing_new_adds_no_batch(spark, tmp_path):
     copy_photos(
         tmp_path / "input", [p for label in ("apple", "banana") for p in photos(label, 0, 2)]
     )
+    (tmp_path / "input" / "apple" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
     params = ExtractParams(
         input=str(tmp_path / "input"),
         output=str(tmp_path / "out"),
         weights=str(WEIGHTS),
         incremental=True,
+        max_rejected_fraction=1.0,
     )
     first = extract_features(spark, params)
+    assert first.n_rejected == 1 and first.metadata["images_per_s"] > 0
     files = sorted((tmp_path / "out" / "features").rglob("*"))
     again = extract_features(spark, params)
     assert again.metadata["incremental"] == {
@@ -318,10 +321,14 @@ def test_an_incremental_run_with_nothing_new_adds_no_batch(spark, tmp_path):
     )
     assert sorted((tmp_path / "out" / "features").rglob("*")) == files
     assert again.n_images == 4
+    # It read the rejected file again, and featurized nothing: no rate.
+    assert again.n_rejected == 1 and again.metadata["images_per_s"] is None
+    assert again.summary().endswith(" s, no image featurized")
     # The first run's statistics still describe features/: notebook 02 needs no pass over it.
     assert again.metadata["moments_file"] == first.metadata["moments_file"] == MOMENTS_FILE
     reduction = reduce_features(spark, ReduceParams(output=params.output, k=2))
     assert reduction.metrics["pca_statistics"] == "featurization"
+    assert " s in stages, no image featurized\n" in summary(reduction.metrics, params.output)
 
 
 def test_a_smaller_image_limit_makes_the_incremental_run_a_full_one(spark, tmp_path):

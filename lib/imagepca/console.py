@@ -210,6 +210,11 @@ def upload_log(log: Path, uri: str) -> str | None:
     return uri
 
 
+def rate_text(images_per_s: float | None) -> str:
+    """Featurization's rate, or why there is none (an increment that found nothing new)."""
+    return "no image featurized" if images_per_s is None else f"{images_per_s:.1f} images/s"
+
+
 def increment_line(increment: dict | None) -> str | None:
     """What an incremental run did (``_extraction.json``'s ``incremental``), or why it was
     a full run; None for a run that was not incremental."""
@@ -255,7 +260,9 @@ def summary(metrics: dict, output: str, log: str | None = None) -> str:
         + (
             f"features reused (featurized {metrics['reused_features_created_at']})"
             if metrics.get("reused_features_created_at")
-            else f"featurization {metrics.get('images_per_s') or 0:.1f} images/s"
+            else "no image featurized"
+            if metrics.get("images_per_s") is None
+            else f"featurization {rate_text(metrics['images_per_s'])}"
         ),
     ]
     increment = increment_line(metrics.get("incremental"))

@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 
 from . import progress
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
-from .console import increment_line
+from .console import increment_line, rate_text
 from .executor_reads import read_options
 from .features import (
     features_udf,
@@ -137,7 +137,7 @@ class Extraction:
         how = (
             f"reused, featurized {m['reused_features_created_at']}"
             if self.reused
-            else (f"{m['timings_s']['featurize_s']:.1f} s, {m['images_per_s']:.1f} images/s")
+            else f"{m['timings_s']['featurize_s']:.1f} s, " + rate_text(m["images_per_s"])
         )
         increment = increment_line(m.get("incremental"))
         if increment:
@@ -207,8 +207,7 @@ def extract_features(
         not_reused = why_not_reused(stored, identity)
         if not_reused is None:
             listing.release()
-            # The same features, described for this run: its parameters and timings, and
-            # when they were featurized (notebook 02's metrics and the summary say so).
+            # The same features, described for this run (and when they were featurized).
             metadata = {
                 key: value
                 for key, value in stored.items()
@@ -360,7 +359,8 @@ def extract_features(
         if increment:
             increment.release()
     metadata["timings_s"] = timings
-    metadata["images_per_s"] = round(n_todo / max(timings["featurize_s"], 1e-9), 2)
+    # None when nothing was featurized (an increment with nothing new read rejected files).
+    metadata["images_per_s"] = round(n_todo / timings["featurize_s"], 2) if n_new else None
     # Written last: features/ never has a description of another run's rows.
     storage.write_json(join(features_uri, EXTRACTION_FILE), metadata)
     return checked(Extraction(listing, metadata), params)
