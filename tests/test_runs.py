@@ -322,6 +322,27 @@ def test_a_timed_out_cell_is_interrupted_before_spark_is_stopped(tmp_path, monke
     assert not code[3].outputs
 
 
+def test_notebook_paths_with_braces_are_taken_literally(tmp_path):
+    """papermill formats notebook paths with the run's parameters: ``out {k}`` would have
+    saved notebook 1 as ``out 3``, and ``out {a,b}`` failed as a missing parameter."""
+    notebooks = tmp_path / "notebooks {a,b}"
+    notebooks.mkdir()
+    write_notebook(
+        notebooks / "one.ipynb",
+        "k = 0\noutput = None",
+        "import pathlib\npathlib.Path(output, 'metrics.json').write_text('{}')\nprint(k * 2)",
+    )
+    output = str(tmp_path / "out {k}")
+    runner.run_notebooks(
+        [runner.NotebookRun("one.ipynb", {"k": 3, "output": output})],
+        output,
+        notebooks=str(notebooks),
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notebooks {a,b}", "out {k}"]
+    saved = nbformat.read(str(tmp_path / "out {k}" / "notebooks" / "one.ipynb"), as_version=4)
+    assert saved.cells[-1].outputs[0].text == "6\n"
+
+
 STOPS = {  # how a run is stopped: the error its saved notebook shows
     "ctrl-c": ("KeyboardInterrupt", "the run was interrupted here"),
     "sigterm": ("RunTerminated", "the run was terminated here (SIGTERM)"),

@@ -98,6 +98,12 @@ def missing_bucket(output: str) -> str | None:
     return None
 
 
+def _taken_literally(path: str) -> str:
+    """``path`` as papermill reads it literally: it formats notebook paths with the run's
+    parameters (``runs/{k}/02.ipynb``), which would make ``out {a,b}`` a missing parameter."""
+    return path.replace("{", "{{").replace("}", "}}")
+
+
 @dataclass(frozen=True)
 class NotebookRun:
     """One notebook to execute and the parameters papermill injects into it."""
@@ -256,8 +262,8 @@ def run_notebooks(
                 console.line(f"{label} ...")
             try:
                 papermill.execute_notebook(
-                    join(source, run.name),
-                    destination,
+                    _taken_literally(join(source, run.name)),
+                    _taken_literally(destination),
                     parameters=run.parameters,
                     kernel_name=kernel,
                     language="python",
