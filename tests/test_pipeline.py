@@ -60,6 +60,29 @@ def test_listed_files_read_by_python_as_hadoop_reads_them(spark, tmp_path):
     assert local_file_path("file://otherhost/a") is None
 
 
+def test_names_with_a_colon_are_featurized(spark, tmp_path):
+    """Hadoop's checksummed local file system cannot open ``a:b.jpg`` (the name of its
+    checksum file, ``.a:b.jpg.crc``, parses as a URI with a scheme): the scan dropped such
+    files, and they were rejected as unreadable."""
+    names = {"apple": ["2024-01-01T10:00:00.jpg", "a:b.jpg"], "banana": ["c:1.jpg", "plain.jpg"]}
+    for label, chosen in names.items():
+        (tmp_path / "in" / label).mkdir(parents=True)
+        for photo, name in zip(
+            sorted((FRUIT_PHOTOS / label).glob("*.jpg"))[:2], chosen, strict=True
+        ):
+            shutil.copy(photo, tmp_path / "in" / label / name)
+    params = ExtractParams(
+        input=str(tmp_path / "in"), output=str(tmp_path / "out"), weights=str(WEIGHTS)
+    )
+    extraction = extract_features(spark, params)
+    assert (extraction.n_images, extraction.n_rejected) == (4, 0)
+    featurized = {
+        Path(local_file_path(row.path)).name
+        for row in read_features(spark, params.output).collect()
+    }
+    assert featurized == {name for chosen in names.values() for name in chosen}
+
+
 def test_listing_brings_a_few_files_of_each_label(spark, tmp_path):
     listing = list_folder(spark, str(FRUIT_PHOTOS))
     kept = listing.sample(3)  # from the counting job
