@@ -557,6 +557,27 @@ def test_refused_parameters_leave_a_complete_output_complete(spark, photos_run, 
     assert (output / "_SUCCESS").exists()
 
 
+def test_notebook_03_stopped_while_it_reads_leaves_the_output_incomplete(
+    spark, photos_run, tmp_path, monkeypatch
+):
+    """Stopped in its first cell's Spark work (the split, the comparison's collect), notebook
+    03 left _SUCCESS and a metrics.json without classification: a complete-looking output
+    like a --skip-classify run's."""
+    from imagepca.split import TrainingMatrix
+
+    output = tmp_path / "out"
+    shutil.copytree(photos_run["output"], output)
+
+    def interrupted(*args, **kwargs):
+        assert not (output / "_SUCCESS").exists()  # already withdrawn while it reads
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainingMatrix, "collect", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(spark, ClassifyParams(output=str(output)))
+    assert not (output / "_SUCCESS").exists() and (output / "metrics.json").exists()
+
+
 @pytest.mark.parametrize("change", ["k", "components"])
 def test_an_output_mixing_two_runs_is_refused(spark, photos_run, tmp_path, change) -> None:
     """metrics.json from one notebook 02 run, the PCA from another: refused, and the split

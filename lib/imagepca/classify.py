@@ -429,14 +429,13 @@ def prepare(spark: SparkSession, params: ClassifyParams) -> Classification:
     """Read the run's outputs, split them by label and collect the comparison subset (see
     :func:`imagepca.classify_inputs.read_inputs`, which says what it raises).
 
-    The output's ``_SUCCESS`` goes once the inputs are read (an impossible parameter or
-    a missing input leaves a complete output complete): from there until
-    :meth:`Classification.publish` the output is notebook 03's work in progress.
+    The output's ``_SUCCESS`` goes once the parameters are checked against it (an
+    impossible parameter or a missing input leaves a complete output complete): from there
+    until :meth:`Classification.publish` the output is notebook 03's work in progress.
     """
     start = time.perf_counter()
     storage = Storage(spark)
     inputs = read_inputs(spark, params, storage)
-    storage.withdraw_success(params.output)
     # An earlier notebook 03's figures (rerun alone), which the cells that follow draw again.
     removed = storage.remove_artifacts(params.output, CLASSIFY_FIGURES)
     return Classification(
