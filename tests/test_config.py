@@ -11,7 +11,7 @@ from imagepca import runner
 from imagepca.cli import main
 from imagepca.config import ExtractParams, ParameterError, ReduceParams, check_master
 from imagepca.images import extension_glob, label_of
-from imagepca.inputs import scan_settings
+from imagepca.inputs import list_folder, scan_settings
 from imagepca.reduction import check_k, choose_k
 from imagepca.storage import join, normalize_uri
 
@@ -115,7 +115,7 @@ def test_an_input_whose_links_loop_is_refused(tmp_path, capsys):
     assert ExtractParams(input=str(photos), output=str(tmp_path / "out")).output
 
 
-def test_linked_class_folders_count_for_k(tmp_path, capsys):
+def test_linked_class_folders_count_for_k(spark, tmp_path, capsys):
     """Spark lists the images of linked class folders: so does the check of ``--k``."""
     store = tmp_path / "store"
     (tmp_path / "images").mkdir()
@@ -130,6 +130,17 @@ def test_linked_class_folders_count_for_k(tmp_path, capsys):
     status = main(["run", "--input", str(tmp_path / "images"), "--output", str(output), "--k", "7"])
     assert status == 2 and "holds 6 image files" in capsys.readouterr().err
     assert not output.exists()
+    # Names Spark's listing skips, and links to nothing, are not images the run can have.
+    for skipped in ("_MG_1.jpg", ".2.jpg", "_drafts/4.jpg", ".cache/5.jpg"):
+        (store / "apple" / skipped).parent.mkdir(exist_ok=True)
+        (store / "apple" / skipped).write_bytes(b"")
+    (store / "apple" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (store / "apple" / "_year=2024").mkdir()  # a partition's folder: listed
+    (store / "apple" / "_year=2024" / "6.jpg").write_bytes(b"")
+    assert runner.local_image_count(str(tmp_path / "images"), 100) == 8
+    listing = list_folder(spark, str(tmp_path / "images"))
+    assert listing.n_files == 8  # as Spark lists them
+    listing.release()
 
 
 def test_an_output_reached_through_a_link_in_the_input_is_refused(tmp_path):

@@ -59,6 +59,12 @@ def followed_links(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, 
     return links, loops
 
 
+def listed_by_spark(name: str) -> bool:
+    """Whether Spark's listing keeps this file or folder name
+    (``InMemoryFileIndex.shouldFilterOutPathName``)."""
+    return not (name.startswith(".") or _skipped_by_spark(name) or name.endswith("._COPYING_"))
+
+
 def _skipped_by_spark(name: str) -> bool:
     """Whether Spark's listing ignores this file or folder name for its leading ``_``
     (``InMemoryFileIndex.shouldFilterOutPathName``: not a partition's ``k=v``)."""

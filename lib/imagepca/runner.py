@@ -27,7 +27,7 @@ from .config import ExtractParams, ReduceParams
 from .console import Console
 from .executed import completed_copy, keep_completed_copy, record_stop
 from .kernel import PromptKernelClient, recording_engine, stop_kernel_spark, stopping_clients
-from .local_folders import followed_walk
+from .local_folders import followed_walk, listed_by_spark
 from .storage import (  # the notebooks' names: imported from here too (cli, aws.runs)
     CLASSIFY_NOTEBOOK,
     EXECUTED_DIR,
@@ -159,14 +159,21 @@ def jvm_environment(extract: ExtractParams, *, master: str | None, kernel: str) 
 def local_image_count(folder: str, limit: int) -> int:
     """Image files under a local folder, counted until there are more than ``limit``.
 
-    Names Spark's listing skips (``_`` or ``.`` first) count too: never fewer than the run
-    will find, so a check against it refuses only what cannot work.
+    Counted as Spark lists them (names with a leading ``_`` or ``.`` and links to nothing
+    are not), before any is found unusable: never fewer than the run will featurize, so a
+    check against it refuses only what cannot work.
     """
     from .images import IMAGE_EXTENSIONS
 
     count = 0
-    for _, _, names in followed_walk(local_path(folder)):  # links followed, as Spark does
-        count += sum(name.lower().endswith(IMAGE_EXTENSIONS) for name in names)
+    for parent, folders, names in followed_walk(local_path(folder)):  # links followed too
+        folders[:] = [name for name in folders if listed_by_spark(name)]
+        count += sum(
+            name.lower().endswith(IMAGE_EXTENSIONS)
+            and listed_by_spark(name)
+            and os.path.exists(os.path.join(parent, name))
+            for name in names
+        )
         if count > limit:
             break
     return count
