@@ -261,7 +261,7 @@ def test_spark_masters_are_accepted(master):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--master", "bogus"], "master 'bogus' is not a Spark master: use local"),
+        (["--master", "bogus"], "^error: --master 'bogus' is not a Spark master: use local"),
         (["--master", "local[two]"], "is not a Spark master"),
         (["--master", "local[0]"], "is not a Spark master"),  # Spark: no threads to run on
         (["--master", " local[2]"], "is not a Spark master"),  # spark-submit would refuse it

@@ -98,7 +98,8 @@ def test_smaller_sample_is_subset_of_larger(tmp_path: Path) -> None:
         ({"classes": 0}, f"classes must be between 1 and {len(CLASS_NAMES)}"),
         ({"classes": len(CLASS_NAMES) + 1}, f"classes must be between 1 and {len(CLASS_NAMES)}"),
         ({"per_class": 0}, "per_class must be >= 1"),
-        ({"size": 31}, "size must be >= 32"),
+        ({"size": 31}, "size must be from 32 to 1024 pixels, got 31"),
+        ({"size": 20_000}, "size must be from 32 to 1024 pixels, got 20000"),  # not 36 GiB
         ({"seed": -1}, "seed must be >= 0"),
     ],
 )
@@ -143,3 +144,11 @@ def test_overwrites_previous_sample_exactly(tmp_path: Path) -> None:
     summary = write_sample(tmp_path / "out", classes=2, per_class=2, size=40)
     assert summary.total == 4
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+
+
+def test_the_command_names_its_options(tmp_path: Path, capsys) -> None:
+    from imagepca.cli import main
+
+    assert main(["sample", str(tmp_path / "out"), "--per-class", "0"]) == 2
+    assert capsys.readouterr().err == "error: --per-class must be >= 1, got 0\n"
+    assert not (tmp_path / "out").exists()

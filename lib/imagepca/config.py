@@ -78,8 +78,9 @@ def check_master(master: str | None) -> None:
     Java error that hides the cause (None: the default, ``local[*]``)."""
     if master is not None and not SPARK_MASTER.fullmatch(master):
         raise ParameterError(
-            f"master {master!r} is not a Spark master: use local[*], local[N], local[N,R] (R "
-            "attempts per task), local-cluster[W,C,MB], yarn, spark://HOST:PORT or k8s://URL"
+            f"{master!r} is not a Spark master: use local[*], local[N], local[N,R] (R "
+            "attempts per task), local-cluster[W,C,MB], yarn, spark://HOST:PORT or k8s://URL",
+            "master",
         )
 
 
