@@ -69,6 +69,8 @@ def manifest_run(spark, tmp_path_factory):
     rows.append({**rows[3], "label": "another"})  # twice, two labels: the smallest wins
     missing = [spelled(FRUIT_PHOTOS / "apple" / f"gone{i}.jpg") for i in range(3)]
     rows += [{"path": uri, "label": ""} for uri in missing]
+    # Not image names (an extension-less object key among them): not read, but counted.
+    rows += [{"path": "s3://bucket/objects/ab12cd", "label": ""}, {"path": "a.txt", "label": ""}]
     manifest = work / "images.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     output = work / "out"
@@ -89,6 +91,9 @@ def test_manifest_accounts_for_every_uri(manifest_run):
     assert metadata["input_kind"] == "manifest"
     assert metadata["n_files_found"] == 12 + 1 + 3
     assert metadata["n_duplicate_uris"] == 2
+    assert metadata["not_image_rows_skipped"] == [2, f"file:{manifest_run['output'].parent}/a.txt"]
+    warning = manifest_run["extraction"].listing.describe().splitlines()[-1]
+    assert warning.startswith("warning: 2 manifest rows skipped: their URIs do not end in an")
     assert metadata["n_images"] == 13 and metadata["n_rejected"] == 3
     assert metadata["rejected_by_kind"] == {"missing": 3}
     rejected = pd.read_parquet(manifest_run["output"] / "rejected")

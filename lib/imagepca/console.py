@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from .images import broken_links_note, hidden_note
+from .images import broken_links_note, hidden_note, not_images_note
 from .storage import is_local, join, local_path, papermill_location
 
 LOG_FILE = "logs/run.log"  # under the output (a local file first when the output is remote)
@@ -246,6 +246,9 @@ def summary(metrics: dict, output: str, log: str | None = None) -> str:
             metrics["n_broken_links_skipped"], metrics["broken_links_skipped"][0]
         )
         lines.append(f"warning: {note}")
+    n_not_images, first = metrics.get("not_image_rows_skipped", [0, None])
+    if n_not_images:
+        lines.append(f"warning: {not_images_note(n_not_images, first)}")
     lines += [
         # In features/: featurized by this run, or reused, or kept by an incremental run.
         f"images: {metrics['n_images']} in features/, {metrics['n_rejected']} rejected, "

@@ -37,6 +37,13 @@ def broken_links_note(n_links: int, first: str) -> str:
     )
 
 
+def not_images_note(n_rows: int, first: str) -> str:
+    return (
+        f"{n_rows} manifest rows skipped: their URIs do not end in an image extension (the "
+        f"first: {first}); images are chosen by extension ({', '.join(IMAGE_EXTENSIONS)})"
+    )
+
+
 class ImageDecodeError(ValueError):
     """An image file cannot become a model input; ``str(error)`` is the reason recorded."""
 

@@ -17,12 +17,10 @@ collection of every path is ever built on the driver.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from urllib.parse import urlsplit
 
 from py4j.protocol import Py4JJavaError
 from pyspark import StorageLevel
@@ -39,10 +37,12 @@ from .images import (
     hidden_note,
     label_column,
     name_column,
+    not_images_note,
 )
+from .inventory import inventory_table
 from .local_folders import skipped_images
 from .session import cached_shuffle_settings, default_parallelism, spark_settings
-from .storage import URI_SCHEME, Storage, error_line, is_local, literal, local_path
+from .storage import URI_SCHEME, error_line, is_local, literal, local_path
 
 LISTING_COLUMNS = ("path", "label", "size", "modified")
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
@@ -50,16 +50,11 @@ PARALLEL_DISCOVERY_KEY = "spark.sql.sources.parallelPartitionDiscovery.threshold
 SAMPLES_PER_LABEL = 3  # paths per label the listing keeps for a first look
 BROKEN_LINKS_KEPT = 20  # paths of links to nothing that metrics.json names
 # What metrics.json says of image files Spark's listing dropped, when it dropped none.
-NOTHING_SKIPPED = {"n_hidden_skipped": 0, "n_broken_links_skipped": 0, "broken_links_skipped": []}
-# Column names an S3 Inventory report uses: CSV reports name them in ``fileSchema``,
-# Parquet and ORC reports carry them (in snake case) in the data files.
-INVENTORY_COLUMNS = {
-    "bucket": "bucket",
-    "key": "key",
-    "size": "size",
-    "lastmodifieddate": "last_modified_date",
-    "islatest": "is_latest",
-    "isdeletemarker": "is_delete_marker",
+NOTHING_SKIPPED = {
+    "n_hidden_skipped": 0,
+    "n_broken_links_skipped": 0,
+    "broken_links_skipped": [],
+    "not_image_rows_skipped": [0, None],
 }
 
 
@@ -84,6 +79,7 @@ class ImageListing:
     relation: DataFrame | None = field(default=None, compare=False, repr=False)
     n_duplicates: int = 0
     n_hidden: int = 0  # local image files Spark's listing skips for a leading _
+    not_images: tuple[int, str | None] = (0, None)  # a manifest's other rows: count, first
     broken_links: tuple[str, ...] = ()  # local links to nothing, named like images
     # The listing's own time (it runs in notebook 01's listing cell, before the extraction).
     seconds: float = field(default=0.0, compare=False)
@@ -102,6 +98,8 @@ class ImageListing:
         if self.broken_links:
             note = broken_links_note(len(self.broken_links), self.broken_links[0])
             lines.append(f"warning: {note}")
+        if self.not_images[0]:
+            lines.append(f"warning: {not_images_note(*self.not_images)}")
         return "\n".join(lines)
 
     def skipped(self) -> dict:
@@ -110,6 +108,7 @@ class ImageListing:
             "n_hidden_skipped": self.n_hidden,
             "n_broken_links_skipped": len(self.broken_links),
             "broken_links_skipped": list(self.broken_links[:BROKEN_LINKS_KEPT]),
+            "not_image_rows_skipped": list(self.not_images),
         }
 
     def labels(self) -> dict[str, int]:
@@ -351,8 +350,9 @@ def scan_settings(n_files: int, cores: int, tasks_per_core: int) -> dict[str, st
 def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
     """The image URIs of a manifest: CSV (header row), Parquet, or S3 Inventory JSON.
 
-    Rows whose URI does not end in an image extension are dropped (an inventory lists
-    every object of a bucket); a URI listed twice counts once (``n_duplicates``).
+    Rows whose URI does not end in an image extension are not read: an inventory lists
+    every object of a bucket; a CSV or Parquet manifest's are counted (``not_images``). A
+    URI listed twice counts once (``n_duplicates``).
 
     Raises
     ------
@@ -363,9 +363,10 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
         # Relative entries are taken relative to the manifest's folder: from its absolute
         # location (a bare "images.csv" has no folder to cut off).
         manifest_uri = os.path.abspath(os.path.expanduser(manifest_uri))
+    inventory = manifest_uri.rstrip("/").endswith(".json")
     try:
-        if manifest_uri.rstrip("/").endswith(".json"):
-            table = _inventory_table(spark, manifest_uri)
+        if inventory:
+            table = inventory_table(spark, manifest_uri)
         else:
             table = _uri_table(spark, manifest_uri)
     except (AnalysisException, Py4JJavaError) as error:
@@ -378,7 +379,8 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
     # A label is trimmed like the path ("a.jpg, apple " in a CSV); a blank one means the
     # parent folder's name.
     label = F.nullif(F.trim(F.col("label")), F.lit(""))
-    images = table.where(_is_image(F.col("path"))).select(
+    image = _is_image(F.col("path"))
+    images = table.where(image).select(
         "path",
         F.coalesce(label, label_column(F.col("path"))).alias("label"),
         F.col("size").cast("long").alias("size"),
@@ -387,7 +389,10 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
     # A URI listed twice counts once, with the smallest of its rows (label first): the
     # same choice in every run, where dropDuplicates keeps whichever row comes first.
     first = F.min(F.struct("label", "size", "modified")).alias("row")
-    n_rows = images.agg(F.count(F.lit(1)).alias("rows")).first()["rows"]
+    other = F.when(~image, F.col("path"))
+    n_rows, n_others, first_other = table.agg(
+        F.count(F.when(image, 1)), F.count(other), F.min(other)
+    ).first()
     # Cached in few partitions: 200 made a 6-line manifest's listing take 8 s here.
     with spark_settings(spark, cached_shuffle_settings(spark, n_rows)):
         files = (
@@ -408,6 +413,7 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
     return ImageListing(
         manifest_uri, "manifest", files, n_files, label_counts, label_samples,
         n_duplicates=n_duplicates,
+        not_images=(n_others, first_other) if n_others and not inventory else (0, None),
     )  # fmt: skip
 
 
@@ -451,50 +457,4 @@ def _absolute(path: Column, base: str) -> Column:
         F.when(with_scheme, F.regexp_replace(path, r"^file://(?=/)", "file:"))
         .when(path.startswith("/"), F.concat(F.lit("file:"), path))
         .otherwise(F.concat(F.lit(base_uri.rstrip("/") + "/"), path))
-    )
-
-
-def _inventory_table(spark: SparkSession, manifest_uri: str) -> DataFrame:
-    """The objects of an S3 Inventory report (the data files its ``manifest.json`` names)."""
-    storage = Storage(spark)
-    try:
-        manifest = json.loads(storage.read_bytes(manifest_uri))
-        bucket = manifest["destinationBucket"].rsplit(":", 1)[-1]
-        file_format = manifest["fileFormat"].lower()
-        data_files = [f"s3://{bucket}/{entry['key']}" for entry in manifest["files"]]
-    except (KeyError, TypeError, ValueError) as error:
-        raise InputError(
-            f"{manifest_uri!r} is not an S3 Inventory manifest.json ({type(error).__name__}: "
-            f"{error}); expected destinationBucket, fileFormat, fileSchema and files[].key"
-        ) from None
-    # The report's objects live in S3: spelled with the manifest's own S3 scheme (s3a://
-    # off EMR), s3:// otherwise.
-    scheme = urlsplit(manifest_uri).scheme.lower()
-    scheme = scheme if scheme in ("s3a", "s3n") else "s3"
-    data_files = [literal(f"{scheme}{uri[2:]}") for uri in data_files]
-    if not data_files:
-        return spark.createDataFrame([], "path string, label string, size long, modified string")
-    if file_format == "csv":
-        schema = [c.strip() for c in manifest["fileSchema"].split(",")]
-        table = spark.read.csv(data_files, schema=", ".join(f"`{c}` string" for c in schema))
-        table = table.toDF(*(INVENTORY_COLUMNS.get(c.lower(), c.lower()) for c in schema))
-        # CSV reports URL-encode keys (spaces as +); Parquet and ORC reports do not.
-        key = F.url_decode(F.col("key"))
-    elif file_format in ("parquet", "orc"):
-        table = spark.read.format(file_format).load(data_files)
-        key = F.col("key")
-    else:
-        raise InputError(f"S3 Inventory fileFormat {manifest['fileFormat']!r} is not supported")
-    keep = F.lit(True)
-    if "is_latest" in table.columns:  # versioned reports list old versions too
-        keep = keep & (F.lower(F.col("is_latest").cast("string")) == "true")
-    if "is_delete_marker" in table.columns:
-        keep = keep & ~F.coalesce(F.lower(F.col("is_delete_marker").cast("string")) == "true",
-                                  F.lit(False))  # fmt: skip
-    modified = F.col("last_modified_date") if "last_modified_date" in table.columns else None
-    return table.where(keep).select(
-        F.concat(F.lit(f"{scheme}://"), F.col("bucket"), F.lit("/"), key).alias("path"),
-        F.lit(None).cast("string").alias("label"),
-        (F.col("size") if "size" in table.columns else F.lit(None)).alias("size"),
-        (modified if modified is not None else F.lit(None)).alias("modified"),
     )
