@@ -61,7 +61,10 @@ def test_params_defaults_and_normalization() -> None:
         ({"seed": -1}, "seed must be an integer"),
         ({"seed": True}, "seed must be an integer"),
         ({"k_values": []}, "k_values must be None"),
-        ({"k_values": "5"}, "k_values must be None"),
+        (
+            {"k_values": "[2, 5]"},
+            r"k_values arrived as the string '\[2, 5\]' .* -y 'k_values: \[2, 5\]'",
+        ),
         ({"k_values": [0, 5]}, "k_values must be None"),
         ({"k_values": [5, 2000]}, "from 1 to 1280"),
         ({"max_iter": 0}, "max_iter must be an integer"),
@@ -465,6 +468,8 @@ def test_driver_max_mb_0_fits_with_spark_even_with_every_image_on_the_driver(
     assert clf.subset_is_everything
     scores = clf.fit_reduced().scores
     assert scores["fitted_by"] == "spark" and scores["input"] == "reduced/ (array_to_vector(pca))"
+    # Recorded as for a driver fit.
+    assert scores["iterations"] == 5 and scores["started_from"] == "zero"  # max_iter
 
 
 def test_metrics_block_and_markers(classified) -> None:

@@ -248,8 +248,15 @@ class Classification:
             data.unpersist()
         scores = logistic.scores(matrix, self.labels)
         n_train = sum(split["train"] for split in self.split_counts.values())
+        regression = model.stages[1]
         scores.update(
-            dims=self.k, fit_s=fit_s, n_train=n_train, fitted_by="spark", products="float64"
+            dims=self.k,
+            fit_s=fit_s,
+            n_train=n_train,
+            fitted_by="spark",
+            products="float64",
+            iterations=regression.summary.totalIterations if regression.hasSummary else None,
+            started_from="zero",
         )
         return model, scores
 
@@ -359,7 +366,7 @@ class Classification:
                 "accuracy": scores[k]["accuracy"],
                 "f1_macro": scores[k]["f1_macro"],
                 "fit_s": scores[k]["fit_s"],
-                "iterations": scores[k].get("iterations"),  # a Spark fit's: not recorded
+                "iterations": scores[k].get("iterations"),
             }
             for k in ks
         ]

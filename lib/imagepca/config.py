@@ -372,6 +372,12 @@ class ClassifyParams:
         if self.k_values is not None:
             values = self.k_values
             _require(
+                not isinstance(values, str),
+                "k_values",
+                f"arrived as the string {values!r} (papermill's -p passes strings): pass a "
+                f"list, with -y 'k_values: {values}' or in the parameters cell",
+            )
+            _require(
                 isinstance(values, list | tuple)
                 and len(values) > 0
                 and all(_is_int(k) and 1 <= k <= FEATURE_DIM for k in values),
