@@ -127,8 +127,8 @@ def test_linked_class_folders_count_for_k(spark, tmp_path, capsys):
     (tmp_path / "images" / "again").symlink_to(store / "apple")  # Spark lists these twice
     assert runner.local_image_count(str(tmp_path / "images"), 100) == 6
     output = tmp_path / "out"
-    status = main(["run", "--input", str(tmp_path / "images"), "--output", str(output), "--k", "7"])
-    assert status == 2 and "holds 6 image files" in capsys.readouterr().err
+    status = main(["run", "--input", str(tmp_path / "images"), "--output", str(output), "--k", "6"])
+    assert status == 2 and "holds 6 image files" in capsys.readouterr().err  # 5 at most
     assert not output.exists()
     # Names Spark's listing skips, and links to nothing, are not images the run can have.
     for skipped in ("_MG_1.jpg", ".2.jpg", "_drafts/4.jpg", ".cache/5.jpg"):
@@ -198,9 +198,10 @@ def test_choose_k_is_the_smallest_reaching_the_threshold():
 
 
 def test_check_k_against_the_data():
-    check_k(10, n_images=10, n_features=1280)
-    with pytest.raises(ParameterError, match="k=11 is larger than the data allows"):
-        check_k(11, n_images=10, n_features=1280)
+    check_k(9, n_images=10, n_features=1280)
+    check_k(1280, n_images=2000, n_features=1280)
+    with pytest.raises(ParameterError, match=r"k=10 is larger .* min\(9, 1280\) = 9 comp"):
+        check_k(10, n_images=10, n_features=1280)  # the 10th component has no variance
     with pytest.raises(ParameterError, match="at least 2 featurized images"):
         check_k(None, n_images=1, n_features=1280)
 

@@ -91,10 +91,13 @@ def check_k(k: int | None, n_images: int, n_features: int, *, then: str = "") ->
             f"PCA needs at least 2 featurized images, found {n_images}; check the input "
             "folder and the rejected/ report"
         )
-    if k is not None and k > min(n_images, n_features):
+    # Centred, n images span at most n - 1 directions: a k-th component past them has no
+    # variance (1e-17 of it), only rounding noise.
+    most = min(n_images - 1, n_features)
+    if k is not None and k > most:
         raise ParameterError(
-            f"k={k} is larger than the data allows: at most min(images, features) = "
-            f"min({n_images}, {n_features}) = {min(n_images, n_features)} components"
+            f"k={k} is larger than the data allows: at most min(images - 1, features) = "
+            f"min({n_images - 1}, {n_features}) = {most} components carry variance"
             + (f"; {then}" if then else "")
         )
 
