@@ -180,6 +180,7 @@ def test_an_output_reached_through_a_link_in_the_input_is_refused(tmp_path):
         ({"variance": 0}, r"variance must be a fraction in \(0, 1\]"),
         ({"variance": 1.01}, r"variance must be a fraction in \(0, 1\]"),
         ({"variance": float("nan")}, "variance must be a fraction"),
+        ({"k": 3, "variance": 0.5}, "variance 0.5 would be ignored: k = 3 fixes the number"),
     ],
 )
 def test_reduce_params_say_what_is_wrong(changes, message):

@@ -13,6 +13,7 @@ import time
 
 from .config import (
     DEFAULT_ENGINE,
+    DEFAULT_VARIANCE,
     ENGINES,
     IMAGE_SIZES,
     ExtractParams,
@@ -49,8 +50,8 @@ def _add_run(subparsers) -> None:
     choice.add_argument(
         "--variance",
         type=float,
-        default=0.95,
-        help="smallest k reaching this cumulative explained variance (default 0.95)",
+        default=DEFAULT_VARIANCE,
+        help=f"smallest k reaching this cumulative explained variance (default {DEFAULT_VARIANCE})",
     )
     run.add_argument(
         "--master", help="Spark master: local[*] (default), local[N,R], yarn, spark://..."

@@ -47,6 +47,9 @@ SPARK_SETTINGS = {
 }
 
 
+DEFAULT_VARIANCE = 0.95  # share of the variance the chosen k reaches, unless k is given
+
+
 class ParameterError(ValueError):
     """A run parameter is invalid; the message names it and says what is accepted.
 
@@ -287,7 +290,7 @@ class ReduceParams:
 
     output: str
     k: int | None = None
-    variance: float = 0.95
+    variance: float = DEFAULT_VARIANCE
     projection_points: int = field(default=5000)
 
     def __post_init__(self) -> None:
@@ -302,6 +305,12 @@ class ReduceParams:
             _is_number(self.variance) and 0 < self.variance <= 1,
             "variance",
             f"must be a fraction in (0, 1], e.g. 0.95; got {self.variance!r}",
+        )
+        _require(
+            self.k is None or self.variance == DEFAULT_VARIANCE,
+            "variance",
+            f"{self.variance!r} would be ignored: k = {self.k!r} fixes the number of "
+            "components; give one of the two",
         )
         _require(
             _is_int(self.projection_points) and self.projection_points >= 10,
