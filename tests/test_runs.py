@@ -23,6 +23,7 @@ from imagepca import executed, runner
 from imagepca.classify import prepare
 from imagepca.cli import main
 from imagepca.config import ClassifyParams, ExtractParams, ReduceParams
+from imagepca.console import LOG_FILE
 from imagepca.images import load_samples
 from imagepca.pipeline import extract_features, finish_run, reduce_features, start_extraction
 from imagepca.plots import plot_confusion_matrix, plot_explained_variance, plot_samples, save_figure
@@ -70,6 +71,8 @@ def test_rerun_without_classifier_removes_the_earlier_classifier(sample_run, tmp
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["k"] == 5 and "classification" not in metrics
     assert sorted(metrics["removed_from_earlier_run"]) == sorted(CLASSIFY_ARTIFACTS)
+    # Its own log, written as it ran, is not an earlier run's to remove.
+    assert "[2/2] 02_reduce_pca.ipynb done in " in (output / LOG_FILE).read_text()
     assert "removed from an earlier run: classifier_model" in printed
     assert "features reused (featurized " in printed  # not the earlier run's images/s
     # What is left is this run's: notebooks 01 and 02, the 5-component model.
@@ -123,6 +126,7 @@ def test_notebooks_run_by_hand_remove_the_copies_an_earlier_run_saved(spark, sam
     running = nbformat.reads(earlier[runner.REDUCE_NOTEBOOK].decode(), as_version=4)
     running.metadata.papermill.update(end_time=None, duration=None)  # as papermill starts
     nbformat.write(running, str(copies / runner.REDUCE_NOTEBOOK))
+    assert (output / LOG_FILE).is_file()  # the earlier run's log
     reduction = reduce_features(spark, ReduceParams(output=str(output), k=5))
     assert (copies / runner.REDUCE_NOTEBOOK).exists()
     assert sorted(reduction.metrics["removed_from_earlier_run"]) == sorted(
@@ -131,6 +135,7 @@ def test_notebooks_run_by_hand_remove_the_copies_an_earlier_run_saved(spark, sam
             *EXTRACT_FIGURES,
             *REDUCE_FIGURES,
             *CLASSIFY_ARTIFACTS,
+            LOG_FILE,  # `imagepca run` keeps its own (tested with the sample run)
         ]
     )
 

@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 
 from . import progress
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
-from .console import increment_line, rate_text
+from .console import earlier_run_log, increment_line, rate_text
 from .executor_reads import read_options
 from .features import (
     features_udf,
@@ -428,12 +428,11 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     storage.begin_run(params.output)
     # An earlier notebook 03's (another PCA's), a failed attempt's notebook 01 (kept while the
     # output stayed complete), an earlier run's figures of this notebook (drawn again next),
-    # and an earlier run's copies of notebooks 01-02 run by hand.
+    # its log (when run by hand) and copies of notebooks 01-02 run by hand.
+    earlier = (FAILED_EXTRACT_NOTEBOOK, *REDUCE_FIGURES, *CLASSIFY_ARTIFACTS, *earlier_run_log())
     removed = [
         *extraction.get("removed_from_earlier_run", []),
-        *storage.remove_artifacts(
-            params.output, (FAILED_EXTRACT_NOTEBOOK, *REDUCE_FIGURES, *CLASSIFY_ARTIFACTS)
-        ),
+        *storage.remove_artifacts(params.output, earlier),
         *storage.remove_earlier_copy(params.output, REDUCE_NOTEBOOK),
     ]
     features = read_features(spark, params.output)
