@@ -82,7 +82,7 @@ def test_rerun_without_classifier_removes_the_earlier_classifier(sample_run, tmp
     ]
 
 
-def test_unlabeled_images_skip_the_classifier_and_succeed(sample_dir, tmp_path, capsys):
+def test_unlabeled_images_skip_the_classifier_and_succeed(spark, sample_dir, tmp_path, capsys):
     flat = tmp_path / "photos"
     flat.mkdir()
     for path in sorted(sample_dir.rglob("*.jpg"))[::12][:16]:
@@ -105,6 +105,10 @@ def test_unlabeled_images_skip_the_classifier_and_succeed(sample_dir, tmp_path, 
     notes = [line for line in printed.splitlines() if "classifier skipped" in line]
     assert len(notes) == 1 and "2 labels" in notes[0]
     assert "[3/3] 03_classify.ipynb skipped: " in progress  # the third status line, too
+    # Notebook 03 run by hand, or by papermill, says so and leaves the output complete.
+    with pytest.raises(ValueError, match=r"found 1 \(photos: 16\).*complete without a class"):
+        prepare(spark, ClassifyParams(output=str(output)))
+    assert (output / "_SUCCESS").exists()
 
 
 def test_notebooks_run_by_hand_remove_the_copies_an_earlier_run_saved(spark, sample_run, tmp_path):

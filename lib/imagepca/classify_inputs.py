@@ -90,7 +90,10 @@ def read_inputs(spark: SparkSession, params: ClassifyParams, storage: Storage) -
     label_counts = dict(sorted(run_metrics["images_per_label"].items()))
     reason = classifiable(label_counts)
     if reason:
-        raise ValueError(reason)
+        raise ValueError(
+            f"{reason}. The output is complete without a classifier (`imagepca run` does not "
+            "start this notebook then; metrics.json says why under classification.skipped)"
+        )
     excluded = small_labels(label_counts)
     kept = [label for label in label_counts if label not in excluded]
     n_kept = sum(label_counts[label] for label in kept)
