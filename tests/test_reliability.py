@@ -267,12 +267,13 @@ def test_bad_share_above_max_fails_after_writing_rejected(spark, bad_corpus, tmp
     assert str(output / "rejected") in message
     assert len(pd.read_parquet(output / "rejected")) == n_bad
     assert not (output / "_SUCCESS").exists() and not (output / "metrics.json").exists()
+    assert not (output / "_staging").exists()  # its writes were swapped in: no empty folder
 
 
-def test_dangling_symlink_is_invisible_to_the_listing(spark, tmp_path):
+def test_dangling_symlink_is_left_out_of_the_listing_and_named(spark, tmp_path):
     """A dangling symlink named like an image is not listed at all (Hadoop's local listing
-    skips entries it cannot stat), so it is neither featurized nor reported. Documented
-    here so that a change in that behaviour is noticed; see the issue 6 report."""
+    skips entries it cannot stat), so it is neither featurized nor in rejected/: the
+    listing names it in a warning (see also test_pipeline's skipped images)."""
     from imagepca.inputs import list_folder
 
     folder = tmp_path / "input" / "apple"
@@ -283,6 +284,7 @@ def test_dangling_symlink_is_invisible_to_the_listing(spark, tmp_path):
     paths = [row["path"] for row in listing.files.collect()]
     assert len(listing) == 1
     assert [_relative(p, tmp_path / "input") for p in paths] == ["apple/ok.png"]
+    assert listing.broken_links == (str(folder / "dangling.jpg"),)
 
 
 def test_garbled_jpeg_data_is_not_detected(bad_corpus):

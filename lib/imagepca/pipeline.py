@@ -363,6 +363,7 @@ def extract_features(
     metadata["images_per_s"] = round(n_todo / timings["featurize_s"], 2) if n_new else None
     # Written last: features/ never has a description of another run's rows.
     storage.write_json(join(features_uri, EXTRACTION_FILE), metadata)
+    storage.remove_empty_staging(params.output)  # none left if checked() below stops the run
     return checked(Extraction(listing, metadata), params)
 
 

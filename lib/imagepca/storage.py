@@ -350,11 +350,11 @@ class Storage:
         except BaseException:
             with suppress(Exception):  # the write's own error is the one to report
                 self.delete(staging)
-                self._remove_empty_staging(output)
+                self.remove_empty_staging(output)
             raise
         return staging
 
-    def _remove_empty_staging(self, output: str) -> None:
+    def remove_empty_staging(self, output: str) -> None:
         if not self.list_names(join(output, STAGING_DIR)):
             self.delete(join(output, STAGING_DIR))
 
@@ -375,7 +375,7 @@ class Storage:
             )
         except BaseException:
             with suppress(Exception):
-                self._remove_empty_staging(output)
+                self.remove_empty_staging(output)
             raise
 
     def finish_run(self, output: str, metrics: dict) -> None:
