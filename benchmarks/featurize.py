@@ -452,7 +452,7 @@ def machine_info() -> dict:
     simd = [f for f in flags if f.startswith(("avx", "fma", "sse4", "amx"))]
     import psutil
 
-    from imagepca.pipeline import library_versions
+    from imagepca.run_record import library_versions
 
     return {
         "cpu_model": fields.get("Model name"),

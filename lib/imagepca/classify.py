@@ -63,9 +63,9 @@ from .logistic import (
     classifier_pipeline,
     label_indexer,
 )
-from .pipeline import timed
 from .plots import save_figure
 from .reduction import PCA_COL, StoredPCA
+from .run_record import timed
 from .session import default_parallelism
 from .split import IS_TEST_COL, SPLIT_BY, TrainingMatrix
 from .storage import CLASSIFY_FIGURES, CLASSIFY_NOTEBOOK, Storage, join, literal

@@ -207,7 +207,7 @@ def _check_run_options(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from . import livy, runner
-    from .console import NORMAL, QUIET, RUN_LOG_ENV, VERBOSE, Console, log_path, summary, upload_log
+    from .console import NORMAL, QUIET, VERBOSE, Console, log_path, summary, upload_log
     from .storage import is_local, local_path
 
     extract = ExtractParams(
@@ -274,7 +274,6 @@ def _run(args: argparse.Namespace) -> int:
                 env={
                     **(env or {}),
                     **runner.jvm_environment(extract, master=args.master, kernel=args.kernel),
-                    RUN_LOG_ENV: str(log),
                 },
                 console=console,
             )

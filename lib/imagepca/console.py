@@ -25,7 +25,6 @@ from .images import broken_links_note, hidden_note, not_images_note
 from .storage import is_local, join, local_path, papermill_location
 
 LOG_FILE = "logs/run.log"  # under the output (a local file first when the output is remote)
-RUN_LOG_ENV = "IMAGEPCA_RUN_LOG"  # in the kernels of `imagepca run`: where its log goes
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
 _WARNING = re.compile(r"^warning: ")  # lowercase: ours (progress), not a library's WARNING:
 
@@ -37,13 +36,6 @@ def log_path(output: str) -> Path:
         return Path(local_path(output), LOG_FILE)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return Path(tempfile.gettempdir(), f"imagepca-run-{stamp}-{os.getpid()}.log")
-
-
-def earlier_run_log() -> tuple[str, ...]:
-    """``OUTPUT/logs/run.log`` when the notebooks run outside `imagepca run` (by hand, with
-    papermill): the log of an earlier run, not of this one (whose log `imagepca run` is
-    writing, or copies there when it ends)."""
-    return () if RUN_LOG_ENV in os.environ else (LOG_FILE,)
 
 
 class Console:

@@ -7,13 +7,9 @@ can be re-run alone, and each publishes its datasets whole (see :mod:`imagepca.s
 
 from __future__ import annotations
 
-import platform
-import time
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
-from importlib import metadata
 
 import pandas as pd
 from pyspark.sql import DataFrame, Observation, SparkSession
@@ -21,7 +17,7 @@ from pyspark.sql import functions as F
 
 from . import progress
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
-from .console import earlier_run_log, increment_line, rate_text
+from .console import LOG_FILE, increment_line, rate_text
 from .executor_reads import read_options
 from .features import (
     features_udf,
@@ -66,6 +62,7 @@ from .reduction import (
     wait_for_models,
 )
 from .rejects import Outcomes, checked, outcome_metrics, rejected_files
+from .run_record import library_versions, timed
 from .session import ARROW_BATCH_KEY, default_parallelism, run_concurrently, spark_settings
 from .storage import (
     CLASSIFY_ARTIFACTS,
@@ -88,28 +85,6 @@ KEPT_FEATURES = "features/ is kept: `imagepca run --reuse-features --k K` featur
 # d = 1280, sent to the driver) when it runs at most this many tasks; a larger cluster's
 # run leaves them to notebook 02's distributed pass, which merges them on the executors.
 FUSED_MOMENTS_MAX_TASKS = 32
-
-
-VERSIONED = (
-    "imagepca", "pyspark", "tensorflow", "keras", "ai-edge-litert", "numpy", "pandas",
-    "pyarrow", "pillow",
-)  # fmt: skip
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in VERSIONED:
-        with suppress(metadata.PackageNotFoundError):
-            versions[package] = metadata.version(package)
-    return versions
-
-
-@contextmanager
-def timed(timings: dict[str, float], name: str):
-    """Record the block's wall time, in seconds, as ``timings[name]`` (for metrics.json)."""
-    start = time.perf_counter()
-    yield
-    timings[name] = round(time.perf_counter() - start, 3)
 
 
 # -- stage 1: images -> features ---------------------------------------------------------
@@ -429,8 +404,10 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     storage.begin_run(params.output)
     # An earlier notebook 03's (another PCA's), a failed attempt's notebook 01 (kept while the
     # output stayed complete), an earlier run's figures of this notebook (drawn again next),
-    # its log (when run by hand) and copies of notebooks 01-02 run by hand.
-    earlier = (FAILED_EXTRACT_NOTEBOOK, *REDUCE_FIGURES, *CLASSIFY_ARTIFACTS, *earlier_run_log())
+    # and, run by hand, an earlier run's log and copies of notebooks 01-02.
+    earlier = (FAILED_EXTRACT_NOTEBOOK, *REDUCE_FIGURES, *CLASSIFY_ARTIFACTS)
+    if storage.copy_ended(params.output, REDUCE_NOTEBOOK) is not False:  # not `imagepca run`
+        earlier += (LOG_FILE,)
     removed = [
         *extraction.get("removed_from_earlier_run", []),
         *storage.remove_artifacts(params.output, earlier),

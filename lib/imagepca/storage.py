@@ -308,27 +308,31 @@ class Storage:
         its notebooks, in turn) removed and did not make again."""
         return [name for name in dict.fromkeys(names) if not self.exists(join(output, name))]
 
+    def copy_ended(self, output: str, notebook: str) -> bool | None:
+        """Whether papermill's copy of ``notebook`` under ``OUTPUT/notebooks/`` has ended:
+        papermill sets ``end_time`` once an execution ends, so the copy ``imagepca run`` is
+        writing while the notebook runs gives False; None when there is no papermill copy
+        (or a half-written one)."""
+        uri = join(output, EXECUTED_DIR, notebook)
+        if not self.exists(uri):
+            return None
+        try:
+            return self.read_json(uri)["metadata"]["papermill"]["end_time"] is not None
+        except (ValueError, KeyError, TypeError):
+            return None
+
     def remove_earlier_copy(self, output: str, notebook: str) -> list[str]:
-        """Delete ``OUTPUT/notebooks/NOTEBOOK`` if an earlier execution left it; return the
-        name deleted, if any.
+        """Delete ``OUTPUT/notebooks/NOTEBOOK`` if an earlier execution left it (see
+        :meth:`copy_ended`); return the name deleted, if any.
 
         A notebook run by hand (JupyterHub, EMR Notebooks) replaces the output's work
         without saving its own copy there, so the copy of the run before would describe
-        another run's outputs. papermill sets a copy's ``end_time`` once its execution has
-        ended: the copy ``imagepca run`` is writing while this notebook runs has none yet
-        and stays, as does anything that is not a papermill notebook (or is half-written).
+        another run's outputs. The copy ``imagepca run`` is writing stays.
         """
+        if not self.copy_ended(output, notebook):
+            return []
         name = f"{EXECUTED_DIR}/{notebook}"
-        uri = join(output, name)
-        if not self.exists(uri):
-            return []
-        try:
-            ended = self.read_json(uri)["metadata"]["papermill"]["end_time"]
-        except (ValueError, KeyError, TypeError):
-            return []
-        if ended is None:
-            return []
-        self.delete(uri)
+        self.delete(join(output, name))
         return [name]
 
     def publish(self, output: str, name: str, write: Callable[[str], None]) -> str:
