@@ -77,21 +77,29 @@ def has_notebook(notebooks: str | None, name: str) -> bool:
 def missing_bucket(output: str) -> str | None:
     """The bucket of an ``s3://`` output (or ``s3a://``) that S3 says does not exist, which
     papermill would find only at its first write; None otherwise, also when S3 cannot be
-    asked here (no credentials, no route, no permission): the run's own writes will say."""
-    from urllib.parse import urlsplit
+    asked here (no credentials, no route, no permission): the run's own writes will say.
 
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError
+    Asked as papermill's writes ask (boto3, its endpoint and credentials), once: a listing
+    of one key under the output, whose error body names ``NoSuchBucket`` (a HEAD's 404
+    could be a proxy's; an instance role may list only some prefixes).
+    """
+    from urllib.parse import urlsplit
 
     location = urlsplit(output)
     if location.scheme.lower() not in ("s3", "s3a", "s3n") or not location.netloc:
         return None
-    patient = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2})
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    once = Config(connect_timeout=5, read_timeout=10, retries={"total_max_attempts": 1})
+    key = location.path.strip("/")
     try:
-        boto3.client("s3", config=patient).head_bucket(Bucket=location.netloc)
+        boto3.client("s3", config=once).list_objects_v2(
+            Bucket=location.netloc, Prefix=f"{key}/" if key else "", MaxKeys=1
+        )
     except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+        if error.response.get("Error", {}).get("Code") == "NoSuchBucket":
             return location.netloc
     except BotoCoreError:
         pass
