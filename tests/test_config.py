@@ -137,9 +137,14 @@ def test_linked_class_folders_count_for_k(spark, tmp_path, capsys):
     (store / "apple" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     (store / "apple" / "_year=2024").mkdir()  # a partition's folder: listed
     (store / "apple" / "_year=2024" / "6.jpg").write_bytes(b"")
-    assert runner.local_image_count(str(tmp_path / "images"), 100) == 8
+    # Parquet's _metadata and _common_metadata names are listed, as Spark lists them.
+    (tmp_path / "images" / "_metadata_pears").mkdir()
+    (tmp_path / "images" / "_metadata_pears" / "1.jpg").write_bytes(b"")
+    (tmp_path / "images" / "_common_metadata.jpg").write_bytes(b"")
+    assert runner.local_image_count(str(tmp_path / "images"), 100) == 10
     listing = list_folder(spark, str(tmp_path / "images"))
-    assert listing.n_files == 8  # as Spark lists them
+    assert listing.n_files == 10  # as Spark lists them
+    assert listing.n_hidden == 4  # _MG_1.jpg and _drafts/4.jpg, through two links
     listing.release()
 
 

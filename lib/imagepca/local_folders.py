@@ -43,15 +43,15 @@ def followed_walk(folder: str, loops: list[tuple[str, str]] | None = None):
 
 
 def followed_links(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """The links to folders that Spark's listing of the local ``folder`` follows (``_`` and
-    ``.`` names skipped, as Spark skips them; none for a remote location), and among them
+    """The links to folders that Spark's listing of the local ``folder`` follows (in folders
+    it lists: :func:`listed_by_spark`; none for a remote location), and among them
     those that loop (:func:`followed_walk`): ``(link, target)`` lists."""
     links: list[tuple[str, str]] = []
     loops: list[tuple[str, str]] = []
     if "://" in folder or not os.path.isdir(folder):
         return links, loops
     for parent, subfolders, _ in followed_walk(folder, loops):
-        subfolders[:] = [name for name in subfolders if not name.startswith(("_", "."))]
+        subfolders[:] = [name for name in subfolders if listed_by_spark(name)]
         for name in subfolders:
             path = os.path.join(parent, name)
             if os.path.islink(path):
@@ -60,15 +60,16 @@ def followed_links(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, 
 
 
 def listed_by_spark(name: str) -> bool:
-    """Whether Spark's listing keeps this file or folder name
-    (``InMemoryFileIndex.shouldFilterOutPathName``)."""
-    return not (name.startswith(".") or _skipped_by_spark(name) or name.endswith("._COPYING_"))
-
-
-def _skipped_by_spark(name: str) -> bool:
-    """Whether Spark's listing ignores this file or folder name for its leading ``_``
-    (``InMemoryFileIndex.shouldFilterOutPathName``: not a partition's ``k=v``)."""
-    return name.startswith("_") and "=" not in name
+    """Whether Spark's listing keeps this file or folder name: Spark 3.5's
+    ``HadoopFSUtils.shouldFilterOutPathName`` drops a leading ``.``, a leading ``_`` (not a
+    partition's ``k=v``, nor Parquet's ``_metadata`` and ``_common_metadata``) and a copy
+    under way (``._COPYING_``)."""
+    dropped = (
+        (name.startswith("_") and "=" not in name)
+        or name.startswith(".")
+        or name.endswith("._COPYING_")
+    )
+    return not dropped or name.startswith(("_common_metadata", "_metadata"))
 
 
 def skipped_images(
@@ -85,15 +86,16 @@ def skipped_images(
     for parent, folders, names in followed_walk(folder):
         folders[:] = [name for name in folders if name[0] != "." and name != "__MACOSX"]
         parts = Path(parent).relative_to(root).parts
-        in_skipped = any(_skipped_by_spark(part) for part in parts)
+        in_skipped = not all(listed_by_spark(part) for part in parts)
         for name in names:
             seen += 1
             if not name.lower().endswith(extensions) or name.startswith("."):
                 continue
-            if in_skipped or _skipped_by_spark(name):
+            path = os.path.join(parent, name)
+            if in_skipped or not listed_by_spark(name):
                 hidden += 1
-            elif not os.path.exists(os.path.join(parent, name)):  # a link to nothing
-                broken.append(os.path.join(parent, name))
+            elif os.path.islink(path) and not os.path.exists(path):
+                broken.append(path)
         if seen >= most:
             break
     return hidden, sorted(broken)
