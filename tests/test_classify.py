@@ -94,11 +94,15 @@ def test_test_images_per_label(n: int, fraction: float, expected: int) -> None:
 
 
 def test_sweep_values() -> None:
-    assert sweep_ks(None, 103, 240) == [2, 5, 10, 20, 50, 100, 103]
-    assert sweep_ks(None, 7, 30) == [2, 5, 7, 10, 20]
-    assert sweep_ks((3, 9), 7, 30) == [3, 9]
+    assert sweep_ks(None, 103, 240, n_images=1000) == [2, 5, 10, 20, 50, 100, 103]
+    assert sweep_ks(None, 7, 30, n_images=1000) == [2, 5, 7, 10, 20]
+    assert sweep_ks((3, 9), 7, 30, n_images=1000) == [3, 9]
     with pytest.raises(ParameterError, match=r"k_values \[40\] exceed the 30 components"):
-        sweep_ks((3, 40), 7, 30)
+        sweep_ks((3, 40), 7, 30, n_images=1000)
+    # 20 images: their 20th centred component has no variance.
+    assert sweep_ks(None, 7, 20, n_images=20) == [2, 5, 7, 10]
+    with pytest.raises(ParameterError, match=r"\[20\] exceed the 19 components with variance"):
+        sweep_ks((3, 20), 7, 20, n_images=20)
     assert small_labels({"a": 1, "b": 2, "c": 0}) == {"a": 1, "c": 0}
     assert classifiable({"a": 5, "b": 2}) is None
     assert "found 1 (photos: 16)" in classifiable({"photos": 16})

@@ -71,6 +71,7 @@ def manifest_run(spark, tmp_path_factory):
     rows += [{"path": uri, "label": ""} for uri in missing]
     # Not image names (an extension-less object key among them): not read, but counted.
     rows += [{"path": "s3://bucket/objects/ab12cd", "label": ""}, {"path": "a.txt", "label": ""}]
+    rows.append({"path": "", "label": "no path"})  # read by Spark as null
     manifest = work / "images.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     output = work / "out"
@@ -91,9 +92,9 @@ def test_manifest_accounts_for_every_uri(manifest_run):
     assert metadata["input_kind"] == "manifest"
     assert metadata["n_files_found"] == 12 + 1 + 3
     assert metadata["n_duplicate_uris"] == 2
-    assert metadata["not_image_rows_skipped"] == [2, f"file:{manifest_run['output'].parent}/a.txt"]
+    assert metadata["not_image_rows_skipped"] == [3, f"file:{manifest_run['output'].parent}/a.txt"]
     warning = manifest_run["extraction"].listing.describe().splitlines()[-1]
-    assert warning.startswith("warning: 2 manifest rows skipped: their URIs do not end in an")
+    assert warning.startswith("warning: 3 manifest rows skipped: their URIs are empty or do not")
     assert metadata["n_images"] == 13 and metadata["n_rejected"] == 3
     assert metadata["rejected_by_kind"] == {"missing": 3}
     rejected = pd.read_parquet(manifest_run["output"] / "rejected")

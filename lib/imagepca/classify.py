@@ -329,7 +329,8 @@ class Classification:
 
     def sweep_ks(self) -> list[int]:
         """The k values of the sweep, capped by the components the PCA has."""
-        return sweep_ks(self.params.k_values, self.k, self.n_components)
+        n_images = self.run_metrics["n_images"]
+        return sweep_ks(self.params.k_values, self.k, self.n_components, n_images)
 
     def k_sweep(self) -> list[dict]:
         """Accuracy and macro F1 for each k: the first k of the saved components.

@@ -25,18 +25,20 @@ from .storage import METRICS_FILE, Storage, join
 DEFAULT_K_VALUES = (2, 5, 10, 20, 50, 100)
 
 
-def sweep_ks(k_values: Sequence[int] | None, k: int, n_components: int) -> list[int]:
+def sweep_ks(k_values: Sequence[int] | None, k: int, n_components: int, n_images: int) -> list[int]:
     """The k values of the sweep: the requested ones, or the defaults plus the chosen k.
 
-    Defaults beyond the components the PCA has are dropped; requested ones are an error.
+    Beyond the components with variance (``n_images - 1`` centred images span at most as
+    many) defaults are dropped and requested ones are an error.
     """
+    most = min(n_components, n_images - 1)
     if k_values is None:
-        return sorted(value for value in {*DEFAULT_K_VALUES, k} if value <= n_components)
-    too_large = [value for value in k_values if value > n_components]
+        return sorted(value for value in {*DEFAULT_K_VALUES, k} if value <= most)
+    too_large = [value for value in k_values if value > most]
     if too_large:
         raise ParameterError(
-            f"k_values {too_large} exceed the {n_components} components the PCA has "
-            f"(min(images, features)); use values from 1 to {n_components}"
+            f"k_values {too_large} exceed the {most} components with variance "
+            f"(min(images - 1, features)); use values from 1 to {most}"
         )
     return sorted(set(k_values))
 
@@ -86,7 +88,8 @@ def read_inputs(spark: SparkSession, params: ClassifyParams, storage: Storage) -
     run_metrics = storage.read_json(metrics_uri)
     run_metrics.pop("classification", None)
     # Impossible k values are rejected before any work, from notebook 02's metrics.
-    sweep_ks(params.k_values, run_metrics["k"], len(run_metrics["explained_variance"]))
+    n_components = len(run_metrics["explained_variance"])
+    sweep_ks(params.k_values, run_metrics["k"], n_components, run_metrics["n_images"])
     label_counts = dict(sorted(run_metrics["images_per_label"].items()))
     reason = classifiable(label_counts)
     if reason:

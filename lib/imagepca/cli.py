@@ -181,11 +181,11 @@ def _check_run_options(args: argparse.Namespace) -> None:
     local_input = args.input and is_local(args.input) and args.kernel == runner.LOCAL_KERNEL
     if args.k is not None and local_input and os.path.isdir(local_path(args.input)):
         found = runner.local_image_count(args.input, args.k)
-        if found - 1 < args.k:  # noticed in notebook 02 otherwise, after notebook 01's work
+        if args.k >= found:  # noticed in notebook 02 otherwise, after notebook 01's work
+            advice = f"give --k up to {found - 1}, or --variance" if found > 1 else "PCA needs 2"
             raise ParameterError(
                 f"--k {args.k}: {args.input} holds {found} image files, and the PCA of n "
-                f"images has at most n - 1 components with variance; give --k up to "
-                f"{max(found - 1, 1)}, or --variance"
+                f"images has at most n - 1 components with variance; {advice}"
             )
     bucket = runner.missing_bucket(args.output)
     if bucket:

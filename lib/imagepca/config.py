@@ -380,11 +380,12 @@ class ClassifyParams:
         )
         if self.k_values is not None:
             values = self.k_values
+            as_list = f"[{str(values).strip().strip('[]')}]"
             _require(
                 not isinstance(values, str),
                 "k_values",
                 f"arrived as the string {values!r} (papermill's -p passes strings): pass a "
-                f"list, with -y 'k_values: {values}' or in the parameters cell",
+                f"list, with -y 'k_values: {as_list}' or in the parameters cell",
             )
             _require(
                 isinstance(values, list | tuple)

@@ -37,10 +37,12 @@ def broken_links_note(n_links: int, first: str) -> str:
     )
 
 
-def not_images_note(n_rows: int, first: str) -> str:
+def not_images_note(n_rows: int, example: str | None) -> str:
     return (
-        f"{n_rows} manifest rows skipped: their URIs do not end in an image extension (the "
-        f"first: {first}); images are chosen by extension ({', '.join(IMAGE_EXTENSIONS)})"
+        f"{n_rows} manifest rows skipped: their URIs are empty or do not end in an image "
+        f"extension ({f'e.g. {example}' if example else 'rows without one'}); images are "
+        "chosen by extension "
+        f"({', '.join(IMAGE_EXTENSIONS)})"
     )
 
 

@@ -389,10 +389,11 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
     # A URI listed twice counts once, with the smallest of its rows (label first): the
     # same choice in every run, where dropDuplicates keeps whichever row comes first.
     first = F.min(F.struct("label", "size", "modified")).alias("row")
-    other = F.when(~image, F.col("path"))
+    other = F.when(~image, F.col("path"))  # null for a row without a path
     n_rows, n_others, first_other = table.agg(
-        F.count(F.when(image, 1)), F.count(other), F.min(other)
-    ).first()
+        F.count(F.when(image, 1)), F.count(F.when(~F.coalesce(image, F.lit(False)), 1)),
+        F.min(other),
+    ).first()  # fmt: skip
     # Cached in few partitions: 200 made a 6-line manifest's listing take 8 s here.
     with spark_settings(spark, cached_shuffle_settings(spark, n_rows)):
         files = (
