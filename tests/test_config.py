@@ -148,6 +148,21 @@ def test_linked_class_folders_count_for_k(spark, tmp_path, capsys):
     listing.release()
 
 
+def test_k_on_a_folder_of_one_image_says_pca_needs_two(tmp_path, capsys):
+    (tmp_path / "images" / "apple").mkdir(parents=True)
+    (tmp_path / "images" / "apple" / "1.jpg").write_bytes(b"")
+    argv = ["run", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "out")]
+    assert main([*argv, "--k", "1"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(
+            "holds 1 image files, and the PCA of n images has at most n - 1 components with "
+            "variance; PCA needs 2"
+        )
+    )
+
+
 def test_an_output_reached_through_a_link_in_the_input_is_refused(tmp_path):
     """Spark's listing follows a folder's link: an output in its target, or holding it, is
     read by the next run. Folders Spark skips (``_``, ``.``) don't count."""
