@@ -19,15 +19,27 @@ def within(path: str, folder: str) -> bool:
 
 
 def followed_walk(folder: str, loops: list[tuple[str, str]] | None = None):
-    """``os.walk`` of a local folder that follows links to folders as Spark's listing does,
-    but not a link that loops: one to a folder holding a folder walked on the way to it,
-    which Spark follows again and again (to the system's limit of 40 links). Those are
-    appended to ``loops`` as ``(link, target)``. Prune ``subfolders`` in place, as with
-    ``os.walk``."""
+    """Walk a local folder as ``os.walk`` does, following links to folders as Spark's listing
+    does, but not a link that loops: one to a folder holding a folder walked on the way to
+    it, which Spark follows again and again (to the system's limit of 40 links). Those are
+    appended to ``loops`` as ``(link, target)``.
+
+    Yields ``(parent, subfolders, files)``: the subfolders' names (prune them in place, as
+    with ``os.walk``) and the other entries as ``os.DirEntry``, whose ``is_symlink()`` costs
+    no system call (a stat per file made 100,000 images' walk five times slower).
+    """
     # The real folders on the way to each folder still to walk.
     chains = {folder: frozenset([os.path.realpath(folder)])}
-    for parent, subfolders, names in os.walk(folder, followlinks=True):
-        yield parent, subfolders, names
+    pending = [folder]
+    while pending:
+        parent = pending.pop()
+        try:
+            with os.scandir(parent) as listing:
+                entries = list(listing)
+        except OSError:  # gone or unreadable, as os.walk skips it
+            continue
+        subfolders = [entry.name for entry in entries if entry.is_dir()]  # links followed
+        yield parent, subfolders, [entry for entry in entries if not entry.is_dir()]
         chain = chains.pop(parent)
         kept = []
         for name in subfolders:
@@ -38,8 +50,8 @@ def followed_walk(folder: str, loops: list[tuple[str, str]] | None = None):
                     loops.append((path, real))
                 continue
             chains[path] = chain | {real}
-            kept.append(name)
-        subfolders[:] = kept
+            kept.append(path)
+        pending.extend(reversed(kept))  # depth first, in listing order, as os.walk goes
 
 
 def followed_links(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -72,30 +84,42 @@ def listed_by_spark(name: str) -> bool:
     return not dropped or name.startswith(("_common_metadata", "_metadata"))
 
 
-def skipped_images(
-    folder: str, extensions: tuple[str, ...], most: int = 100_000
-) -> tuple[int, list[str]]:
-    """Image files (by ``extensions``, lower case) of a local folder that Spark's listing
-    drops without a word, among its first ``most`` entries: the number skipped for a leading
-    ``_`` (in their name or a parent folder's), and the links to nothing, which Hadoop's
-    listing leaves out. Names with a leading ``.`` are hidden on purpose (``._IMG_1.JPG``,
-    ``.thumbnails/``) and macOS's ``__MACOSX/`` holds no image: neither is counted."""
-    hidden = seen = 0
-    broken: list[str] = []
+def image_files(folder: str, extensions: tuple[str, ...], most: int | None = None):
+    """Each image file (by ``extensions``, lower case) under a local folder, with what
+    Spark's listing does with it: ``(path, kind)``, kind ``"listed"``, ``"skipped"`` for a
+    leading ``_`` (its name's or a parent folder's) or ``"broken"`` for a link to nothing,
+    which Hadoop's listing leaves out. Names with a leading ``.`` are hidden on purpose
+    (``._IMG_1.JPG``, ``.thumbnails/``) and macOS's ``__MACOSX/`` holds no image: neither is
+    given. Stops after ``most`` entries."""
+    seen = 0
     root = Path(folder)
-    for parent, folders, names in followed_walk(folder):
+    for parent, folders, files in followed_walk(folder):
         folders[:] = [name for name in folders if name[0] != "." and name != "__MACOSX"]
         parts = Path(parent).relative_to(root).parts
         in_skipped = not all(listed_by_spark(part) for part in parts)
-        for name in names:
+        for entry in files:
             seen += 1
-            if not name.lower().endswith(extensions) or name.startswith("."):
+            if not entry.name.lower().endswith(extensions) or entry.name.startswith("."):
                 continue
-            path = os.path.join(parent, name)
-            if in_skipped or not listed_by_spark(name):
-                hidden += 1
-            elif os.path.islink(path) and not os.path.exists(path):
-                broken.append(path)
-        if seen >= most:
-            break
+            if in_skipped or not listed_by_spark(entry.name):
+                yield entry.path, "skipped"
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                yield entry.path, "broken"
+            else:
+                yield entry.path, "listed"
+        if most is not None and seen >= most:
+            return
+
+
+def skipped_images(
+    folder: str, extensions: tuple[str, ...], most: int = 100_000
+) -> tuple[int, list[str]]:
+    """Image files of a local folder that Spark's listing drops without a word, among its
+    first ``most`` entries: the number skipped for a leading ``_``, and the links to
+    nothing (see :func:`image_files`)."""
+    hidden, broken = 0, []
+    for path, kind in image_files(folder, extensions, most):
+        hidden += kind == "skipped"
+        if kind == "broken":
+            broken.append(path)
     return hidden, sorted(broken)

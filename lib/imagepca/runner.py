@@ -27,7 +27,7 @@ from .config import ExtractParams, ReduceParams
 from .console import Console
 from .executed import completed_copy, keep_completed_copy, record_stop
 from .kernel import PromptKernelClient, recording_engine, stop_kernel_spark, stopping_clients
-from .local_folders import followed_walk, listed_by_spark
+from .local_folders import image_files
 from .storage import (  # the notebooks' names: imported from here too (cli, aws.runs)
     CLASSIFY_NOTEBOOK,
     EXECUTED_DIR,
@@ -167,21 +167,15 @@ def jvm_environment(extract: ExtractParams, *, master: str | None, kernel: str) 
 def local_image_count(folder: str, limit: int) -> int:
     """Image files under a local folder, counted until there are more than ``limit``.
 
-    Counted as Spark lists them (names with a leading ``_`` or ``.`` and links to nothing
-    are not), before any is found unusable: never fewer than the run will featurize, so a
-    check against it refuses only what cannot work.
+    Counted as Spark lists them (:func:`imagepca.local_folders.image_files`), before any is
+    found unusable: never fewer than the run will featurize, so a check against it refuses
+    only what cannot work.
     """
     from .images import IMAGE_EXTENSIONS
 
     count = 0
-    for parent, folders, names in followed_walk(local_path(folder)):  # links followed too
-        folders[:] = [name for name in folders if listed_by_spark(name)]
-        count += sum(
-            name.lower().endswith(IMAGE_EXTENSIONS)
-            and listed_by_spark(name)
-            and os.path.exists(os.path.join(parent, name))
-            for name in names
-        )
+    for _, kind in image_files(local_path(folder), IMAGE_EXTENSIONS):
+        count += kind == "listed"
         if count > limit:
             break
     return count
