@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from .images import broken_links_note, hidden_note, not_images_note
+from .images import skipped_notes
 from .storage import is_local, join, local_path, papermill_location
 
 LOG_FILE = "logs/run.log"  # under the output (a local file first when the output is remote)
@@ -239,16 +239,7 @@ def summary(metrics: dict, output: str, log: str | None = None) -> str:
             f"warning: {metrics['n_rejected']} image files rejected ({kinds}): reasons in "
             f"{join(output, 'rejected')}"
         )
-    if metrics.get("n_hidden_skipped"):
-        lines.append(f"warning: {hidden_note(metrics['n_hidden_skipped'])}")
-    if metrics.get("n_broken_links_skipped"):
-        note = broken_links_note(
-            metrics["n_broken_links_skipped"], metrics["broken_links_skipped"][0]
-        )
-        lines.append(f"warning: {note}")
-    n_not_images, first = metrics.get("not_image_rows_skipped", [0, None])
-    if n_not_images:
-        lines.append(f"warning: {not_images_note(n_not_images, first)}")
+    lines += [f"warning: {note}" for note in skipped_notes(metrics)]
     lines += [
         # In features/: featurized by this run, or reused, or kept by an incremental run.
         f"images: {metrics['n_images']} in features/, {metrics['n_rejected']} rejected, "
@@ -263,7 +254,7 @@ def summary(metrics: dict, output: str, log: str | None = None) -> str:
         + (
             f"features reused (featurized {metrics['reused_features_created_at']})"
             if metrics.get("reused_features_created_at")
-            else "no image featurized"
+            else rate_text(None)
             if metrics.get("images_per_s") is None
             else f"featurization {rate_text(metrics['images_per_s'])}"
         ),

@@ -46,6 +46,21 @@ def not_images_note(n_rows: int, example: str | None) -> str:
     )
 
 
+def skipped_notes(skipped: dict) -> list[str]:
+    """What the fields on files a listing dropped (:meth:`imagepca.inputs.ImageListing.skipped`,
+    also in ``metrics.json``) tell the user, one note each."""
+    notes = []
+    if skipped.get("n_hidden_skipped"):
+        notes.append(hidden_note(skipped["n_hidden_skipped"]))
+    if skipped.get("n_broken_links_skipped"):
+        first = skipped["broken_links_skipped"][0]
+        notes.append(broken_links_note(skipped["n_broken_links_skipped"], first))
+    n_rows, example = skipped.get("not_image_rows_skipped", (0, None))
+    if n_rows:
+        notes.append(not_images_note(n_rows, example))
+    return notes
+
+
 class ImageDecodeError(ValueError):
     """An image file cannot become a model input; ``str(error)`` is the reason recorded."""
 

@@ -37,7 +37,7 @@ from .images import (
     hidden_note,
     label_column,
     name_column,
-    not_images_note,
+    skipped_notes,
 )
 from .inventory import inventory_table
 from .local_folders import skipped_images
@@ -49,13 +49,19 @@ LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
 PARALLEL_DISCOVERY_KEY = "spark.sql.sources.parallelPartitionDiscovery.threshold"
 SAMPLES_PER_LABEL = 3  # paths per label the listing keeps for a first look
 BROKEN_LINKS_KEPT = 20  # paths of links to nothing that metrics.json names
-# What metrics.json says of image files Spark's listing dropped, when it dropped none.
-NOTHING_SKIPPED = {
-    "n_hidden_skipped": 0,
-    "n_broken_links_skipped": 0,
-    "broken_links_skipped": [],
-    "not_image_rows_skipped": [0, None],
-}
+
+
+def _skipped_fields(n_hidden: int, broken_links: tuple[str, ...], not_images: tuple) -> dict:
+    """What metrics.json says of the image files a listing dropped (see ImageListing)."""
+    return {
+        "n_hidden_skipped": n_hidden,
+        "n_broken_links_skipped": len(broken_links),
+        "broken_links_skipped": list(broken_links[:BROKEN_LINKS_KEPT]),
+        "not_image_rows_skipped": list(not_images),
+    }
+
+
+NOTHING_SKIPPED = _skipped_fields(0, (), (0, None))  # an output from before these fields
 
 
 @dataclass(frozen=True)
@@ -93,23 +99,12 @@ class ImageListing:
         """How many image files were found where, and any the listing had to skip."""
         where = "under" if self.kind == "folder" else "listed in"
         lines = [f"{self.n_files} image files {where} {self.source}"]
-        if self.n_hidden:
-            lines.append(f"warning: {hidden_note(self.n_hidden)}")
-        if self.broken_links:
-            note = broken_links_note(len(self.broken_links), self.broken_links[0])
-            lines.append(f"warning: {note}")
-        if self.not_images[0]:
-            lines.append(f"warning: {not_images_note(*self.not_images)}")
+        lines += [f"warning: {note}" for note in skipped_notes(self.skipped())]
         return "\n".join(lines)
 
     def skipped(self) -> dict:
         """What metrics.json says of the image files Spark's listing dropped."""
-        return {
-            "n_hidden_skipped": self.n_hidden,
-            "n_broken_links_skipped": len(self.broken_links),
-            "broken_links_skipped": list(self.broken_links[:BROKEN_LINKS_KEPT]),
-            "not_image_rows_skipped": list(self.not_images),
-        }
+        return _skipped_fields(self.n_hidden, self.broken_links, self.not_images)
 
     def labels(self) -> dict[str, int]:
         """Files per label, as the listing's scan returned them."""
