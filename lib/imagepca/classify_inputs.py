@@ -14,7 +14,7 @@ from functools import partial
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from .config import ClassifyParams, ParameterError
+from .config import ClassifyParams, ParameterError, max_components
 from .images import classifiable, small_labels
 from .pipeline import read_features
 from .reduction import StoredPCA, read_pca
@@ -31,7 +31,7 @@ def sweep_ks(k_values: Sequence[int] | None, k: int, n_components: int, n_images
     Beyond the components with variance (``n_images - 1`` centred images span at most as
     many) defaults are dropped and requested ones are an error.
     """
-    most = min(n_components, n_images - 1)
+    most = min(n_components, max_components(n_images))
     if k_values is None:
         return sorted(value for value in {*DEFAULT_K_VALUES, k} if value <= most)
     too_large = [value for value in k_values if value > most]

@@ -20,6 +20,7 @@ from .config import (
     ParameterError,
     ReduceParams,
     check_master,
+    max_components,
 )
 
 
@@ -181,8 +182,9 @@ def _check_run_options(args: argparse.Namespace) -> None:
     local_input = args.input and is_local(args.input) and args.kernel == runner.LOCAL_KERNEL
     if args.k is not None and local_input and os.path.isdir(local_path(args.input)):
         found = runner.local_image_count(args.input, args.k)
-        if args.k >= found:  # noticed in notebook 02 otherwise, after notebook 01's work
-            advice = f"give --k up to {found - 1}, or --variance" if found > 1 else "PCA needs 2"
+        most = max_components(found)
+        if args.k > most:  # noticed in notebook 02 otherwise, after notebook 01's work
+            advice = f"give --k up to {most}, or --variance" if most > 0 else "PCA needs 2"
             raise ParameterError(
                 f"--k {args.k}: {args.input} holds {found} image files, and the PCA of n "
                 f"images has at most n - 1 components with variance; {advice}"

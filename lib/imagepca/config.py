@@ -47,6 +47,12 @@ SPARK_SETTINGS = {
 }
 
 
+def max_components(n_images: int, n_features: int = FEATURE_DIM) -> int:
+    """The principal components with variance that ``n_images`` give: centred, they span at
+    most n - 1 directions (a component past them has 1e-17 of the variance: rounding)."""
+    return min(n_images - 1, n_features)
+
+
 DEFAULT_VARIANCE = 0.95  # share of the variance the chosen k reaches, unless k is given
 
 

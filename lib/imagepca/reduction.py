@@ -43,7 +43,7 @@ from pyspark.sql.pandas.types import to_arrow_type
 from pyspark.sql.types import StringType, StructField, StructType
 from threadpoolctl import threadpool_limits
 
-from .config import ParameterError
+from .config import ParameterError, max_components
 from .moments import (
     MOMENTS_SCHEMA,
     SAMPLE_SCHEMA,
@@ -91,9 +91,7 @@ def check_k(k: int | None, n_images: int, n_features: int, *, then: str = "") ->
             f"PCA needs at least 2 featurized images, found {n_images}; check the input "
             "folder and the rejected/ report"
         )
-    # Centred, n images span at most n - 1 directions: a k-th component past them has no
-    # variance (1e-17 of it), only rounding noise.
-    most = min(n_images - 1, n_features)
+    most = max_components(n_images, n_features)
     if k is not None and k > most:
         raise ParameterError(
             f"k={k} is larger than the data allows: at most min(images - 1, features) = "
