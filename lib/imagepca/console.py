@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import TextIO
 
 from .images import skipped_notes
-from .storage import is_local, join, local_path, papermill_location
+from .storage import LOG_FILE, is_local, join, local_path, papermill_location
 
-LOG_FILE = "logs/run.log"  # under the output (a local file first when the output is remote)
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
 _WARNING = re.compile(r"^warning: ")  # lowercase: ours (progress), not a library's WARNING:
 

@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 
 from . import progress
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
-from .console import LOG_FILE, increment_line, rate_text
+from .console import increment_line, rate_text
 from .executor_reads import read_options
 from .features import (
     features_udf,
@@ -405,13 +405,12 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     # An earlier notebook 03's (another PCA's), a failed attempt's notebook 01 (kept while the
     # output stayed complete), an earlier run's figures of this notebook (drawn again next),
     # and, run by hand, an earlier run's log and copies of notebooks 01-02.
-    earlier = (FAILED_EXTRACT_NOTEBOOK, *REDUCE_FIGURES, *CLASSIFY_ARTIFACTS)
-    if storage.copy_ended(params.output, REDUCE_NOTEBOOK) is not False:  # not `imagepca run`
-        earlier += (LOG_FILE,)
     removed = [
         *extraction.get("removed_from_earlier_run", []),
-        *storage.remove_artifacts(params.output, earlier),
-        *storage.remove_earlier_copy(params.output, REDUCE_NOTEBOOK),
+        *storage.remove_artifacts(
+            params.output, (FAILED_EXTRACT_NOTEBOOK, *REDUCE_FIGURES, *CLASSIFY_ARTIFACTS)
+        ),
+        *storage.remove_earlier_copy(params.output, REDUCE_NOTEBOOK, log=True),
     ]
     features = read_features(spark, params.output)
     with timed(timings, "fit_s"):

@@ -39,6 +39,7 @@ EXECUTED_DIR = "notebooks"
 # Where `imagepca run` keeps a notebook 01 that failed before touching a complete output
 # (imagepca.runner); notebook 02 removes it, as it removes notebook 03's artifacts.
 FAILED_EXTRACT_NOTEBOOK = f"logs/{EXTRACT_NOTEBOOK}"
+LOG_FILE = "logs/run.log"  # `imagepca run`'s log (a local file first when the output is remote)
 # The figures each notebook draws. A notebook removes an earlier run's copies of its own as
 # it starts, and draws them again: one run by hand whose figure cell is skipped leaves none
 # of another run's.
@@ -308,7 +309,7 @@ class Storage:
         its notebooks, in turn) removed and did not make again."""
         return [name for name in dict.fromkeys(names) if not self.exists(join(output, name))]
 
-    def copy_ended(self, output: str, notebook: str) -> bool | None:
+    def _copy_ended(self, output: str, notebook: str) -> bool | None:
         """Whether papermill's copy of ``notebook`` under ``OUTPUT/notebooks/`` has ended:
         papermill sets ``end_time`` once an execution ends, so the copy ``imagepca run`` is
         writing while the notebook runs gives False; None when there is no papermill copy
@@ -321,19 +322,22 @@ class Storage:
         except (ValueError, KeyError, TypeError):
             return None
 
-    def remove_earlier_copy(self, output: str, notebook: str) -> list[str]:
-        """Delete ``OUTPUT/notebooks/NOTEBOOK`` if an earlier execution left it (see
-        :meth:`copy_ended`); return the name deleted, if any.
+    def remove_earlier_copy(self, output: str, notebook: str, *, log: bool = False) -> list[str]:
+        """Delete ``OUTPUT/notebooks/NOTEBOOK`` if an earlier execution left it, and with
+        ``log`` an earlier run's :data:`LOG_FILE` unless ``imagepca run`` is running this
+        notebook (the log is then its own); return the names deleted.
 
         A notebook run by hand (JupyterHub, EMR Notebooks) replaces the output's work
         without saving its own copy there, so the copy of the run before would describe
         another run's outputs. The copy ``imagepca run`` is writing stays.
         """
-        if not self.copy_ended(output, notebook):
-            return []
-        name = f"{EXECUTED_DIR}/{notebook}"
-        self.delete(join(output, name))
-        return [name]
+        ended = self._copy_ended(output, notebook)
+        names = []
+        if log and ended is not False:
+            names.append(LOG_FILE)
+        if ended:
+            names.append(f"{EXECUTED_DIR}/{notebook}")
+        return self.remove_artifacts(output, tuple(names))
 
     def publish(self, output: str, name: str, write: Callable[[str], None]) -> str:
         """Write a dataset with ``write(staging_uri)``, then swap it in as ``OUTPUT/name``.
