@@ -386,13 +386,13 @@ class ClassifyParams:
         )
         if self.k_values is not None:
             values = self.k_values
-            as_list = f"[{str(values).strip().strip('[]')}]"
-            _require(
-                not isinstance(values, str),
-                "k_values",
-                f"arrived as the string {values!r} (papermill's -p passes strings): pass a "
-                f"list, with -y 'k_values: {as_list}' or in the parameters cell",
-            )
+            if isinstance(values, str):
+                raise ParameterError(
+                    f"arrived as the string {values!r} (papermill's -p passes strings): pass "
+                    f"a list, with -y 'k_values: [{values.strip().strip('[]')}]' or in the "
+                    "parameters cell",
+                    "k_values",
+                )
             _require(
                 isinstance(values, list | tuple)
                 and len(values) > 0
