@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .config import ExtractParams, ReduceParams
+from .config import S3_SCHEMES, ExtractParams, ReduceParams
 from .console import Console
 from .executed import completed_copy, keep_completed_copy, record_stop
 from .kernel import PromptKernelClient, recording_engine, stop_kernel_spark, stopping_clients
@@ -86,7 +86,7 @@ def missing_bucket(output: str) -> str | None:
     from urllib.parse import urlsplit
 
     location = urlsplit(output)
-    if location.scheme.lower() not in ("s3", "s3a", "s3n") or not location.netloc:
+    if location.scheme.lower() not in S3_SCHEMES or not location.netloc:
         return None
     import boto3
     from botocore.config import Config
