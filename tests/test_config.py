@@ -322,3 +322,21 @@ def test_run_options_spark_or_jupyter_would_reject_stop_before_any_write(
     assert status == 2
     assert re.search(message, capsys.readouterr().err.splitlines()[-1])
     assert not output.exists()
+
+
+def test_run_options_reach_the_parameters_with_their_defaults():
+    """`imagepca run`'s tuning options default to the parameters' own defaults, and a 0
+    given on the command line is a value, not an option left out."""
+    from imagepca.cli import build_parser
+    from imagepca.run_options import tuning_values
+
+    base = ["run", "--input", "in", "--output", "out"]
+    args = build_parser().parse_args(base)
+    assert ExtractParams(input="in", output="out", **tuning_values(args, ExtractParams)) == (
+        ExtractParams(input="in", output="out")
+    )
+    args = build_parser().parse_args([*base, "--max-rejected-fraction", "0", "--fast-decode"])
+    extract = tuning_values(args, ExtractParams)
+    assert extract["max_rejected_fraction"] == 0.0 and extract["fast_decode"] is True
+    assert "projection_points" not in extract
+    assert tuning_values(args, ReduceParams) == {"projection_points": 5000}

@@ -471,6 +471,8 @@ def test_run_adds_the_step_waits_and_lists_outputs(capsys):
         (["--k", "0"], "error: --k must be an integer from 1 to 1280"),
         (["--variance", "2.5"], "error: --variance must be a fraction in"),
         (["--output", f"s3://{BUCKET}/input/photos/out"], "--output must not be inside input"),
+        (["--batch-size", "0"], "error: --batch-size must be an integer from 1 to 4096, got 0"),
+        (["--max-rejected-fraction", "1.5"], "error: --max-rejected-fraction must be a number"),
     ],
 )
 def test_run_refuses_impossible_parameters_before_adding_a_step(options, message, capsys):
@@ -526,8 +528,9 @@ def test_run_via_livy_over_https_with_a_ca_bundle(tls_livy, monkeypatch, capsys)
     s3.put_object(Bucket=BUCKET, Key="runs/r3/_SUCCESS", Body=b"")
     seen = {}
 
-    def run_notebooks(runs_, output, *, notebooks, kernel, env):
+    def run_notebooks(runs_, output, *, notebooks, kernel, env, execution_timeout):
         seen.update(runs=runs_, output=output, notebooks=notebooks, kernel=kernel, env=env)
+        seen["execution_timeout"] = execution_timeout
         conf = json.loads((Path(env["SPARKMAGIC_CONF_DIR"]) / "config.json").read_text())
         seen["ignore_ssl_errors"] = conf["ignore_ssl_errors"]
         spec = Path(env["JUPYTER_PATH"].split(os.pathsep)[0], "kernels", kernel, "kernel.json")
@@ -544,8 +547,8 @@ def test_run_via_livy_over_https_with_a_ca_bundle(tls_livy, monkeypatch, capsys)
     ]  # fmt: skip
     assert cli(*base) == 1  # the test CA is not trusted by default
     assert "--livy-ca-bundle" in capsys.readouterr().err
-    assert cli(*base, "--livy-ca-bundle", str(pki.ca)) == 0
-    assert seen["kernel"] == "pysparkkernel"
+    assert cli(*base, "--livy-ca-bundle", str(pki.ca), "--execution-timeout", "900") == 0
+    assert seen["kernel"] == "pysparkkernel" and seen["execution_timeout"] == 900
     # The kernel's environment has the bundle (its kernelspec); this process's does not,
     # or botocore and papermill's S3 client would trust Livy's certificate alone.
     assert "REQUESTS_CA_BUNDLE" not in seen["env"]
@@ -603,6 +606,39 @@ def test_run_options_flow_unchanged():
         runs.RunOptions(input="/local", output="s3://b/o", weights="s3://b/w", notebooks="s3://b/n")
 
 
+@pytest.mark.usefixtures("aws_env")
+def test_run_passes_the_tuning_options_on_to_the_clusters_imagepca_run():
+    """What `imagepca run` takes, `emr run` passes on (a 0 as well: it is a value); the
+    options not given are left to the cluster's `imagepca run` defaults."""
+    _, cluster_id, _ = start_cluster()
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    code = cli(
+        "emr", "run", "--cluster-id", cluster_id, "--run-id", "r4", "--bucket", BUCKET,
+        "--region", REGION, "--subnet-id", SETTINGS["subnet_id"], "--version", "0.1.0",
+        "--input", f"s3://{BUCKET}/input/photos/", "--output", f"s3://{BUCKET}/runs/r1",
+        "--no-wait", "--reuse-features", "--k", "8", "--max-rejected-fraction", "0",
+        "--image-size", "160", "--fast-decode", "--projection-points", "800",
+        "--execution-timeout", "3600",
+    )  # fmt: skip
+    assert code == 0
+    (step,) = boto3.client("emr").list_steps(ClusterId=cluster_id)["Steps"]
+    args = step["Config"]["Args"]
+    tail = args[args.index("--max-records-per-batch") + 2 :]
+    assert tail == [
+        "--image-size", "160", "--fast-decode", "--max-rejected-fraction", "0.0",
+        "--reuse-features", "--projection-points", "800", "--execution-timeout", "3600",
+    ]  # fmt: skip
+    # The step's own command line parses back to those parameters.
+    options = runs.RunOptions(
+        input=f"s3://{BUCKET}/input/photos/", output=f"s3://{BUCKET}/runs/r1",
+        weights=f"s3://{BUCKET}/w.h5", notebooks=f"s3://{BUCKET}/n",
+        tuning={"reuse_features": True, "max_rejected_fraction": 0.0, "projection_points": 800},
+    )  # fmt: skip
+    extract, reduce, classify = (run.parameters for run in runs.notebook_runs(options))
+    assert extract["reuse_features"] is True and extract["max_rejected_fraction"] == 0.0
+    assert reduce["projection_points"] == 800 and "projection_points" not in extract
+
+
 def test_run_options_carry_a_manifest_and_incremental():
     listed = runs.RunOptions(
         input=None, manifest="s3://b/inventory/manifest.json", output="s3://b/runs/x",
@@ -632,6 +668,11 @@ def test_run_refuses_options_it_would_ignore(capsys):
     ]  # fmt: skip
     refused = {
         ("--cluster-id", "j-1", "--incremental"): "--incremental featurizes what changed",
+        ("--cluster-id", "j-1", "--reuse-features"): "--reuse-features keeps the features of",
+        ("--cluster-id", "j-1", "--execution-timeout", "0"): "--execution-timeout 0: give a",
+        ("--cluster-id", "j-1", "--via", "notebook-execution", "--execution-timeout", "60"): (
+            "--execution-timeout applies to --via step and livy"
+        ),
         ("--cluster-id", "j-1", "--via", "livy", "--no-wait"): "--no-wait applies to --via step",
         ("--via", "notebook-execution"): "--via notebook-execution needs --cluster-id",
         ("--via", "step"): "--via step needs --cluster-id",

@@ -15,13 +15,13 @@ from .config import (
     DEFAULT_ENGINE,
     DEFAULT_VARIANCE,
     ENGINES,
-    IMAGE_SIZES,
     ExtractParams,
     ParameterError,
     ReduceParams,
     check_master,
     max_components,
 )
+from .run_options import add_tuning_options, tuning_values
 
 
 def _add_run(subparsers) -> None:
@@ -59,27 +59,10 @@ def _add_run(subparsers) -> None:
     )
     run.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE, help="inference engine")
     run.add_argument(
-        "--image-size", type=int, default=224, choices=IMAGE_SIZES, help="model input size"
-    )
-    run.add_argument("--batch-size", type=int, default=32, help="images per model call")
-    run.add_argument(
         "--max-records-per-batch",
         type=int,
         default=256,
         help="Arrow batch size (bounds worker memory)",
-    )
-    run.add_argument("--fast-decode", action="store_true", help="Pillow draft mode for large JPEGs")
-    run.add_argument("--tasks-per-core", type=int, default=4, help="featurization tasks per core")
-    run.add_argument(
-        "--max-rejected-fraction",
-        type=float,
-        default=1.0,
-        help="fail when a larger share of image files is rejected (default 1: never)",
-    )
-    run.add_argument(
-        "--reuse-features",
-        action="store_true",
-        help="keep features/ when input and extraction parameters are unchanged (redo PCA only)",
     )
     run.add_argument(
         "--incremental",
@@ -87,15 +70,7 @@ def _add_run(subparsers) -> None:
         help="featurize only files new or changed since the features in --output, append "
         "them as a batch, drop those of files that are gone; then PCA on the whole set",
     )
-    run.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=89_478_485,
-        help="larger images are rejected as decompression bombs (default: Pillow's limit)",
-    )
-    run.add_argument(
-        "--projection-points", type=int, default=5000, help="most points in projection.png"
-    )
+    add_tuning_options(run)
     run.add_argument("--notebooks", help="folder or s3:// URI of the notebooks (default: bundled)")
     run.add_argument(
         "--kernel", default="python3", help="Jupyter kernel (python3 or pysparkkernel)"
@@ -218,21 +193,15 @@ def _run(args: argparse.Namespace) -> int:
         output=args.output,
         weights=args.weights,
         engine=args.engine,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
         max_records_per_batch=args.max_records_per_batch,
-        fast_decode=args.fast_decode,
-        tasks_per_core=args.tasks_per_core,
-        max_rejected_fraction=args.max_rejected_fraction,
-        reuse_features=args.reuse_features,
         incremental=args.incremental,
-        max_image_pixels=args.max_image_pixels,
+        **tuning_values(args, ExtractParams),
     )
     reduce = ReduceParams(
         output=args.output,
         k=args.k,
         variance=args.variance,
-        projection_points=args.projection_points,
+        **tuning_values(args, ReduceParams),
     )
     _check_run_options(args)
     if args.kernel == livy.KERNEL_NAME:

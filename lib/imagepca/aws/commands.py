@@ -14,7 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from imagepca.config import IMAGE_SIZES
+from imagepca.config import IMAGE_SIZES, ExtractParams, ReduceParams
+from imagepca.run_options import add_tuning_options, tuning_values
 
 from . import account, cluster, doctor, runs, stage
 from .aws_commands import add_aws
@@ -171,12 +172,26 @@ def _check_run_arguments(args: argparse.Namespace) -> None:
             f"--no-wait applies to --via step only: --via {args.via} runs the notebooks one "
             "after the other and must wait for each"
         )
-    if args.incremental and not (args.output or args.run_id):
-        raise AwsError(
-            "--incremental featurizes what changed since the features of an earlier run: "
-            "give that run's --output s3://BUCKET/runs/RUN_ID (or its --run-id); a new "
-            "output has none, so every image would be featurized"
-        )
+    for flag, does in (
+        ("--incremental", "featurizes what changed since the features of an earlier run"),
+        ("--reuse-features", "keeps the features of an earlier run"),
+    ):
+        if getattr(args, flag[2:].replace("-", "_")) and not (args.output or args.run_id):
+            raise AwsError(
+                f"{flag} {does}: give that run's --output s3://BUCKET/runs/RUN_ID (or its "
+                "--run-id); a new output has none, so every image would be featurized"
+            )
+    if args.execution_timeout is not None:
+        if args.execution_timeout <= 0:
+            raise AwsError(
+                f"--execution-timeout {args.execution_timeout}: give a positive number of "
+                "seconds one cell may run, or leave it out for no limit"
+            )
+        if args.via == "notebook-execution":
+            raise AwsError(
+                "--execution-timeout applies to --via step and livy: EMR notebook "
+                "executions have no time limit per cell (--max-attempts bounds the wait)"
+            )
 
 
 def _run_options(args: argparse.Namespace, settings: EmrSettings, run_id: str) -> runs.RunOptions:
@@ -195,6 +210,8 @@ def _run_options(args: argparse.Namespace, settings: EmrSettings, run_id: str) -
         engine=args.engine,
         skip_classify=args.skip_classify,
         max_records_per_batch=settings.arrow_max_records_per_batch,
+        tuning=tuning_values(args, ExtractParams) | tuning_values(args, ReduceParams),
+        execution_timeout=args.execution_timeout,
     )
     # The notebooks' parameters, checked here as `imagepca run` checks them: a step would
     # carry an impossible one to the cluster, to fail there.
@@ -294,6 +311,12 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     choice.add_argument("--k", type=int, help="number of PCA components")
     choice.add_argument("--variance", type=float, help="explained-variance threshold")
     run.add_argument("--engine", choices=("keras", "tflite"))
+    add_tuning_options(run, defaults=False)
+    run.add_argument(
+        "--execution-timeout",
+        type=int,
+        help="seconds one notebook cell may run (--via step and livy)",
+    )
     run.add_argument("--skip-classify", action="store_true")
     run.add_argument(
         "--via",

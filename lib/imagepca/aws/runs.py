@@ -22,7 +22,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, TextIO
 
 from botocore.exceptions import ClientError
@@ -49,6 +49,10 @@ class RunOptions:
     # Notebook 01's Arrow batch (the settings' arrow_max_records_per_batch): its own
     # parameter overrides the cluster's spark-defaults for the featurization job.
     max_records_per_batch: int | None = None
+    # `imagepca run`'s tuning options the user gave (imagepca.cli.TUNING_OPTIONS: name ->
+    # value), passed on as they are; the others keep the cluster's `imagepca run` defaults.
+    tuning: dict[str, Any] = field(default_factory=dict)
+    execution_timeout: int | None = None  # seconds one cell may run (step and livy)
 
     def __post_init__(self) -> None:
         if (self.input is None) == (self.manifest is None):
@@ -148,6 +152,9 @@ def notebook_runs(options: RunOptions, *, master: str | None = "yarn") -> list:
         reduce["k"] = options.k
     if options.variance is not None:
         reduce["variance"] = options.variance
+    for params, values in ((ExtractParams, extract), (ReduceParams, reduce)):
+        taken = {parameter.name for parameter in fields(params)}
+        values.update((name, value) for name, value in options.tuning.items() if name in taken)
     return runner.plan(
         ExtractParams(**extract),
         ReduceParams(**reduce),
@@ -181,6 +188,11 @@ def _run_arguments(options: RunOptions) -> list[str]:
         command.append("--incremental")
     if options.max_records_per_batch is not None:
         command += ["--max-records-per-batch", str(options.max_records_per_batch)]
+    for name, value in options.tuning.items():
+        flag = "--" + name.replace("_", "-")
+        command += [flag] if value is True else [flag, str(value)]
+    if options.execution_timeout is not None:
+        command += ["--execution-timeout", str(options.execution_timeout)]
     return command
 
 
@@ -440,7 +452,12 @@ def run_via_livy(
         livy.KERNEL_NAME, livy_url=livy_url, ca_bundle=ca_bundle, insecure=insecure
     ) as env:
         metrics = runner.run_notebooks(
-            runs, options.output, notebooks=options.notebooks, kernel=livy.KERNEL_NAME, env=env
+            runs,
+            options.output,
+            notebooks=options.notebooks,
+            kernel=livy.KERNEL_NAME,
+            env=env,
+            execution_timeout=options.execution_timeout,
         )
     print(console.summary(metrics, options.output), file=out)
     return metrics
