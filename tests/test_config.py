@@ -9,7 +9,13 @@ import pytest
 
 from imagepca import runner
 from imagepca.cli import main
-from imagepca.config import ExtractParams, ParameterError, ReduceParams, check_master
+from imagepca.config import (
+    ClassifyParams,
+    ExtractParams,
+    ParameterError,
+    ReduceParams,
+    check_master,
+)
 from imagepca.images import extension_glob, label_of
 from imagepca.inputs import list_folder, scan_settings
 from imagepca.reduction import check_k, choose_k
@@ -340,3 +346,8 @@ def test_run_options_reach_the_parameters_with_their_defaults():
     assert extract["max_rejected_fraction"] == 0.0 and extract["fast_decode"] is True
     assert "projection_points" not in extract
     assert tuning_values(args, ReduceParams) == {"projection_points": 5000}
+    # Notebook 03's parameters too: a k_values list from "2,10".
+    args = build_parser().parse_args([*base, "--k-values", "10,2", "--seed", "0"])
+    classify = ClassifyParams(output="out", **tuning_values(args, ClassifyParams))
+    assert classify.k_values == (2, 10) and classify.seed == 0
+    assert classify == ClassifyParams(output="out", k_values=[2, 10], seed=0)

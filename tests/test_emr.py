@@ -473,6 +473,7 @@ def test_run_adds_the_step_waits_and_lists_outputs(capsys):
         (["--output", f"s3://{BUCKET}/input/photos/out"], "--output must not be inside input"),
         (["--batch-size", "0"], "error: --batch-size must be an integer from 1 to 4096, got 0"),
         (["--max-rejected-fraction", "1.5"], "error: --max-rejected-fraction must be a number"),
+        (["--test-fraction", "0"], "error: --test-fraction must be a fraction strictly between"),
     ],
 )
 def test_run_refuses_impossible_parameters_before_adding_a_step(options, message, capsys):
@@ -618,7 +619,7 @@ def test_run_passes_the_tuning_options_on_to_the_clusters_imagepca_run():
         "--input", f"s3://{BUCKET}/input/photos/", "--output", f"s3://{BUCKET}/runs/r1",
         "--no-wait", "--reuse-features", "--k", "8", "--max-rejected-fraction", "0",
         "--image-size", "160", "--fast-decode", "--projection-points", "800",
-        "--execution-timeout", "3600",
+        "--k-values", "2,10", "--seed", "0", "--execution-timeout", "3600",
     )  # fmt: skip
     assert code == 0
     (step,) = boto3.client("emr").list_steps(ClusterId=cluster_id)["Steps"]
@@ -626,17 +627,24 @@ def test_run_passes_the_tuning_options_on_to_the_clusters_imagepca_run():
     tail = args[args.index("--max-records-per-batch") + 2 :]
     assert tail == [
         "--image-size", "160", "--fast-decode", "--max-rejected-fraction", "0.0",
-        "--reuse-features", "--projection-points", "800", "--execution-timeout", "3600",
+        "--reuse-features", "--projection-points", "800", "--seed", "0", "--k-values", "2,10",
+        "--execution-timeout", "3600",
     ]  # fmt: skip
-    # The step's own command line parses back to those parameters.
+    # The step's command line is `imagepca run`'s: it parses back to the same options.
+    from imagepca.cli import build_parser
+
+    parsed = build_parser().parse_args(args[3:])
+    assert (parsed.seed, parsed.k_values, parsed.max_rejected_fraction) == (0, [2, 10], 0.0)
     options = runs.RunOptions(
         input=f"s3://{BUCKET}/input/photos/", output=f"s3://{BUCKET}/runs/r1",
         weights=f"s3://{BUCKET}/w.h5", notebooks=f"s3://{BUCKET}/n",
-        tuning={"reuse_features": True, "max_rejected_fraction": 0.0, "projection_points": 800},
+        tuning={"reuse_features": True, "max_rejected_fraction": 0.0, "projection_points": 800,
+                "k_values": [10, 2]},
     )  # fmt: skip
     extract, reduce, classify = (run.parameters for run in runs.notebook_runs(options))
     assert extract["reuse_features"] is True and extract["max_rejected_fraction"] == 0.0
     assert reduce["projection_points"] == 800 and "projection_points" not in extract
+    assert classify["k_values"] == [2, 10] and classify["seed"] == 42
 
 
 def test_run_options_carry_a_manifest_and_incremental():

@@ -746,6 +746,10 @@ BAD_OPTIONS = [
     (["--weights", ""], ["--weights must be a non-empty", "''"]),
     (["--weights", " imagenet"], ["--weights must be a non-empty", "' imagenet'"]),
     (["--execution-timeout", "soon"], ["--execution-timeout", "invalid int value"]),
+    (["--k-values", "2,x"], ["--k-values", "comma-separated integers", "'2,x'"]),
+    (["--k-values", "0,5"], ["--k-values must list integers from 1 to 1280", "got [0, 5]"]),
+    (["--test-fraction", "1"], ["--test-fraction must be a fraction strictly between 0 and 1"]),
+    (["--driver-max-mb", "-1"], ["--driver-max-mb must be an integer >= 0", "got -1"]),
 ]
 
 

@@ -270,6 +270,26 @@ def test_a_rerun_with_a_bad_path_leaves_the_earlier_output_complete(sample_run, 
     assert "removed from an earlier run: logs/01_extract_features.ipynb" in capsys.readouterr().out
 
 
+def test_the_classifier_options_reach_notebook_03(sample_run, tmp_path):
+    """`imagepca run --seed --k-values --test-fraction ...` are notebook 03's parameters."""
+    output = tmp_path / "out"
+    shutil.copytree(sample_run, output)
+    status = main(
+        ["run", "--input", str(_input_of(output)), "--output", str(output), "--weights",
+         str(WEIGHTS), "--reuse-features", "--master", "local[2]", "--seed", "7",
+         "--test-fraction", "0.5", "--k-values", "3,2", "--max-iter", "20"]
+    )  # fmt: skip
+    assert status == 0
+    classification = json.loads((output / "metrics.json").read_text())["classification"]
+    params = classification["params"]
+    assert (params["seed"], params["test_fraction"], params["k_values"]) == (7, 0.5, [2, 3])
+    assert [fit["k"] for fit in classification["k_sweep"]] == [2, 3]
+    assert classification["reduced"]["iterations"] <= 20
+    # Half of each label's images held out (rounded), as the split's counts say.
+    split = classification["split"]
+    assert all(abs(s["test"] - s["train"]) <= 1 for s in split.values())
+
+
 def test_a_failed_rerun_leaves_no_completion_markers(sample_run, tmp_path, capsys):
     """A rerun into a completed output that fails in notebook 01 after replacing part of it
     (here: more rejected images than allowed, found by featurization) must not leave the

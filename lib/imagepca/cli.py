@@ -15,6 +15,7 @@ from .config import (
     DEFAULT_ENGINE,
     DEFAULT_VARIANCE,
     ENGINES,
+    ClassifyParams,
     ExtractParams,
     ParameterError,
     ReduceParams,
@@ -203,6 +204,7 @@ def _run(args: argparse.Namespace) -> int:
         variance=args.variance,
         **tuning_values(args, ReduceParams),
     )
+    classify = ClassifyParams(output=args.output, **tuning_values(args, ClassifyParams))
     _check_run_options(args)
     if args.kernel == livy.KERNEL_NAME:
         locations = {"input": args.input, "manifest": args.manifest, "output": args.output}
@@ -223,6 +225,7 @@ def _run(args: argparse.Namespace) -> int:
         reduce,
         master=args.master,
         classify=not args.skip_classify,
+        classify_parameters=classify.as_dict(),
     )
     started = time.perf_counter()
     # The terminal shows the notebooks' progress; Spark's, TensorFlow's and the kernel's own

@@ -398,8 +398,8 @@ class ClassifyParams:
                 and len(values) > 0
                 and all(_is_int(k) and 1 <= k <= FEATURE_DIM for k in values),
                 "k_values",
-                f"must be None (the default sweep) or a non-empty list of integers "
-                f"from 1 to {FEATURE_DIM}, e.g. [2, 10, 50]; got {values!r}",
+                f"must list integers from 1 to {FEATURE_DIM}, e.g. 2, 10, 50 (or be left "
+                f"out: None, the default sweep); got {values!r}",
             )
             # papermill injects lists; a sorted tuple keeps the dataclass hashable and frozen.
             object.__setattr__(self, "k_values", tuple(sorted(set(values))))

@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from imagepca.config import IMAGE_SIZES, ExtractParams, ReduceParams
+from imagepca.config import IMAGE_SIZES
 from imagepca.run_options import add_tuning_options, tuning_values
 
 from . import account, cluster, doctor, runs, stage
@@ -210,7 +210,7 @@ def _run_options(args: argparse.Namespace, settings: EmrSettings, run_id: str) -
         engine=args.engine,
         skip_classify=args.skip_classify,
         max_records_per_batch=settings.arrow_max_records_per_batch,
-        tuning=tuning_values(args, ExtractParams) | tuning_values(args, ReduceParams),
+        tuning=tuning_values(args),
         execution_timeout=args.execution_timeout,
     )
     # The notebooks' parameters, checked here as `imagepca run` checks them: a step would

@@ -22,10 +22,12 @@ import secrets
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from botocore.exceptions import ClientError
+
+from imagepca.run_options import option_arguments
 
 from . import account
 from .cluster import validate_request
@@ -49,8 +51,8 @@ class RunOptions:
     # Notebook 01's Arrow batch (the settings' arrow_max_records_per_batch): its own
     # parameter overrides the cluster's spark-defaults for the featurization job.
     max_records_per_batch: int | None = None
-    # `imagepca run`'s tuning options the user gave (imagepca.cli.TUNING_OPTIONS: name ->
-    # value), passed on as they are; the others keep the cluster's `imagepca run` defaults.
+    # `imagepca run`'s tuning options the user gave (imagepca.run_options.TUNING_OPTIONS:
+    # name -> value), passed on as they are; the others keep `imagepca run`'s defaults.
     tuning: dict[str, Any] = field(default_factory=dict)
     execution_timeout: int | None = None  # seconds one cell may run (step and livy)
 
@@ -134,7 +136,7 @@ def list_outputs(output_uri: str, *, s3_client: Any, out: TextIO | None = None) 
 def notebook_runs(options: RunOptions, *, master: str | None = "yarn") -> list:
     """The :class:`imagepca.runner.NotebookRun` list of a run, as ``imagepca run`` plans it."""
     from imagepca import runner
-    from imagepca.config import ExtractParams, ReduceParams
+    from imagepca.config import ClassifyParams, ExtractParams, ReduceParams, field_names
 
     extract = {
         "input": options.input,
@@ -152,14 +154,20 @@ def notebook_runs(options: RunOptions, *, master: str | None = "yarn") -> list:
         reduce["k"] = options.k
     if options.variance is not None:
         reduce["variance"] = options.variance
-    for params, values in ((ExtractParams, extract), (ReduceParams, reduce)):
-        taken = {parameter.name for parameter in fields(params)}
+    classify: dict[str, Any] = {"output": options.output}
+    for params, values in (
+        (ExtractParams, extract),
+        (ReduceParams, reduce),
+        (ClassifyParams, classify),
+    ):
+        taken = field_names(params)
         values.update((name, value) for name, value in options.tuning.items() if name in taken)
     return runner.plan(
         ExtractParams(**extract),
         ReduceParams(**reduce),
         master=master,
         classify=not options.skip_classify,
+        classify_parameters=ClassifyParams(**classify).as_dict(),
     )
 
 
@@ -188,9 +196,7 @@ def _run_arguments(options: RunOptions) -> list[str]:
         command.append("--incremental")
     if options.max_records_per_batch is not None:
         command += ["--max-records-per-batch", str(options.max_records_per_batch)]
-    for name, value in options.tuning.items():
-        flag = "--" + name.replace("_", "-")
-        command += [flag] if value is True else [flag, str(value)]
+    command += option_arguments(options.tuning)
     if options.execution_timeout is not None:
         command += ["--execution-timeout", str(options.execution_timeout)]
     return command
