@@ -169,6 +169,29 @@ def test_k_on_a_folder_of_one_image_says_pca_needs_two(tmp_path, capsys):
     )
 
 
+def test_k_values_beyond_the_folders_images_are_refused_before_the_run(tmp_path, capsys):
+    """The sweep's k values are checked as --k is, unless notebook 03 does not run."""
+    for label in ("apple", "banana"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for name in ("1.jpg", "2.jpg"):
+            (tmp_path / "images" / label / name).write_bytes(b"")
+    argv = ["run", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "out")]
+    assert main([*argv, "--k-values", "2,4"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(
+            "--k-values 2,4: " + str(tmp_path / "images") + " holds 4 image files, and the PCA of "
+            "n images has at most n - 1 components with variance; give --k-values up to 3"
+        )
+    )
+    # With --skip-classify the sweep does not run: nothing to refuse (the run then fails on
+    # these empty files, which is not this check's business).
+    assert main([*argv, "--k-values", "2,4", "--skip-classify", "--k", "9"]) == 2
+    assert "--k 9:" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_output_reached_through_a_link_in_the_input_is_refused(tmp_path):
     """Spark's listing follows a folder's link: an output in its target, or holding it, is
     read by the next run. Folders Spark skips (``_``, ``.``) don't count."""

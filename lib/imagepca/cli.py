@@ -156,15 +156,23 @@ def _check_run_options(args: argparse.Namespace) -> None:
                 f"list` shows them); use {runner.LOCAL_KERNEL} or {livy.KERNEL_NAME}"
             ) from None
     local_input = args.input and is_local(args.input) and args.kernel == runner.LOCAL_KERNEL
-    if args.k is not None and local_input and os.path.isdir(local_path(args.input)):
-        found = runner.local_image_count(args.input, args.k)
+    # Noticed in notebook 02 (--k) or 03 (--k-values) otherwise, after notebook 01's work.
+    sized = {"--k": [args.k] if args.k is not None else []}
+    if not args.skip_classify:
+        sized["--k-values"] = args.k_values or []
+    largest = max((k for values in sized.values() for k in values), default=None)
+    if largest is not None and local_input and os.path.isdir(local_path(args.input)):
+        found = runner.local_image_count(args.input, largest)
         most = max_components(found)
-        if args.k > most:  # noticed in notebook 02 otherwise, after notebook 01's work
-            advice = f"give --k up to {most}, or --variance" if most > 0 else "PCA needs 2"
-            raise ParameterError(
-                f"--k {args.k}: {args.input} holds {found} image files, and the PCA of n "
-                f"images has at most n - 1 components with variance; {advice}"
-            )
+        for option, values in sized.items():
+            if values and max(values) > most:
+                shown = ",".join(map(str, values))
+                advice = f"give {option} up to {most}" if most > 0 else "PCA needs 2"
+                advice += ", or --variance" if option == "--k" and most > 0 else ""
+                raise ParameterError(
+                    f"{option} {shown}: {args.input} holds {found} image files, and the PCA "
+                    f"of n images has at most n - 1 components with variance; {advice}"
+                )
     bucket = runner.missing_bucket(args.output)
     if bucket:
         raise ParameterError(
