@@ -215,3 +215,44 @@ def test_a_cell_run_by_livy_stays_cancellable_in_its_job_group(spark):
     tracker = outcome["tracker"]
     assert tracker.group == "7"
     assert len(tracker._job_ids()) == 1  # the tracked job, not the cell's earlier count
+
+
+def test_an_interrupted_write_stops_its_jobs_before_its_folder_goes(spark, tmp_path):
+    """A notebook's interrupt raises KeyboardInterrupt in the cell (ipykernel's handler,
+    not PySpark's, which would cancel the jobs): the write's jobs are cancelled and ended
+    before its staging folder is removed, so nothing is written there afterwards."""
+    from imagepca.storage import STAGING_DIR, Storage
+
+    context, output = spark.sparkContext, str(tmp_path / "out")
+    started = threading.Event()
+
+    def slow_rows(batches):
+        for batch in batches:
+            time.sleep(60)
+            yield batch
+
+    def write(uri: str) -> None:
+        job = threading.Thread(  # the job the cell was waiting on when interrupted
+            target=lambda: (
+                spark.range(4, numPartitions=2).mapInPandas(slow_rows, "id long").write.parquet(uri)
+            ),
+            daemon=True,
+        )
+        job.start()
+        deadline = time.monotonic() + 60
+        while not context.statusTracker().getActiveJobsIds() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started.set()
+        raise KeyboardInterrupt
+
+    begun = time.monotonic()
+    with (
+        pytest.raises(KeyboardInterrupt),
+        progress.track(spark, "write", out=io.StringIO(), err=io.StringIO()),
+    ):
+        Storage(spark).stage(output, "features", write)
+    assert started.is_set()
+    assert not context.statusTracker().getActiveJobsIds()
+    assert time.monotonic() - begun < 50  # well before the tasks' 60 s sleep
+    time.sleep(1)  # a job still running would write its task files now
+    assert not (tmp_path / "out" / STAGING_DIR).exists()

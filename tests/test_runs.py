@@ -290,6 +290,58 @@ def test_the_classifier_options_reach_notebook_03(sample_run, tmp_path):
     assert all(abs(s["test"] - s["train"]) <= 1 for s in split.values())
 
 
+def test_cells_run_again_never_complete_an_output_with_another_runs_artifacts(
+    spark, sample_run, tmp_path, capsys
+):
+    """Cells run again by hand, out of order, or from a kernel that read an earlier state:
+    the output is complete only with one run's artifacts."""
+    output = tmp_path / "out"
+    shutil.copytree(sample_run, output)
+    uri, marker = str(output), output / "_SUCCESS"
+    stored = json.loads((output / "metrics.json").read_text())["params"]["extract"]
+    extract = {field.name: stored[field.name] for field in dataclasses.fields(ExtractParams)}
+    params = ExtractParams(**{**extract, "output": uri, "reuse_features": True})
+    # Notebook 01's featurization cell again, its listing from before notebook 02 completed.
+    listing = start_extraction(spark, params)
+    reduction = reduce_features(spark, ReduceParams(output=uri, k=5))
+    finish_run(spark, uri, reduction.metrics)
+    assert marker.exists()
+    extract_features(spark, params, listing)
+    assert not marker.exists() and not (output / "metrics.json").exists()
+
+    # Notebook 03 on it; its cells again, from the top (metrics.json stays readable).
+    reduction = reduce_features(spark, ReduceParams(output=uri, k=5))
+    finish_run(spark, uri, reduction.metrics)
+    classify = ClassifyParams(output=uri, k_values=[2])
+    clf = prepare(spark, classify)
+    reduced = clf.fit_reduced()
+    clf.save_figure(plot_confusion_matrix(**reduced.scores["confusion_matrix"]), "cm.png")
+    clf = prepare(spark, classify)
+    clf.fit_reduced()
+    clf.publish()
+    # Notebook 02's last cell again: notebook 03's classification of this reduction stays.
+    finish_run(spark, uri, reduction.metrics)
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["classification"]["reduced"]["k"] == 5 and marker.exists()
+    assert "notebook 03 has classified this reduction since" in capsys.readouterr().out
+
+    # A notebook 03 that read k = 5 while notebook 02 ran again with k = 3 writes nothing.
+    stale = prepare(spark, classify)
+    stale.fit_reduced()
+    reduction = reduce_features(spark, ReduceParams(output=uri, k=3))
+    finish_run(spark, uri, reduction.metrics)
+    for write in (
+        lambda: stale.save_figure(
+            plot_confusion_matrix(**reduced.scores["confusion_matrix"]), "cm.png"
+        ),
+        stale.publish,
+    ):
+        with pytest.raises(RuntimeError, match="notebook 02 ran again since prepare.*k = 5.*k = 3"):
+            write()
+    assert marker.exists() and not (output / "classifier_model").exists()
+    assert json.loads((output / "metrics.json").read_text())["k"] == 3
+
+
 def test_a_failed_rerun_leaves_no_completion_markers(sample_run, tmp_path, capsys):
     """A rerun into a completed output that fails in notebook 01 after replacing part of it
     (here: more rejected images than allowed, found by featurization) must not leave the

@@ -68,7 +68,15 @@ from .reduction import PCA_COL, StoredPCA
 from .run_record import timed
 from .session import default_parallelism
 from .split import IS_TEST_COL, SPLIT_BY, TrainingMatrix
-from .storage import CLASSIFY_FIGURES, CLASSIFY_NOTEBOOK, Storage, join, literal
+from .storage import (
+    CLASSIFY_FIGURES,
+    CLASSIFY_NOTEBOOK,
+    METRICS_FILE,
+    Storage,
+    join,
+    literal,
+    reduction_of,
+)
 
 ROWS_PER_PARTITION = 2000  # ~20 MB of 1280-d features per cached partition
 # Every driver fit does its matrix products in float32 (the loss and the intercepts' gradient
@@ -140,11 +148,27 @@ class Classification:
         return len(self.cumulative_variance)
 
     def _begin_writes(self) -> None:
-        """Withdraw the completion markers before this stage's first write."""
+        """Withdraw ``_SUCCESS`` before this stage's first write, once the output is seen to
+        hold the reduction :func:`prepare` read. ``metrics.json`` stays, notebook 02's, for
+        this notebook to be run again from its top."""
+        self._check_reduction_unchanged()
         if not self.writing:
-            self.storage.begin_run(self.params.output)
+            self.storage.withdraw_success(self.params.output)
             self.writing = True
         self._stage_model()
+
+    def _check_reduction_unchanged(self) -> None:
+        """Refuse to write from a reduction notebook 02 has since replaced (or is replacing):
+        a classifier of another PCA would complete an output it does not fit."""
+        uri = join(self.params.output, METRICS_FILE)
+        current = self.storage.read_json(uri) if self.storage.exists(uri) else None
+        if current is None or reduction_of(current) != reduction_of(self.run_metrics):
+            now = "is being redone" if current is None else f"has k = {current.get('k')} now"
+            raise RuntimeError(
+                f"{self.params.output}: notebook 02 ran again since prepare() read the "
+                f"reduction (k = {self.k}); its output {now}. Nothing was written: run this "
+                "notebook again from its top (prepare), once notebook 02 has completed"
+            )
 
     def _stage_model(self) -> None:
         """Start saving the reduced classifier (:class:`StagedSave`) once it is fitted and
@@ -382,6 +406,16 @@ class Classification:
                 f"{row['f1_macro']:>8.3f}{mark}"
             )
         return "\n".join(lines)
+
+    def scores_summary(self) -> str:
+        """A line per fitted classifier (the comparison's only if it ran), then the stage's
+        timings."""
+        lines = [
+            f"{name + ':':<8} accuracy {result.scores['accuracy']:.3f}, "
+            f"macro F1 {result.scores['f1_macro']:.3f}"
+            for name, result in self.results.items()
+        ]
+        return "\n".join([*lines, f"timings (s): {self.timings}"])
 
     def metrics(self) -> dict:
         """The ``"classification"`` block of ``metrics.json``."""

@@ -241,11 +241,16 @@ def label_indexer(labels: Sequence[str]) -> StringIndexerModel:
 
 
 def classifier_pipeline(indexer: StringIndexerModel, regression) -> PipelineModel:
-    """Label indexer -> logistic regression -> label strings: what ``predict`` applies."""
+    """Label indexer -> logistic regression -> label strings: what ``predict`` applies.
+
+    Its indexer keeps labels it has not seen (and nulls) instead of failing: the model
+    predicts new images, whose folders need not be its classes.
+    """
     to_label = IndexToString(
         inputCol=PREDICTION_COL, outputCol=PREDICTED_LABEL_COL, labels=list(indexer.labels)
     )
-    return PipelineModel(stages=[indexer, regression, to_label])
+    lenient = indexer.copy().setHandleInvalid("keep")
+    return PipelineModel(stages=[lenient, regression, to_label])
 
 
 def spark_regression(features_col: str, *, max_iter: int, reg_param: float):

@@ -70,17 +70,22 @@ from .storage import (
     EXTRACT_NOTEBOOK,
     EXTRACTION_FILE,
     FAILED_EXTRACT_NOTEBOOK,
+    METRICS_FILE,
     REDUCE_FIGURES,
     REDUCE_NOTEBOOK,
     STAGING_DIR,
     Storage,
     join,
     literal,
+    reduction_of,
     vector_write_settings,
 )
 
 MOMENTS_FILE = "_moments.npz"  # the PCA's statistics of features/, from featurization
-KEPT_FEATURES = "features/ is kept: `imagepca run --reuse-features --k K` featurizes nothing again"
+KEPT_FEATURES = (
+    "features/ is kept: the same command with --reuse-features and a smaller --k featurizes "
+    "nothing again"
+)
 # Featurization accumulates the PCA's statistics (one d x d update per task, 13 MB at
 # d = 1280, sent to the driver) when it runs at most this many tasks; a larger cluster's
 # run leaves them to notebook 02's distributed pass, which merges them on the executors.
@@ -164,7 +169,10 @@ def extract_features(
     """
     timings: dict[str, float] = {}
     storage = Storage(spark)
-    listing = listing or start_extraction(spark, params)
+    if listing is None:
+        listing = start_extraction(spark, params)
+    else:  # the cell run again, say, after notebook 02 had completed the output
+        storage.begin_run(params.output)
     timings["list_s"] = listing.seconds
     # An earlier run's figures not drawn again (a cell skipped by hand), its executed copy.
     removed = storage.missing(params.output, listing.removed_figures)
@@ -472,5 +480,11 @@ def finish_run(spark: SparkSession, output: str, metrics: dict) -> None:
     if waited is not None:
         metrics.setdefault("timings_s", {})["models_wait_s"] = waited
     storage, removed = Storage(spark), metrics.get("removed_from_earlier_run", [])
+    uri = join(output, METRICS_FILE)
+    current = storage.read_json(uri) if storage.exists(uri) else {}
+    classified = "classification" in current and "skipped" not in current["classification"]
+    if classified and reduction_of(current) == reduction_of(metrics):
+        print("notebook 03 has classified this reduction since: the output is kept as it is")
+        return  # the cell run again after notebook 03: its metrics.json is the newer one
     metrics["removed_from_earlier_run"] = storage.missing(output, removed)  # not drawn again
     storage.finish_run(output, metrics)

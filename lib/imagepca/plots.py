@@ -298,6 +298,8 @@ def plot_k_sweep(
     Shows what the variance threshold costs: where the accuracy curve flattens, more
     components buy variance but no accuracy.
     """
+    if not sweep:
+        raise ValueError("no sweep to plot: run clf.k_sweep() (the cell above) first")
     cumulative = np.asarray(cumulative_variance, dtype=float)
     ks = [row["k"] for row in sweep]
     fig = _new_figure(figsize=(9, 4.8))

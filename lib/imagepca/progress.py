@@ -366,6 +366,23 @@ class Tracker:
             self._report(final=True, failed=failed)
 
 
+def cancel_jobs(spark_context, timeout: float = 60.0) -> bool:
+    """Cancel every running Spark job and wait until none is active; whether they ended.
+
+    What PySpark's own Ctrl-C handler does, for code a notebook's interrupt stops: the
+    kernel's handler (ipykernel's) raises KeyboardInterrupt in the cell, and the jobs the
+    cell started would otherwise run on and write after the cell's clean-up.
+    """
+    spark_context.cancelAllJobs()
+    tracker = spark_context.statusTracker()
+    deadline = time.monotonic() + timeout
+    while tracker.getActiveJobsIds():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def _last_meaningful_line(message: str) -> str:
     """The line of a Spark error that says what went wrong (Python's last traceback line)."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
@@ -413,7 +430,10 @@ def track(
     tracker.start()
     try:
         yield tracker
-    except BaseException:
+    except BaseException as error:
+        if isinstance(error, KeyboardInterrupt):  # a notebook's interrupt: the jobs stop too
+            with suppress(Exception):
+                cancel_jobs(spark.sparkContext)
         tracker.stop(failed=True)
         raise
     tracker.stop()

@@ -23,11 +23,19 @@ from py4j.protocol import Py4JJavaError
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import ArrayType, FloatType
 
+from .progress import cancel_jobs
 from .session import run_concurrently
 
 URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # a URI's scheme: s3:, file:, hdfs:
 SUCCESS_MARKER = "_SUCCESS"
 METRICS_FILE = "metrics.json"
+
+
+def reduction_of(metrics: dict) -> tuple:
+    """Which run of notebook 02 a ``metrics.json`` describes (notebook 03 keeps its fields)."""
+    return metrics.get("finished_at"), metrics.get("k"), metrics.get("n_images")
+
+
 EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
 STAGING_DIR = "_staging"
 # A run's notebooks; `imagepca run` has papermill save each, as it executes, under
@@ -191,6 +199,7 @@ class Storage:
         # name at a time, a round trip to the JVM each (five calls for every path made).
         self._hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path
         self._conf = spark.sparkContext._jsc.hadoopConfiguration()
+        self._spark_context = spark.sparkContext
         # The file systems, by the URI's scheme and authority.
         self._file_systems: dict[tuple[str, str], _FileSystem] = {}
 
@@ -355,7 +364,10 @@ class Storage:
         staging = join(output, STAGING_DIR, f"{name}-{uuid.uuid4().hex[:12]}")
         try:
             write(staging)
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, KeyboardInterrupt):  # the jobs end before their folder goes
+                with suppress(Exception):
+                    cancel_jobs(self._spark_context)
             with suppress(Exception):  # the write's own error is the one to report
                 self.delete(staging)
                 self.remove_empty_staging(output)
