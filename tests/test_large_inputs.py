@@ -211,6 +211,58 @@ def test_a_manifest_spark_cannot_read_is_named_with_how_it_was_read(spark, tmp_p
     assert "any other as Parquet" in message and "\tat " not in message
 
 
+def test_a_csv_manifest_as_python_pandas_and_excel_write_it(spark, tmp_path):
+    """RFC 4180: a quote in a field doubled; a header's names trimmed (``path, label``); a
+    time as seconds since 1970 (``find -printf %T@``). A size or time that does not parse
+    is refused, naming it: read as null, an incremental run would not see the file change."""
+    import csv
+
+    from imagepca.images import InputError
+
+    manifest = tmp_path / "list.csv"
+    rows = [
+        ["/data/a.jpg", ' 12" apple', "1000", "1764571800.5"],
+        ["/data/b q.jpg", "pear", "", ""],
+    ]
+    with manifest.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", " label", " size", "modified"])
+        writer.writerows(rows)
+    listing = read_manifest(spark, str(manifest))
+    found = {row["path"]: row for row in listing.files.collect()}
+    assert found["file:/data/a.jpg"]["label"] == '12" apple'
+    assert found["file:/data/a.jpg"]["size"] == 1000
+    assert found["file:/data/a.jpg"]["modified"].timestamp() == 1764571800.5
+    assert found["file:/data/b q.jpg"]["label"] == "pear"
+    assert found["file:/data/b q.jpg"]["modified"] is None
+    listing.release()
+    for column, value in (("size", "2.5 KB"), ("modified", "12/01/2026 06:50")):
+        pd.DataFrame({"path": ["/data/a.jpg"], column: [value]}).to_csv(manifest, index=False)
+        with pytest.raises(InputError, match=f"`{column}` column holds '{value}', which is not"):
+            read_manifest(spark, str(manifest))
+
+
+def test_a_windows_path_in_a_manifest_is_rejected_not_fatal(spark, tmp_path):
+    """Hadoop cannot make a URI of ``C:\\photos\\1.jpg``: the first look skips it with a
+    warning, and featurization rejects it, as any URI it cannot read."""
+    from imagepca.images import load_samples
+
+    chosen = [spelled(p) for label in ("apple", "orange") for p in photos(label, 0, 2)]
+    manifest = tmp_path / "images.csv"
+    windows = ["C:\\photos\\pear\\1.jpg", "D:photo.jpg"]
+    pd.DataFrame({"path": [*windows, *chosen]}).to_csv(manifest, index=False)
+    output = tmp_path / "out"
+    params = ExtractParams(manifest=str(manifest), output=str(output), weights=str(WEIGHTS))
+    listing = pipeline.start_extraction(spark, params)
+    with pytest.warns(UserWarning, match="could not be read.*C:"):
+        samples = load_samples(spark, listing, per_label=3)
+    assert len(samples) == 4
+    extraction = extract_features(spark, params, listing)
+    assert extraction.n_images == 4 and extraction.n_rejected == 2
+    rejected = pd.read_parquet(output / "rejected")
+    assert rejected["reason"].str.startswith(("unreadable", "missing")).all()
+
+
 def test_parquet_manifest_without_labels(spark, tmp_path):
     chosen = [p for label in ("apple", "orange") for p in photos(label, 0, 2)]
     manifest = tmp_path / "images.parquet"

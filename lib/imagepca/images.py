@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 from py4j.protocol import Py4JJavaError
+from pyspark.errors import IllegalArgumentException
 from pyspark.sql import Column, SparkSession
 from pyspark.sql import functions as F
 
@@ -221,7 +222,8 @@ def load_samples(
     for label, path in listing.sample(per_label):
         try:
             data = storage.read_bytes(path)
-        except (OSError, Py4JJavaError) as error:  # gone, or no access (a manifest's URI)
+        # Gone, no access, or a URI Hadoop cannot parse (a manifest's C:\photos\1.jpg).
+        except (OSError, Py4JJavaError, IllegalArgumentException) as error:
             unread.append(f"{path}: {': '.join(error_summary(error))}")
             continue
         try:

@@ -375,20 +375,41 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
     # parent folder's name.
     label = F.nullif(F.trim(F.col("label")), F.lit(""))
     image = _is_image(F.col("path"))
+    size, modified = _size_and_time(table)
     images = table.where(image).select(
         "path",
-        F.coalesce(label, label_column(F.col("path"))).alias("label"),
-        F.col("size").cast("long").alias("size"),
-        F.col("modified").cast("timestamp").alias("modified"),
+        # A URI without a folder ("D:photo.jpg", which no reader opens) labelled "".
+        F.coalesce(label, label_column(F.col("path")), F.lit("")).alias("label"),
+        size.alias("size"),
+        modified.alias("modified"),
     )
     # A URI listed twice counts once, with the smallest of its rows (label first): the
     # same choice in every run, where dropDuplicates keeps whichever row comes first.
     first = F.min(F.struct("label", "size", "modified")).alias("row")
     other = F.when(~image, F.col("path"))  # null for a row without a path
-    n_rows, n_others, first_other = table.agg(
+    # A size or time given that does not parse would be null, and an incremental run blind
+    # to that file's changes: the first of each, to refuse the manifest with.
+    unparsed = [
+        F.min(F.when((F.trim(given) != "") & parsed.isNull(), given))
+        for given, parsed in (
+            (F.col("size").cast("string"), size),
+            (F.col("modified").cast("string"), modified),
+        )
+    ]
+    n_rows, n_others, first_other, bad_size, bad_time = table.agg(
         F.count(F.when(image, 1)), F.count(F.when(~F.coalesce(image, F.lit(False)), 1)),
-        F.min(other),
+        F.min(other), *unparsed,
     ).first()  # fmt: skip
+    for column, value, spelling in (
+        ("size", bad_size, "a whole number of bytes"),
+        ("modified", bad_time, "a time: ISO 8601 (2026-12-01T06:50:00Z) or seconds since 1970"),
+    ):
+        if value is not None:
+            raise InputError(
+                f"manifest {manifest_uri!r}: its `{column}` column holds {value!r}, which is "
+                f"not {spelling}; write it so, or leave the column out (an incremental run "
+                "then knows a file by its path alone)"
+            )
     # Cached in few partitions: 200 made a 6-line manifest's listing take 8 s here.
     with spark_settings(spark, cached_shuffle_settings(spark, n_rows)):
         files = (
@@ -413,6 +434,16 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
     )  # fmt: skip
 
 
+def _size_and_time(table: DataFrame) -> tuple[Column, Column]:
+    """A manifest's ``size`` in bytes and ``modified`` time; a number of seconds since 1970
+    (``find -printf %T@``) is a time too."""
+    seconds = F.col("modified").cast("double")
+    modified = F.when(seconds.isNotNull(), seconds.cast("timestamp")).otherwise(
+        F.col("modified").cast("timestamp")
+    )
+    return F.col("size").cast("long"), modified
+
+
 def _is_image(path: Column) -> Column:
     alternatives = "|".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
     return path.rlike(f"(?i)\\.({alternatives})$")
@@ -422,10 +453,11 @@ def _uri_table(spark: SparkSession, uri: str) -> DataFrame:
     """A CSV or Parquet manifest as ``path``, ``label``, ``size``, ``modified``."""
     name = uri.rstrip("/").rsplit("/", 1)[-1].lower()
     if name.endswith((".csv", ".csv.gz", ".txt")):
-        table = spark.read.option("header", "true").csv(literal(uri))
+        # A quote in a field doubled, as RFC 4180, Python's csv, pandas and Excel write it.
+        table = spark.read.options(header="true", escape='"').csv(literal(uri))
     else:
         table = spark.read.parquet(literal(uri))
-    columns = {c.lower(): c for c in table.columns}
+    columns = {c.strip().lower(): c for c in table.columns}  # "path, label" names label
     if "path" not in columns:
         raise InputError(
             f"manifest {uri!r} has no `path` column (columns: {', '.join(table.columns)}). "
