@@ -182,7 +182,8 @@ def test_k_values_beyond_the_folders_images_are_refused_before_the_run(tmp_path,
         .err.splitlines()[-1]
         .endswith(
             "--k-values 2,4: " + str(tmp_path / "images") + " holds 4 image files, and the PCA of "
-            "n images has at most n - 1 components with variance; give --k-values up to 3"
+            "n images has at most n - 1 components with variance; give --k-values up to 3 (less if "
+            "some are not usable images)"
         )
     )
     # With --skip-classify the sweep does not run: nothing to refuse (the run then fails on

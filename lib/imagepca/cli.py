@@ -167,7 +167,11 @@ def _check_run_options(args: argparse.Namespace) -> None:
         for option, values in sized.items():
             if values and max(values) > most:
                 shown = ",".join(map(str, values))
-                advice = f"give {option} up to {most}" if most > 0 else "PCA needs 2"
+                advice = (
+                    f"give {option} up to {most} (less if some are not usable images)"
+                    if most > 0
+                    else "PCA needs 2"
+                )
                 advice += ", or --variance" if option == "--k" and most > 0 else ""
                 raise ParameterError(
                     f"{option} {shown}: {args.input} holds {found} image files, and the PCA "
