@@ -107,6 +107,18 @@ def test_transparency_is_flattened_on_white():
     assert pixels[:, -SIZE // 4 :, 0].mean() > 240 and pixels[:, -SIZE // 4 :, 1].mean() < 15
 
 
+@pytest.mark.parametrize(("mode", "transparent"), [("RGB", (200, 0, 0)), ("L", 200)])
+def test_a_single_transparent_colour_is_flattened_on_white_too(mode, transparent):
+    """PNG's tRNS in a gray or RGB image: the same picture as a palette's transparency."""
+    image = Image.new(mode, (40, 20), transparent)
+    image.paste(Image.new(mode, (20, 20), 0 if mode == "L" else (0, 0, 255)), (20, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", transparency=transparent)
+    pixels = decode_image(buffer.getvalue(), SIZE).astype(int)
+    assert (pixels[:, : SIZE // 4] >= 250).all()  # the transparent colour -> white
+    assert pixels[:, -SIZE // 4 :].mean() < 90  # the opaque half keeps its colour
+
+
 def test_sixteen_bit_range_is_scaled_not_clipped():
     pixels = decode_image(png_16bit_gray(), SIZE)
     assert pixels[:, 0].mean() < 20 and pixels[:, -1].mean() > 235

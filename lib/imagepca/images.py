@@ -162,7 +162,7 @@ def decode_image(
                 image.draft("RGB", (size, size))
             image.load()
             ImageOps.exif_transpose(image, in_place=True)
-            if image.mode == "L":
+            if image.mode == "L" and "transparency" not in image.info:
                 # Resampling works band by band: resizing the one gray band and then
                 # copying it to R, G and B gives the same pixels as resizing RGB, at a third.
                 resized = image.resize((size, size), Image.Resampling.BILINEAR).convert("RGB")
@@ -200,8 +200,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         if image.mode == "F" and values.size and values.max() <= 1.0:
             scale = 255.0
         image = Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8), "L")
+    # A palette's, or a gray or RGB image's single transparent colour (PNG's tRNS), too.
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info
     )
     if has_alpha:
         rgba = image.convert("RGBA")
