@@ -342,6 +342,35 @@ def test_cells_run_again_never_complete_an_output_with_another_runs_artifacts(
     assert json.loads((output / "metrics.json").read_text())["k"] == 3
 
 
+def test_an_output_is_not_complete_between_notebooks_02_and_03_of_one_run(
+    spark, sample_run, tmp_path, monkeypatch
+):
+    """A scheduler waiting for _SUCCESS must not take the output between the two notebooks:
+    with notebook 03 next (then_classify, as imagepca run plans it), notebook 02 leaves
+    _SUCCESS to it, unless the classifier is skipped."""
+    from imagepca import pipeline
+
+    planned = ExtractParams(input="in", output="o"), ReduceParams(output="o")
+    assert runner.plan(*planned, classify=True)[1].parameters["then_classify"] is True
+    assert runner.plan(*planned)[1].parameters["then_classify"] is False
+    output = tmp_path / "out"
+    shutil.copytree(sample_run, output)
+    uri = str(output)
+    reduction = reduce_features(spark, ReduceParams(output=uri, k=5, then_classify=True))
+    finish_run(spark, uri, reduction.metrics)
+    assert (output / "metrics.json").exists() and not (output / "_SUCCESS").exists()
+    clf = prepare(spark, ClassifyParams(output=uri, k_values=[2]))
+    clf.fit_reduced()
+    clf.publish()
+    assert (output / "_SUCCESS").exists()
+    # Fewer than 2 labels: notebook 03 will not run, notebook 02 completes the output.
+    monkeypatch.setattr(pipeline, "classifiable", lambda labels: "fewer than 2 labels")
+    reduction = reduce_features(spark, ReduceParams(output=uri, k=5, then_classify=True))
+    assert not (output / "_SUCCESS").exists()
+    finish_run(spark, uri, reduction.metrics)
+    assert (output / "_SUCCESS").exists()
+
+
 def test_a_failed_rerun_leaves_no_completion_markers(sample_run, tmp_path, capsys):
     """A rerun into a completed output that fails in notebook 01 after replacing part of it
     (here: more rejected images than allowed, found by featurization) must not leave the

@@ -292,12 +292,17 @@ class ReduceParams:
         Cumulative explained-variance threshold in (0, 1], used when ``k`` is None.
     projection_points : int
         Most points drawn in the 2-D projection plot (a sample keeps it readable).
+    then_classify : bool
+        Notebook 03 runs next, in the same run (``imagepca run`` says so): ``_SUCCESS`` is
+        then notebook 03's to write, and an output is never complete between the two,
+        unless the classifier is skipped (fewer than 2 labels).
     """
 
     output: str
     k: int | None = None
     variance: float = DEFAULT_VARIANCE
     projection_points: int = field(default=5000)
+    then_classify: bool = False
 
     def __post_init__(self) -> None:
         _check_location("output", self.output)
@@ -322,6 +327,11 @@ class ReduceParams:
             _is_int(self.projection_points) and self.projection_points >= 10,
             "projection_points",
             f"must be an integer >= 10, got {self.projection_points!r}",
+        )
+        _require(
+            isinstance(self.then_classify, bool),
+            "then_classify",
+            f"must be True or False, got {self.then_classify!r}",
         )
 
     def as_dict(self) -> dict:

@@ -487,4 +487,6 @@ def finish_run(spark: SparkSession, output: str, metrics: dict) -> None:
         print("notebook 03 has classified this reduction since: the output is kept as it is")
         return  # the cell run again after notebook 03: its metrics.json is the newer one
     metrics["removed_from_earlier_run"] = storage.missing(output, removed)  # not drawn again
-    storage.finish_run(output, metrics)
+    # With notebook 03 next in this run (then_classify), _SUCCESS is its to write.
+    then_classify = metrics["params"]["reduce"].get("then_classify", False)
+    storage.finish_run(output, metrics, complete=not then_classify or "classification" in metrics)

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -130,6 +130,8 @@ def plan(
 ) -> list[NotebookRun]:
     """The notebooks of a run and their parameters, in execution order."""
     common = {"master": master}
+    # Notebook 03 completes the output when it runs: no _SUCCESS between the two.
+    reduce = replace(reduce, then_classify=classify)
     runs = [
         NotebookRun(EXTRACT_NOTEBOOK, {**extract.as_dict(), **common}),
         NotebookRun(REDUCE_NOTEBOOK, {**reduce.as_dict(), **common}),

@@ -398,8 +398,10 @@ class Storage:
                 self.remove_empty_staging(output)
             raise
 
-    def finish_run(self, output: str, metrics: dict) -> None:
-        """Write ``metrics.json`` and then ``_SUCCESS``: the last two files of a run."""
+    def finish_run(self, output: str, metrics: dict, *, complete: bool = True) -> None:
+        """Write ``metrics.json`` and then ``_SUCCESS`` (unless a later stage of the run is
+        to complete it): the last two files of a run."""
         self.delete(join(output, STAGING_DIR))
         self.write_json(join(output, METRICS_FILE), metrics)
-        self.write_bytes(join(output, SUCCESS_MARKER), b"")
+        if complete:
+            self.write_bytes(join(output, SUCCESS_MARKER), b"")
