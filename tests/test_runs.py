@@ -586,8 +586,72 @@ def test_a_terminated_run_exits_as_a_shell_reports_sigterm(tmp_path):
     saved = output / "notebooks" / runner.EXTRACT_NOTEBOOK
     err = signal_once_started(process, saved, lambda p: p.send_signal(signal.SIGTERM))
     assert process.returncode == 143
-    assert err.splitlines()[-1] == "error: terminated (SIGTERM)"
+    assert err.splitlines()[-1] == (
+        f"error: terminated (SIGTERM): {output} is incomplete (no _SUCCESS); run again "
+        "(--reuse-features keeps features/ if their featurization had finished)"
+    )
     assert f"log: {output / 'logs' / 'run.log'}" in err
+
+
+def test_a_notebook_01_stopped_before_touching_a_complete_output_goes_to_logs(tmp_path):
+    """Ctrl-C in notebook 01 before it began replacing a complete output: the output keeps
+    the executed notebooks of the run that completed it, the stopped one goes to logs/ (as
+    a notebook 01 that raised), and the message says the output is still complete."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(
+        notebooks / runner.EXTRACT_NOTEBOOK, "input = None", "import time\ntime.sleep(600)"
+    )
+    write_notebook(notebooks / runner.REDUCE_NOTEBOOK, "output = None")  # never reached
+    output = tmp_path / "out"
+    (output / "notebooks").mkdir(parents=True)
+    completed = output / "notebooks" / runner.EXTRACT_NOTEBOOK
+    write_notebook(completed, "input = 'the run that completed the output'")
+    before = completed.read_bytes()
+    (output / "_SUCCESS").write_bytes(b"")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imagepca", "run", "--input", str(FRUIT_PHOTOS), "--output",
+         str(output), "--weights", str(WEIGHTS), "--notebooks", str(notebooks), "--skip-classify"],
+        start_new_session=True, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    # papermill's copy of the stopped run is in notebooks/ while it runs.
+    err = signal_once_started(
+        process, completed, lambda p: p.send_signal(signal.SIGINT),
+        ready=lambda: completed.read_bytes() != before,
+    )  # fmt: skip
+    assert process.returncode == 130
+    assert err.splitlines()[-1] == (
+        f"error: interrupted: {output} still holds the earlier run, complete"
+    )
+    assert completed.read_bytes() == before
+    stopped = nbformat.read(str(output / "logs" / runner.EXTRACT_NOTEBOOK), as_version=4)
+    assert stopped.metadata.papermill.exception is True
+    assert (output / "_SUCCESS").exists()
+
+
+def test_a_notebook_01_timed_out_before_touching_a_complete_output_goes_to_logs(tmp_path):
+    """The same for --execution-timeout: the message names where the stopped notebook is."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(
+        notebooks / runner.EXTRACT_NOTEBOOK, "input = None", "import time\ntime.sleep(600)"
+    )
+    output = tmp_path / "out"
+    (output / "notebooks").mkdir(parents=True)
+    completed = output / "notebooks" / runner.EXTRACT_NOTEBOOK
+    write_notebook(completed, "input = 'the run that completed the output'")
+    before = completed.read_bytes()
+    (output / "_SUCCESS").write_bytes(b"")
+    stopped = output / "logs" / runner.EXTRACT_NOTEBOOK
+    with pytest.raises(runner.NotebookFailed, match=f"partial notebook: {stopped}"):
+        runner.run_notebooks(
+            [runner.NotebookRun(runner.EXTRACT_NOTEBOOK, {"input": "x"})],
+            str(output),
+            notebooks=str(notebooks),
+            execution_timeout=3,
+        )
+    assert completed.read_bytes() == before and (output / "_SUCCESS").exists()
+    assert nbformat.read(str(stopped), as_version=4).metadata.papermill.exception is True
 
 
 def test_an_s3_output_keeps_its_completed_notebook_01_too(aws_env):  # noqa: F811

@@ -263,8 +263,10 @@ def _run(args: argparse.Namespace) -> int:
                 },
                 console=console,
             )
-    except BaseException:
+    except BaseException as error:
         print(f"log: {log}", file=sys.stderr)
+        if isinstance(error, KeyboardInterrupt):  # what the output holds now: the next step
+            error.args = (_stopped_output_note(args.output),)
         raise
     finally:
         if remote_log and log.is_file():
@@ -273,6 +275,17 @@ def _run(args: argparse.Namespace) -> int:
     print(summary(metrics, args.output, log=shown_log))
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _stopped_output_note(output: str) -> str:
+    from .executed import is_complete
+
+    if is_complete(output):
+        return f"{output} still holds the earlier run, complete"
+    return (
+        f"{output} is incomplete (no _SUCCESS); run again (--reuse-features keeps features/ "
+        "if their featurization had finished)"
+    )
 
 
 def _add_sample(subparsers) -> None:
@@ -327,10 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as error:
         from .runner import RunTerminated
 
+        note = f": {error}" if str(error) else ""
         if isinstance(error, RunTerminated):
-            print("error: terminated (SIGTERM)", file=sys.stderr)
+            print(f"error: terminated (SIGTERM){note}", file=sys.stderr)
             return 128 + 15  # as a shell reports a process SIGTERM ended
-        print("error: interrupted", file=sys.stderr)
+        print(f"error: interrupted{note}", file=sys.stderr)
         return 130
     except (ParameterError, ValueError, FileNotFoundError, RuntimeError, OSError) as error:
         if isinstance(error, ParameterError):

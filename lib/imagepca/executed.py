@@ -2,8 +2,8 @@
 
 papermill saves each notebook as it runs into ``OUTPUT/notebooks/``. :mod:`imagepca.runner`
 calls these when a run does not complete: a stopped cell is marked as papermill marks a cell
-that raised, and a notebook 01 that raised before touching a complete output goes to
-``logs/``, the completed run's copy staying in ``notebooks/``.
+that raised, and a notebook 01 that raised, or was stopped, before touching a complete output
+goes to ``logs/``, the completed run's copy staying in ``notebooks/``.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def keep_completed_copy(output: str, destination: str, kept: str | None) -> str:
     is still complete (a mistyped path stops it before it touches the output), so that
     ``notebooks/`` keeps the copies of the run that completed it; else ``destination``.
 
-    Only for a cell that raised: the kernel is idle then, and nothing of the run will
-    touch the output any more (an interrupted or timed-out cell may still be running).
+    Only once nothing of the run will touch the output any more: after a cell that raised
+    (the kernel is idle then), or once the kernel of an interrupted or timed-out cell has
+    stopped.
     The failed copy is written first and the completed one put back whole (a new local
     file renamed over it; an S3 object is replaced whole), so a stop in between leaves
     what an earlier version left: the failed notebook in ``notebooks/``.

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .config import S3_SCHEMES, ExtractParams, ReduceParams
 from .console import Console
-from .executed import completed_copy, keep_completed_copy, record_stop
+from .executed import completed_copy, is_complete, keep_completed_copy, record_stop
 from .kernel import PromptKernelClient, recording_engine, stop_kernel_spark, stopping_clients
 from .local_folders import image_files
 from .storage import (  # the notebooks' names: imported from here too (cli, aws.runs)
@@ -33,6 +33,7 @@ from .storage import (  # the notebooks' names: imported from here too (cli, aws
     EXECUTED_DIR,
     EXTRACT_NOTEBOOK,
     EXTRACTION_FILE,
+    FAILED_EXTRACT_NOTEBOOK,
     METRICS_FILE,
     REDUCE_NOTEBOOK,
     is_local,
@@ -257,6 +258,9 @@ def run_notebooks(
     engine = recording_engine() if kernel != LOCAL_KERNEL else None
     stop_clients = stopping_clients(kernel_manager)
     completed = False
+    # A notebook 01 stopped (Ctrl-C, a timeout) before it touched a complete output: its copy
+    # goes to logs/ once the kernel has stopped, as a notebook 01 that raised does.
+    keep_after_stop: tuple[str, str] | None = None
     restore_sigterm = _sigterm_interrupts()
     try:
         for number, run in enumerate(runs, 1):
@@ -292,6 +296,8 @@ def run_notebooks(
                 if not isinstance(error, RunTerminated):
                     error = KeyboardInterrupt("the run was interrupted here")
                 record_stop(destination, error)
+                if kept is not None:
+                    keep_after_stop = (destination, kept)
                 raise
             except PapermillExecutionError as error:
                 _ended(console, label, started, failed=True)
@@ -305,6 +311,9 @@ def run_notebooks(
                 _ended(console, label, started, failed=True)
                 if isinstance(error, CellTimeoutError):
                     record_stop(destination, error)
+                    if kept is not None and is_complete(output):
+                        keep_after_stop = (destination, kept)
+                        destination = join(papermill_location(output), FAILED_EXTRACT_NOTEBOOK)
                 # The whole error (a timeout's includes the cell's code) goes to the log;
                 # the message, printed last, keeps its first line.
                 logging.getLogger(__name__).error("%s did not complete: %r", run.name, error)
@@ -335,6 +344,8 @@ def run_notebooks(
             # Any other kernel is asked to shut down: sparkmagic's deletes its Livy session.
             run_sync(kernel_manager.shutdown_kernel)(now=stopped)
         stop_clients()
+        if keep_after_stop is not None:  # nothing of the run touches the output any more
+            keep_completed_copy(output, *keep_after_stop)
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
