@@ -342,6 +342,25 @@ def test_cells_run_again_never_complete_an_output_with_another_runs_artifacts(
     assert json.loads((output / "metrics.json").read_text())["k"] == 3
 
 
+def test_notebook_02_refuses_features_notebook_01_began_replacing(spark, sample_run, tmp_path):
+    """Notebook 01 stopped after its first look at a new input (its samples.png drawn):
+    notebook 02 on the earlier features would complete an output mixing the two runs."""
+    output = tmp_path / "out"
+    shutil.copytree(sample_run, output)
+    uri = str(output)
+    stored = json.loads((output / "metrics.json").read_text())["params"]["extract"]
+    extract = {field.name: stored[field.name] for field in dataclasses.fields(ExtractParams)}
+    start_extraction(spark, ExtractParams(**{**extract, "output": uri}))  # then stopped
+    with pytest.raises(RuntimeError, match="notebook 01 began replacing .* did not finish"):
+        reduce_features(spark, ReduceParams(output=uri, k=5))
+    assert not (output / "_SUCCESS").exists()
+    # A run that keeps the earlier features settles it.
+    params = ExtractParams(**{**extract, "output": uri, "reuse_features": True})
+    extract_features(spark, params)
+    finish_run(spark, uri, reduce_features(spark, ReduceParams(output=uri, k=5)).metrics)
+    assert (output / "_SUCCESS").exists()
+
+
 def test_an_output_is_not_complete_between_notebooks_02_and_03_of_one_run(
     spark, sample_run, tmp_path, monkeypatch
 ):

@@ -73,6 +73,7 @@ from .storage import (
     METRICS_FILE,
     REDUCE_FIGURES,
     REDUCE_NOTEBOOK,
+    REPLACING_FILE,
     STAGING_DIR,
     Storage,
     join,
@@ -141,6 +142,8 @@ def start_extraction(spark: SparkSession, params: ExtractParams) -> ImageListing
     listing = list_inputs(spark, params)
     storage = Storage(spark)
     storage.begin_run(params.output)
+    if not (params.reuse_features or params.incremental):  # features/ is to be replaced
+        storage.mark_replacing(params.output, params.source)
     removed = storage.remove_artifacts(params.output, EXTRACT_FIGURES)  # drawn again next
     if not params.reuse_features:
         warm_python_workers(spark)  # while the notebook shows the sample images
@@ -207,6 +210,7 @@ def extract_features(
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             )
             extraction = checked(Extraction(listing, metadata, reused=True), params)
+            storage.delete(join(features_uri, REPLACING_FILE))  # an interrupted run's
             storage.write_json(join(features_uri, EXTRACTION_FILE), metadata)
             return extraction
 
@@ -345,6 +349,7 @@ def extract_features(
     # None when nothing was featurized (an increment with nothing new read rejected files).
     metadata["images_per_s"] = round(n_todo / timings["featurize_s"], 2) if n_new else None
     # Written last: features/ never has a description of another run's rows.
+    storage.delete(join(features_uri, REPLACING_FILE))  # an interrupted full run's, if any
     storage.write_json(join(features_uri, EXTRACTION_FILE), metadata)
     storage.remove_empty_staging(params.output)  # none left if checked() below stops the run
     return checked(Extraction(listing, metadata), params)
@@ -401,6 +406,7 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     """
     timings: dict[str, float] = {}
     storage = Storage(spark)
+    storage.refuse_half_replaced(params.output)
     extraction = _stored_extraction(storage, params.output)
     if extraction is None:
         raise FileNotFoundError(

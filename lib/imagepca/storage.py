@@ -15,6 +15,7 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
+from datetime import UTC, datetime
 from functools import partial
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
@@ -37,6 +38,9 @@ def reduction_of(metrics: dict) -> tuple:
 
 
 EXTRACTION_FILE = "_extraction.json"  # inside features/: Parquet readers skip "_" files
+# Inside features/ while a full run's notebook 01 replaces it: gone with the old features/
+# when the new one is swapped in; notebook 02 refuses features/ with it (an interrupted run).
+REPLACING_FILE = "_replacing.json"
 STAGING_DIR = "_staging"
 # A run's notebooks; `imagepca run` has papermill save each, as it executes, under
 # OUTPUT/EXECUTED_DIR (imagepca.runner).
@@ -397,6 +401,23 @@ class Storage:
             with suppress(Exception):
                 self.remove_empty_staging(output)
             raise
+
+    def mark_replacing(self, output: str, source: str) -> None:
+        """Say in ``features/`` that a full run is replacing it (:data:`REPLACING_FILE`)."""
+        started = {"input": source, "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        self.write_json(join(output, "features", REPLACING_FILE), started)
+
+    def refuse_half_replaced(self, output: str) -> None:
+        """Raise when a full run's notebook 01 began replacing ``features/`` and stopped:
+        the earlier features with this run's samples would complete a mixed output."""
+        uri = join(output, "features", REPLACING_FILE)
+        if self.exists(uri):
+            started = self.read_json(uri)
+            raise RuntimeError(
+                f"notebook 01 began replacing {join(output, 'features')} with the images of "
+                f"{started['input']} at {started['started_at']} and did not finish: run it "
+                "again (or `imagepca run`); --reuse-features keeps the earlier features"
+            )
 
     def finish_run(self, output: str, metrics: dict, *, complete: bool = True) -> None:
         """Write ``metrics.json`` and then ``_SUCCESS`` (unless a later stage of the run is
