@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -460,6 +461,25 @@ def test_bad_input_locations_are_named(spark, tmp_path):
         "listing leaves out; restore their targets or remove the links"
     )
     assert listing.skipped()["broken_links_skipped"] == [str(gone)]
+    listing.release()
+    # Names that are not UTF-8 (a Latin-1 archive's): Spark's listing cannot see them.
+    latin = os.fsencode(tmp_path / "hidden") + b"/r\xe9sum\xe9"
+    os.mkdir(latin)
+    shutil.copy(photos[0], latin + b"/1.jpg")
+    shutil.copy(photos[1], os.fsencode(tmp_path / "hidden" / "pear") + b"/caf\xe9.jpg")
+    listing = list_folder(spark, str(tmp_path / "hidden"))
+    assert (listing.n_files, listing.n_hidden) == (3, 4)
+    shown = [
+        f"{tmp_path / 'hidden'}/pear/caf\\xe9.jpg",
+        f"{tmp_path / 'hidden'}/r\\xe9sum\\xe9/1.jpg",
+    ]
+    assert listing.skipped()["not_utf8_skipped"] == shown
+    assert listing.describe().splitlines()[-1] == (
+        f"warning: 2 image files skipped: their names (or a parent folder's) are not UTF-8 "
+        f"(the first: {shown[0]}), which Spark's listing cannot read; rename them to UTF-8, "
+        "e.g. convmv -f latin1 -t utf8 -r --notest FOLDER"
+    )
+    json.dumps(listing.skipped())  # metrics.json takes them
     listing.release()
 
 

@@ -38,6 +38,14 @@ def broken_links_note(n_links: int, first: str) -> str:
     )
 
 
+def not_utf8_note(n_files: int, first: str) -> str:
+    return (
+        f"{n_files} image files skipped: their names (or a parent folder's) are not UTF-8 "
+        f"(the first: {first}), which Spark's listing cannot read; rename them to UTF-8, "
+        "e.g. convmv -f latin1 -t utf8 -r --notest FOLDER"
+    )
+
+
 def not_images_note(n_rows: int, example: str | None) -> str:
     return (
         f"{n_rows} manifest rows skipped: their URIs are empty or do not end in an image "
@@ -56,6 +64,9 @@ def skipped_notes(skipped: dict) -> list[str]:
     if skipped.get("n_broken_links_skipped"):
         first = skipped["broken_links_skipped"][0]
         notes.append(broken_links_note(skipped["n_broken_links_skipped"], first))
+    if skipped.get("n_not_utf8_skipped"):
+        first = skipped["not_utf8_skipped"][0]
+        notes.append(not_utf8_note(skipped["n_not_utf8_skipped"], first))
     n_rows, example = skipped.get("not_image_rows_skipped", (0, None))
     if n_rows:
         notes.append(not_images_note(n_rows, example))

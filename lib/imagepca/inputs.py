@@ -32,9 +32,7 @@ from .config import ExtractParams
 from .images import (
     IMAGE_EXTENSIONS,
     InputError,
-    broken_links_note,
     extension_glob,
-    hidden_note,
     label_column,
     name_column,
     skipped_notes,
@@ -51,17 +49,21 @@ SAMPLES_PER_LABEL = 3  # paths per label the listing keeps for a first look
 BROKEN_LINKS_KEPT = 20  # paths of links to nothing that metrics.json names
 
 
-def _skipped_fields(n_hidden: int, broken_links: tuple[str, ...], not_images: tuple) -> dict:
+def _skipped_fields(
+    n_hidden: int, broken_links: tuple[str, ...], not_images: tuple, not_utf8: tuple[str, ...]
+) -> dict:
     """What metrics.json says of the image files a listing dropped (see ImageListing)."""
     return {
         "n_hidden_skipped": n_hidden,
         "n_broken_links_skipped": len(broken_links),
         "broken_links_skipped": list(broken_links[:BROKEN_LINKS_KEPT]),
+        "n_not_utf8_skipped": len(not_utf8),
+        "not_utf8_skipped": list(not_utf8[:BROKEN_LINKS_KEPT]),
         "not_image_rows_skipped": list(not_images),
     }
 
 
-NOTHING_SKIPPED = _skipped_fields(0, (), (0, None))  # an output from before these fields
+NOTHING_SKIPPED = _skipped_fields(0, (), (0, None), ())  # an output from before these fields
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class ImageListing:
     n_hidden: int = 0  # local image files Spark's listing skips for a leading _
     not_images: tuple[int, str | None] = (0, None)  # a manifest's other rows: count, first
     broken_links: tuple[str, ...] = ()  # local links to nothing, named like images
+    not_utf8: tuple[str, ...] = ()  # local image files whose names are not UTF-8
     # The listing's own time (it runs in notebook 01's listing cell, before the extraction).
     seconds: float = field(default=0.0, compare=False)
     # An earlier run's figures of notebook 01 that the start of this run removed.
@@ -104,7 +107,7 @@ class ImageListing:
 
     def skipped(self) -> dict:
         """What metrics.json says of the image files Spark's listing dropped."""
-        return _skipped_fields(self.n_hidden, self.broken_links, self.not_images)
+        return _skipped_fields(self.n_hidden, self.broken_links, self.not_images, self.not_utf8)
 
     def labels(self) -> dict[str, int]:
         """Files per label, as the listing's scan returned them."""
@@ -220,11 +223,11 @@ def folder_reader(spark: SparkSession):
     )
 
 
-def _skipped_images(input_uri: str) -> tuple[int, list[str]]:
+def _skipped_images(input_uri: str) -> tuple[int, list[str], list[str]]:
     """:func:`imagepca.local_folders.skipped_images`; none for a remote location, which is
     not listed twice."""
     if not is_local(input_uri):
-        return 0, []
+        return 0, [], []
     return skipped_images(local_path(input_uri), IMAGE_EXTENSIONS)
 
 
@@ -249,13 +252,13 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
             "(or s3:// prefix) that holds one sub-folder of images per class, or a manifest "
             "of image URIs (manifest=..., --manifest with imagepca run)."
         ) from None
-    hidden, broken = _skipped_images(input_uri)
+    hidden, broken, not_utf8 = _skipped_images(input_uri)
     if not n_files:
+        notes = skipped_notes(_skipped_fields(hidden, tuple(broken), (0, None), tuple(not_utf8)))
         raise InputError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {input_uri!r}. "
             "Expected one sub-folder per class, e.g. INPUT/apple/1.jpg, INPUT/banana/2.jpg."
-            + (f" {hidden_note(hidden)}." if hidden else "")
-            + (f" {broken_links_note(len(broken), broken[0])}." if broken else "")
+            + "".join(f" {note}." for note in notes)
         )
     # Statuses only: binaryFile reads a file's bytes only when `content` is selected. Kept
     # (paths and sizes) for the sample, the fingerprint and an increment, filled by the job
@@ -275,6 +278,7 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
         relation=relation,
         n_hidden=hidden,
         broken_links=tuple(broken),
+        not_utf8=tuple(not_utf8),
     )
 
 

@@ -84,10 +84,26 @@ def listed_by_spark(name: str) -> bool:
     return not dropped or name.startswith(("_common_metadata", "_metadata"))
 
 
+def is_utf8(name: str) -> bool:
+    """Whether a file name's bytes are UTF-8: Python keeps others as surrogates (a Latin-1
+    ``café.jpg`` from an old archive), and Spark's JVM cannot open them."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(path: str) -> str:
+    """A path as text, bytes that are not UTF-8 as ``\\xe9`` escapes (JSON-safe)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def image_files(folder: str, extensions: tuple[str, ...], most: int | None = None):
     """Each image file (by ``extensions``, lower case) under a local folder, with what
     Spark's listing does with it: ``(path, kind)``, kind ``"listed"``, ``"skipped"`` for a
-    leading ``_`` (its name's or a parent folder's) or ``"broken"`` for a link to nothing,
+    leading ``_`` (its name's or a parent folder's), ``"broken"`` for a link to nothing and
+    ``"not_utf8"`` for a name (its own or a parent folder's) that is not UTF-8, both of
     which Hadoop's listing leaves out. Names with a leading ``.`` are hidden on purpose
     (``._IMG_1.JPG``, ``.thumbnails/``) and macOS's ``__MACOSX/`` holds no image: neither is
     given. Stops after ``most`` entries."""
@@ -97,12 +113,15 @@ def image_files(folder: str, extensions: tuple[str, ...], most: int | None = Non
         folders[:] = [name for name in folders if name[0] != "." and name != "__MACOSX"]
         parts = Path(parent).relative_to(root).parts
         in_skipped = not all(listed_by_spark(part) for part in parts)
+        in_unnamed = not all(is_utf8(part) for part in parts)
         for entry in files:
             seen += 1
             if not entry.name.lower().endswith(extensions) or entry.name.startswith("."):
                 continue
             if in_skipped or not listed_by_spark(entry.name):
                 yield entry.path, "skipped"
+            elif in_unnamed or not is_utf8(entry.name):
+                yield entry.path, "not_utf8"
             elif entry.is_symlink() and not os.path.exists(entry.path):
                 yield entry.path, "broken"
             else:
@@ -113,13 +132,15 @@ def image_files(folder: str, extensions: tuple[str, ...], most: int | None = Non
 
 def skipped_images(
     folder: str, extensions: tuple[str, ...], most: int = 100_000
-) -> tuple[int, list[str]]:
+) -> tuple[int, list[str], list[str]]:
     """Image files of a local folder that Spark's listing drops without a word, among its
-    first ``most`` entries: the number skipped for a leading ``_``, and the links to
-    nothing (see :func:`image_files`)."""
-    hidden, broken = 0, []
+    first ``most`` entries: the number skipped for a leading ``_``, the links to nothing,
+    and the names that are not UTF-8 (shown with escapes; see :func:`image_files`)."""
+    hidden, broken, not_utf8 = 0, [], []
     for path, kind in image_files(folder, extensions, most):
         hidden += kind == "skipped"
         if kind == "broken":
             broken.append(path)
-    return hidden, sorted(broken)
+        elif kind == "not_utf8":
+            not_utf8.append(shown(path))
+    return hidden, sorted(broken), sorted(not_utf8)
