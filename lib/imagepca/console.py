@@ -221,7 +221,7 @@ def increment_line(increment: dict | None) -> str | None:
     if "kept" in increment:
         return (
             f"incremental: {increment['featurized']} new or changed images featurized, "
-            f"{increment['kept']} kept, {increment['dropped']} dropped"
+            f"{increment['kept']} kept, {increment['dropped']} dropped (of files gone or changed)"
         )
     if "full_run_because" in increment:
         return f"incremental: a full run, because {increment['full_run_because']}"
