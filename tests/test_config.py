@@ -354,6 +354,20 @@ def test_run_options_spark_or_jupyter_would_reject_stop_before_any_write(
     assert not output.exists()
 
 
+@pytest.mark.parametrize(
+    "location", ["/data/Photos 10:30 [export]", "file:/data/in{1}:x", "file:///d/a:b/c*"]
+)
+def test_a_local_path_hadoop_cannot_glob_is_refused_before_any_work(location):
+    """A ':' beside [ ] { } * ? fails in Hadoop's globbing (a raw URISyntaxException, after
+    featurization for an output); each alone is read as written."""
+    for name in ("input", "output"):
+        other = {"input": "/data/in", "output": "/data/out"}
+        with pytest.raises(ParameterError, match=f"{name} .*Hadoop cannot read a local path"):
+            ExtractParams(**{**other, name: location})
+    for fine in ("/data/Photos 10:30", "/data/in [1]", "s3://b/Photos 10:30 [x]", "file:/d/[1]"):
+        assert ExtractParams(input=fine, output="/data/out").input == fine
+
+
 def test_run_options_reach_the_parameters_with_their_defaults():
     """`imagepca run`'s tuning options default to the parameters' own defaults, and a 0
     given on the command line is a value, not an option left out."""

@@ -104,6 +104,16 @@ def _check_location(name: str, value: object) -> None:
         name,
         f"must be a non-empty local path or URI (file://, s3://, hdfs://), got {value!r}",
     )
+    # Hadoop's globbing, which every read goes through, makes each name of a local path
+    # with [ ] { } * ? into a path of its own: one with a ':' then parses as a URI and fails.
+    remote = "://" in value and not value.startswith("file:")
+    local = "" if remote else value.removeprefix("file:")
+    _require(
+        ":" not in local or not any(char in local for char in "[]{}*?"),
+        name,
+        f"{value!r}: Hadoop cannot read a local path with ':' and one of [ ] {{ }} * ? in "
+        "it; rename the folder, or reach it through a link without them (ln -s)",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
