@@ -586,22 +586,42 @@ def test_a_stopped_cell_is_not_handled_during_the_clean_up(tmp_path, monkeypatch
     assert notebook.cells[-1].metadata.papermill.status == "failed"
 
 
-def test_a_terminated_run_exits_as_a_shell_reports_sigterm(tmp_path):
-    """``imagepca run`` stopped by SIGTERM exits 143, not 130 nor 1, so a scheduler or a
-    script can tell a cancel from a failure; the log is named as for any stopped run.
-    (Stand-in notebooks, 01 sleeping: the CLI's own path, without Spark.)"""
-    notebooks = tmp_path / "notebooks"
+def sleeping_notebooks(folder: Path) -> Path:
+    """Stand-in notebooks, 01 sleeping: the CLI's own path, without Spark."""
+    notebooks = folder / "notebooks"
     notebooks.mkdir()
     write_notebook(
         notebooks / runner.EXTRACT_NOTEBOOK, "input = None", "import time\ntime.sleep(600)"
     )
     write_notebook(notebooks / runner.REDUCE_NOTEBOOK, "output = None")  # never reached
-    output = tmp_path / "out"
-    process = subprocess.Popen(
+    return notebooks
+
+
+def start_run(output: Path, notebooks: Path) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-m", "imagepca", "run", "--input", str(FRUIT_PHOTOS), "--output",
          str(output), "--weights", str(WEIGHTS), "--notebooks", str(notebooks), "--skip-classify"],
         start_new_session=True, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def completed_output(folder: Path) -> tuple[Path, Path]:
+    """An output a run completed (``_SUCCESS``), and its executed notebook 01."""
+    output = folder / "out"
+    (output / "notebooks").mkdir(parents=True)
+    completed = output / "notebooks" / runner.EXTRACT_NOTEBOOK
+    write_notebook(completed, "input = 'the run that completed the output'")
+    (output / "_SUCCESS").write_bytes(b"")
+    return output, completed
+
+
+def test_a_terminated_run_exits_as_a_shell_reports_sigterm(tmp_path):
+    """``imagepca run`` stopped by SIGTERM exits 143, not 130 nor 1, so a scheduler or a
+    script can tell a cancel from a failure; the log is named as for any stopped run.
+    (Stand-in notebooks, 01 sleeping: the CLI's own path, without Spark.)"""
+    notebooks = sleeping_notebooks(tmp_path)
+    output = tmp_path / "out"
+    process = start_run(output, notebooks)
     saved = output / "notebooks" / runner.EXTRACT_NOTEBOOK
     err = signal_once_started(process, saved, lambda p: p.send_signal(signal.SIGTERM))
     assert process.returncode == 143
@@ -616,23 +636,10 @@ def test_a_notebook_01_stopped_before_touching_a_complete_output_goes_to_logs(tm
     """Ctrl-C in notebook 01 before it began replacing a complete output: the output keeps
     the executed notebooks of the run that completed it, the stopped one goes to logs/ (as
     a notebook 01 that raised), and the message says the output is still complete."""
-    notebooks = tmp_path / "notebooks"
-    notebooks.mkdir()
-    write_notebook(
-        notebooks / runner.EXTRACT_NOTEBOOK, "input = None", "import time\ntime.sleep(600)"
-    )
-    write_notebook(notebooks / runner.REDUCE_NOTEBOOK, "output = None")  # never reached
-    output = tmp_path / "out"
-    (output / "notebooks").mkdir(parents=True)
-    completed = output / "notebooks" / runner.EXTRACT_NOTEBOOK
-    write_notebook(completed, "input = 'the run that completed the output'")
+    notebooks = sleeping_notebooks(tmp_path)
+    output, completed = completed_output(tmp_path)
     before = completed.read_bytes()
-    (output / "_SUCCESS").write_bytes(b"")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "imagepca", "run", "--input", str(FRUIT_PHOTOS), "--output",
-         str(output), "--weights", str(WEIGHTS), "--notebooks", str(notebooks), "--skip-classify"],
-        start_new_session=True, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    process = start_run(output, notebooks)
     # papermill's copy of the stopped run is in notebooks/ while it runs.
     err = signal_once_started(
         process, completed, lambda p: p.send_signal(signal.SIGINT),
@@ -650,17 +657,9 @@ def test_a_notebook_01_stopped_before_touching_a_complete_output_goes_to_logs(tm
 
 def test_a_notebook_01_timed_out_before_touching_a_complete_output_goes_to_logs(tmp_path):
     """The same for --execution-timeout: the message names where the stopped notebook is."""
-    notebooks = tmp_path / "notebooks"
-    notebooks.mkdir()
-    write_notebook(
-        notebooks / runner.EXTRACT_NOTEBOOK, "input = None", "import time\ntime.sleep(600)"
-    )
-    output = tmp_path / "out"
-    (output / "notebooks").mkdir(parents=True)
-    completed = output / "notebooks" / runner.EXTRACT_NOTEBOOK
-    write_notebook(completed, "input = 'the run that completed the output'")
+    notebooks = sleeping_notebooks(tmp_path)
+    output, completed = completed_output(tmp_path)
     before = completed.read_bytes()
-    (output / "_SUCCESS").write_bytes(b"")
     stopped = output / "logs" / runner.EXTRACT_NOTEBOOK
     with pytest.raises(runner.NotebookFailed, match=f"partial notebook: {stopped}"):
         runner.run_notebooks(
