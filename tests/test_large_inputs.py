@@ -211,6 +211,25 @@ def test_a_manifest_spark_cannot_read_is_named_with_how_it_was_read(spark, tmp_p
     assert "any other as Parquet" in message and "\tat " not in message
 
 
+def test_a_manifest_that_is_an_image_a_folder_or_empty_says_so(spark, tmp_path):
+    """Read as Parquet, an image or a folder of images failed with a Spark error naming
+    neither; an empty CSV said it had no path column."""
+    from imagepca.images import InputError
+
+    image = next(FRUIT_PHOTOS.glob("apple/*.jpg"))
+    for given in (image, image.parent):
+        with pytest.raises(InputError, match="is an image or a folder.*--input"):
+            read_manifest(spark, str(given))
+    (tmp_path / "list.csv").write_text("")
+    with pytest.raises(InputError, match="is empty: its first line names the columns"):
+        read_manifest(spark, str(tmp_path / "list.csv"))
+    # A Parquet dataset Spark wrote is a folder too, and a manifest.
+    spark.createDataFrame([(str(image),)], "path string").write.parquet(str(tmp_path / "ds"))
+    listing = read_manifest(spark, str(tmp_path / "ds"))
+    assert listing.n_files == 1
+    listing.release()
+
+
 def test_a_csv_manifest_as_python_pandas_and_excel_write_it(spark, tmp_path):
     """RFC 4180: a quote in a field doubled; a header's names trimmed (``path, label``); a
     time as seconds since 1970 (``find -printf %T@``). A size or time that does not parse

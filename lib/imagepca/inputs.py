@@ -38,7 +38,7 @@ from .images import (
     skipped_notes,
 )
 from .inventory import inventory_table
-from .local_folders import skipped_images
+from .local_folders import is_plain_folder, skipped_images
 from .session import cached_shuffle_settings, default_parallelism, spark_settings
 from .storage import URI_SCHEME, error_line, is_local, literal, local_path
 
@@ -363,6 +363,12 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
         # location (a bare "images.csv" has no folder to cut off).
         manifest_uri = os.path.abspath(os.path.expanduser(manifest_uri))
     inventory = manifest_uri.rstrip("/").endswith(".json")
+    local = local_path(manifest_uri) if is_local(manifest_uri) else ""
+    if manifest_uri.lower().endswith(IMAGE_EXTENSIONS) or is_plain_folder(local):
+        raise InputError(  # read as Parquet: a Spark error that says neither
+            f"manifest {manifest_uri!r} is an image or a folder, not a list of images: a "
+            "folder of images is an input (--input, input=...)"
+        )
     try:
         if inventory:
             table = inventory_table(spark, manifest_uri)
@@ -462,6 +468,8 @@ def _uri_table(spark: SparkSession, uri: str) -> DataFrame:
     else:
         table = spark.read.parquet(literal(uri))
     columns = {c.strip().lower(): c for c in table.columns}  # "path, label" names label
+    if not columns:
+        raise InputError(f"manifest {uri!r} is empty: its first line names the columns (path)")
     if "path" not in columns:
         raise InputError(
             f"manifest {uri!r} has no `path` column (columns: {', '.join(table.columns)}). "

@@ -144,3 +144,8 @@ def skipped_images(
         elif kind == "not_utf8":
             not_utf8.append(shown(path))
     return hidden, sorted(broken), sorted(not_utf8)
+
+
+def is_plain_folder(path: str) -> bool:
+    """Whether a local path is a folder without Parquet files (not a dataset Spark wrote)."""
+    return os.path.isdir(path) and not any(Path(path).rglob("*.parquet"))
