@@ -38,6 +38,7 @@ from imagepca.console import summary
 from imagepca.images import InputError
 from imagepca.pipeline import extract_features, finish_run, reduce_features
 from imagepca.rejects import RejectedShareError
+from imagepca.storage import REPLACING_FILE
 
 # -- generated input ------------------------------------------------------------------------
 
@@ -598,8 +599,13 @@ def test_interrupted_run_leaves_no_complete_looking_output(spark, small_input, t
     assert not (output / "_SUCCESS").exists()
     assert not (output / "metrics.json").exists()
     after = snapshot(output)
+    # features/ says it was being replaced: notebook 02 refuses it until a run completes.
+    marker = json.loads(after["features"].pop(REPLACING_FILE))
+    assert marker["input"] == str(small_input)
     for name, files in after.items():
         assert files == previous[name], f"{name}/ changed by the interrupted run"
+    with pytest.raises(RuntimeError, match="notebook 01 began replacing"):
+        reduce_features(spark, ReduceParams(output=str(output), variance=0.9))
 
     extraction, _ = run_both(spark, small_input, output)
     assert extraction.n_images == 48
