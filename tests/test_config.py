@@ -364,7 +364,8 @@ def test_a_local_path_hadoop_cannot_glob_is_refused_before_any_work(location):
         other = {"input": "/data/in", "output": "/data/out"}
         with pytest.raises(ParameterError, match=f"{name} .*Hadoop cannot read a local path"):
             ExtractParams(**{**other, name: location})
-    for fine in ("/data/Photos 10:30", "/data/in [1]", "s3://b/Photos 10:30 [x]", "file:/d/[1]"):
+    readable = ("/data/Photos 10:30", "/data/in [1]", "s3://b/Photos 10:30 [x]", "hdfs:/d/in[1]")
+    for fine in (*readable, "file:/d/[1]"):
         assert ExtractParams(input=fine, output="/data/out").input == fine
 
 

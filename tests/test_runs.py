@@ -19,7 +19,7 @@ import nbformat
 import pytest
 
 from conftest import FRUIT_PHOTOS, WEIGHTS, processes_with, signal_once_started, write_notebook
-from imagepca import executed, runner
+from imagepca import executed, pipeline, runner
 from imagepca.classify import prepare
 from imagepca.cli import main
 from imagepca.config import ClassifyParams, ExtractParams, ReduceParams
@@ -32,6 +32,7 @@ from imagepca.storage import (
     CLASSIFY_FIGURES,
     EXTRACT_FIGURES,
     REDUCE_FIGURES,
+    REPLACING_FILE,
     Storage,
 )
 from moto_server import aws_env, moto_endpoint  # noqa: F401
@@ -325,24 +326,33 @@ def test_cells_run_again_never_complete_an_output_with_another_runs_artifacts(
     assert metrics["classification"]["reduced"]["k"] == 5 and marker.exists()
     assert "notebook 03 has classified this reduction since" in capsys.readouterr().out
 
-    # A notebook 03 that read k = 5 while notebook 02 ran again with k = 3 writes nothing.
+    # A notebook 03 that read k = 5 (and wrote a figure) while notebook 02 ran again with
+    # k = 3 writes nothing more: no figure, no staged model on a refit, no publish.
     stale = prepare(spark, classify)
     stale.fit_reduced()
+    stale.save_figure(plot_confusion_matrix(**reduced.scores["confusion_matrix"]), "cm.png")
+    # Notebook 02's last cell again meanwhile: notebook 03 has not published this time.
+    with pytest.raises(RuntimeError, match="began classifying this reduction again"):
+        finish_run(spark, uri, reduction.metrics)
     reduction = reduce_features(spark, ReduceParams(output=uri, k=3))
     finish_run(spark, uri, reduction.metrics)
     for write in (
         lambda: stale.save_figure(
             plot_confusion_matrix(**reduced.scores["confusion_matrix"]), "cm.png"
         ),
+        stale.fit_reduced,
         stale.publish,
     ):
         with pytest.raises(RuntimeError, match="notebook 02 ran again since prepare.*k = 5.*k = 3"):
             write()
     assert marker.exists() and not (output / "classifier_model").exists()
+    assert not (output / "_staging").exists()
     assert json.loads((output / "metrics.json").read_text())["k"] == 3
 
 
-def test_notebook_02_refuses_features_notebook_01_began_replacing(spark, sample_run, tmp_path):
+def test_notebook_02_refuses_features_notebook_01_began_replacing(
+    spark, sample_run, tmp_path, monkeypatch
+):
     """Notebook 01 stopped after its first look at a new input (its samples.png drawn):
     notebook 02 on the earlier features would complete an output mixing the two runs."""
     output = tmp_path / "out"
@@ -354,6 +364,20 @@ def test_notebook_02_refuses_features_notebook_01_began_replacing(spark, sample_
     with pytest.raises(RuntimeError, match="notebook 01 began replacing .* did not finish"):
         reduce_features(spark, ReduceParams(output=uri, k=5))
     assert not (output / "_SUCCESS").exists()
+    # So does a --reuse-features run whose features are not reusable (other parameters),
+    # stopped once it knows it featurizes everything again.
+    (output / "features" / REPLACING_FILE).unlink()
+    changed = {"output": uri, "reuse_features": True, "max_image_pixels": 10**7}
+    other = ExtractParams(**{**extract, **changed})
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "load_model_payload", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(spark, other)
+    assert (output / "features" / REPLACING_FILE).exists()
+    monkeypatch.undo()
     # A run that keeps the earlier features settles it.
     params = ExtractParams(**{**extract, "output": uri, "reuse_features": True})
     extract_features(spark, params)
@@ -367,8 +391,6 @@ def test_an_output_is_not_complete_between_notebooks_02_and_03_of_one_run(
     """A scheduler waiting for _SUCCESS must not take the output between the two notebooks:
     with notebook 03 next (then_classify, as imagepca run plans it), notebook 02 leaves
     _SUCCESS to it, unless the classifier is skipped."""
-    from imagepca import pipeline
-
     planned = ExtractParams(input="in", output="o"), ReduceParams(output="o")
     assert runner.plan(*planned, classify=True)[1].parameters["then_classify"] is True
     assert runner.plan(*planned)[1].parameters["then_classify"] is False
@@ -647,7 +669,7 @@ def test_a_notebook_01_stopped_before_touching_a_complete_output_goes_to_logs(tm
     )  # fmt: skip
     assert process.returncode == 130
     assert err.splitlines()[-1] == (
-        f"error: interrupted: {output} still holds the earlier run, complete"
+        f"error: interrupted: {output} is complete: it holds the last run that completed there"
     )
     assert completed.read_bytes() == before
     stopped = nbformat.read(str(output / "logs" / runner.EXTRACT_NOTEBOOK), as_version=4)

@@ -27,11 +27,11 @@ metrics, the PCA, the split by label, the comparison subset) and returns a
 
 The scores go into ``metrics.json`` under ``"classification"``. :func:`prepare` withdraws
 the output's ``_SUCCESS`` (a run stopped in notebook 03 must not look complete); its
-``metrics.json`` goes at this stage's first write (a figure, or the model's), and the
-fitted model is saved under ``_staging/`` while the notebook goes on
-(:class:`imagepca.classify_model.StagedSave`);
+``metrics.json`` stays, notebook 02's, for the notebook to run again from its top. At this
+stage's first write (a figure, or the model's) the fitted model is saved under
+``_staging/`` while the notebook goes on (:class:`imagepca.classify_model.StagedSave`);
 :meth:`Classification.publish` swaps it in and writes ``metrics.json``, then ``_SUCCESS``,
-again.
+again. No write is made once notebook 02 has redone the reduction :func:`prepare` read.
 """
 
 from __future__ import annotations
@@ -163,10 +163,11 @@ class Classification:
         uri = join(self.params.output, METRICS_FILE)
         current = self.storage.read_json(uri) if self.storage.exists(uri) else None
         if current is None or reduction_of(current) != reduction_of(self.run_metrics):
-            now = "is being redone" if current is None else f"has k = {current.get('k')} now"
+            now = "is being redone" if current is None else f"is of {current.get('finished_at')}"
             raise RuntimeError(
                 f"{self.params.output}: notebook 02 ran again since prepare() read the "
-                f"reduction (k = {self.k}); its output {now}. Nothing was written: run this "
+                f"reduction of {self.run_metrics.get('finished_at')} (k = {self.k}); its output "
+                f"{now} (k = {(current or {}).get('k')}). Nothing was written: run this "
                 "notebook again from its top (prepare), once notebook 02 has completed"
             )
 
@@ -174,10 +175,11 @@ class Classification:
         """Start saving the reduced classifier (:class:`StagedSave`) once it is fitted and
         this stage writes to the output."""
         if self.writing and "reduced" in self.results and not self._model_save.started:
+            self._check_reduction_unchanged()  # a refit after notebook 02 ran again
             self._model_save.start(self.results["reduced"].model)
 
     def save_figure(self, fig: Figure, name: str) -> str:
-        """Write ``fig`` as ``OUTPUT/name`` (withdrawing the completion markers first)."""
+        """Write ``fig`` as ``OUTPUT/name`` (withdrawing ``_SUCCESS`` first)."""
         self._begin_writes()
         return save_figure(fig, self.storage, self.params.output, name)
 

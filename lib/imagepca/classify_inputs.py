@@ -81,8 +81,8 @@ def read_inputs(spark: SparkSession, params: ClassifyParams, storage: Storage) -
     missing = [uri for uri in [metrics_uri, *needed] if not storage.exists(uri)]
     if missing:
         raise FileNotFoundError(
-            f"missing {', '.join(missing)}: notebook 02 has not completed on this output "
-            "(or an earlier classification was interrupted); run notebooks 01 and 02 "
+            f"missing {', '.join(missing)}: notebook 02 has not completed on this output; "
+            "run notebooks 01 and 02 "
             "(`imagepca run`, or `--reuse-features` to keep the features) first"
         )
     run_metrics = storage.read_json(metrics_uri)

@@ -281,7 +281,7 @@ def _stopped_output_note(output: str) -> str:
     from .executed import is_complete
 
     if is_complete(output):
-        return f"{output} still holds the earlier run, complete"
+        return f"{output} is complete: it holds the last run that completed there"
     return (
         f"{output} is incomplete (no _SUCCESS); run again (--reuse-features keeps features/ "
         "if their featurization had finished)"

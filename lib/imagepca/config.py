@@ -106,8 +106,8 @@ def _check_location(name: str, value: object) -> None:
     )
     # Hadoop's globbing, which every read goes through, makes each name of a local path
     # with [ ] { } * ? into a path of its own: one with a ':' then parses as a URI and fails.
-    remote = "://" in value and not value.startswith("file:")
-    local = "" if remote else value.removeprefix("file:")
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):", value)  # hdfs:/x names no local path
+    local = value.removeprefix("file:") if not scheme or scheme[1] == "file" else ""
     _require(
         ":" not in local or not any(char in local for char in "[]{}*?"),
         name,

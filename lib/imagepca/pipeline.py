@@ -70,7 +70,6 @@ from .storage import (
     EXTRACT_NOTEBOOK,
     EXTRACTION_FILE,
     FAILED_EXTRACT_NOTEBOOK,
-    METRICS_FILE,
     REDUCE_FIGURES,
     REDUCE_NOTEBOOK,
     REPLACING_FILE,
@@ -78,7 +77,6 @@ from .storage import (
     Storage,
     join,
     literal,
-    reduction_of,
     vector_write_settings,
 )
 
@@ -222,6 +220,8 @@ def extract_features(
                 increment = plan_increment(spark, features_uri, listing.files)
             not_reused = None  # what changed is featurized, not everything "again"
 
+    if increment is None:  # every image featurized again: features/ is being replaced
+        storage.mark_replacing(params.output, params.source)
     with timed(timings, "model_s"):
         payload = load_model_payload(params, weights_file, storage)
     settings = {ARROW_BATCH_KEY: str(params.max_records_per_batch)}
@@ -480,18 +480,15 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
 
 def finish_run(spark: SparkSession, output: str, metrics: dict) -> None:
     """Wait for notebook 02's models (:func:`imagepca.reduction.save_models`; a failed save
-    raises here), then write ``metrics.json`` and ``_SUCCESS``: from here on the output is
-    complete."""
+    raises here), then write ``metrics.json`` and ``_SUCCESS`` (notebook 03's to write with
+    ``then_classify``): from there on the output is complete."""
     waited = wait_for_models(output)
     if waited is not None:
         metrics.setdefault("timings_s", {})["models_wait_s"] = waited
     storage, removed = Storage(spark), metrics.get("removed_from_earlier_run", [])
-    uri = join(output, METRICS_FILE)
-    current = storage.read_json(uri) if storage.exists(uri) else {}
-    classified = "classification" in current and "skipped" not in current["classification"]
-    if classified and reduction_of(current) == reduction_of(metrics):
+    if storage.classified_since(output, metrics):  # the cell run again after notebook 03
         print("notebook 03 has classified this reduction since: the output is kept as it is")
-        return  # the cell run again after notebook 03: its metrics.json is the newer one
+        return
     metrics["removed_from_earlier_run"] = storage.missing(output, removed)  # not drawn again
     # With notebook 03 next in this run (then_classify), _SUCCESS is its to write.
     then_classify = metrics["params"]["reduce"].get("then_classify", False)

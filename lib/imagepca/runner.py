@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .config import S3_SCHEMES, ExtractParams, ReduceParams
 from .console import Console
-from .executed import completed_copy, is_complete, keep_completed_copy, record_stop
+from .executed import completed_copy, keep_completed_copy, record_stop
 from .kernel import PromptKernelClient, recording_engine, stop_kernel_spark, stopping_clients
 from .local_folders import image_files
 from .storage import (  # the notebooks' names: imported from here too (cli, aws.runs)
@@ -33,7 +33,6 @@ from .storage import (  # the notebooks' names: imported from here too (cli, aws
     EXECUTED_DIR,
     EXTRACT_NOTEBOOK,
     EXTRACTION_FILE,
-    FAILED_EXTRACT_NOTEBOOK,
     METRICS_FILE,
     REDUCE_NOTEBOOK,
     is_local,
@@ -261,6 +260,7 @@ def run_notebooks(
     # A notebook 01 stopped (Ctrl-C, a timeout) before it touched a complete output: its copy
     # goes to logs/ once the kernel has stopped, as a notebook 01 that raised does.
     keep_after_stop: tuple[str, str] | None = None
+    timed_out: NotebookFailed | None = None  # a timed-out notebook's error, for its message
     restore_sigterm = _sigterm_interrupts()
     try:
         for number, run in enumerate(runs, 1):
@@ -296,7 +296,7 @@ def run_notebooks(
                 if not isinstance(error, RunTerminated):
                     error = KeyboardInterrupt("the run was interrupted here")
                 record_stop(destination, error)
-                if kept is not None:
+                if kept is not None and kernel == LOCAL_KERNEL:  # its cell stops with it
                     keep_after_stop = (destination, kept)
                 raise
             except PapermillExecutionError as error:
@@ -311,17 +311,19 @@ def run_notebooks(
                 _ended(console, label, started, failed=True)
                 if isinstance(error, CellTimeoutError):
                     record_stop(destination, error)
-                    if kept is not None and is_complete(output):
+                    if kept is not None and kernel == LOCAL_KERNEL:
                         keep_after_stop = (destination, kept)
-                        destination = join(papermill_location(output), FAILED_EXTRACT_NOTEBOOK)
                 # The whole error (a timeout's includes the cell's code) goes to the log;
                 # the message, printed last, keeps its first line.
                 logging.getLogger(__name__).error("%s did not complete: %r", run.name, error)
                 first_line = (str(error).strip().splitlines() or [""])[0]
-                raise NotebookFailed(
+                failure = NotebookFailed(
                     f"{run.name} did not complete: {type(error).__name__}: {first_line} "
                     f"(partial notebook: {destination})"
-                ) from None
+                )
+                if isinstance(error, CellTimeoutError):
+                    timed_out = failure
+                raise failure from None
             _ended(console, label, started)
             if run.name == EXTRACT_NOTEBOOK and kernel != LOCAL_KERNEL and is_local(output):
                 _check_written_here(output, run.name, since=started_at)
@@ -345,7 +347,9 @@ def run_notebooks(
             run_sync(kernel_manager.shutdown_kernel)(now=stopped)
         stop_clients()
         if keep_after_stop is not None:  # nothing of the run touches the output any more
-            keep_completed_copy(output, *keep_after_stop)
+            kept_at = keep_completed_copy(output, *keep_after_stop)
+            if timed_out is not None:  # the message names where the stopped notebook is
+                timed_out.args = (timed_out.args[0].replace(keep_after_stop[0], kept_at),)
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -419,6 +419,22 @@ class Storage:
                 "again (or `imagepca run`); --reuse-features keeps the earlier features"
             )
 
+    def classified_since(self, output: str, metrics: dict) -> bool:
+        """Whether notebook 03 has completed ``output`` on the reduction ``metrics`` (notebook
+        02's) describe, since: its ``metrics.json`` is then the newer one. Raises when it
+        began classifying it again and has not published."""
+        uri = join(output, METRICS_FILE)
+        current = self.read_json(uri) if self.exists(uri) else {}
+        classified = "classification" in current and "skipped" not in current["classification"]
+        if not classified or reduction_of(current) != reduction_of(metrics):
+            return False
+        if not self.exists(join(output, SUCCESS_MARKER)):
+            raise RuntimeError(
+                "notebook 03 began classifying this reduction again and has not published: "
+                "run it to its end, or notebook 02 from its top"
+            )
+        return True
+
     def finish_run(self, output: str, metrics: dict, *, complete: bool = True) -> None:
         """Write ``metrics.json`` and then ``_SUCCESS`` (unless a later stage of the run is
         to complete it): the last two files of a run."""
