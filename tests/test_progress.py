@@ -224,20 +224,21 @@ def test_an_interrupted_write_stops_its_jobs_before_its_folder_goes(spark, tmp_p
     from imagepca.storage import STAGING_DIR, Storage
 
     context, output = spark.sparkContext, str(tmp_path / "out")
-    started = threading.Event()
+    started, ended = threading.Event(), {}
 
     def slow_rows(batches):
         for batch in batches:
             time.sleep(60)
             yield batch
 
+    def slow_write(uri: str) -> None:  # the job the cell was waiting on when interrupted
+        try:
+            spark.range(4, numPartitions=2).mapInPandas(slow_rows, "id long").write.parquet(uri)
+        except Exception as error:
+            ended["error"] = error
+
     def write(uri: str) -> None:
-        job = threading.Thread(  # the job the cell was waiting on when interrupted
-            target=lambda: (
-                spark.range(4, numPartitions=2).mapInPandas(slow_rows, "id long").write.parquet(uri)
-            ),
-            daemon=True,
-        )
+        job = threading.Thread(target=slow_write, args=(uri,), daemon=True)
         job.start()
         deadline = time.monotonic() + 60
         while not context.statusTracker().getActiveJobsIds() and time.monotonic() < deadline:
@@ -250,6 +251,10 @@ def test_an_interrupted_write_stops_its_jobs_before_its_folder_goes(spark, tmp_p
         Storage(spark).stage(output, "features", write)
     assert started.is_set()
     assert not context.statusTracker().getActiveJobsIds()
+    deadline = time.monotonic() + 10
+    while "error" not in ended and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "cancelled" in str(ended["error"])
     assert time.monotonic() - begun < 50  # well before the tasks' 60 s sleep
     time.sleep(1)  # a job still running would write its task files now
     assert not (tmp_path / "out" / STAGING_DIR).exists()
