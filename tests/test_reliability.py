@@ -208,6 +208,12 @@ def test_bad_input_accounting_is_exact(bad_corpus, bad_run):
     assert n_found > 2_400
     assert extraction.metadata["n_files_found"] == len(extraction.listing) == n_found
     assert extraction.n_images + extraction.n_rejected == n_found
+    # The listing's counts per label leave out the empty files Spark's scan skips: it says so.
+    empty = sum(kind == "empty file" for kind in expected.values())
+    assert sum(extraction.listing.labels().values()) == n_found - empty
+    assert f"{empty} of them empty or unreadable: not counted per label" in (
+        extraction.listing.describe()
+    )
     assert extraction.n_images == len(bad_corpus["valid"])
 
     pairs = zip(rejected.path, rejected.reason, strict=True)

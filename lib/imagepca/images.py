@@ -55,6 +55,27 @@ def not_images_note(n_rows: int, example: str | None) -> str:
     )
 
 
+SKIPPED_PATHS_KEPT = 20  # paths of files a listing dropped that metrics.json names
+
+
+def skipped_fields(
+    n_hidden: int, broken_links: tuple[str, ...], not_images: tuple, not_utf8: tuple[str, ...]
+) -> dict:
+    """What metrics.json says of the image files a listing dropped (see
+    :class:`imagepca.inputs.ImageListing`)."""
+    return {
+        "n_hidden_skipped": n_hidden,
+        "n_broken_links_skipped": len(broken_links),
+        "broken_links_skipped": list(broken_links[:SKIPPED_PATHS_KEPT]),
+        "n_not_utf8_skipped": len(not_utf8),
+        "not_utf8_skipped": list(not_utf8[:SKIPPED_PATHS_KEPT]),
+        "not_image_rows_skipped": list(not_images),
+    }
+
+
+NOTHING_SKIPPED = skipped_fields(0, (), (0, None), ())  # an output from before these fields
+
+
 def skipped_notes(skipped: dict) -> list[str]:
     """What the fields on files a listing dropped (:meth:`imagepca.inputs.ImageListing.skipped`,
     also in ``metrics.json``) tell the user, one note each."""

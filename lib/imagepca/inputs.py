@@ -35,6 +35,7 @@ from .images import (
     extension_glob,
     label_column,
     name_column,
+    skipped_fields,
     skipped_notes,
 )
 from .inventory import inventory_table
@@ -46,24 +47,6 @@ LISTING_COLUMNS = ("path", "label", "size", "modified")
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
 PARALLEL_DISCOVERY_KEY = "spark.sql.sources.parallelPartitionDiscovery.threshold"
 SAMPLES_PER_LABEL = 3  # paths per label the listing keeps for a first look
-BROKEN_LINKS_KEPT = 20  # paths of links to nothing that metrics.json names
-
-
-def _skipped_fields(
-    n_hidden: int, broken_links: tuple[str, ...], not_images: tuple, not_utf8: tuple[str, ...]
-) -> dict:
-    """What metrics.json says of the image files a listing dropped (see ImageListing)."""
-    return {
-        "n_hidden_skipped": n_hidden,
-        "n_broken_links_skipped": len(broken_links),
-        "broken_links_skipped": list(broken_links[:BROKEN_LINKS_KEPT]),
-        "n_not_utf8_skipped": len(not_utf8),
-        "not_utf8_skipped": list(not_utf8[:BROKEN_LINKS_KEPT]),
-        "not_image_rows_skipped": list(not_images),
-    }
-
-
-NOTHING_SKIPPED = _skipped_fields(0, (), (0, None), ())  # an output from before these fields
 
 
 @dataclass(frozen=True)
@@ -102,12 +85,15 @@ class ImageListing:
         """How many image files were found where, and any the listing had to skip."""
         where = "under" if self.kind == "folder" else "listed in"
         lines = [f"{self.n_files} image files {where} {self.source}"]
+        unscanned = self.n_files - sum(self.label_counts.values())
+        if self.kind == "folder" and unscanned > 0:  # Spark's scan skips empty files
+            lines.append(f"{unscanned} of them empty or unreadable: not counted per label")
         lines += [f"warning: {note}" for note in skipped_notes(self.skipped())]
         return "\n".join(lines)
 
     def skipped(self) -> dict:
         """What metrics.json says of the image files Spark's listing dropped."""
-        return _skipped_fields(self.n_hidden, self.broken_links, self.not_images, self.not_utf8)
+        return skipped_fields(self.n_hidden, self.broken_links, self.not_images, self.not_utf8)
 
     def labels(self) -> dict[str, int]:
         """Files per label, as the listing's scan returned them."""
@@ -254,7 +240,7 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
         ) from None
     hidden, broken, not_utf8 = _skipped_images(input_uri)
     if not n_files:
-        notes = skipped_notes(_skipped_fields(hidden, tuple(broken), (0, None), tuple(not_utf8)))
+        notes = skipped_notes(skipped_fields(hidden, tuple(broken), (0, None), tuple(not_utf8)))
         raise InputError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {input_uri!r}. "
             "Expected one sub-folder per class, e.g. INPUT/apple/1.jpg, INPUT/banana/2.jpg."

@@ -27,7 +27,7 @@ from .features import (
     resolve_weights,
     warm_python_workers,
 )
-from .images import classifiable
+from .images import NOTHING_SKIPPED, classifiable
 from .increments import (
     LAYOUT,
     ROW_KEY,
@@ -42,7 +42,6 @@ from .increments import (
     why_not_reused,
 )
 from .inputs import (
-    NOTHING_SKIPPED,
     ImageListing,
     fingerprint,
     fingerprint_digest,
