@@ -369,6 +369,18 @@ def test_a_local_path_hadoop_cannot_glob_is_refused_before_any_work(location):
         assert ExtractParams(input=fine, output="/data/out").input == fine
 
 
+def test_classifier_options_with_skip_classify_are_refused(tmp_path, capsys):
+    """They would be ignored without a word: the run stops before any work."""
+    argv = ["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    argv.append("--skip-classify")
+    assert main([*argv, "--seed", "7", "--k-values", "2,5"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: --seed, --k-values set notebook 03, which --skip-classify leaves out: drop one "
+        "or the other"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_options_reach_the_parameters_with_their_defaults():
     """`imagepca run`'s tuning options default to the parameters' own defaults, and a 0
     given on the command line is a value, not an option left out."""

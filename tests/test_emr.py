@@ -688,6 +688,9 @@ def test_run_refuses_options_it_would_ignore(capsys):
     for argv, message in refused.items():
         assert cli("emr", "run", *argv, *common) == 1
         assert message in capsys.readouterr().err
+    # A parameter refused exits 2, as with `imagepca run`.
+    assert cli("emr", "run", "--cluster-id", "j-1", "--skip-classify", "--seed", "3", *common) == 2
+    assert "--seed set notebook 03, which --skip-classify leaves out" in capsys.readouterr().err
 
 
 def test_run_warns_of_locations_the_nodes_role_cannot_reach():

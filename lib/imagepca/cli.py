@@ -22,7 +22,7 @@ from .config import (
     check_master,
     max_components,
 )
-from .run_options import add_tuning_options, tuning_values
+from .run_options import add_tuning_options, refuse_unused_classifier_options, tuning_values
 
 
 def _add_run(subparsers) -> None:
@@ -141,6 +141,7 @@ def _check_run_options(args: argparse.Namespace) -> None:
     from .storage import is_local, local_path
 
     check_master(args.master)
+    refuse_unused_classifier_options(args)
     if args.execution_timeout is not None and args.execution_timeout <= 0:
         raise ParameterError(
             f"--execution-timeout {args.execution_timeout}: give a positive number of seconds "

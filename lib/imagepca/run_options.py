@@ -11,7 +11,14 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 
-from .config import IMAGE_SIZES, ClassifyParams, ExtractParams, ReduceParams, field_names
+from .config import (
+    IMAGE_SIZES,
+    ClassifyParams,
+    ExtractParams,
+    ParameterError,
+    ReduceParams,
+    field_names,
+)
 
 PARAMS_TYPES = (ExtractParams, ReduceParams, ClassifyParams)
 
@@ -84,7 +91,10 @@ def option_flag(name: str) -> str:
 
 def add_tuning_options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
     """Add :data:`TUNING_OPTIONS`; ``defaults=False`` leaves an option not given None, so
-    that only what the user chose is passed on (``imagepca emr run``)."""
+    that only what the user chose is passed on (``imagepca emr run``). The classifier's are
+    None unless given either way (ClassifyParams has the defaults): given, with
+    ``--skip-classify``, they are refused (:func:`refuse_unused_classifier_options`)."""
+    classifier = set(field_names(ClassifyParams))
     for name, spec in TUNING_OPTIONS.items():
         if spec.get("action") == "store_true":
             parser.add_argument(option_flag(name), **spec)
@@ -93,8 +103,19 @@ def add_tuning_options(parser: argparse.ArgumentParser, *, defaults: bool = True
         help_text = (
             spec["help"] if "default" in spec["help"] else f"{spec['help']} (default {default})"
         )
+        kept = defaults and name not in classifier
         parser.add_argument(
-            option_flag(name), **{**spec, "help": help_text}, default=default if defaults else None
+            option_flag(name), **{**spec, "help": help_text}, default=default if kept else None
+        )
+
+
+def refuse_unused_classifier_options(args: argparse.Namespace) -> None:
+    """``--skip-classify`` with notebook 03's options: they would be ignored without a word."""
+    given = tuning_values(args, ClassifyParams)
+    if args.skip_classify and given:
+        names = ", ".join(option_flag(name) for name in given)
+        raise ParameterError(
+            f"{names} set notebook 03, which --skip-classify leaves out: drop one or the other"
         )
 
 

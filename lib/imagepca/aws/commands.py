@@ -15,7 +15,11 @@ import sys
 from pathlib import Path
 
 from imagepca.config import IMAGE_SIZES
-from imagepca.run_options import add_tuning_options, tuning_values
+from imagepca.run_options import (
+    add_tuning_options,
+    refuse_unused_classifier_options,
+    tuning_values,
+)
 
 from . import account, cluster, doctor, runs, stage
 from .aws_commands import add_aws
@@ -165,6 +169,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _check_run_arguments(args: argparse.Namespace) -> None:
     """Refuse option combinations ``emr run`` would otherwise quietly ignore."""
+    refuse_unused_classifier_options(args)
     if args.via != "livy" and not args.cluster_id:
         raise AwsError(f"--via {args.via} needs --cluster-id (the id `emr up` printed)")
     if args.no_wait and args.via != "step":
