@@ -186,9 +186,8 @@ def test_k_values_beyond_the_folders_images_are_refused_before_the_run(tmp_path,
             "some are not usable images)"
         )
     )
-    # With --skip-classify the sweep does not run: nothing to refuse (the run then fails on
-    # these empty files, which is not this check's business).
-    assert main([*argv, "--k-values", "2,4", "--skip-classify", "--k", "9"]) == 2
+    # --k first, when both are too large.
+    assert main([*argv, "--k-values", "2,4", "--k", "9"]) == 2
     assert "--k 9:" in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "out").exists()
 
