@@ -71,7 +71,12 @@ class ParameterError(ValueError):
         """The message as the command line gives it: ``--batch-size`` for ``batch_size``."""
         if self.parameter is None:
             return str(self)
-        return f"--{self.parameter.replace('_', '-')} {self.requirement}"
+        return f"{option_flag(self.parameter)} {self.requirement}"
+
+
+def option_flag(name: str) -> str:
+    """A parameter's command-line option: ``--batch-size`` for ``batch_size``."""
+    return "--" + name.replace("_", "-")
 
 
 # The masters Spark 3.5 accepts (SparkContext.createTaskScheduler and its cluster managers).
@@ -98,6 +103,10 @@ def _require(condition: bool, parameter: str, requirement: str) -> None:
         raise ParameterError(requirement, parameter)
 
 
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # a URI's scheme: s3:, file:, hdfs:
+GLOB_CHARACTERS = "{}[]*?"  # what Hadoop's readers expand in a path (and a "\\" escapes)
+
+
 def _check_location(name: str, value: object) -> None:
     _require(
         isinstance(value, str) and value.strip() == value and value != "",
@@ -106,10 +115,10 @@ def _check_location(name: str, value: object) -> None:
     )
     # Hadoop's globbing, which every read goes through, makes each name of a local path
     # with [ ] { } * ? into a path of its own: one with a ':' then parses as a URI and fails.
-    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):", value)  # hdfs:/x names no local path
-    local = value.removeprefix("file:") if not scheme or scheme[1] == "file" else ""
+    remote = URI_SCHEME.match(value) and not value.lower().startswith("file:")  # hdfs:/x
+    local = "" if remote else value.removeprefix("file:")
     _require(
-        ":" not in local or not any(char in local for char in "[]{}*?"),
+        ":" not in local or not any(char in local for char in GLOB_CHARACTERS),
         name,
         f"{value!r}: Hadoop cannot read a local path with ':' and one of [ ] {{ }} * ? in "
         "it; rename the folder, or reach it through a link without them (ln -s)",

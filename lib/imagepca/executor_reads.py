@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from pyspark.sql import SparkSession
 
-from .storage import URI_SCHEME
+from .config import URI_SCHEME
 
 # Hadoop's S3A options that pyarrow's S3 client takes (names without "fs.s3a.").
 S3A_OPTIONS = (

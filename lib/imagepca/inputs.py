@@ -28,7 +28,7 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from .config import ExtractParams
+from .config import URI_SCHEME, ExtractParams
 from .images import (
     IMAGE_EXTENSIONS,
     InputError,
@@ -41,7 +41,7 @@ from .images import (
 from .inventory import inventory_table
 from .local_folders import is_plain_folder, skipped_images
 from .session import cached_shuffle_settings, default_parallelism, spark_settings
-from .storage import URI_SCHEME, error_line, is_local, literal, local_path
+from .storage import error_line, is_local, literal, local_path
 
 LISTING_COLUMNS = ("path", "label", "size", "modified")
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status

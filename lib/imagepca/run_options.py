@@ -18,6 +18,7 @@ from .config import (
     ParameterError,
     ReduceParams,
     field_names,
+    option_flag,
 )
 
 PARAMS_TYPES = (ExtractParams, ReduceParams, ClassifyParams)
@@ -83,10 +84,6 @@ def _parameter_default(name: str):
             if parameter.name == name:
                 return parameter.default
     raise KeyError(name)
-
-
-def option_flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def add_tuning_options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:

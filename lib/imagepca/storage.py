@@ -24,10 +24,10 @@ from py4j.protocol import Py4JJavaError
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import ArrayType, FloatType
 
+from .config import GLOB_CHARACTERS
 from .progress import cancel_jobs
 from .session import run_concurrently
 
-URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # a URI's scheme: s3:, file:, hdfs:
 SUCCESS_MARKER = "_SUCCESS"
 METRICS_FILE = "metrics.json"
 
@@ -113,7 +113,7 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-_GLOB_CHARACTERS = re.compile(r"([\\{}\[\]*?])")
+_GLOB_CHARACTERS = re.compile(f"([{re.escape(GLOB_CHARACTERS)}\\\\])")
 
 
 def literal(uri: str) -> str:
