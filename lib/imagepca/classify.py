@@ -160,8 +160,7 @@ class Classification:
     def _check_reduction_unchanged(self) -> None:
         """Refuse to write from a reduction notebook 02 has since replaced (or is replacing):
         a classifier of another PCA would complete an output it does not fit."""
-        uri = join(self.params.output, METRICS_FILE)
-        current = self.storage.read_json(uri) if self.storage.exists(uri) else None
+        current = self.storage.read_json_if_exists(join(self.params.output, METRICS_FILE))
         if current is None or reduction_of(current) != reduction_of(self.run_metrics):
             now = "is being redone" if current is None else f"is of {current.get('finished_at')}"
             raise RuntimeError(
@@ -175,7 +174,6 @@ class Classification:
         """Start saving the reduced classifier (:class:`StagedSave`) once it is fitted and
         this stage writes to the output."""
         if self.writing and "reduced" in self.results and not self._model_save.started:
-            self._check_reduction_unchanged()  # a refit after notebook 02 ran again
             self._model_save.start(self.results["reduced"].model)
 
     def save_figure(self, fig: Figure, name: str) -> str:
@@ -290,6 +288,8 @@ class Classification:
         """The classifier on ``reduced/`` (the chosen k): the model that is saved."""
         params = self.params
         self._model_save.discard()
+        if self.writing:  # its model is staged once fitted: not one of another reduction
+            self._check_reduction_unchanged()
         n_rows = sum(c["train"] + c["test"] for c in self.split_counts.values())
         with timed(self.timings, "reduced_s"):
             source = "reduced/ (array_to_vector(pca))"

@@ -71,7 +71,6 @@ from .storage import (
     FAILED_EXTRACT_NOTEBOOK,
     REDUCE_FIGURES,
     REDUCE_NOTEBOOK,
-    REPLACING_FILE,
     STAGING_DIR,
     Storage,
     join,
@@ -207,7 +206,7 @@ def extract_features(
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             )
             extraction = checked(Extraction(listing, metadata, reused=True), params)
-            storage.delete(join(features_uri, REPLACING_FILE))  # an interrupted run's
+            storage.clear_replacing(params.output)  # an interrupted run's
             storage.write_json(join(features_uri, EXTRACTION_FILE), metadata)
             return extraction
 
@@ -348,7 +347,7 @@ def extract_features(
     # None when nothing was featurized (an increment with nothing new read rejected files).
     metadata["images_per_s"] = round(n_todo / timings["featurize_s"], 2) if n_new else None
     # Written last: features/ never has a description of another run's rows.
-    storage.delete(join(features_uri, REPLACING_FILE))  # an interrupted full run's, if any
+    storage.clear_replacing(params.output)  # an interrupted full run's, if any
     storage.write_json(join(features_uri, EXTRACTION_FILE), metadata)
     storage.remove_empty_staging(params.output)  # none left if checked() below stops the run
     return checked(Extraction(listing, metadata), params)
@@ -360,8 +359,7 @@ def _label_counts(features: DataFrame) -> dict[str, int]:
 
 
 def _stored_extraction(storage: Storage, output: str) -> dict | None:
-    uri = join(output, "features", EXTRACTION_FILE)
-    return storage.read_json(uri) if storage.exists(uri) else None
+    return storage.read_json_if_exists(join(output, "features", EXTRACTION_FILE))
 
 
 def _stored_moments(storage: Storage, output: str, extraction: dict) -> Moments | None:

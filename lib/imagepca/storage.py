@@ -293,6 +293,9 @@ class Storage:
     def read_json(self, uri: str) -> dict:
         return json.loads(self.read_bytes(uri).decode("utf-8"))
 
+    def read_json_if_exists(self, uri: str) -> dict | None:
+        return self.read_json(uri) if self.exists(uri) else None
+
     def write_json(self, uri: str, document: dict) -> None:
         self.write_bytes(uri, json.dumps(document, indent=2, sort_keys=True).encode("utf-8"))
 
@@ -407,12 +410,15 @@ class Storage:
         started = {"input": source, "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
         self.write_json(join(output, "features", REPLACING_FILE), started)
 
+    def clear_replacing(self, output: str) -> None:
+        """``features/`` is this run's (reused, added to, or replaced): no marker is left."""
+        self.delete(join(output, "features", REPLACING_FILE))
+
     def refuse_half_replaced(self, output: str) -> None:
         """Raise when a full run's notebook 01 began replacing ``features/`` and stopped:
         the earlier features with this run's samples would complete a mixed output."""
-        uri = join(output, "features", REPLACING_FILE)
-        if self.exists(uri):
-            started = self.read_json(uri)
+        started = self.read_json_if_exists(join(output, "features", REPLACING_FILE))
+        if started:
             raise RuntimeError(
                 f"notebook 01 began replacing {join(output, 'features')} with the images of "
                 f"{started['input']} at {started['started_at']} and did not finish: run it "
@@ -423,8 +429,7 @@ class Storage:
         """Whether notebook 03 has completed ``output`` on the reduction ``metrics`` (notebook
         02's) describe, since: its ``metrics.json`` is then the newer one. Raises when it
         began classifying it again and has not published."""
-        uri = join(output, METRICS_FILE)
-        current = self.read_json(uri) if self.exists(uri) else {}
+        current = self.read_json_if_exists(join(output, METRICS_FILE)) or {}
         classified = "classification" in current and "skipped" not in current["classification"]
         if not classified or reduction_of(current) != reduction_of(metrics):
             return False
