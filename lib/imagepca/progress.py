@@ -366,6 +366,19 @@ class Tracker:
             self._report(final=True, failed=failed)
 
 
+@contextmanager
+def jobs_cancelled_on_interrupt(spark_context):
+    """On KeyboardInterrupt in the block, :func:`cancel_jobs` before the interrupt goes on
+    (to the block's clean-up: a staging folder's removal, say); ``None``: no Spark."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if spark_context is not None:
+            with suppress(Exception):
+                cancel_jobs(spark_context)
+        raise
+
+
 def cancel_jobs(spark_context, timeout: float = 60.0) -> bool:
     """Cancel every running Spark job and wait until none is active; whether they ended.
 
@@ -429,11 +442,9 @@ def track(
     tracker = Tracker(spark, name, total, unit=unit, interval=interval, out=out, err=err)
     tracker.start()
     try:
-        yield tracker
-    except BaseException as error:
-        if isinstance(error, KeyboardInterrupt):  # a notebook's interrupt: the jobs stop too
-            with suppress(Exception):
-                cancel_jobs(spark.sparkContext)
+        with jobs_cancelled_on_interrupt(spark.sparkContext):  # a notebook's interrupt
+            yield tracker
+    except BaseException:
         tracker.stop(failed=True)
         raise
     tracker.stop()

@@ -25,7 +25,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import ArrayType, FloatType
 
 from .config import GLOB_CHARACTERS
-from .progress import cancel_jobs
+from .progress import jobs_cancelled_on_interrupt
 from .session import run_concurrently
 
 SUCCESS_MARKER = "_SUCCESS"
@@ -370,11 +370,9 @@ class Storage:
         staged there: a failed run leaves no empty folder in the output."""
         staging = join(output, STAGING_DIR, f"{name}-{uuid.uuid4().hex[:12]}")
         try:
-            write(staging)
-        except BaseException as error:
-            if isinstance(error, KeyboardInterrupt):  # the jobs end before their folder goes
-                with suppress(Exception):
-                    cancel_jobs(self._spark_context)
+            with jobs_cancelled_on_interrupt(self._spark_context):  # before the folder goes
+                write(staging)
+        except BaseException:
             with suppress(Exception):  # the write's own error is the one to report
                 self.delete(staging)
                 self.remove_empty_staging(output)
