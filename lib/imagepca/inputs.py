@@ -371,7 +371,7 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
     # parent folder's name.
     label = F.nullif(F.trim(F.col("label")), F.lit(""))
     image = _is_image(F.col("path"))
-    size, modified = _size_and_time(table)
+    size, modified = _size_and_time()
     images = table.where(image).select(
         "path",
         # A URI without a folder ("D:photo.jpg", which no reader opens) labelled "".
@@ -430,7 +430,7 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
     )  # fmt: skip
 
 
-def _size_and_time(table: DataFrame) -> tuple[Column, Column]:
+def _size_and_time() -> tuple[Column, Column]:
     """A manifest's ``size`` in bytes and ``modified`` time; a number of seconds since 1970
     (``find -printf %T@``) is a time too."""
     seconds = F.col("modified").cast("double")

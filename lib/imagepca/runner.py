@@ -258,9 +258,9 @@ def run_notebooks(
     stop_clients = stopping_clients(kernel_manager)
     completed = False
     # A notebook 01 stopped (Ctrl-C, a timeout) before it touched a complete output: its copy
-    # goes to logs/ once the kernel has stopped, as a notebook 01 that raised does.
-    keep_after_stop: tuple[str, str] | None = None
-    timed_out: NotebookFailed | None = None  # a timed-out notebook's error, for its message
+    # goes to logs/ once the kernel has stopped, as a notebook 01 that raised does. Held as
+    # (its copy, the completed run's copy, a timeout's error that names where it went).
+    keep_after_stop: tuple[str, str, NotebookFailed | None] | None = None
     restore_sigterm = _sigterm_interrupts()
     try:
         for number, run in enumerate(runs, 1):
@@ -272,6 +272,8 @@ def run_notebooks(
                 continue
             destination = join(papermill_location(output), EXECUTED_DIR, run.name)
             kept = completed_copy(output, destination) if run.name == EXTRACT_NOTEBOOK else None
+            # A local kernel's cell stops with the kernel (a Livy driver's may not).
+            keep_when_stopped = kept is not None and kernel == LOCAL_KERNEL
             started, started_at = time.perf_counter(), time.time()
             if console is not None:
                 console.line(f"{label} ...")
@@ -296,8 +298,8 @@ def run_notebooks(
                 if not isinstance(error, RunTerminated):
                     error = KeyboardInterrupt("the run was interrupted here")
                 record_stop(destination, error)
-                if kept is not None and kernel == LOCAL_KERNEL:  # its cell stops with it
-                    keep_after_stop = (destination, kept)
+                if keep_when_stopped:
+                    keep_after_stop = (destination, kept, None)
                 raise
             except PapermillExecutionError as error:
                 _ended(console, label, started, failed=True)
@@ -309,10 +311,6 @@ def run_notebooks(
                 ) from None
             except Exception as error:  # kernel died, cell timeout, unreachable Livy...
                 _ended(console, label, started, failed=True)
-                if isinstance(error, CellTimeoutError):
-                    record_stop(destination, error)
-                    if kept is not None and kernel == LOCAL_KERNEL:
-                        keep_after_stop = (destination, kept)
                 # The whole error (a timeout's includes the cell's code) goes to the log;
                 # the message, printed last, keeps its first line.
                 logging.getLogger(__name__).error("%s did not complete: %r", run.name, error)
@@ -322,7 +320,9 @@ def run_notebooks(
                     f"(partial notebook: {destination})"
                 )
                 if isinstance(error, CellTimeoutError):
-                    timed_out = failure
+                    record_stop(destination, error)
+                    if keep_when_stopped:  # the message then names where the copy went
+                        keep_after_stop = (destination, kept, failure)
                 raise failure from None
             _ended(console, label, started)
             if run.name == EXTRACT_NOTEBOOK and kernel != LOCAL_KERNEL and is_local(output):
@@ -347,9 +347,10 @@ def run_notebooks(
             run_sync(kernel_manager.shutdown_kernel)(now=stopped)
         stop_clients()
         if keep_after_stop is not None:  # nothing of the run touches the output any more
-            kept_at = keep_completed_copy(output, *keep_after_stop)
-            if timed_out is not None:  # the message names where the stopped notebook is
-                timed_out.args = (timed_out.args[0].replace(keep_after_stop[0], kept_at),)
+            stopped_copy, completed_run_copy, failure = keep_after_stop
+            kept_at = keep_completed_copy(output, stopped_copy, completed_run_copy)
+            if failure is not None:
+                failure.args = (failure.args[0].replace(stopped_copy, kept_at),)
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
