@@ -22,7 +22,12 @@ from .config import (
     check_master,
     max_components,
 )
-from .run_options import add_tuning_options, refuse_unused_classifier_options, tuning_values
+from .run_options import (
+    add_tuning_options,
+    execution_timeout_problem,
+    refuse_unused_classifier_options,
+    tuning_values,
+)
 
 
 def _add_run(subparsers) -> None:
@@ -142,11 +147,9 @@ def _check_run_options(args: argparse.Namespace) -> None:
 
     check_master(args.master)
     refuse_unused_classifier_options(args)
-    if args.execution_timeout is not None and args.execution_timeout <= 0:
-        raise ParameterError(
-            f"--execution-timeout {args.execution_timeout}: give a positive number of seconds "
-            "one cell may run, or leave it out for no limit"
-        )
+    problem = execution_timeout_problem(args.execution_timeout)
+    if problem:
+        raise ParameterError(problem)
     livy.check_kernel_options(args.kernel, master=args.master, **_livy_options(args))
     if args.kernel not in (runner.LOCAL_KERNEL, livy.KERNEL_NAME):
         try:

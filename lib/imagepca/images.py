@@ -82,12 +82,9 @@ def skipped_notes(skipped: dict) -> list[str]:
     notes = []
     if skipped.get("n_hidden_skipped"):
         notes.append(hidden_note(skipped["n_hidden_skipped"]))
-    if skipped.get("n_broken_links_skipped"):
-        first = skipped["broken_links_skipped"][0]
-        notes.append(broken_links_note(skipped["n_broken_links_skipped"], first))
-    if skipped.get("n_not_utf8_skipped"):
-        first = skipped["not_utf8_skipped"][0]
-        notes.append(not_utf8_note(skipped["n_not_utf8_skipped"], first))
+    for kind, note in (("broken_links", broken_links_note), ("not_utf8", not_utf8_note)):
+        if skipped.get(f"n_{kind}_skipped"):  # counted, and the first named
+            notes.append(note(skipped[f"n_{kind}_skipped"], skipped[f"{kind}_skipped"][0]))
     n_rows, example = skipped.get("not_image_rows_skipped", (0, None))
     if n_rows:
         notes.append(not_images_note(n_rows, example))

@@ -116,6 +116,16 @@ def refuse_unused_classifier_options(args: argparse.Namespace) -> None:
         )
 
 
+def execution_timeout_problem(seconds: int | None) -> str | None:
+    """What is wrong with ``--execution-timeout``, if anything (both commands refuse it)."""
+    if seconds is None or seconds > 0:
+        return None
+    return (
+        f"--execution-timeout {seconds}: give a positive number of seconds one cell may run, "
+        "or leave it out for no limit"
+    )
+
+
 def _given(value: object) -> bool:
     """Not None nor False, by identity: 0 (a --max-rejected-fraction of 0) is a value given."""
     return value is not None and value is not False

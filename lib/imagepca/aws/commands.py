@@ -17,6 +17,7 @@ from pathlib import Path
 from imagepca.config import IMAGE_SIZES
 from imagepca.run_options import (
     add_tuning_options,
+    execution_timeout_problem,
     refuse_unused_classifier_options,
     tuning_values,
 )
@@ -186,17 +187,14 @@ def _check_run_arguments(args: argparse.Namespace) -> None:
                 f"{flag} {does}: give that run's --output s3://BUCKET/runs/RUN_ID (or its "
                 "--run-id); a new output has none, so every image would be featurized"
             )
-    if args.execution_timeout is not None:
-        if args.execution_timeout <= 0:
-            raise AwsError(
-                f"--execution-timeout {args.execution_timeout}: give a positive number of "
-                "seconds one cell may run, or leave it out for no limit"
-            )
-        if args.via == "notebook-execution":
-            raise AwsError(
-                "--execution-timeout applies to --via step and livy: EMR notebook "
-                "executions have no time limit per cell (--max-attempts bounds the wait)"
-            )
+    problem = execution_timeout_problem(args.execution_timeout)
+    if problem:
+        raise AwsError(problem)
+    if args.execution_timeout is not None and args.via == "notebook-execution":
+        raise AwsError(
+            "--execution-timeout applies to --via step and livy: EMR notebook executions "
+            "have no time limit per cell (--max-attempts bounds the wait)"
+        )
 
 
 def _run_options(args: argparse.Namespace, settings: EmrSettings, run_id: str) -> runs.RunOptions:
