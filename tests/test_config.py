@@ -154,41 +154,39 @@ def test_linked_class_folders_count_for_k(spark, tmp_path, capsys):
     listing.release()
 
 
+def refused(argv: list[str], capsys) -> str:
+    """The last line `imagepca` prints for options it refuses (exit status 2)."""
+    assert main(argv) == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+def images_folder(root: Path, labels: tuple[str, ...], per_label: int) -> list[str]:
+    """Empty files named like images, ``per_label`` per label; ``run``'s arguments on them."""
+    for label in labels:
+        (root / "images" / label).mkdir(parents=True)
+        for index in range(per_label):
+            (root / "images" / label / f"{index}.jpg").write_bytes(b"")
+    return ["run", "--input", str(root / "images"), "--output", str(root / "out")]
+
+
 def test_k_on_a_folder_of_one_image_says_pca_needs_two(tmp_path, capsys):
-    (tmp_path / "images" / "apple").mkdir(parents=True)
-    (tmp_path / "images" / "apple" / "1.jpg").write_bytes(b"")
-    argv = ["run", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "out")]
-    assert main([*argv, "--k", "1"]) == 2
-    assert (
-        capsys.readouterr()
-        .err.splitlines()[-1]
-        .endswith(
-            "holds 1 image files, and the PCA of n images has at most n - 1 components with "
-            "variance; PCA needs 2"
-        )
+    argv = images_folder(tmp_path, ("apple",), 1)
+    assert refused([*argv, "--k", "1"], capsys).endswith(
+        "holds 1 image files, and the PCA of n images has at most n - 1 components with "
+        "variance; PCA needs 2"
     )
 
 
 def test_k_values_beyond_the_folders_images_are_refused_before_the_run(tmp_path, capsys):
-    """The sweep's k values are checked as --k is, unless notebook 03 does not run."""
-    for label in ("apple", "banana"):
-        (tmp_path / "images" / label).mkdir(parents=True)
-        for name in ("1.jpg", "2.jpg"):
-            (tmp_path / "images" / label / name).write_bytes(b"")
-    argv = ["run", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "out")]
-    assert main([*argv, "--k-values", "2,4"]) == 2
-    assert (
-        capsys.readouterr()
-        .err.splitlines()[-1]
-        .endswith(
-            "--k-values 2,4: " + str(tmp_path / "images") + " holds 4 image files, and the PCA of "
-            "n images has at most n - 1 components with variance; give --k-values up to 3 (less if "
-            "some are not usable images)"
-        )
+    """The sweep's k values are checked as --k is."""
+    argv = images_folder(tmp_path, ("apple", "banana"), 2)
+    assert refused([*argv, "--k-values", "2,4"], capsys).endswith(
+        "--k-values 2,4: " + str(tmp_path / "images") + " holds 4 image files, and the PCA of "
+        "n images has at most n - 1 components with variance; give --k-values up to 3 (less if "
+        "some are not usable images)"
     )
     # --k first, when both are too large.
-    assert main([*argv, "--k-values", "2,4", "--k", "9"]) == 2
-    assert "--k 9:" in capsys.readouterr().err.splitlines()[-1]
+    assert "--k 9:" in refused([*argv, "--k-values", "2,4", "--k", "9"], capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -371,9 +369,7 @@ def test_a_local_path_hadoop_cannot_glob_is_refused_before_any_work(location):
 def test_classifier_options_with_skip_classify_are_refused(tmp_path, capsys):
     """They would be ignored without a word: the run stops before any work."""
     argv = ["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
-    argv.append("--skip-classify")
-    assert main([*argv, "--seed", "7", "--k-values", "2,5"]) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
+    assert refused([*argv, "--skip-classify", "--seed", "7", "--k-values", "2,5"], capsys) == (
         "error: --seed, --k-values set notebook 03, which --skip-classify leaves out: drop one "
         "or the other"
     )
