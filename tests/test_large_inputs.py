@@ -25,6 +25,7 @@ from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca import pipeline
 from imagepca.config import ExtractParams, ReduceParams
 from imagepca.console import summary
+from imagepca.increments import settled_rejections
 from imagepca.inputs import read_manifest
 from imagepca.pipeline import MOMENTS_FILE, extract_features, finish_run, reduce_features
 
@@ -390,9 +391,11 @@ def test_an_incremental_run_with_nothing_new_adds_no_batch(spark, tmp_path):
     again = extract_features(spark, params)
     assert again.metadata["incremental"] == {
         "featurized": 0,
+        "read": 0,
         "kept": 4,
         "dropped": 0,
         "rewritten_part_files": 0,
+        "still_rejected": 1,
         "batch": None,
     }
     assert (
@@ -401,14 +404,84 @@ def test_an_incremental_run_with_nothing_new_adds_no_batch(spark, tmp_path):
     )
     assert sorted((tmp_path / "out" / "features").rglob("*")) == files
     assert again.n_images == 4
-    # It read the rejected file again, and featurized nothing: no rate.
+    # The truncated file is still rejected, for the first run's reason, without being read
+    # again; nothing was featurized: no rate.
     assert again.n_rejected == 1 and again.metadata["images_per_s"] is None
+    assert again.metadata["rejected_by_kind"] == first.metadata["rejected_by_kind"]
+    rejected = pd.read_parquet(tmp_path / "out" / "rejected")
+    assert list(rejected.path) == [spelled(tmp_path / "input" / "apple" / "truncated.jpg")]
     assert again.summary().endswith(" s, no image featurized")
     # The first run's statistics still describe features/: notebook 02 needs no pass over it.
     assert again.metadata["moments_file"] == first.metadata["moments_file"] == MOMENTS_FILE
     reduction = reduce_features(spark, ReduceParams(output=params.output, k=2))
     assert reduction.metrics["pca_statistics"] == "featurization"
-    assert " s in stages, no image featurized\n" in summary(reduction.metrics, params.output)
+    printed = summary(reduction.metrics, params.output)
+    assert " s in stages, no image featurized\n" in printed
+    assert "0 dropped (of files gone or changed), 1 rejected before and unchanged" in printed
+
+
+def test_an_increment_reads_a_rejected_file_again_only_when_it_may_differ(spark, tmp_path):
+    """A file rejected for its bytes is kept rejected while unchanged; rewritten, it is
+    read again. A manifest's missing key is tried again by every increment (it may have
+    been uploaded since), and a row without size or time cannot be seen to be unchanged."""
+    root = tmp_path / "input"
+    copy_photos(root, [p for label in ("apple", "banana") for p in photos(label, 0, 2)])
+    bad = root / "apple" / "bad.jpg"
+    bad.write_bytes(b"not a picture at all")
+    output = tmp_path / "out"
+    params = dict(
+        input=str(root), output=str(output), weights=str(WEIGHTS), incremental=True,
+        max_rejected_fraction=1.0,
+    )  # fmt: skip
+    first = extract_features(spark, ExtractParams(**params))
+    rejected = pd.read_parquet(output / "rejected").iloc[0]
+    assert rejected.reason.startswith("not an image")
+    # What tells the next increment the file is unchanged.
+    assert (rejected.label, rejected["size"]) == ("apple", bad.stat().st_size)
+    assert rejected.modified == pd.Timestamp(bad.stat().st_mtime_ns // 1_000_000, unit="ms")
+    assert first.metadata["incremental"]["featurized"] == 4
+
+    shutil.copy(photos("apple", 5, 6)[0], bad)  # the same name, now a photo
+    again = extract_features(spark, ExtractParams(**params))
+    increment = again.metadata["incremental"]
+    assert (increment["read"], increment["featurized"], increment["still_rejected"]) == (1, 1, 0)
+    assert (again.n_images, again.n_rejected) == (5, 0)
+    assert pd.read_parquet(output / "rejected").empty
+
+    # A manifest: one key missing, one file without size or time, one corrupt file with both.
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    stat = corrupt.stat()
+    gone = tmp_path / "apple" / "gone.jpg"
+    manifest = tmp_path / "images.csv"
+    rows = [
+        (str(photos("apple", 0, 1)[0]), None, None),
+        (str(gone), None, None),
+        (str(corrupt), stat.st_size, stat.st_mtime),
+    ]
+    table = pd.DataFrame(rows, columns=["path", "size", "modified"]).assign(label="apple")
+    table.to_csv(manifest, index=False)
+    from_manifest = dict(params, input=None, manifest=str(manifest), output=str(tmp_path / "m"))
+    extract_features(spark, ExtractParams(**from_manifest))
+    gone.parent.mkdir()
+    shutil.copy(photos("apple", 1, 2)[0], gone)  # uploaded since
+    again = extract_features(spark, ExtractParams(**from_manifest))
+    increment = again.metadata["incremental"]
+    assert (increment["read"], increment["featurized"], increment["still_rejected"]) == (1, 1, 1)
+    assert again.metadata["rejected_by_kind"] == {"corrupt image": 1}
+    rejected = pd.read_parquet(tmp_path / "m" / "rejected")
+    assert [Path(p).name for p in rejected.path] == ["corrupt.jpg"]
+
+
+def test_rejections_an_increment_cannot_tell_unchanged_are_read_again(spark, tmp_path):
+    """No rejected/, or one written before it kept size and time: every file is read."""
+    counted = {"rejected_by_kind": {"corrupt image": 1}}
+    rejected = tmp_path / "rejected"
+    assert settled_rejections(spark, str(rejected), counted) is None
+    pd.DataFrame({"path": ["file:/a/b.jpg"], "reason": ["corrupt image: cut"]}).to_parquet(
+        tmp_path / "rejected.parquet"
+    )
+    assert settled_rejections(spark, str(tmp_path / "rejected.parquet"), counted) is None
 
 
 def test_a_smaller_image_limit_makes_the_incremental_run_a_full_one(spark, tmp_path):

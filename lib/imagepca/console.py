@@ -219,10 +219,13 @@ def increment_line(increment: dict | None) -> str | None:
     a full run; None for a run that was not incremental."""
     increment = increment or {}
     if "kept" in increment:
-        return (
+        line = (
             f"incremental: {increment['featurized']} new or changed images featurized, "
             f"{increment['kept']} kept, {increment['dropped']} dropped (of files gone or changed)"
         )
+        if increment.get("still_rejected"):
+            line += f", {increment['still_rejected']} rejected before and unchanged (not read)"
+        return line
     if "full_run_because" in increment:
         return f"incremental: a full run, because {increment['full_run_because']}"
     return None

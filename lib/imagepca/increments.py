@@ -10,8 +10,10 @@ rows.
 An incremental run:
 
 1. plans: the listing's rows that ``features/`` lacks (matched on path, label, size and
-   modification time) are to be featurized; stored rows the listing no longer has (files
-   gone or changed) are stale, and the part files holding them are known;
+   modification time) are to be featurized, except those ``rejected/`` already holds with a
+   verdict on their bytes (:data:`SETTLED_REJECTIONS`): they stay rejected, unread; stored
+   rows the listing no longer has (files gone or changed) are stale, and the part files
+   holding them are known;
 2. writes the new rows, plus the rows of those part files that are not stale, into
    ``OUTPUT/_staging/`` (nothing in ``features/`` changes);
 3. commits: deletes those part files, then moves the staged folder in as a new batch.
@@ -33,10 +35,11 @@ this project cannot assume everywhere it runs.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pyspark import StorageLevel
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -47,6 +50,13 @@ BATCH_COLUMN = "batch"
 LAYOUT = "batches-v1"  # features/_extraction.json "layout": what plan_increment can extend
 ROW_KEY = ("path", "label", "size", "modified")
 STORED_COLUMNS = (*ROW_KEY, "features")
+# Rejections decided by a file's bytes: the same file (path, label, size and time) under the
+# same extraction parameters (an increment shares FEATURE_KEYS) gets the same one, so an
+# increment keeps them without reading the file again. A file missing or unreadable may be
+# readable next time, and a manifest row without size or time cannot be seen to be unchanged:
+# those are read again.
+SETTLED_REJECTIONS = ("empty file", "not an image", "corrupt image", "decompression bomb")
+REJECTED_KEY = (*ROW_KEY, "reason")
 # Extraction parameters that change the features, or which images have one (the largest
 # image accepted): an increment must share them all.
 FEATURE_KEYS = ("weights_sha256", "engine", "image_size", "fast_decode", "max_image_pixels")
@@ -95,26 +105,80 @@ def why_not_reused(stored: dict | None, identity: dict) -> str | None:
 class Increment:
     """What an incremental run does to ``features/``."""
 
+    planned: DataFrame  # cached: the listing's rows features/ lacks
     todo: DataFrame  # listing rows to featurize (path, label, size, modified)
     n_todo: int
     n_stale: int  # stored rows of files gone or changed: dropped
     stale_files: list[str]  # part files holding them: rewritten without them
     survivors: DataFrame | None  # the other rows of those part files
     n_kept: int  # stored rows carried over unchanged
+    # Files rejected before, unchanged, with a settled reason: rejected/'s rows for them.
+    still_rejected: DataFrame | None = None
+    still_rejected_by_kind: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_still_rejected(self) -> int:
+        return sum(self.still_rejected_by_kind.values())
 
     def release(self) -> None:
-        self.todo.unpersist()
+        self.planned.unpersist()
 
 
-def plan_increment(spark: SparkSession, features_uri: str, listing: DataFrame) -> Increment:
-    """Compare the listing with ``features/``: only counts and the (few) part-file names of
-    stale rows reach the driver."""
+def _same_files(left: DataFrame, right: DataFrame) -> list:
+    return [left[c].eqNullSafe(right[c]) for c in ROW_KEY]
+
+
+def settled_rejections(
+    spark: SparkSession, rejected_uri: str, description: dict
+) -> DataFrame | None:
+    """``rejected/``'s rows whose reason an increment keeps (:data:`SETTLED_REJECTIONS`),
+    or None when ``description`` (``features/_extraction.json``) counted none (then nothing
+    is read), or ``rejected/`` is missing or predates the columns that tell a file unchanged."""
+    if not set(description.get("rejected_by_kind", {})) & set(SETTLED_REJECTIONS):
+        return None
+    try:
+        earlier = spark.read.parquet(literal(rejected_uri))
+    except AnalysisException:  # none written (a run stopped before it)
+        return None
+    if not set(ROW_KEY) <= set(earlier.columns):
+        return None
+    kind = F.substring_index("reason", ":", 1)
+    settled = kind.isin(*SETTLED_REJECTIONS) & F.col("size").isNotNull()
+    return earlier.filter(settled & F.col("modified").isNotNull())
+
+
+def plan_increment(
+    spark: SparkSession,
+    features_uri: str,
+    listing: DataFrame,
+    rejected_uri: str,
+    description: dict,
+) -> Increment:
+    """Compare the listing with ``features/`` (``description``: its ``_extraction.json``)
+    and ``rejected/``: only counts and the (few) part-file names of stale rows reach the
+    driver."""
     stored = spark.read.parquet(literal(features_uri)).select(
         *ROW_KEY, F.input_file_name().alias("file")
     )
-    same = [listing[c].eqNullSafe(stored[c]) for c in ROW_KEY]
-    todo = listing.join(stored, same, "left_anti").persist(StorageLevel.MEMORY_AND_DISK)
-    stale = stored.join(listing, [stored[c].eqNullSafe(listing[c]) for c in ROW_KEY], "left_anti")
+    new = listing.join(stored, _same_files(listing, stored), "left_anti")
+    settled = settled_rejections(spark, rejected_uri, description)
+    if settled is None:
+        planned = todo = new.persist(StorageLevel.MEMORY_AND_DISK)
+        n_todo, still_rejected, by_kind = todo.count(), None, {}
+    else:
+        # One job tells the files to read from those rejected before, and counts both.
+        verdicts = settled.select(*(F.col(c).alias(f"earlier_{c}") for c in REJECTED_KEY))
+        same = [new[c].eqNullSafe(verdicts[f"earlier_{c}"]) for c in ROW_KEY]
+        planned = new.join(verdicts, same, "left").persist(StorageLevel.MEMORY_AND_DISK)
+        kind = F.substring_index("earlier_reason", ":", 1).alias("kind")
+        counts = {row["kind"]: row["count"] for row in planned.groupBy(kind).count().collect()}
+        n_todo = counts.pop(None, 0)
+        by_kind = counts
+        todo = planned.filter(F.col("earlier_reason").isNull()).select(*ROW_KEY)
+        still_rejected = planned.filter(F.col("earlier_reason").isNotNull()).select(
+            *(F.col(f"earlier_{c}").alias(c) for c in REJECTED_KEY)
+        )
+    stale = stored.join(listing, _same_files(stored, listing), "left_anti")
     by_file = stale.groupBy("file").count().collect()
     stale_files = sorted(normalize_uri(row["file"]) for row in by_file)
     n_stale = sum(row["count"] for row in by_file)
@@ -127,12 +191,15 @@ def plan_increment(spark: SparkSession, features_uri: str, listing: DataFrame) -
         )
     n_stored = stored.count()
     return Increment(
+        planned=planned,
         todo=todo,
-        n_todo=todo.count(),
+        n_todo=n_todo,
         n_stale=n_stale,
         stale_files=stale_files,
         survivors=survivors,
         n_kept=n_stored - n_stale,
+        still_rejected=still_rejected,
+        still_rejected_by_kind=dict(sorted(by_kind.items())),
     )
 
 

@@ -121,10 +121,11 @@ class ImageListing:
         return [(label, path) for label in labels for path in sorted(chosen[label])]
 
     def unscanned(self, scanned: DataFrame) -> DataFrame:
-        """Listed files with no row in ``scanned``: a folder's empty, vanished or unreadable
-        files, which Spark's file scan drops without a word. Only the JVM holds the list."""
+        """Listed files (``path``, ``label``) with no row in ``scanned``: a folder's empty,
+        vanished or unreadable files, which Spark's file scan drops without a word. Only the
+        JVM holds the list."""
         if self.relation is None:
-            return scanned.sparkSession.createDataFrame([], "path string")
+            return scanned.sparkSession.createDataFrame([], "path string, label string")
         spark = self.relation.sparkSession
         jvm = spark.sparkContext._jvm
         # WrappedArray.make takes the String[] as an Object: py4j cannot pass it as varargs.
@@ -136,7 +137,8 @@ class ImageListing:
             spark,
         )
         listed = found.select(_path_spelling(F.col("value")).alias("path"))
-        return listed.join(scanned.select("path"), "path", "left_anti")
+        unscanned = listed.join(scanned.select("path"), "path", "left_anti")
+        return unscanned.select("path", label_column(F.col("path")).alias("label"))
 
     def release(self) -> None:
         self.files.unpersist()

@@ -215,7 +215,8 @@ def extract_features(
         full_run_reason = why_not_incremental(stored, identity)
         if full_run_reason is None:
             with timed(timings, "plan_s"):
-                increment = plan_increment(spark, features_uri, listing.files)
+                rejected_uri = join(params.output, "rejected")
+                increment = plan_increment(spark, features_uri, listing.files, rejected_uri, stored)
             not_reused = None  # what changed is featurized, not everything "again"
 
     if increment is None:  # every image featurized again: features/ is being replaced
@@ -331,9 +332,11 @@ def extract_features(
                 metadata["incremental"] = (
                     {
                         "featurized": n_new,
+                        "read": n_todo,
                         "kept": increment.n_kept,
                         "dropped": increment.n_stale,
                         "rewritten_part_files": len(increment.stale_files),
+                        "still_rejected": increment.n_still_rejected,
                         "batch": batch_id,
                     }
                     if increment

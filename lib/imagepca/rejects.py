@@ -27,7 +27,13 @@ if TYPE_CHECKING:
     from .pipeline import Extraction
 
 
-REJECTED_SCHEMA = "path string, reason string"
+# rejected/'s columns: the file, why, and what tells an increment the file is unchanged (null
+# where the listing has no size or time, or the file was never scanned).
+REJECTED_COLUMNS = ("path", "reason", "label", "size", "modified")
+# Rejected rows reach the driver with their time in microseconds: exact, unlike JSON's.
+_OBSERVED_FIELDS = {
+    "path": "string", "reason": "string", "label": "string", "size": "long", "modified_us": "long"
+}  # fmt: skip
 
 
 class RejectedShareError(RuntimeError):
@@ -37,15 +43,13 @@ class RejectedShareError(RuntimeError):
 def outcome_metrics() -> list[Column]:
     """What the featurization job observes (``DataFrame.observe``) as it writes
     ``features/``, so that nothing reads the featurized rows again: the scanned rows' count
-    and fingerprint sums, and the rejected rows themselves (path, label, reason: they reach
-    the driver, one short row per unusable file)."""
+    and fingerprint sums, and the rejected rows themselves (path, reason, label, size and
+    time: they reach the driver, one short row per unusable file)."""
     rejected = F.col("reason").isNotNull()
-    return [
-        *fingerprint_sums(),
-        F.to_json(F.collect_list(F.when(rejected, F.struct("path", "label", "reason")))).alias(
-            "rejects"
-        ),
-    ]
+    row = F.struct(
+        "path", "reason", "label", "size", F.unix_micros("modified").alias("modified_us")
+    )
+    return [*fingerprint_sums(), F.to_json(F.collect_list(F.when(rejected, row))).alias("rejects")]
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class Outcomes:
     """The featurization job's observations (:func:`outcome_metrics`)."""
 
     scanned: int  # rows the scan returned, featurized or rejected
-    rejects: list[dict]  # path, label, reason of each rejected row
+    rejects: list[dict]  # path, reason, label, size, modified_us of each rejected row
     sums: dict  # fingerprint sums over the scanned rows (count, a, b)
 
     @classmethod
@@ -89,10 +93,13 @@ def rejected_files(
 
     A folder's scan reads the listed files only, so fewer rows than files means some were
     skipped (empty, vanished, unreadable): only then are they looked for, with Spark, among
-    the listed files that are neither in ``features_uri`` nor rejected.
+    the listed files that are neither in ``features_uri`` nor rejected. An increment's
+    rejected files include those it did not read again (``increment.still_rejected``).
     """
-    rows = [(row["path"], row["reason"]) for row in outcomes.rejects]
-    scanned = (increment.n_todo + increment.n_kept) if increment else outcomes.scanned
+    rows = list(outcomes.rejects)
+    scanned = outcomes.scanned
+    if increment:
+        scanned = increment.n_todo + increment.n_kept + increment.n_still_rejected
     if listing.relation is not None and scanned < listing.n_files:
         if increment:
             seen = listing.files
@@ -100,23 +107,31 @@ def rejected_files(
             seen = spark.read.parquet(literal(features_uri)).select("path")
             if rows:
                 seen = seen.unionByName(_rejected_frame(spark, rows).select("path"))
-        rows += [
-            (row["path"], unread_reason(storage, row["path"]))
-            for row in listing.unscanned(seen).collect()  # the few files no scan returned
-        ]
-    by_kind = Counter(reason.split(":")[0] for _, reason in rows)
-    return _rejected_frame(spark, rows), dict(sorted(by_kind.items()))
+        for row in listing.unscanned(seen).collect():  # the few files no scan returned
+            rows.append({**row.asDict(), "reason": unread_reason(storage, row["path"])})
+    by_kind = Counter(row["reason"].split(":")[0] for row in rows)
+    rejected = _rejected_frame(spark, rows)
+    if increment and increment.still_rejected is not None:
+        by_kind.update(increment.still_rejected_by_kind)
+        rejected = rejected.unionByName(increment.still_rejected.select(*REJECTED_COLUMNS))
+    return rejected, dict(sorted(by_kind.items()))
 
 
-def _rejected_frame(spark: SparkSession, rows: list[tuple[str, str]]) -> DataFrame:
+def _rejected_frame(spark: SparkSession, rows: list[dict]) -> DataFrame:
     """``rows`` as a DataFrame made in the JVM: PySpark sends a non-empty pandas DataFrame
     through Arrow (the session enables it), but a list of tuples, or an empty pandas
     DataFrame, to Python workers of their own, forked for that one job."""
-    if not rows:
-        return spark.range(0).select(
-            *(F.lit(None).cast("string").alias(name) for name in ("path", "reason"))
+    if rows:
+        table = pd.DataFrame(rows, columns=list(_OBSERVED_FIELDS))
+        table = table.astype({"size": "Int64", "modified_us": "Int64"})  # nulls kept
+        schema = ", ".join(f"{name} {kind}" for name, kind in _OBSERVED_FIELDS.items())
+        observed = spark.createDataFrame(table, schema)
+    else:
+        observed = spark.range(0).select(
+            *(F.lit(None).cast(kind).alias(name) for name, kind in _OBSERVED_FIELDS.items())
         )
-    return spark.createDataFrame(pd.DataFrame(rows, columns=["path", "reason"]), REJECTED_SCHEMA)
+    modified = F.timestamp_micros("modified_us").alias("modified")
+    return observed.select(*REJECTED_COLUMNS[:-1], modified)
 
 
 def checked(extraction: Extraction, params: ExtractParams) -> Extraction:
