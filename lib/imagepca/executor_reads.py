@@ -127,6 +127,11 @@ def read_files(
     """
 
     def one(uri: str) -> tuple[bytes | None, str | None]:
+        if URI_SCHEME.match(uri) and uri.index(":") == 1:  # C:\photos\1.jpg, D:1.jpg
+            return None, (
+                f"unreadable: {uri} is a Windows path, which the cluster cannot read; list "
+                "URIs (s3://bucket/key, hdfs://..., file:/...) or paths on its file system"
+            )
         try:
             return read_file(uri, options), None
         except FileNotFoundError:
