@@ -158,6 +158,19 @@ def test_broken_files_are_rejected_with_a_reason(name):
     assert len(reason) > len(kind) + 2  # a detail follows the kind
 
 
+def test_running_out_of_memory_is_not_a_verdict_on_the_file(monkeypatch):
+    """An incremental run keeps a file rejected for its bytes without reading it again;
+    a worker short of memory says nothing about them: "unreadable", tried again."""
+
+    def short_of_memory(image):
+        raise MemoryError
+
+    png = encode(halves(), "PNG")
+    monkeypatch.setattr(Image.Image, "load", short_of_memory)
+    with pytest.raises(ImageDecodeError, match="^unreadable: the worker ran out of memory"):
+        decode_image(png, SIZE)
+
+
 def test_pixel_limit_is_a_parameter():
     image = encode(Image.new("RGB", (300, 300), "white"), "PNG")
     assert decode_image(image, SIZE, max_pixels=300 * 300).shape == (SIZE, SIZE, 3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from cluster import (
 from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca import pipeline
 from imagepca.config import ExtractParams, ReduceParams
-from imagepca.console import summary
+from imagepca.console import increment_line, summary
 from imagepca.increments import settled_rejections
 from imagepca.inputs import read_manifest
 from imagepca.pipeline import MOMENTS_FILE, extract_features, finish_run, reduce_features
@@ -466,23 +467,40 @@ def test_an_increment_reads_a_rejected_file_again_only_when_it_may_differ(spark,
     extract_features(spark, ExtractParams(**from_manifest))
     gone.parent.mkdir()
     shutil.copy(photos("apple", 1, 2)[0], gone)  # uploaded since
+    (tmp_path / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short too")
+    table.loc[len(table)] = {"path": str(tmp_path / "cut.jpg"), "label": "apple"}
+    table.to_csv(manifest, index=False)
     again = extract_features(spark, ExtractParams(**from_manifest))
     increment = again.metadata["incremental"]
-    assert (increment["read"], increment["featurized"], increment["still_rejected"]) == (1, 1, 1)
-    assert again.metadata["rejected_by_kind"] == {"corrupt image": 1}
+    assert (increment["read"], increment["featurized"], increment["still_rejected"]) == (2, 1, 1)
+    assert increment_line(increment) == (
+        "incremental: 1 new or changed images featurized of 2 files read, 1 kept, 0 dropped "
+        "(of files gone or changed), 1 rejected before and unchanged (not read)"
+    )
+    assert again.metadata["rejected_by_kind"] == {"corrupt image": 2}
     rejected = pd.read_parquet(tmp_path / "m" / "rejected")
-    assert [Path(p).name for p in rejected.path] == ["corrupt.jpg"]
+    assert sorted(Path(p).name for p in rejected.path) == ["corrupt.jpg", "cut.jpg"]
 
 
 def test_rejections_an_increment_cannot_tell_unchanged_are_read_again(spark, tmp_path):
-    """No rejected/, or one written before it kept size and time: every file is read."""
-    counted = {"rejected_by_kind": {"corrupt image": 1}}
-    rejected = tmp_path / "rejected"
-    assert settled_rejections(spark, str(rejected), counted) is None
-    pd.DataFrame({"path": ["file:/a/b.jpg"], "reason": ["corrupt image: cut"]}).to_parquet(
-        tmp_path / "rejected.parquet"
+    """No rejected/, one written before it kept size and time, or one of another Pillow:
+    every file not in features/ is read. A row twice counts once."""
+    counted = {
+        "rejected_by_kind": {"corrupt image": 1},
+        "versions": {"pillow": metadata.version("pillow")},
+    }
+    assert settled_rejections(spark, str(tmp_path / "rejected"), counted) is None
+    row = {"path": "file:/a/b.jpg", "reason": "corrupt image: cut"}
+    pd.DataFrame([row]).to_parquet(tmp_path / "old.parquet")
+    assert settled_rejections(spark, str(tmp_path / "old.parquet"), counted) is None
+    full_row = {**row, "label": "a", "size": 10, "modified": pd.Timestamp("2026-12-01")}
+    pd.DataFrame([full_row, full_row]).to_parquet(
+        tmp_path / "twice.parquet",
+        coerce_timestamps="us",  # what Spark reads
     )
-    assert settled_rejections(spark, str(tmp_path / "rejected.parquet"), counted) is None
+    assert settled_rejections(spark, str(tmp_path / "twice.parquet"), counted).count() == 1
+    other_pillow = {**counted, "versions": {"pillow": "9.0.0"}}
+    assert settled_rejections(spark, str(tmp_path / "twice.parquet"), other_pillow) is None
 
 
 def test_a_smaller_image_limit_makes_the_incremental_run_a_full_one(spark, tmp_path):

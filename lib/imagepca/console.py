@@ -219,9 +219,12 @@ def increment_line(increment: dict | None) -> str | None:
     a full run; None for a run that was not incremental."""
     increment = increment or {}
     if "kept" in increment:
+        read = increment.get("read", increment["featurized"])
         line = (
-            f"incremental: {increment['featurized']} new or changed images featurized, "
-            f"{increment['kept']} kept, {increment['dropped']} dropped (of files gone or changed)"
+            f"incremental: {increment['featurized']} new or changed images featurized"
+            + (f" of {read} files read" if read != increment["featurized"] else "")
+            + f", {increment['kept']} kept, {increment['dropped']} dropped (of files gone or "
+            "changed)"
         )
         if increment.get("still_rejected"):
             line += f", {increment['still_rejected']} rejected before and unchanged (not read)"

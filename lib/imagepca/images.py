@@ -171,7 +171,8 @@ def decode_image(
     ------
     ImageDecodeError
         With the reason the file cannot be used, as ``"<kind>: <detail>"``; the kinds are
-    ``empty file``, ``decompression bomb``, ``not an image`` and ``corrupt image``.
+    ``empty file``, ``decompression bomb``, ``not an image`` and ``corrupt image`` (the
+    file's bytes), and ``unreadable`` (the worker ran out of memory: another try may pass).
     """
     if not data:
         raise ImageDecodeError("empty file: 0 bytes")
@@ -210,6 +211,8 @@ def decode_image(
         raise ImageDecodeError(
             "not an image: unknown format, or content that does not match the extension"
         ) from None
+    except MemoryError:
+        raise ImageDecodeError("unreadable: the worker ran out of memory decoding it") from None
     except Exception as error:  # Pillow raises many types for broken data
         raise ImageDecodeError(f"corrupt image: {type(error).__name__}: {error}") from None
 

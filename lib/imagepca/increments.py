@@ -37,6 +37,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib import metadata
 
 from pyspark import StorageLevel
 from pyspark.errors import AnalysisException
@@ -51,12 +52,11 @@ LAYOUT = "batches-v1"  # features/_extraction.json "layout": what plan_increment
 ROW_KEY = ("path", "label", "size", "modified")
 STORED_COLUMNS = (*ROW_KEY, "features")
 # Rejections decided by a file's bytes: the same file (path, label, size and time) under the
-# same extraction parameters (an increment shares FEATURE_KEYS) gets the same one, so an
-# increment keeps them without reading the file again. A file missing or unreadable may be
-# readable next time, and a manifest row without size or time cannot be seen to be unchanged:
-# those are read again.
+# same extraction parameters (an increment shares FEATURE_KEYS) and the same Pillow gets the
+# same one, so an increment keeps them without reading the file again. A file missing or
+# unreadable may be readable next time, and a manifest row without size or time cannot be
+# seen to be unchanged: those are read again.
 SETTLED_REJECTIONS = ("empty file", "not an image", "corrupt image", "decompression bomb")
-REJECTED_KEY = (*ROW_KEY, "reason")
 # Extraction parameters that change the features, or which images have one (the largest
 # image accepted): an increment must share them all.
 FEATURE_KEYS = ("weights_sha256", "engine", "image_size", "fast_decode", "max_image_pixels")
@@ -133,8 +133,12 @@ def settled_rejections(
 ) -> DataFrame | None:
     """``rejected/``'s rows whose reason an increment keeps (:data:`SETTLED_REJECTIONS`),
     or None when ``description`` (``features/_extraction.json``) counted none (then nothing
-    is read), or ``rejected/`` is missing or predates the columns that tell a file unchanged."""
+    is read), when another Pillow decoded them (a newer one may read what an older could
+    not), or when ``rejected/`` is missing or predates the columns that tell a file
+    unchanged."""
     if not set(description.get("rejected_by_kind", {})) & set(SETTLED_REJECTIONS):
+        return None
+    if description.get("versions", {}).get("pillow") != metadata.version("pillow"):
         return None
     try:
         earlier = spark.read.parquet(literal(rejected_uri))
@@ -142,9 +146,13 @@ def settled_rejections(
         return None
     if not set(ROW_KEY) <= set(earlier.columns):
         return None
-    kind = F.substring_index("reason", ":", 1)
-    settled = kind.isin(*SETTLED_REJECTIONS) & F.col("size").isNotNull()
-    return earlier.filter(settled & F.col("modified").isNotNull())
+    settled = (
+        F.substring_index("reason", ":", 1).isin(*SETTLED_REJECTIONS)
+        & F.col("size").isNotNull()
+        & F.col("modified").isNotNull()
+    )
+    # One row per file, whatever a copy of rejected/ made of it.
+    return earlier.filter(settled).dropDuplicates(list(ROW_KEY))
 
 
 def plan_increment(
@@ -167,7 +175,8 @@ def plan_increment(
         n_todo, still_rejected, by_kind = todo.count(), None, {}
     else:
         # One job tells the files to read from those rejected before, and counts both.
-        verdicts = settled.select(*(F.col(c).alias(f"earlier_{c}") for c in REJECTED_KEY))
+        earlier = (*ROW_KEY, "reason")
+        verdicts = settled.select(*(F.col(c).alias(f"earlier_{c}") for c in earlier))
         same = [new[c].eqNullSafe(verdicts[f"earlier_{c}"]) for c in ROW_KEY]
         planned = new.join(verdicts, same, "left").persist(StorageLevel.MEMORY_AND_DISK)
         kind = F.substring_index("earlier_reason", ":", 1).alias("kind")
@@ -176,7 +185,7 @@ def plan_increment(
         by_kind = counts
         todo = planned.filter(F.col("earlier_reason").isNull()).select(*ROW_KEY)
         still_rejected = planned.filter(F.col("earlier_reason").isNotNull()).select(
-            *(F.col(f"earlier_{c}").alias(c) for c in REJECTED_KEY)
+            *(F.col(f"earlier_{c}").alias(c) for c in earlier)
         )
     stale = stored.join(listing, _same_files(stored, listing), "left_anti")
     by_file = stale.groupBy("file").count().collect()

@@ -113,7 +113,7 @@ def rejected_files(
     rejected = _rejected_frame(spark, rows)
     if increment and increment.still_rejected is not None:
         by_kind.update(increment.still_rejected_by_kind)
-        rejected = rejected.unionByName(increment.still_rejected.select(*REJECTED_COLUMNS))
+        rejected = rejected.unionByName(increment.still_rejected)
     return rejected, dict(sorted(by_kind.items()))
 
 
