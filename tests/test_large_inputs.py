@@ -613,6 +613,35 @@ def test_an_incremental_run_failing_after_its_commit_leaves_no_stale_description
     assert sorted(features.path) == sorted(spelled(p) for p in root.rglob("*.jpg"))
 
 
+def test_an_increment_stopped_before_its_commit_keeps_rejected_as_it_was(
+    spark, tmp_path, monkeypatch
+):
+    """rejected/ describes the same files as features/: an increment's is swapped in only
+    after its commit, so one that stops before keeps both datasets as they were."""
+    root = tmp_path / "input"
+    copy_photos(root, [p for label in LABELS[:2] for p in photos(label, 0, 3)])
+    bad = root / "apple" / "bad.jpg"
+    bad.write_bytes(b"not a picture")
+    output = tmp_path / "out"
+    params = dict(incremental=True, max_rejected_fraction=1.0)
+    run(spark, root, output, **params)
+    before = pd.read_parquet(output / "rejected")
+    shutil.copy(photos("apple", 5, 6)[0], bad)  # readable now
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "commit_batch", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            run(spark, root, output, **params)
+    pd.testing.assert_frame_equal(pd.read_parquet(output / "rejected"), before)
+    assert len(pd.read_parquet(output / "features")) == 6
+    extraction, _ = run(spark, root, output, **params)
+    assert (extraction.n_images, extraction.n_rejected) == (7, 0)
+    assert pd.read_parquet(output / "rejected").empty
+
+
 def test_killed_incremental_run_then_rerun_is_exactly_once(spark, tmp_path):
     """SIGKILL the driver while the incremental run featurizes: features/ is unchanged
     (byte for byte); the next incremental run adds every new file once."""

@@ -280,22 +280,26 @@ def extract_features(
             rejected, by_kind = rejected_files(
                 spark, storage, listing, outcomes, features_uri, increment
             )
-            # Independent jobs, side by side (see run_concurrently).
-            jobs = [partial(storage.publish, params.output, "rejected", rejected.write.parquet)]
+            # Independent jobs, side by side (see run_concurrently). An increment's rejected/
+            # is swapped in after its commit: stopped before, the output keeps both as they
+            # were; stopped between, features/ has no description (the next run is full).
+            write = storage.stage if increment else storage.publish
+            jobs = [partial(write, params.output, "rejected", rejected.write.parquet)]
             if increment is not None:
                 jobs.append(partial(fingerprint, listing.files, listing.n_files))
-            *_, last = run_concurrently(*jobs)
+            rejected_uri, *increment_fingerprint = run_concurrently(*jobs)
             if increment is None:
                 # The featurization job summed the files it scanned.
                 listing_fingerprint = fingerprint_digest(listing.n_files, [outcomes.sums])
             else:
-                listing_fingerprint = last
+                listing_fingerprint = increment_fingerprint[0]
                 descriptions = [
                     join(features_uri, name) for name in (EXTRACTION_FILE, MOMENTS_FILE)
                 ]
                 batch_id = commit_batch(
                     storage, features_uri, staged, increment, batch_id, n_new, descriptions
                 )
+                storage.swap_in(params.output, "rejected", rejected_uri)
             moments_uri = join(features_uri, MOMENTS_FILE)
             if increment is not None and batch_id is None:  # features/ and its statistics kept
                 moments_file = stored.get("moments_file")
