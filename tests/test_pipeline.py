@@ -435,6 +435,11 @@ def test_bad_input_locations_are_named(spark, tmp_path):
     first, warning = listing.describe().splitlines()
     assert first == f"1 image files under {tmp_path / 'hidden'}"
     assert warning.startswith("warning: 3 image files skipped") and "--manifest" in warning
+    assert f"(the first: {tmp_path / 'hidden' / '_apple' / '1.jpg'})" in warning
+    assert listing.skipped()["hidden_skipped"] == [
+        str(tmp_path / "hidden" / name)
+        for name in ("_apple/1.jpg", "pear/_MG_0001.JPG", "pear/_MG_0002.JPG")
+    ]
     listing.release()
     # A partition's folder (k=v) is listed by Spark, even with a leading _.
     (tmp_path / "hidden" / "_year=2024").mkdir()
@@ -527,6 +532,9 @@ def test_the_run_summary_warns_of_skipped_images(photos_run):
     assert "skipped" not in summary(metrics, "out")
     first = summary({**metrics, "n_hidden_skipped": 2}, "out").splitlines()[0]
     assert first.startswith("warning: 2 image files skipped: their names, or a parent folder's")
+    named = {"n_hidden_skipped": 2, "hidden_skipped": ["in/_a/1.jpg", "in/_a/2.jpg"]}
+    first = summary({**metrics, **named}, "out").splitlines()[0]
+    assert "start with '_' (the first: in/_a/1.jpg), which Spark's listing ignores" in first
     # metrics.json names the first 20 links to nothing and counts them all.
     broken = {"n_broken_links_skipped": 25, "broken_links_skipped": ["in/a/1.jpg"] * 20}
     first = summary({**metrics, **broken}, "out").splitlines()[0]

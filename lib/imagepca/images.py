@@ -24,10 +24,11 @@ class InputError(ValueError):
     """The input location cannot be used; the message names it and says what to do."""
 
 
-def hidden_note(n_hidden: int) -> str:
+def hidden_note(n_hidden: int, first: str | None) -> str:
     return (
-        f"{n_hidden} image files skipped: their names, or a parent folder's, start with '_', "
-        "which Spark's listing ignores; rename them, or list them in a manifest (--manifest)"
+        f"{n_hidden} image files skipped: their names, or a parent folder's, start with '_'"
+        + (f" (the first: {first})" if first else "")  # unnamed by outputs before 1 December
+        + ", which Spark's listing ignores; rename them, or list them in a manifest (--manifest)"
     )
 
 
@@ -59,12 +60,16 @@ SKIPPED_PATHS_KEPT = 20  # paths of files a listing dropped that metrics.json na
 
 
 def skipped_fields(
-    n_hidden: int, broken_links: tuple[str, ...], not_images: tuple, not_utf8: tuple[str, ...]
+    hidden: tuple[str, ...],
+    broken_links: tuple[str, ...],
+    not_images: tuple,
+    not_utf8: tuple[str, ...],
 ) -> dict:
     """What metrics.json says of the image files a listing dropped (see
     :class:`imagepca.inputs.ImageListing`)."""
     return {
-        "n_hidden_skipped": n_hidden,
+        "n_hidden_skipped": len(hidden),
+        "hidden_skipped": list(hidden[:SKIPPED_PATHS_KEPT]),
         "n_broken_links_skipped": len(broken_links),
         "broken_links_skipped": list(broken_links[:SKIPPED_PATHS_KEPT]),
         "n_not_utf8_skipped": len(not_utf8),
@@ -73,18 +78,21 @@ def skipped_fields(
     }
 
 
-NOTHING_SKIPPED = skipped_fields(0, (), (0, None), ())  # an output from before these fields
+NOTHING_SKIPPED = skipped_fields((), (), (0, None), ())  # an output from before these fields
 
 
 def skipped_notes(skipped: dict) -> list[str]:
     """What the fields on files a listing dropped (:meth:`imagepca.inputs.ImageListing.skipped`,
     also in ``metrics.json``) tell the user, one note each."""
     notes = []
-    if skipped.get("n_hidden_skipped"):
-        notes.append(hidden_note(skipped["n_hidden_skipped"]))
-    for kind, note in (("broken_links", broken_links_note), ("not_utf8", not_utf8_note)):
+    for kind, note in (
+        ("hidden", hidden_note),
+        ("broken_links", broken_links_note),
+        ("not_utf8", not_utf8_note),
+    ):
         if skipped.get(f"n_{kind}_skipped"):  # counted, and the first named
-            notes.append(note(skipped[f"n_{kind}_skipped"], skipped[f"{kind}_skipped"][0]))
+            first = (skipped.get(f"{kind}_skipped") or [None])[0]
+            notes.append(note(skipped[f"n_{kind}_skipped"], first))
     n_rows, example = skipped.get("not_image_rows_skipped", (0, None))
     if n_rows:
         notes.append(not_images_note(n_rows, example))

@@ -69,7 +69,7 @@ class ImageListing:
     label_samples: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
     relation: DataFrame | None = field(default=None, compare=False, repr=False)
     n_duplicates: int = 0
-    n_hidden: int = 0  # local image files Spark's listing skips for a leading _
+    hidden: tuple[str, ...] = ()  # local image files Spark's listing skips for a leading _
     not_images: tuple[int, str | None] = (0, None)  # a manifest's other rows: count, first
     broken_links: tuple[str, ...] = ()  # local links to nothing, named like images
     not_utf8: tuple[str, ...] = ()  # local image files whose names are not UTF-8
@@ -93,7 +93,11 @@ class ImageListing:
 
     def skipped(self) -> dict:
         """What metrics.json says of the image files Spark's listing dropped."""
-        return skipped_fields(self.n_hidden, self.broken_links, self.not_images, self.not_utf8)
+        return skipped_fields(self.hidden, self.broken_links, self.not_images, self.not_utf8)
+
+    @property
+    def n_hidden(self) -> int:
+        return len(self.hidden)
 
     def labels(self) -> dict[str, int]:
         """Files per label, as the listing's scan returned them."""
@@ -211,11 +215,11 @@ def folder_reader(spark: SparkSession):
     )
 
 
-def _skipped_images(input_uri: str) -> tuple[int, list[str], list[str]]:
+def _skipped_images(input_uri: str) -> tuple[list[str], list[str], list[str]]:
     """:func:`imagepca.local_folders.skipped_images`; none for a remote location, which is
     not listed twice."""
     if not is_local(input_uri):
-        return 0, [], []
+        return [], [], []
     return skipped_images(local_path(input_uri), IMAGE_EXTENSIONS)
 
 
@@ -242,7 +246,8 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
         ) from None
     hidden, broken, not_utf8 = _skipped_images(input_uri)
     if not n_files:
-        notes = skipped_notes(skipped_fields(hidden, tuple(broken), (0, None), tuple(not_utf8)))
+        skipped = skipped_fields(tuple(hidden), tuple(broken), (0, None), tuple(not_utf8))
+        notes = skipped_notes(skipped)
         raise InputError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {input_uri!r}. "
             "Expected one sub-folder per class, e.g. INPUT/apple/1.jpg, INPUT/banana/2.jpg."
@@ -264,7 +269,7 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
         counts,
         samples,
         relation=relation,
-        n_hidden=hidden,
+        hidden=tuple(hidden),
         broken_links=tuple(broken),
         not_utf8=tuple(not_utf8),
     )

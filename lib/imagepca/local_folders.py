@@ -132,18 +132,20 @@ def image_files(folder: str, extensions: tuple[str, ...], most: int | None = Non
 
 def skipped_images(
     folder: str, extensions: tuple[str, ...], most: int = 100_000
-) -> tuple[int, list[str], list[str]]:
+) -> tuple[list[str], list[str], list[str]]:
     """Image files of a local folder that Spark's listing drops without a word, among its
-    first ``most`` entries: the number skipped for a leading ``_``, the links to nothing,
-    and the names that are not UTF-8 (shown with escapes; see :func:`image_files`)."""
-    hidden, broken, not_utf8 = 0, [], []
+    first ``most`` entries: those skipped for a leading ``_``, the links to nothing, and
+    the names that are not UTF-8 (skipped and not-UTF-8 names as :func:`shown` gives them;
+    see :func:`image_files`)."""
+    hidden, broken, not_utf8 = [], [], []
     for path, kind in image_files(folder, extensions, most):
-        hidden += kind == "skipped"
-        if kind == "broken":
+        if kind == "skipped":
+            hidden.append(shown(path))
+        elif kind == "broken":
             broken.append(path)
         elif kind == "not_utf8":
             not_utf8.append(shown(path))
-    return hidden, sorted(broken), sorted(not_utf8)
+    return sorted(hidden), sorted(broken), sorted(not_utf8)
 
 
 def is_plain_folder(path: str) -> bool:
