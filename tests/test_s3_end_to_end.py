@@ -141,12 +141,17 @@ def test_run_reads_and_writes_s3_end_to_end(moto_endpoint, tmp_path):  # noqa: F
     policy = account.render_policy("emr-instance-role-policy", settings, ROOT / "aws")
     assert denied(policy, needed) == []
 
-    # A rerun into the same output replaces it cleanly.
+    # A rerun into the same output replaces it cleanly. Its weights are local: the input's
+    # listing is the first to open the bucket, whose file system then writes the figures.
     k_at = args.index("--k") + 1
-    second = run_imagepca([*args[:k_at], "2", *args[k_at + 1 :]], env)
+    rerun = [*args[:k_at], "2", *args[k_at + 1 :]]
+    rerun[rerun.index("--weights") + 1] = str(WEIGHTS)
+    second = run_imagepca(rerun, env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     metrics = json.loads(s3.get_object(Bucket=BUCKET, Key="runs/r1/metrics.json")["Body"].read())
     assert metrics["k"] == 2
+    executed = s3.get_object(Bucket=BUCKET, Key="runs/r1/notebooks/01_extract_features.ipynb")
+    assert "could not be read" not in executed["Body"].read().decode()  # the samples drawn
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/r1/")["Contents"]}
     assert not any("/_staging/" in key for key in keys)
 

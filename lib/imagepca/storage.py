@@ -24,7 +24,7 @@ from py4j.protocol import Py4JJavaError
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import ArrayType, FloatType
 
-from .config import GLOB_CHARACTERS
+from .config import GLOB_CHARACTERS, URI_SCHEME
 from .progress import jobs_cancelled_on_interrupt
 from .session import run_concurrently
 
@@ -106,6 +106,16 @@ def vector_write_settings(frame: DataFrame) -> dict[str, str]:
 def is_local(uri: str) -> bool:
     """Whether ``uri`` is a path on this machine (no scheme, or ``file://``)."""
     return "://" not in uri or uri.startswith("file://")
+
+
+def on_local_disk(spark: SparkSession, uri: str) -> bool:
+    """Whether Hadoop reads ``uri`` from this machine's disk: a ``file:`` URI, or a path
+    without a scheme where the default file system is the local one (not EMR's HDFS)."""
+    scheme = URI_SCHEME.match(uri)
+    if scheme:
+        return scheme[0].lower() == "file:"
+    jvm, conf = spark.sparkContext._jvm, spark.sparkContext._jsc.hadoopConfiguration()
+    return jvm.org.apache.hadoop.fs.FileSystem.getDefaultUri(conf).getScheme() == "file"
 
 
 def join(base: str, *parts: str) -> str:
