@@ -144,12 +144,19 @@ def test_run_reads_and_writes_s3_end_to_end(moto_endpoint, tmp_path):  # noqa: F
     # A rerun into the same output replaces it cleanly. Its weights are local: the input's
     # listing is the first to open the bucket, whose file system then writes the figures.
     k_at = args.index("--k") + 1
+    # It classifies too: notebook 03's figures, model and metrics into the bucket.
     rerun = [*args[:k_at], "2", *args[k_at + 1 :]]
     rerun[rerun.index("--weights") + 1] = str(WEIGHTS)
-    second = run_imagepca(rerun, env)
+    rerun.remove("--skip-classify")
+    with recording(moto_endpoint, tmp_path / "rerun.jsonl") as requests:
+        second = run_imagepca(rerun, env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert denied(policy, s3_actions(requests, BUCKET)) == []  # notebook 03's requests too
     metrics = json.loads(s3.get_object(Bucket=BUCKET, Key="runs/r1/metrics.json")["Body"].read())
-    assert metrics["k"] == 2
+    assert metrics["k"] == 2 and metrics["classification"]["reduced"]["n_test"] == 3
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/r1/")["Contents"]}
+    for name in ("classifier_model/metadata/part-00000", "confusion_matrix.png", "k_sweep.png"):
+        assert f"runs/r1/{name}" in keys
     executed = s3.get_object(Bucket=BUCKET, Key="runs/r1/notebooks/01_extract_features.ipynb")
     assert "could not be read" not in executed["Body"].read().decode()  # the samples drawn
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/r1/")["Contents"]}
