@@ -244,3 +244,14 @@ def test_bucket_policy_refuses_plain_http():
     assert error.value.response["Error"]["Code"] in ("AccessDenied", "403")
     s3.delete_bucket_policy(Bucket=BUCKET)
     s3.put_object(Bucket=BUCKET, Key="input/a.jpg", Body=b"x")
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_a_refused_upload_is_one_error_line(tmp_path, capsys):
+    """boto3's transfer manager wraps the refusal in its own S3UploadFailedError."""
+    assert cli("aws", "setup", "--bucket", BUCKET, "--region", REGION) == 0  # TLS only
+    make_tree(tmp_path / "photos")
+    capsys.readouterr()
+    assert cli("aws", "upload", str(tmp_path / "photos"), f"s3://{BUCKET}/input/") == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: AWS said: Failed to upload ") and "Forbidden" in last

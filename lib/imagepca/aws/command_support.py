@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import boto3
+from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
 from imagepca.config import ParameterError
@@ -24,7 +25,8 @@ def guard(command: Command) -> Command:
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return command(args)
-        except (ClientError, BotoCoreError) as error:
+        # boto3's own (S3UploadFailedError wraps a refused transfer's ClientError).
+        except (ClientError, BotoCoreError, Boto3Error) as error:
             print(f"error: AWS said: {error}", file=sys.stderr)
             return 1
         # AwsError, and what a run raises: Livy unreachable, a notebook failed. A parameter
