@@ -290,7 +290,23 @@ def test_stage_uploads_the_artifacts_layout(tmp_path):
     assert uris["tflite_models"] == features.staged_models_uri(uris["weights"])
 
     with pytest.raises(AwsError, match="staging version 9.9"):
-        stage.stage(BUCKET, "9.9", weights, s3_client=s3, wheel_builder=fake_wheel_builder)
+        stage.stage(
+            BUCKET, "9.9", weights, s3_client=s3, wheel_builder=fake_wheel_builder,
+            model_converter=fake_model_converter,
+        )  # fmt: skip
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_stage_checks_the_weights_before_it_uploads_anything(tmp_path):
+    """A wrong --weights file would have replaced the staged weights before its conversion
+    failed."""
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    weights = tmp_path / "hosts.h5"
+    weights.write_bytes(b"127.0.0.1 localhost\n")
+    with pytest.raises(features.WeightsError, match="is not a readable HDF5 file.*Pass --weights"):
+        stage.stage(BUCKET, "0.1.0", weights, s3_client=s3, wheel_builder=fake_wheel_builder)
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
 
 
 @pytest.mark.usefixtures("aws_env")

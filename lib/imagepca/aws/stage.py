@@ -231,15 +231,20 @@ def stage(
     """
     # Here, not at import: the model code pulls in pandas and PySpark, which `emr up`,
     # `run` and `down` do not need.
-    from imagepca.features import staged_models_uri, tflite_model_path
+    from imagepca.features import check_weights_file, staged_models_uri, tflite_model_path
 
-    model_converter = model_converter or tflite_model_path
     out = out or sys.stderr
     if not VERSION_PATTERN.match(version):
         raise AwsError(f"invalid version {version!r}")
     weights = Path(weights)
     if not weights.is_file():
         raise AwsError(f"weights file {weights} not found (pass --weights FILE)")
+    if model_converter is None:  # the real conversion: the file checked as notebook 01 does
+        hint = f"Pass --weights with Keras' {KERAS_WEIGHTS_FILE}."
+        check_weights_file(weights, str(weights), hint=hint)
+        model_converter = tflite_model_path
+    # Converted before anything is uploaded: weights that cannot be converted replace nothing.
+    models = [model_converter(weights, size) for size in image_sizes]
     project = project or repo_root()
     base = f"s3://{bucket}/artifacts/{version}"
 
@@ -262,10 +267,9 @@ def stage(
     for name in BOOTSTRAP_FILES:
         put(project / "bootstrap" / name, f"{base}/bootstrap/")
     put(weights, f"{base}/models/{WEIGHTS_FILE}")
-    models = staged_models_uri(f"{base}/models/{WEIGHTS_FILE}")
-    for size in image_sizes:
-        model = model_converter(weights, size)
-        put(model, f"{models}/{model.name}")
+    models_uri = staged_models_uri(f"{base}/models/{WEIGHTS_FILE}")
+    for model in models:
+        put(model, f"{models_uri}/{model.name}")
     local_tf, cluster_tf = metadata.version("tensorflow"), pinned_tensorflow(project)
     if cluster_tf and local_tf != cluster_tf:
         print(
@@ -281,7 +285,7 @@ def stage(
         "notebooks": f"{base}/notebooks",
         "pyspark_notebooks": f"{base}/{PYSPARK_NOTEBOOKS}",
         "weights": f"{base}/models/{WEIGHTS_FILE}",
-        "tflite_models": models,
+        "tflite_models": models_uri,
     }
 
 
