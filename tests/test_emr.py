@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -165,6 +166,27 @@ def test_a_template_with_instance_fleets_gets_no_instance_groups(tmp_path):
     assert model_errors("RunJobFlow", config) == ""
     assert "InstanceGroups" not in config["Instances"]
     assert config["Instances"]["Ec2SubnetIds"] == [SETTINGS["subnet_id"]]
+
+
+def test_a_broken_template_is_named_with_what_is_wrong(tmp_path):
+    """Not a traceback, and not a request that silently drops a setting."""
+    path = tmp_path / "emr_config.json"
+    template = json.loads((ROOT / "emr_config.json").read_text())
+    cases = {
+        '{"Name": "x",}': f"{path} is not valid JSON: Expecting property name",
+        "[]": f"{path} must be a JSON object: the RunJobFlow request",
+        json.dumps({k: v for k, v in template.items() if k != "ReleaseLabel"}): (
+            f"{path} has no ReleaseLabel: keep the keys"
+        ),
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(AwsError, match=re.escape(message)):
+            cluster.render_config(settings(), path)
+    template["Instances"]["InstanceGroups"][1]["InstanceCount"] = "one"
+    path.write_text(json.dumps(template))
+    with pytest.raises(AwsError, match=r"InstanceGroups\[1\]\.InstanceCount, value: one"):
+        cluster.render_config(settings(), path)
 
 
 def test_settings_are_validated_once_with_actionable_messages(tmp_path):

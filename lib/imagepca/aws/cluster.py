@@ -75,6 +75,9 @@ def _fill(node: Any, values: Mapping[str, Any]) -> Any:
     return node
 
 
+REQUIRED_TEMPLATE_KEYS = ("Name", "ReleaseLabel", "Instances", "JobFlowRole", "ServiceRole")
+
+
 def render_config(settings: EmrSettings, template: str | os.PathLike[str] | None = None) -> dict:
     """The ``run_job_flow`` request: ``emr_config.json`` with the settings filled in.
 
@@ -83,11 +86,28 @@ def render_config(settings: EmrSettings, template: str | os.PathLike[str] | None
     configuration, no offline flag); the task group disappears when it has 0 nodes.
     """
     path = find_resource("emr_config.json", template)
-    config = _fill(json.loads(path.read_text(encoding="utf-8")), settings.placeholders())
+    try:
+        template_request = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise AwsError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(template_request, dict):
+        raise AwsError(f"{path} must be a JSON object: the RunJobFlow request")
+    # What `emr up` sets from the settings; a template without them would drop them silently.
+    missing = [key for key in REQUIRED_TEMPLATE_KEYS if key not in template_request]
+    if missing:
+        raise AwsError(
+            f"{path} has no {', '.join(missing)}: keep the keys of the project's "
+            "emr_config.json (their ${...} placeholders take the settings' values)"
+        )
+    config = _fill(template_request, settings.placeholders())
     instances = config.get("Instances", {})
     if "InstanceGroups" in instances:  # a template may use instance fleets instead
-        groups = instances["InstanceGroups"]
-        instances["InstanceGroups"] = [g for g in groups if g.get("InstanceCount", 1) > 0]
+        # A count that is not a number is left for validate_request to name.
+        instances["InstanceGroups"] = [
+            group
+            for group in instances["InstanceGroups"]
+            if not isinstance(group.get("InstanceCount"), int) or group["InstanceCount"] > 0
+        ]
     tags = {t["Key"]: t["Value"] for t in config.get("Tags", [])}
     tags.update({**settings.tags, **CLUSTER_TAGS})  # whatever a custom template says
     config["Tags"] = [{"Key": k, "Value": v} for k, v in tags.items()]
