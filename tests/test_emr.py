@@ -195,6 +195,9 @@ def test_settings_are_validated_once_with_actionable_messages(tmp_path):
     message = str(error.value)
     assert "subnet_id" in message and "core_instance_count" in message
     assert "EMR 7.x" in message
+    # The name `aws setup` would refuse to create (doctor's fix would be that command).
+    with pytest.raises(AwsError, match="bucket 'My_Bucket' is not a valid name: 3-63 lowercase"):
+        settings(bucket="My_Bucket")
     with pytest.raises(AwsError, match="unknown settings: colour"):
         EmrSettings.load(None, {**SETTINGS, "colour": "red"})
     with pytest.raises(AwsError, match="emr_settings.example.json"):

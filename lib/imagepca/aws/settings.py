@@ -22,6 +22,14 @@ PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
 """``${NAME}`` placeholders; IAM policy variables such as ``${aws:username}`` are left alone."""
 
 BUCKET_NAME = re.compile(r"^(?!xn--)(?!.*-s3alias$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+BUCKET_NAME_RULE = "3-63 lowercase letters, digits, '.' or '-'"
+
+
+def valid_bucket_name(name: str) -> bool:
+    """S3's rules for a new bucket's name, as ``aws setup`` checks them."""
+    return bool(BUCKET_NAME.match(name)) and ".." not in name
+
+
 REGION_NAME = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
 ACCOUNT_ID = re.compile(r"^\d{12}$")
 KMS_KEY_ARN = re.compile(r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[A-Za-z0-9-]+$")
@@ -164,10 +172,8 @@ class AwsSettings:
     operator_policy: str = "imagepca-operator"
 
     def __post_init__(self) -> None:
-        if not BUCKET_NAME.match(self.bucket) or ".." in self.bucket:
-            raise AwsError(
-                f"invalid bucket name {self.bucket!r}: 3-63 lowercase letters, digits, '.' or '-'"
-            )
+        if not valid_bucket_name(self.bucket):
+            raise AwsError(f"invalid bucket name {self.bucket!r}: {BUCKET_NAME_RULE}")
         if not REGION_NAME.match(self.region):
             raise AwsError(f"invalid region {self.region!r}, e.g. us-east-1")
         if not ACCOUNT_ID.match(self.account_id):
@@ -234,6 +240,8 @@ class EmrSettings:
         problems = []
         if not self.bucket or "/" in self.bucket or self.bucket.startswith("s3:"):
             problems.append(f"bucket must be a bucket name (no s3://), got {self.bucket!r}")
+        elif not valid_bucket_name(self.bucket):
+            problems.append(f"bucket {self.bucket!r} is not a valid name: {BUCKET_NAME_RULE}")
         if not REGION_NAME.match(self.region):
             problems.append(f"region must look like us-east-1, got {self.region!r}")
         if not re.match(r"^subnet-[0-9a-f]{8,17}$", self.subnet_id):
