@@ -480,6 +480,21 @@ def end_steps_soon(cluster_id: str, state: str) -> threading.Thread:
 
 
 @pytest.mark.usefixtures("aws_env")
+def test_up_refuses_before_the_artifacts_are_staged(capsys):
+    """Every node would fail its bootstrap ten minutes in, on a cluster already billed."""
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    code = cli(
+        "emr", "up", "--bucket", BUCKET, "--region", REGION,
+        "--subnet-id", SETTINGS["subnet_id"], "--version", "0.1.0",
+    )  # fmt: skip
+    assert code == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: artifacts: missing in s3://{BUCKET}: ['artifacts/0.1.0/")
+    assert error.endswith("fix: imagepca emr stage --version 0.1.0")
+    assert boto3.client("emr").list_clusters()["Clusters"] == []
+
+
+@pytest.mark.usefixtures("aws_env")
 def test_run_adds_the_step_waits_and_lists_outputs(capsys):
     _, cluster_id, _ = start_cluster()
     s3 = boto3.client("s3")

@@ -154,8 +154,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     config = cluster.render_config(settings, args.config)
-    # Wheels of another architecture would fail the bootstrap ten minutes in.
+    # Artifacts not staged, or wheels of another architecture, would fail the bootstrap ten
+    # minutes in, on a cluster already billed.
     clients = account.client_factory(settings.region)
+    doctor.require(doctor.check_artifacts(settings, clients("s3"), compare=False))
     doctor.require(doctor.check_offline_wheels(settings, clients, config))
     cluster.up(
         settings,

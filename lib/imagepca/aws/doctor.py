@@ -249,9 +249,10 @@ def check_security_configuration(settings: EmrSettings, emr: Any) -> Iterator[Fi
 
 
 def check_artifacts(
-    settings: EmrSettings, s3: Any, project: Path | None = None
+    settings: EmrSettings, s3: Any, project: Path | None = None, *, compare: bool = True
 ) -> Iterator[Finding]:
-    """Staged artifacts exist for the version, and match this checkout's files."""
+    """Staged artifacts exist for the version, and (``compare``) match this checkout's
+    files."""
     project = project or repo_root()
     base, version = f"artifacts/{settings.version}", settings.version
     fix = f"imagepca emr stage --version {version}"
@@ -269,6 +270,9 @@ def check_artifacts(
         missing.append(f"{base}/wheels/imagepca-{version}-*.whl")
     if missing:
         yield Finding("fail", "artifacts", f"missing in s3://{settings.bucket}: {missing}", fix)
+        return
+    if not compare:
+        yield Finding("ok", "artifacts", f"staged in s3://{settings.bucket}/{base}/")
         return
     stale = []
     for key, path in local.items():
