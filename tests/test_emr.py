@@ -738,6 +738,12 @@ def test_run_refuses_options_it_would_ignore(capsys):
             "--execution-timeout applies to --via step and livy"
         ),
         ("--cluster-id", "j-1", "--via", "livy", "--no-wait"): "--no-wait applies to --via step",
+        ("--cluster-id", "j-1", "--livy-url", "http://localhost:8998"): (
+            "--livy-url applies to --via livy only; this run is --via step"
+        ),
+        ("--via", "livy", "--notebook-service-role", "r"): (
+            "--notebook-service-role applies to --via notebook-execution only"
+        ),
         ("--via", "notebook-execution"): "--via notebook-execution needs --cluster-id",
         ("--via", "step"): "--via step needs --cluster-id",
     }

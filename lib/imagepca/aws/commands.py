@@ -175,6 +175,15 @@ def _check_run_arguments(args: argparse.Namespace) -> None:
     refuse_unused_classifier_options(args)
     if args.via != "livy" and not args.cluster_id:
         raise AwsError(f"--via {args.via} needs --cluster-id (the id `emr up` printed)")
+    for flag, via in (
+        ("--livy-url", "livy"),
+        ("--livy-ca-bundle", "livy"),
+        ("--livy-insecure", "livy"),
+        ("--notebook-service-role", "notebook-execution"),
+        ("--master-security-group", "notebook-execution"),
+    ):
+        if getattr(args, flag[2:].replace("-", "_")) and args.via != via:
+            raise AwsError(f"{flag} applies to --via {via} only; this run is --via {args.via}")
     if args.no_wait and args.via != "step":
         raise AwsError(
             f"--no-wait applies to --via step only: --via {args.via} runs the notebooks one "
