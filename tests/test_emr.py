@@ -995,6 +995,31 @@ def test_step_run_stops_polling_on_an_interrupted_step():
     )
 
 
+def test_a_step_still_running_when_the_wait_ends_says_how_to_follow_or_stop_it():
+    options = runs.RunOptions(
+        input="s3://b/input/", output="s3://b/runs/r6", weights="s3://b/w.h5",
+        notebooks="s3://b/artifacts/0.1.0/notebooks",
+    )  # fmt: skip
+    emr = stubbed("emr")
+    step = {"ClusterId": "j-1", "StepId": "s-1"}
+    with Stubber(emr) as stub:
+        stub.add_response(
+            "add_job_flow_steps", {"StepIds": ["s-1"]}, runs.step_request("j-1", options, "r6")
+        )
+        for _ in range(2):
+            running = {"Step": {"Id": "s-1", "Status": {"State": "RUNNING"}}}
+            stub.add_response("describe_step", running, step)
+        with pytest.raises(AwsError) as error:
+            runs.run_step(
+                "j-1", options, "r6", emr_client=emr, s3_client=None, poll_seconds=0,
+                max_attempts=2, log_bucket="b", sleep=lambda _: None, out=io.StringIO(),
+            )  # fmt: skip
+    message = str(error.value)
+    assert message.startswith("step s-1 still RUNNING after 2 checks; it goes on, on the cluster")
+    assert "aws emr cancel-steps --cluster-id j-1 --step-ids s-1" in message
+    assert message.endswith("--max-attempts; logs: s3://b/logs/emr/j-1/steps/s-1/")
+
+
 def test_down_accepts_a_cluster_that_ended_with_errors():
     """After a failed bootstrap `emr up` says to run `emr down`: the cluster ends
     TERMINATED_WITH_ERRORS, on which botocore's waiter fails, yet it is terminated."""

@@ -265,9 +265,16 @@ def run_step(
         logs = details.get("LogFile") or (
             f"s3://{log_bucket}/logs/emr/{cluster_id}/steps/{step_id}/" if log_bucket else ""
         )
-        ended = f"ended {state}" if state in STEP_ENDED else f"still {state}; gave up waiting"
+        if state not in STEP_ENDED:
+            raise AwsError(
+                f"step {step_id} still {state} after {max_attempts} checks; it goes on, on "
+                f"the cluster (and is billed): follow it with `aws emr describe-step "
+                f"--cluster-id {cluster_id} --step-id {step_id}`, stop it with `aws emr "
+                f"cancel-steps --cluster-id {cluster_id} --step-ids {step_id}`, or wait longer "
+                f"with --max-attempts; logs: {logs}"
+            )
         raise AwsError(
-            f"step {step_id} {ended}: "
+            f"step {step_id} ended {state}: "
             f"{details.get('Reason', '')} {details.get('Message', '')} logs: {logs}".strip()
         )
     print(f"step {step_id} completed; outputs:", file=out)
