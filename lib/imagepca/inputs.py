@@ -199,7 +199,9 @@ def fingerprint_digest(n_files: int, groups: list) -> str:
 # -- a folder -------------------------------------------------------------------------------
 
 
-def folder_reader(spark: SparkSession, input_uri: str):
+def folder_reader(spark: SparkSession, *, local: bool):
+    """The ``binaryFile`` reader of an input folder; ``local``: on this machine's disk
+    (:func:`imagepca.storage.on_local_disk`)."""
     reader = (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
@@ -209,25 +211,17 @@ def folder_reader(spark: SparkSession, input_uri: str):
         .option("ignoreCorruptFiles", "true")
         .option("ignoreMissingFiles", "true")
     )
-    if not on_local_disk(spark, input_uri):
+    if not local:
         # A reader's options are in the configuration of the file system it opens, which
         # Hadoop caches by scheme and bucket alone: S3A's or HDFS's would keep the raw
         # local one below, which their copies to and from local files cannot use.
         return reader
     # Hadoop's checksummed local file system cannot open a name with ":" (its checksum
     # file's name parses as a URI); images have no checksums. 10,000 files: 20 % quicker.
+    # A file system of its own (not the cached one), for this read only.
     return reader.option("fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem").option(
-        "fs.file.impl.disable.cache",
-        "true",  # a file system of its own, not the cached one
+        "fs.file.impl.disable.cache", "true"
     )
-
-
-def _skipped_images(input_uri: str) -> tuple[list[str], list[str], list[str]]:
-    """:func:`imagepca.local_folders.skipped_images`; none for a remote location, which is
-    not listed twice."""
-    if not is_local(input_uri):
-        return [], [], []
-    return skipped_images(local_path(input_uri), IMAGE_EXTENSIONS)
 
 
 def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
@@ -238,12 +232,13 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
     InputError
         When the location does not exist or holds no image file.
     """
+    local = on_local_disk(spark, input_uri)
     # Past 32 sub-folders Spark lists them in a job, which on the driver's own disk costs more
     # than the listing (2,000 files in 60 folders: 2.1 -> 0.8 s); object stores keep it.
-    discovery = {PARALLEL_DISCOVERY_KEY: str(2**31 - 1)} if is_local(input_uri) else {}
+    discovery = {PARALLEL_DISCOVERY_KEY: str(2**31 - 1)} if local else {}
     try:
         with spark_settings(spark, discovery):
-            relation = folder_reader(spark, input_uri).load(literal(input_uri))
+            relation = folder_reader(spark, local=local).load(literal(input_uri))
         n_files = len(relation._jdf.inputFiles())  # counted in the JVM: no Python copy
     except (AnalysisException, Py4JJavaError) as error:
         raise InputError(
@@ -251,7 +246,11 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
             "(or s3:// prefix) that holds one sub-folder of images per class, or a manifest "
             "of image URIs (manifest=..., --manifest with imagepca run)."
         ) from None
-    hidden, broken, not_utf8 = _skipped_images(input_uri)
+    # What Spark's listing dropped, found on the local disk (an object store is not listed
+    # twice to count them).
+    hidden, broken, not_utf8 = (
+        skipped_images(local_path(input_uri), IMAGE_EXTENSIONS) if local else ([], [], [])
+    )
     if not n_files:
         skipped = skipped_fields(tuple(hidden), tuple(broken), (0, None), tuple(not_utf8))
         notes = skipped_notes(skipped)
