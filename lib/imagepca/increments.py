@@ -180,9 +180,8 @@ def plan_increment(
         same = [new[c].eqNullSafe(verdicts[f"earlier_{c}"]) for c in ROW_KEY]
         planned = new.join(verdicts, same, "left").persist(StorageLevel.MEMORY_AND_DISK)
         kind = F.substring_index("earlier_reason", ":", 1).alias("kind")
-        counts = {row["kind"]: row["count"] for row in planned.groupBy(kind).count().collect()}
-        n_todo = counts.pop(None, 0)
-        by_kind = counts
+        by_kind = {row["kind"]: row["count"] for row in planned.groupBy(kind).count().collect()}
+        n_todo = by_kind.pop(None, 0)  # no earlier rejection: to read
         todo = planned.filter(F.col("earlier_reason").isNull()).select(*ROW_KEY)
         still_rejected = planned.filter(F.col("earlier_reason").isNotNull()).select(
             *(F.col(f"earlier_{c}").alias(c) for c in earlier)
@@ -208,7 +207,7 @@ def plan_increment(
         survivors=survivors,
         n_kept=n_stored - n_stale,
         still_rejected=still_rejected,
-        still_rejected_by_kind=dict(sorted(by_kind.items())),
+        still_rejected_by_kind=by_kind,
     )
 
 

@@ -130,8 +130,8 @@ def _rejected_frame(spark: SparkSession, rows: list[dict]) -> DataFrame:
         observed = spark.range(0).select(
             *(F.lit(None).cast(kind).alias(name) for name, kind in _OBSERVED_FIELDS.items())
         )
-    modified = F.timestamp_micros("modified_us").alias("modified")
-    return observed.select(*REJECTED_COLUMNS[:-1], modified)
+    modified = F.timestamp_micros("modified_us")
+    return observed.withColumn("modified", modified).select(*REJECTED_COLUMNS)
 
 
 def checked(extraction: Extraction, params: ExtractParams) -> Extraction:
