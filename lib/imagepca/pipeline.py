@@ -287,7 +287,7 @@ def extract_features(
             jobs = [partial(write, params.output, "rejected", rejected.write.parquet)]
             if increment is not None:
                 jobs.append(partial(fingerprint, listing.files, listing.n_files))
-            rejected_uri, *increment_fingerprint = run_concurrently(*jobs)
+            rejected_written, *increment_fingerprint = run_concurrently(*jobs)
             if increment is None:
                 # The featurization job summed the files it scanned.
                 listing_fingerprint = fingerprint_digest(listing.n_files, [outcomes.sums])
@@ -299,7 +299,7 @@ def extract_features(
                 batch_id = commit_batch(
                     storage, features_uri, staged, increment, batch_id, n_new, descriptions
                 )
-                storage.swap_in(params.output, "rejected", rejected_uri)
+                storage.swap_in(params.output, "rejected", rejected_written)  # the staged
             moments_uri = join(features_uri, MOMENTS_FILE)
             if increment is not None and batch_id is None:  # features/ and its statistics kept
                 moments_file = stored.get("moments_file")
