@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from imagepca.config import IMAGE_SIZES
+from imagepca.config import IMAGE_SIZES, option_flag
 from imagepca.run_options import (
     add_tuning_options,
     execution_timeout_problem,
@@ -175,28 +175,31 @@ def _check_run_arguments(args: argparse.Namespace) -> None:
     refuse_unused_classifier_options(args)
     if args.via != "livy" and not args.cluster_id:
         raise AwsError(f"--via {args.via} needs --cluster-id (the id `emr up` printed)")
-    for flag, via in (
-        ("--livy-url", "livy"),
-        ("--livy-ca-bundle", "livy"),
-        ("--livy-insecure", "livy"),
-        ("--notebook-service-role", "notebook-execution"),
-        ("--master-security-group", "notebook-execution"),
+    for name, via in (
+        ("livy_url", "livy"),
+        ("livy_ca_bundle", "livy"),
+        ("livy_insecure", "livy"),
+        ("notebook_service_role", "notebook-execution"),
+        ("master_security_group", "notebook-execution"),
     ):
-        if getattr(args, flag[2:].replace("-", "_")) and args.via != via:
-            raise AwsError(f"{flag} applies to --via {via} only; this run is --via {args.via}")
+        if getattr(args, name) and args.via != via:
+            raise AwsError(
+                f"{option_flag(name)} applies to --via {via} only; this run is --via {args.via}"
+            )
     if args.no_wait and args.via != "step":
         raise AwsError(
             f"--no-wait applies to --via step only: --via {args.via} runs the notebooks one "
             "after the other and must wait for each"
         )
-    for flag, does in (
-        ("--incremental", "featurizes what changed since the features of an earlier run"),
-        ("--reuse-features", "keeps the features of an earlier run"),
+    for name, does in (
+        ("incremental", "featurizes what changed since the features of an earlier run"),
+        ("reuse_features", "keeps the features of an earlier run"),
     ):
-        if getattr(args, flag[2:].replace("-", "_")) and not (args.output or args.run_id):
+        if getattr(args, name) and not (args.output or args.run_id):
             raise AwsError(
-                f"{flag} {does}: give that run's --output s3://BUCKET/runs/RUN_ID (or its "
-                "--run-id); a new output has none, so every image would be featurized"
+                f"{option_flag(name)} {does}: give that run's --output "
+                "s3://BUCKET/runs/RUN_ID (or its --run-id); a new output has none, so every "
+                "image would be featurized"
             )
     problem = execution_timeout_problem(args.execution_timeout)
     if problem:
