@@ -97,6 +97,50 @@ def test_setup_is_idempotent_and_brings_the_operator_policy_up_to_date(capsys):
 
 
 @pytest.mark.usefixtures("aws_env")
+def test_setup_for_another_bucket_and_region_is_refused_unless_replace(capsys):
+    assert cli("aws", "setup", "--bucket", BUCKET, "--region", REGION) == 0
+    capsys.readouterr()
+    other = ["aws", "setup", "--bucket", "imagepca-other-bucket", "--region", "eu-west-1"]
+    iam = boto3.client("iam", region_name=REGION)
+    operator_arn = f"arn:aws:iam::{ACCOUNT_ID}:policy/imagepca-operator"
+
+    def bindings() -> tuple[str, str, str]:
+        inline = iam.get_role_policy(
+            RoleName="imagepca-emr-ec2-role", PolicyName="imagepca-bucket-prefixes"
+        )["PolicyDocument"]
+        trust = iam.get_role(RoleName="imagepca-emr-service-role")["Role"]
+        version = iam.get_policy(PolicyArn=operator_arn)["Policy"]["DefaultVersionId"]
+        operator = iam.get_policy_version(PolicyArn=operator_arn, VersionId=version)
+        return (
+            json.dumps(inline),
+            json.dumps(trust["AssumeRolePolicyDocument"]),
+            json.dumps(operator["PolicyVersion"]["Document"]),
+        )
+
+    before = bindings()
+    assert cli(*other) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: this account's imagepca roles and operator policy")
+    assert f"imagepca-emr-ec2-role, policy imagepca-bucket-prefixes: bucket {BUCKET}" in error
+    assert f"imagepca-emr-service-role, trust policy: region {REGION}" in error
+    assert f"operator policy imagepca-operator: bucket {BUCKET}, region {REGION}" in error
+    assert error.rstrip().endswith("to move the project, add --replace")
+    # Nothing changed: not the roles, not the policy, and no bucket was made.
+    assert bindings() == before
+    s3 = boto3.client("s3", region_name=REGION)
+    assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == [BUCKET]
+
+    assert cli(*other, "--replace") == 0
+    inline, trust, operator = bindings()
+    assert "arn:aws:s3:::imagepca-other-bucket" in inline and BUCKET not in inline
+    # The trust policy too (CreateRole leaves an existing one as it was).
+    assert f"arn:aws:elasticmapreduce:eu-west-1:{ACCOUNT_ID}:*" in trust and REGION not in trust
+    assert "imagepca-other-bucket" in operator and BUCKET not in operator
+    # Set up there, a re-run is no conflict.
+    assert cli(*other) == 0
+
+
+@pytest.mark.usefixtures("aws_env")
 def test_setup_with_kms_versioning_outside_us_east_1():
     key = f"arn:aws:kms:eu-west-1:{ACCOUNT_ID}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
     argv = ["aws", "setup", "--bucket", BUCKET, "--region", "eu-west-1", "--kms-key", key]
@@ -144,9 +188,11 @@ def test_dry_run_prints_aws_cli_equivalents_without_calling_aws(monkeypatch, cap
         "s3api put-bucket-policy",
         "iam create-service-linked-role",
         "iam create-role",
+        "iam update-assume-role-policy",
         "iam attach-role-policy",
         "iam put-role-policy",
         "iam create-role",
+        "iam update-assume-role-policy",
         "iam put-role-policy",
         "iam create-instance-profile",
         "iam add-role-to-instance-profile",

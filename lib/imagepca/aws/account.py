@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import boto3
 from botocore.exceptions import ClientError
 
-from .settings import AwsSettings, find_resource, render_text
+from .settings import AwsError, AwsSettings, find_resource, render_text
 
 EMR_MANAGED_SERVICE_POLICY = "arn:aws:iam::aws:policy/service-role/AmazonEMRServicePolicy_v2"
 """AWS managed policy for the EMR service role.
@@ -42,6 +42,8 @@ PREFIXES = ("input", "artifacts", "runs", "logs", "jupyter")
 """Top-level prefixes of the project bucket; the instance role is limited to these."""
 
 EMR_SERVICE = "elasticmapreduce.amazonaws.com"
+INSTANCE_POLICY = "imagepca-bucket-prefixes"
+"""The nodes' role's inline policy: the bucket's prefixes (and the KMS key) it may use."""
 CLEANUP_ROLE = "AWSServiceRoleForEMRCleanup"
 """The service-linked role EMR creates with an account's first cluster (so the caller of
 that first ``RunJobFlow`` needs ``iam:CreateServiceLinkedRole``); ``aws setup`` creates it
@@ -209,6 +211,12 @@ def _role_calls(settings: AwsSettings, policy: Callable[[str], str]) -> list[Aws
             },
             ("EntityAlreadyExists",),
         ),
+        # CreateRole leaves an existing role's trust policy as it was.
+        AwsCall(
+            "iam",
+            "UpdateAssumeRolePolicy",
+            {"RoleName": service, "PolicyDocument": policy("emr-service-role-trust")},
+        ),
         AwsCall(
             "iam",
             "AttachRolePolicy",
@@ -253,10 +261,18 @@ def _role_calls(settings: AwsSettings, policy: Callable[[str], str]) -> list[Aws
         ),
         AwsCall(
             "iam",
+            "UpdateAssumeRolePolicy",
+            {
+                "RoleName": settings.instance_role,
+                "PolicyDocument": policy("emr-instance-role-trust"),
+            },
+        ),
+        AwsCall(
+            "iam",
             "PutRolePolicy",
             {
                 "RoleName": settings.instance_role,
-                "PolicyName": "imagepca-bucket-prefixes",
+                "PolicyName": INSTANCE_POLICY,
                 "PolicyDocument": policy("emr-instance-role-policy"),
             },
         ),
@@ -307,6 +323,7 @@ def setup(
     settings: AwsSettings,
     *,
     dry_run: bool = False,
+    replace: bool = False,
     clients: Callable[[str], Any] | None = None,
     out: TextIO | None = None,
     policies_dir: Path | None = None,
@@ -316,6 +333,10 @@ def setup(
     Re-running is safe: "already exists" answers are accepted and the policies are put
     again, so edits to ``aws/*.json`` reach AWS; the operator policy, a managed policy,
     gets a new default version when its document changed (:func:`update_managed_policy`).
+
+    The roles and the operator policy have one name per account: a setup for another
+    bucket or region would move them there, and the clusters and operators of the first
+    would lose their access. That is refused (:func:`earlier_setup`) unless ``replace``.
     """
     out = out or sys.stdout
     calls = setup_calls(settings, policies_dir)
@@ -337,6 +358,16 @@ def setup(
         print(f"# {update.cli(settings.region)}", file=out)
         return calls
     clients = clients or client_factory(settings.region)
+    elsewhere = earlier_setup(clients("iam"), settings)
+    if elsewhere and not replace:
+        raise AwsError(
+            f"this account's imagepca roles and operator policy were set up for another "
+            f"bucket or region than {settings.bucket} in {settings.region}:\n  "
+            + "\n  ".join(elsewhere)
+            + "\nA setup here would move them, and the clusters and operators of that "
+            "setup would lose their access. Nothing was changed. To keep it, run setup "
+            "with its --bucket and --region; to move the project, add --replace"
+        )
     for call in calls:
         result = call.run(clients)
         state = "exists" if result is None and call.ok_errors else "ok"
@@ -348,6 +379,50 @@ def setup(
         file=out,
     )
     return calls
+
+
+_BUCKET_ARN = re.compile(r"arn:aws:s3:::([^/*\"]+)")
+_EMR_REGION_ARN = re.compile(r"arn:aws:elasticmapreduce:([a-z0-9-]+):")
+
+
+def earlier_setup(iam: Any, settings: AwsSettings) -> list[str]:
+    """What an earlier setup gave to another bucket or region than ``settings``': one line
+    per document naming them (none when the roles and the policy are not there yet)."""
+    operator_arn = f"arn:aws:iam::{settings.account_id}:policy/{settings.operator_policy}"
+
+    def instance_policy() -> Any:
+        answer = iam.get_role_policy(RoleName=settings.instance_role, PolicyName=INSTANCE_POLICY)
+        return answer["PolicyDocument"]
+
+    def service_trust() -> Any:
+        return iam.get_role(RoleName=settings.service_role)["Role"]["AssumeRolePolicyDocument"]
+
+    def operator_policy() -> Any:
+        version = iam.get_policy(PolicyArn=operator_arn)["Policy"]["DefaultVersionId"]
+        answer = iam.get_policy_version(PolicyArn=operator_arn, VersionId=version)
+        return answer["PolicyVersion"]["Document"]
+
+    documents = {
+        f"role {settings.instance_role}, policy {INSTANCE_POLICY}": instance_policy,
+        f"role {settings.service_role}, trust policy": service_trust,
+        f"operator policy {settings.operator_policy}": operator_policy,
+    }
+    found = []
+    for name, read in documents.items():
+        try:
+            document = read()
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") == "NoSuchEntity":
+                continue
+            raise
+        # botocore decodes IAM's URL-encoded documents; a string is JSON text.
+        text = document if isinstance(document, str) else json.dumps(document)
+        buckets = sorted(set(_BUCKET_ARN.findall(text)) - {settings.bucket})
+        regions = sorted(set(_EMR_REGION_ARN.findall(text)) - {settings.region})
+        named = [f"bucket {b}" for b in buckets] + [f"region {r}" for r in regions]
+        if named:
+            found.append(f"{name}: {', '.join(named)}")
+    return found
 
 
 MAX_POLICY_VERSIONS = 5  # IAM's limit per managed policy

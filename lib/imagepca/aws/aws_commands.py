@@ -25,7 +25,7 @@ def _cmd_setup(args: argparse.Namespace) -> int:
         kms_key_arn=args.kms_key, versioning=args.versioning,
         notebook_service_role=args.notebook_service_role,
     )  # fmt: skip
-    account.setup(settings, dry_run=args.dry_run)
+    account.setup(settings, dry_run=args.dry_run, replace=args.replace)
     return 0
 
 
@@ -53,7 +53,8 @@ def add_aws(subparsers: argparse._SubParsersAction) -> None:
             "Create the project bucket with Block Public Access, default encryption and a "
             "TLS-only bucket policy; the EMR cleanup service-linked role, the EMR service "
             "role, the EC2 instance profile limited to the bucket's input/ artifacts/ runs/ "
-            "logs/ jupyter/ prefixes, and an operator policy. Idempotent. Run once with "
+            "logs/ jupyter/ prefixes, and an operator policy. Idempotent; refuses to move a "
+            "setup made for another bucket or region unless --replace. Run once with "
             "administrator credentials (e.g. an IAM Identity Center admin permission set "
             "via `aws sso login`)."
         ),
@@ -75,6 +76,12 @@ def add_aws(subparsers: argparse._SubParsersAction) -> None:
         help="the EMR notebooks role the operator policy may pass (`emr run --via "
         f"notebook-execution`; default {NOTEBOOK_SERVICE_ROLE}); re-running setup with "
         "another one updates the policy",
+    )
+    setup.add_argument(
+        "--replace",
+        action="store_true",
+        help="move roles and policy set up for another bucket or region to this one (whose "
+        "clusters and operators then lose their access); without it setup refuses",
     )
     setup.add_argument(
         "--dry-run", action="store_true", help="print the equivalent aws CLI commands only"
