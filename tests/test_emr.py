@@ -12,12 +12,13 @@ import re
 import shutil
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import boto3
 import botocore.session
 import pytest
-from botocore.exceptions import WaiterError
+from botocore.exceptions import ClientError, WaiterError
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
 from botocore.validate import ParamValidator
@@ -241,13 +242,58 @@ def test_security_configuration_enables_encryption_and_imdsv2():
     assert model_errors("CreateSecurityConfiguration", request) == ""
 
 
+def certificates_zip(*names: str) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in names:
+            archive.writestr(name, "-----BEGIN CERTIFICATE-----\n")
+    return buffer.getvalue()
+
+
 @pytest.mark.usefixtures("aws_env")
-def test_security_config_command_creates_it():
+def test_security_config_command_checks_the_certificates_then_creates_it(capsys):
     key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    argv = ["emr", "security-config", "--bucket", BUCKET, "--region", REGION]
-    assert cli(*argv, "--subnet-id", SETTINGS["subnet_id"], "--kms-key", key) == 0
+    argv = ["emr", "security-config", "--bucket", BUCKET, "--region", REGION, "--kms-key", key]
+    argv += ["--subnet-id", SETTINGS["subnet_id"]]
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    certs = "artifacts/security/emr-tls-certs.zip"  # where docs/emr.md uploads it
+
+    def refused() -> str:
+        assert cli(*argv) == 1
+        with pytest.raises(ClientError, match="does not exist"):  # not created
+            boto3.client("emr").describe_security_configuration(Name="imagepca-security")
+        return capsys.readouterr().err
+
+    assert f"error: no certificates zip at s3://{BUCKET}/{certs}: make it" in refused()
+    s3.put_object(Bucket=BUCKET, Key=certs, Body=b"-----BEGIN PRIVATE KEY-----")
+    assert "is not a zip file" in refused()
+    s3.put_object(Bucket=BUCKET, Key=certs, Body=certificates_zip("certs/privateKey.pem"))
+    error = refused()
+    assert "has no privateKey.pem or certificateChain.pem at its top level" in error
+    assert "(it holds certs/privateKey.pem)" in error
+
+    s3.put_object(
+        Bucket=BUCKET, Key=certs, Body=certificates_zip("privateKey.pem", "certificateChain.pem")
+    )
+    assert cli(*argv) == 0
     described = boto3.client("emr").describe_security_configuration(Name="imagepca-security")
     assert "InstanceMetadataServiceConfiguration" in described["SecurityConfiguration"]
+    assert f"s3://{BUCKET}/{certs}" in described["SecurityConfiguration"]
+    printed = capsys.readouterr()
+    assert "has no trustedCertificates.pem: its certificate must be signed by a CA" in printed.out
+    assert printed.err == ""
+    # A zip the nodes' instance profile may not read: created, with a warning.
+    s3.put_object(Bucket=BUCKET, Key="security/certs.zip", Body=certificates_zip(
+        "privateKey.pem", "certificateChain.pem", "trustedCertificates.pem"
+    ))  # fmt: skip
+    other = ["--certs", f"s3://{BUCKET}/security/certs.zip"]
+    boto3.client("emr").delete_security_configuration(Name="imagepca-security")
+    assert cli(*argv, *other) == 0
+    printed = capsys.readouterr()
+    assert printed.err.startswith(f"warning: the nodes read s3://{BUCKET}/security/certs.zip")
+    assert f"only s3://{BUCKET}/input/, s3://{BUCKET}/artifacts/, " in printed.err
+    assert "trustedCertificates" not in printed.out
 
 
 def test_cost_estimate_uses_the_dated_price_table():

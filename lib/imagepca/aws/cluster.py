@@ -11,9 +11,11 @@ moves the Spark history server to port 18480.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -141,6 +143,46 @@ def render_security_configuration(
         {"KMS_KEY_ARN": kms_key_arn, "TLS_CERTIFICATES_ZIP": certificates_zip},
     )
     return json.dumps(json.loads(text), separators=(",", ":"))
+
+
+# EMR's PEM certificate provider reads these names, exactly, at the zip's top level; a
+# trustedCertificates.pem is needed too unless a CA Java trusts signed the certificate
+# (docs: "Providing certificates for encrypting data in transit").
+REQUIRED_CERTIFICATES = ("privateKey.pem", "certificateChain.pem")
+TRUSTED_CERTIFICATES = "trustedCertificates.pem"
+MAX_CERTIFICATES_ZIP_BYTES = 1 << 20  # PEM files are kilobytes
+
+
+def check_certificates_zip(s3_client: Any, uri: str) -> list[str]:
+    """The names in the certificates zip at ``uri``, once it is seen to hold what EMR needs.
+
+    A security configuration names the zip without EMR reading it: a missing or wrong zip
+    would fail only the cluster that uses it, at start-up.
+    """
+    bucket, key = parse_s3_uri(uri)
+    how = "make it as docs/emr.md (section 6) shows, or pass --certs"
+    try:
+        size = s3_client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NoSuchBucket"):
+            raise AwsError(f"no certificates zip at {uri}: {how}") from None
+        raise
+    if size > MAX_CERTIFICATES_ZIP_BYTES:
+        raise AwsError(f"{uri} ({size:,} bytes) is not a zip of PEM certificates: {how}")
+    body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    try:
+        names = zipfile.ZipFile(io.BytesIO(body)).namelist()
+    except zipfile.BadZipFile:
+        raise AwsError(f"{uri} is not a zip file: {how}") from None
+    missing = [name for name in REQUIRED_CERTIFICATES if name not in names]
+    if missing:
+        raise AwsError(
+            f"{uri} has no {' or '.join(missing)} at its top level (it holds "
+            f"{', '.join(names) or 'nothing'}): EMR reads PEM files named exactly "
+            f"{', '.join(REQUIRED_CERTIFICATES)} and, for a certificate no CA Java trusts "
+            f"signed, {TRUSTED_CERTIFICATES}: {how}"
+        )
+    return names
 
 
 # --------------------------------------------------------------------------- addresses

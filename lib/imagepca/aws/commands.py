@@ -27,7 +27,7 @@ from .aws_commands import add_aws
 from .command_support import client as _client
 from .command_support import command_group, default_region
 from .command_support import guard as _guard
-from .settings import NOTEBOOK_SERVICE_ROLE, AwsError, EmrSettings
+from .settings import NOTEBOOK_SERVICE_ROLE, AwsError, EmrSettings, parse_s3_uri
 
 # --------------------------------------------------------------------------- emr
 
@@ -95,13 +95,29 @@ def _cmd_security_config(args: argparse.Namespace) -> int:
             "--security-configuration", definition, "--region", settings.region,
         ]))  # fmt: skip
         return 0
+    names = cluster.check_certificates_zip(_client("s3", settings.region), certs)
+    bucket, key = parse_s3_uri(certs)
+    readable = account.instance_role_prefixes("s3:GetObject")
+    if bucket != settings.bucket or not key.startswith(readable):
+        print(
+            f"warning: the nodes read {certs} with their instance profile, which `aws setup` "
+            f"lets read only {', '.join(f's3://{settings.bucket}/{p}' for p in readable)}: "
+            "unless you granted more, clusters with this configuration fail to start",
+            file=sys.stderr,
+        )
     _client("emr", settings.region).create_security_configuration(
         Name=name, SecurityConfiguration=definition
     )
+    trusted = ""
+    if cluster.TRUSTED_CERTIFICATES not in names:
+        trusted = (
+            f" {certs} has no {cluster.TRUSTED_CERTIFICATES}: its certificate must be signed "
+            "by a CA Java trusts."
+        )
     print(
         f'security configuration {name} created; set "security_configuration": '
         f'"{name}" in emr_settings.json. It turns on in-transit encryption: Livy is then '
-        "HTTPS only (EMR 7.4+), see docs/livy.md"
+        f"HTTPS only (EMR 7.4+), see docs/livy.md.{trusted}"
     )
     return 0
 
