@@ -11,6 +11,8 @@ from PIL import Image
 
 from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca.config import ExtractParams
+from imagepca.images import CONTENT_BATCH_BYTES, content_scan
+from imagepca.inputs import SAMPLE_MAX_BYTES, list_folder
 from imagepca.pipeline import extract_features
 from imagepca.rejects import Outcomes
 
@@ -111,3 +113,46 @@ def test_featurized_per_label_is_the_listing_less_the_rejects():
     # A label left with no featurized image is not one of features/'s labels.
     alone = Outcomes(scanned=3, rejects=rejects[:1], sums={})
     assert alone.featurized_per_label({"a": 1, "c": 2}) == {"c": 2}
+
+
+def test_files_too_large_for_a_batch_or_for_the_scan(spark, tmp_path):
+    """Large files shrink the scan's Arrow batches to what they can carry (Arrow's binary
+    column holds 2 GiB: 256 photos of 10 MB failed the job), and a file larger than Spark's
+    binaryFile reads is rejected as unreadable, not fatal. Sparse files: no disk used."""
+    root = tmp_path / "input"
+    for label in ("apple", "banana"):
+        (root / label).mkdir(parents=True)
+        for photo in sorted((FRUIT_PHOTOS / label).iterdir())[:2]:
+            shutil.copyfile(photo, root / label / photo.name)
+    huge = root / "apple" / "panorama.tif"
+    with huge.open("wb") as file:
+        file.truncate(2_200 * 2**20)  # more than 2**31 - 1 bytes
+    large = [root / "banana" / f"scan{i}.jpg" for i in range(3)]
+    for path in large:
+        with path.open("wb") as file:
+            file.truncate(100 * 2**20)  # zeros: not an image
+
+    listing = list_folder(spark, str(root))
+    assert listing.n_files == 8 and listing.largest_file == huge.stat().st_size
+    scanned, per_batch = content_scan(listing, most=256)
+    # Two of the largest scanned files fit in a batch, three do not.
+    assert 2 * 100 * 2**20 <= CONTENT_BATCH_BYTES < 3 * 100 * 2**20 and per_batch == 2
+    assert scanned.count() == 7  # every file but the one too large for the scan
+    assert content_scan(list_folder(spark, str(FRUIT_PHOTOS)), most=256)[1] == 256
+    # The first look never reads a file that large on the driver.
+    shown = [path for paths in listing.label_samples.values() for path in paths]
+    assert shown and all((root / p.split("/input/")[1]).stat().st_size <= SAMPLE_MAX_BYTES
+                         for p in shown)  # fmt: skip
+
+    output = tmp_path / "out"
+    extraction = extract_features(
+        spark, ExtractParams(input=str(root), output=str(output), weights=str(WEIGHTS))
+    )
+    assert extraction.n_images == 4
+    rejected = pd.read_parquet(output / "rejected").set_index("path")["reason"]
+    assert rejected[f"file:{huge}"] == (
+        "unreadable: 2,306,867,200 bytes, more than the 2,147,483,647 Spark's binaryFile "
+        "reader holds as one file"
+    )
+    assert {rejected[f"file:{path}"].split(":")[0] for path in large} == {"not an image"}
+    assert extraction.metadata["rejected_by_kind"] == {"not an image": 3, "unreadable": 1}

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import IllegalArgumentException
-from pyspark.sql import Column, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .storage import Storage, error_summary
@@ -122,6 +122,31 @@ def label_of(path: str) -> str:
 
 
 MIN_IMAGES_PER_LABEL = 2  # a classifier needs one image to train on and one to test on
+
+# Spark's binaryFile reader holds a file's bytes in one row: a larger file fails the job.
+BINARY_FILE_MAX_BYTES = 2**31 - 1
+# The most file bytes one Arrow batch of a folder's scan carries to a Python worker: it is
+# that worker's memory, and Arrow's binary column holds at most 2 GiB (256 photos of 10 MB
+# in one batch fail the job with OversizedAllocationException).
+CONTENT_BATCH_BYTES = 256 << 20
+
+
+def content_scan(listing, most: int) -> tuple[DataFrame, int]:
+    """A folder's scan (``listing``, an :class:`imagepca.inputs.ImageListing`) without the
+    files too large for it, and the files per Arrow batch: ``most``, or fewer where ``most``
+    of its largest files would carry more than :data:`CONTENT_BATCH_BYTES`. Then no batch
+    does, unless one file alone is larger."""
+    scanned = listing.relation.where(F.col("length") <= BINARY_FILE_MAX_BYTES)
+    largest = listing.largest_file
+    if largest is None or largest * most <= CONTENT_BATCH_BYTES:
+        return scanned, most  # no job: the common case
+    sizes = listing.files.where(F.col("size") <= BINARY_FILE_MAX_BYTES).select("size")
+    total = 0
+    for rows, (size,) in enumerate(sizes.orderBy(F.desc("size")).limit(most).collect()):
+        total += size
+        if total > CONTENT_BATCH_BYTES:
+            return scanned, max(1, rows)
+    return scanned, most
 
 
 def small_labels(label_counts: dict[str, int]) -> dict[str, int]:

@@ -123,6 +123,18 @@ class Increment:
     def release(self) -> None:
         self.planned.unpersist()
 
+    def described(self, n_featurized: int, batch_id: str | None) -> dict:
+        """``_extraction.json``'s ``incremental`` block for this increment."""
+        return {
+            "featurized": n_featurized,
+            "read": self.n_todo,
+            "kept": self.n_kept,
+            "dropped": self.n_stale,
+            "rewritten_part_files": len(self.stale_files),
+            "still_rejected": self.n_still_rejected,
+            "batch": batch_id,
+        }
+
 
 def _same_files(left: DataFrame, right: DataFrame) -> list:
     return [left[c].eqNullSafe(right[c]) for c in ROW_KEY]

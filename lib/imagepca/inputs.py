@@ -47,6 +47,7 @@ LISTING_COLUMNS = ("path", "label", "size", "modified")
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
 PARALLEL_DISCOVERY_KEY = "spark.sql.sources.parallelPartitionDiscovery.threshold"
 SAMPLES_PER_LABEL = 3  # paths per label the listing keeps for a first look
+SAMPLE_MAX_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class ImageListing:
     label_counts: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
     label_samples: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
     relation: DataFrame | None = field(default=None, compare=False, repr=False)
+    largest_file: int | None = None  # bytes (None: no size known)
     n_duplicates: int = 0
     hidden: tuple[str, ...] = ()  # local image files Spark's listing skips for a leading _
     not_images: tuple[int, str | None] = (0, None)  # a manifest's other rows: count, first
@@ -266,43 +268,40 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
     settings = scan_settings(n_files, default_parallelism(spark), LISTING_TASKS_PER_CORE)
     with spark_settings(spark, settings):
         files = folder_rows(relation).persist(StorageLevel.MEMORY_AND_DISK)
-        counts, samples = count_labels(files)
+        counts, samples, largest = count_labels(files)
     return ImageListing(
-        input_uri,
-        "folder",
-        files,
-        n_files,
-        counts,
-        samples,
-        relation=relation,
-        hidden=tuple(hidden),
-        broken_links=tuple(broken),
+        input_uri, "folder", files, n_files, counts, samples, relation=relation,
+        largest_file=largest, hidden=tuple(hidden), broken_links=tuple(broken),
         not_utf8=tuple(not_utf8),
-    )
+    )  # fmt: skip
 
 
-def count_labels(files: DataFrame) -> tuple[dict[str, int], dict[str, list[str]]]:
-    """Rows per label and up to :data:`SAMPLES_PER_LABEL` of each label's paths, sorted by
-    label: one aggregation, one row per label reaches the driver.
+def count_labels(files: DataFrame) -> tuple[dict[str, int], dict[str, list[str]], int | None]:
+    """Rows per label, up to :data:`SAMPLES_PER_LABEL` of each label's paths (sorted by
+    label), and the largest file's size: one aggregation, one row per label to the driver.
 
     The samples are the files with the smallest seeded hashes of their label and name (one
     seed per sample; the path breaks ties), so the first look at the input costs no job of
     its own and shows the same files wherever the data set sits; a small label can repeat
-    a file, which counts once.
+    a file, which counts once. Files of more than :data:`SAMPLE_MAX_BYTES` are not shown:
+    the driver reads each sample whole.
     """
     name = name_column(F.col("path"))
+    shown = F.coalesce(F.col("size"), F.lit(0)) <= SAMPLE_MAX_BYTES
     picks = [
-        F.min_by("path", F.struct(F.xxhash64(F.lit(seed), "label", name), "path")).alias(
-            f"sample{seed}"
-        )
+        F.min_by(
+            "path", F.when(shown, F.struct(F.xxhash64(F.lit(seed), "label", name), "path"))
+        ).alias(f"sample{seed}")
         for seed in range(SAMPLES_PER_LABEL)
     ]
-    rows = files.groupBy("label").agg(F.count(F.lit(1)).alias("count"), *picks).collect()
+    count, largest = F.count(F.lit(1)).alias("count"), F.max("size").alias("largest")
+    rows = files.groupBy("label").agg(count, largest, *picks).collect()
     counts, samples = {}, {}
     for row in sorted(rows, key=lambda row: row["label"]):
         counts[row["label"]] = row["count"]
-        samples[row["label"]] = sorted({row[f"sample{seed}"] for seed in range(SAMPLES_PER_LABEL)})
-    return counts, samples
+        picked = {row[f"sample{seed}"] for seed in range(SAMPLES_PER_LABEL)} - {None}
+        samples[row["label"]] = sorted(picked)
+    return counts, samples, max((r["largest"] for r in rows if r["largest"]), default=None)
 
 
 def folder_rows(relation: DataFrame, *extra: Column) -> DataFrame:
@@ -427,7 +426,7 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
             .select("path", "row.*")
             .persist(StorageLevel.MEMORY_AND_DISK)
         )
-        label_counts, label_samples = count_labels(files)
+        label_counts, label_samples, largest = count_labels(files)
     n_files = sum(label_counts.values())
     if not n_files:
         files.unpersist()
@@ -438,7 +437,7 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
     n_duplicates = n_rows - n_files
     return ImageListing(
         manifest_uri, "manifest", files, n_files, label_counts, label_samples,
-        n_duplicates=n_duplicates,
+        largest_file=largest, n_duplicates=n_duplicates,
         not_images=(n_others, first_other) if n_others and not inventory else (0, None),
     )  # fmt: skip
 

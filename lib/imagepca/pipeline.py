@@ -27,7 +27,7 @@ from .features import (
     resolve_weights,
     warm_python_workers,
 )
-from .images import NOTHING_SKIPPED, classifiable
+from .images import NOTHING_SKIPPED, classifiable, content_scan
 from .increments import (
     LAYOUT,
     ROW_KEY,
@@ -232,10 +232,13 @@ def extract_features(
         else None
     )
     if increment is None and listing.relation is not None:
-        # A folder's bytes through Spark's own reader, split into even tasks by count.
+        # A folder's bytes through Spark's own reader, split into even tasks by count, in
+        # Arrow batches of bounded bytes (a file too large for the scan is reported unread).
         settings.update(scan_settings(listing.n_files, cores, params.tasks_per_core))
+        scanned, per_batch = content_scan(listing, params.max_records_per_batch)
+        settings[ARROW_BATCH_KEY] = str(per_batch)
         udf = features_udf(spark, params, payload, moments=accumulator)
-        rows = folder_rows(listing.relation, udf("content").alias("out"))
+        rows = folder_rows(scanned, udf("content").alias("out"))
         n_todo = listing.n_files
     else:
         # A list of URIs (a manifest, or the new files of an increment): read on executors.
@@ -334,15 +337,7 @@ def extract_features(
             )
             if params.incremental:
                 metadata["incremental"] = (
-                    {
-                        "featurized": n_new,
-                        "read": n_todo,
-                        "kept": increment.n_kept,
-                        "dropped": increment.n_stale,
-                        "rewritten_part_files": len(increment.stale_files),
-                        "still_rejected": increment.n_still_rejected,
-                        "batch": batch_id,
-                    }
+                    increment.described(n_new, batch_id)
                     if increment
                     else {"featurized": n_new, "full_run_because": full_run_reason}
                 )

@@ -18,7 +18,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .config import ExtractParams
-from .images import InputError
+from .images import BINARY_FILE_MAX_BYTES, InputError
 from .increments import Increment
 from .inputs import FINGERPRINT_SUMS, SCANNED_COUNT, ImageListing, fingerprint_sums
 from .storage import Storage, error_summary, join, literal
@@ -163,4 +163,9 @@ def unread_reason(storage: Storage, path: str) -> str:
         return f"{'missing' if missing else 'unreadable'}: {name}: {message}"
     if size == 0:
         return "empty file: 0 bytes"
+    if size > BINARY_FILE_MAX_BYTES:
+        return (
+            f"unreadable: {size:,} bytes, more than the {BINARY_FILE_MAX_BYTES:,} Spark's "
+            "binaryFile reader holds as one file"
+        )
     return "unreadable: the scan could not read it (I/O error)"
