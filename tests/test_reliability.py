@@ -294,6 +294,26 @@ def test_dangling_symlink_is_left_out_of_the_listing_and_named(spark, tmp_path):
     assert listing.broken_links == (str(folder / "dangling.jpg"),)
 
 
+def test_links_to_themselves_or_in_a_circle_are_named_like_dangling_ones(spark, tmp_path):
+    """Following them fails (ELOOP), which stopped the run with a bare OS error before."""
+    from imagepca.inputs import list_folder
+    from imagepca.runner import local_image_count
+
+    folder = tmp_path / "input" / "apple"
+    folder.mkdir(parents=True)
+    (folder / "ok.png").write_bytes(_encode(np.zeros((8, 8, 3), np.uint8), "PNG"))
+    (folder / "self.jpg").symlink_to(folder / "self.jpg")
+    (folder / "a.jpg").symlink_to(folder / "b.jpg")
+    (folder / "b.jpg").symlink_to(folder / "a.jpg")
+    (tmp_path / "input" / "loop").symlink_to(tmp_path / "input" / "loop")  # a "folder"
+    assert local_image_count(str(tmp_path / "input"), 10) == 1
+    listing = list_folder(spark, str(tmp_path / "input"))
+    assert len(listing) == 1
+    assert sorted(listing.broken_links) == [
+        str(folder / name) for name in ("a.jpg", "b.jpg", "self.jpg")
+    ]
+
+
 def test_garbled_jpeg_data_is_not_detected(bad_corpus):
     """Garbage *inside* a JPEG's entropy-coded data (no invalid marker) decodes: libjpeg only
     warns and Pillow does not surface the warning, so such a file is featurized. A known

@@ -38,8 +38,9 @@ def followed_walk(folder: str, loops: list[tuple[str, str]] | None = None):
                 entries = list(listing)
         except OSError:  # gone or unreadable, as os.walk skips it
             continue
-        subfolders = [entry.name for entry in entries if entry.is_dir()]  # links followed
-        yield parent, subfolders, [entry for entry in entries if not entry.is_dir()]
+        folders = {entry.name for entry in entries if _is_folder(entry)}  # links followed
+        subfolders = [entry.name for entry in entries if entry.name in folders]
+        yield parent, subfolders, [entry for entry in entries if entry.name not in folders]
         chain = chains.pop(parent)
         kept = []
         for name in subfolders:
@@ -52,6 +53,15 @@ def followed_walk(folder: str, loops: list[tuple[str, str]] | None = None):
             chains[path] = chain | {real}
             kept.append(path)
         pending.extend(reversed(kept))  # depth first, in listing order, as os.walk goes
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one; not a link to itself or in a circle (``is_dir`` raises
+    ELOOP for those: reported as links to nothing)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def followed_links(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
