@@ -69,6 +69,32 @@ def test_each_new_figure_closes_the_ones_made_before():
     assert plt.gcf().axes[0].get_title().startswith("Images on the first")  # what %matplot shows
 
 
+def test_labels_with_dollar_signs_are_drawn_as_written(tmp_path):
+    """matplotlib reads text between two $ as maths: an unbalanced one ("sale $5 (50% off)
+    $10") failed notebook 01 with a ParseException, a balanced one came out in italics."""
+    labels = ["sale $5 (50% off) $10", "$x^2$", "plain"]
+    figures = [
+        plot_confusion_matrix(labels, np.eye(3, dtype=int) * 4),
+        plot_projection(pd.DataFrame({"label": labels * 2, "pc1": range(6), "pc2": range(6)})),
+        plot_samples([(label, np.zeros((16, 16, 3), np.uint8)) for label in labels]),
+    ]
+    for fig in figures:
+        fig.savefig(tmp_path / "figure.png", format="png")
+    confusion, projection, samples = figures
+    texts = [
+        *confusion.axes[0].get_yticklabels(),
+        *confusion.axes[0].get_xticklabels(),
+        *projection.axes[0].get_legend().get_texts(),
+        *samples.texts,
+        *(text for ax in samples.axes for text in ax.texts),
+    ]
+    drawn = {text.get_text() for text in texts}
+    assert set(labels) <= drawn
+    assert not [
+        text.get_text() for text in texts if text.get_text() in labels and text.get_parse_math()
+    ]
+
+
 def test_labels_in_scripts_dejavu_sans_lacks_are_drawn_with_an_installed_font(tmp_path):
     """Chinese class folders: matplotlib's DejaVu Sans has none of their characters (boxes,
     and a warning per character at every drawing). `make test` installs a CJK font

@@ -44,10 +44,11 @@ def _drawing_labels(labels: Iterable[str]):
     """Draw ``labels`` in matplotlib's font, falling back glyph by glyph to installed fonts
     that have the characters it lacks (Chinese, Japanese, Korean, Thai...: DejaVu Sans has
     none of them). Texts keep the fonts they were made with, so the figure's later drawings
-    use them too."""
+    use them too; and as written: not text between two ``$`` as maths (a label "sale $5
+    (50% off) $10" failed the figure)."""
     fallback = _fallback_fonts(tuple(sorted(set(labels))))
-    family = [*plt.rcParams["font.family"], *fallback]
-    with plt.rc_context({"font.family": family}), _missing_glyphs_said_once():
+    settings = {"font.family": [*plt.rcParams["font.family"], *fallback], "text.parse_math": False}
+    with plt.rc_context(settings), _missing_glyphs_said_once():
         yield
 
 
