@@ -28,6 +28,24 @@ def test_defaults_are_valid():
     assert ReduceParams(output="out").variance == 0.95
 
 
+def test_a_leading_tilde_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """A notebook's "~/photos" or a shell's --output=~/x: Spark, Hadoop and papermill would
+    take "~" as a folder of that name in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "photos").mkdir()
+    params = ExtractParams(input="~/photos", output="~/out", weights="~/w.h5")
+    assert (params.input, params.output) == (f"{tmp_path}/photos", f"{tmp_path}/out")
+    assert params.weights == "~/w.h5"  # resolved where it is loaded, s3:// or local
+    assert ReduceParams(output="~/out").output == ClassifyParams(output="~/out").output
+    assert ClassifyParams(output="~/out").output == f"{tmp_path}/out"
+    assert ExtractParams(manifest="~/list.csv", output="o").manifest == f"{tmp_path}/list.csv"
+    with pytest.raises(ParameterError, match="output must not be inside input"):
+        ExtractParams(input="~/photos", output=f"{tmp_path}/photos/out")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--input", ".", "--output=~/photos/o"]) == 2  # no shell expanded it
+    assert "--output must not be inside input" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [

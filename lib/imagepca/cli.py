@@ -20,6 +20,7 @@ from .config import (
     ParameterError,
     ReduceParams,
     check_master,
+    expand_home,
     max_components,
 )
 from .run_options import (
@@ -40,16 +41,25 @@ def _add_run(subparsers) -> None:
         "Executed notebooks, datasets, model, metrics and plots go to --output.",
     )
     source = run.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help="folder or URI with one sub-folder per class")
+    source.add_argument(
+        "--input", type=expand_home, help="folder or URI with one sub-folder per class"
+    )
     source.add_argument(
         "--manifest",
+        type=expand_home,
         help="instead of --input: CSV/Parquet file of image URIs (column `path`, optional "
         "`label`, `size`, `modified`) or an S3 Inventory manifest.json; nothing is listed",
     )
-    run.add_argument("--output", required=True, help="output folder or URI (replaced by the run)")
+    run.add_argument(
+        "--output",
+        required=True,
+        type=expand_home,
+        help="output folder or URI (replaced by the run)",
+    )
     run.add_argument(
         "--weights",
         default="imagenet",
+        type=expand_home,
         help="'imagenet' (Keras cache, downloaded if absent) or a .h5 file path / s3:// URI",
     )
     choice = run.add_mutually_exclusive_group()

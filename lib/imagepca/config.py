@@ -107,6 +107,14 @@ URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # a URI's scheme: s3:, fi
 GLOB_CHARACTERS = "{}[]*?"  # what Hadoop's readers expand in a path (and a "\\" escapes)
 
 
+def expand_home(location: object) -> object:
+    """A path's leading ``~`` expanded: Spark, Hadoop and papermill take ``~/photos`` (a
+    notebook's string, a shell's ``--output=~/x``) as a folder named ``~``, here."""
+    if isinstance(location, str) and location.startswith("~"):
+        return os.path.expanduser(location)
+    return location
+
+
 def _check_location(name: str, value: object) -> None:
     _require(
         isinstance(value, str) and value.strip() == value and value != "",
@@ -188,6 +196,8 @@ class ExtractParams:
     max_image_pixels: int = 89_478_485
 
     def __post_init__(self) -> None:
+        for name in ("input", "manifest", "output"):
+            object.__setattr__(self, name, expand_home(getattr(self, name)))
         if (self.input is None) == (self.manifest is None):
             raise ParameterError(
                 "give exactly one of input (a folder of images) and manifest (a list of image "
@@ -261,12 +271,7 @@ class ExtractParams:
             "max_records_per_batch",
             f"must be an integer from 1 to 100000, got {self.max_records_per_batch!r}",
         )
-        _require(
-            isinstance(self.fast_decode, bool),
-            "fast_decode",
-            f"must be True or False, got {self.fast_decode!r}",
-        )
-        for name in ("reuse_features", "incremental"):
+        for name in ("fast_decode", "reuse_features", "incremental"):
             _require(
                 isinstance(getattr(self, name), bool),
                 name,
@@ -326,6 +331,7 @@ class ReduceParams:
     then_classify: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "output", expand_home(self.output))
         _check_location("output", self.output)
         _require(
             self.k is None or (_is_int(self.k) and 1 <= self.k <= FEATURE_DIM),
@@ -404,6 +410,7 @@ class ClassifyParams:
     driver_max_mb: int = 1024
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "output", expand_home(self.output))
         _check_location("output", self.output)
         _require(
             _is_number(self.test_fraction) and 0 < self.test_fraction < 1,
@@ -455,17 +462,9 @@ class ClassifyParams:
             f"must be an integer >= 0 (0: always fit with Spark), got {self.driver_max_mb!r}",
         )
 
-    def as_dict(self) -> dict:
-        return {
-            "output": self.output,
-            "test_fraction": self.test_fraction,
-            "seed": self.seed,
-            "k_values": list(self.k_values) if self.k_values is not None else None,
-            "max_iter": self.max_iter,
-            "reg_param": self.reg_param,
-            "sweep_max_images": self.sweep_max_images,
-            "driver_max_mb": self.driver_max_mb,
-        }
+    def as_dict(self) -> dict:  # JSON's and papermill's: k_values a list
+        values = asdict(self)
+        return {**values, "k_values": None if self.k_values is None else list(self.k_values)}
 
 
 # Hadoop's connectors to S3: one bucket, whichever spells its URI.
