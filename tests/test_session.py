@@ -218,3 +218,22 @@ def test_stop_spark_shuts_the_accumulator_server_down_without_a_traceback(tmp_pa
     env["IMAGEPCA_JVM_CLASS_ARCHIVE"] = "0"
     done = run_script(STOP, env=env, last_line="stopped")
     assert "Traceback" not in done.stderr and "Exception" not in done.stderr, done.stderr
+
+
+def test_file_names_are_utf8_in_the_jvm_whatever_the_locale(tmp_path):
+    """Under LC_ALL=C, Java read non-ASCII names as "?": a class folder "café" was lost
+    without a word, and a non-ASCII input or output "did not exist"."""
+    for label in ("café", "plain"):
+        (tmp_path / "in" / label).mkdir(parents=True)
+        (tmp_path / "in" / label / "ñandú 1.png").write_bytes(b"x")
+    script = (
+        "import sys\n"
+        "from imagepca.inputs import list_folder\n"
+        "from imagepca.session import get_spark\n"
+        "spark = get_spark('local[1]', conf={'spark.ui.enabled': 'false'})\n"
+        "print(sorted(list_folder(spark, sys.argv[1]).label_counts.items()))\n"
+        "print(spark.sparkContext._jvm.System.getProperty('sun.jnu.encoding'))\n"
+    )
+    env = {**os.environ, "LC_ALL": "C", "IMAGEPCA_CACHE": str(tmp_path / "cache")}
+    done = run_script(script, str(tmp_path / "in"), env=env, last_line="UTF-8")
+    assert "[('café', 1), ('plain', 1)]" in done.stdout

@@ -131,6 +131,7 @@ def _new_session_settings(
     # Executors' Python workers must run the driver's interpreter, or pandas UDFs cannot
     # import this package and its pinned libraries.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    _utf8_file_names()
     master = master or os.environ.get("IMAGEPCA_MASTER") or DEFAULT_MASTER
     check_master(master)
     settings = {"spark.master": master, "spark.app.name": app_name, **_BASE_CONF}
@@ -144,6 +145,15 @@ def _new_session_settings(
         if options:
             settings[JAVA_OPTIONS_KEY] = f"{settings.get(JAVA_OPTIONS_KEY, '')} {options}".strip()
     return master, settings
+
+
+def _utf8_file_names() -> None:
+    """Have the JVM this process launches read file names as UTF-8, not as its locale says:
+    under ``LC_ALL=C`` it read ``café/`` as ``caf?/``, no file, and lost those images without
+    a word (Python coerces only an unset C locale to UTF-8, in the JVM's environment)."""
+    name = next((n for n in ("LC_ALL", "LC_CTYPE", "LANG") if os.environ.get(n)), None)
+    if name is None or not re.search(r"utf-?8", os.environ[name], re.IGNORECASE):
+        os.environ["LC_ALL"] = "C.UTF-8"
 
 
 def _adopt_launched_jvm(settings: dict[str, str]) -> None:
