@@ -12,6 +12,7 @@ from pyspark.ml.feature import PCA, PCAModel, StandardScaler
 from pyspark.ml.functions import array_to_vector, vector_to_array
 
 from imagepca import reduction
+from imagepca.images import InputError
 from imagepca.moments import MomentsBuilder, PartitionMoments, merge_partials, merged_rows
 from imagepca.reduction import (
     Moments,
@@ -238,3 +239,19 @@ def test_read_pca_rejects_another_pipeline(spark, synthetic, tmp_path):
     fit.components.save(str(tmp_path / "pca_components"))
     with pytest.raises(ValueError, match="not a pca_model of this project"):
         read_pca(spark, str(tmp_path))
+
+
+def test_images_with_identical_features_are_refused_not_fitted_to_nan(spark):
+    """Copies of one image: every explained-variance ratio was 0 / 0, metrics.json held
+    NaN (not JSON) and the run completed with k = n."""
+    same = [float(value) for value in range(8)]
+    df = spark.createDataFrame(
+        [(f"{i}.jpg", same) for i in range(6)], "path string, features array<float>"
+    )
+    with pytest.raises(InputError, match="the 6 featurized images all have the same features"):
+        fit_pca(df, k=None, variance=0.95)
+    differing = spark.createDataFrame(
+        [(f"{i}.jpg", [*same[:-1], float(i % 2)]) for i in range(6)],
+        "path string, features array<float>",
+    )  # one feature that varies: one component with all the variance
+    assert fit_pca(differing, k=None, variance=0.95).explained_variance[0] == pytest.approx(1.0)

@@ -44,6 +44,7 @@ from pyspark.sql.types import StringType, StructField, StructType
 from threadpoolctl import threadpool_limits
 
 from .config import ParameterError, max_components
+from .images import InputError
 from .moments import (
     MOMENTS_SCHEMA,
     SAMPLE_SCHEMA,
@@ -217,6 +218,11 @@ def fit_pca(
     moments = moments or feature_moments(features)
     n_features = len(moments.mean)
     check_k(k, moments.n, n_features)
+    if not np.any(np.diag(moments.m2) > 0):  # no variance: every ratio would be 0 / 0
+        raise InputError(
+            f"the {moments.n} featurized images all have the same features, so there is no "
+            "variance for a PCA to explain: are they copies of one image? Add images that differ"
+        )
     started = _decompositions.pop(_digest(moments), None)
     std, components, explained = started.result() if started else decompose(moments)
     chosen = k or choose_k(np.cumsum(explained), variance)
