@@ -41,7 +41,7 @@ from .images import (
 from .inventory import inventory_table
 from .local_folders import is_plain_folder, skipped_images
 from .session import cached_shuffle_settings, default_parallelism, spark_settings
-from .storage import error_line, is_local, literal, local_path, on_local_disk
+from .storage import error_line, is_local, literal, local_path, on_local_disk, relative_note
 
 LISTING_COLUMNS = ("path", "label", "size", "modified")
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
@@ -244,7 +244,8 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
         n_files = len(relation._jdf.inputFiles())  # counted in the JVM: no Python copy
     except (AnalysisException, Py4JJavaError) as error:
         raise InputError(
-            f"input location {input_uri!r} cannot be read: {error_line(error)}. Pass a folder "
+            f"input location {input_uri!r} cannot be read{relative_note(input_uri)}: "
+            f"{error_line(error)}. Pass a folder "
             "(or s3:// prefix) that holds one sub-folder of images per class, or a manifest "
             "of image URIs (manifest=..., --manifest with imagepca run)."
         ) from None

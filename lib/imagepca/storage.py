@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
@@ -153,6 +154,14 @@ def local_path(location: str) -> str:
     """A location on this machine as a path for Python: a ``file:`` URI's path, else the
     location as given."""
     return local_file_path(location) or location
+
+
+def relative_note(location: str) -> str:
+    """For a message saying ``location`` was not found: where a relative path was looked
+    for. A notebook's kernel runs in the notebook's folder under nbconvert or VS Code."""
+    if not is_local(location) or Path(local_path(location)).is_absolute():
+        return ""
+    return f" ({location} is relative to this process's folder, {Path.cwd()})"
 
 
 def papermill_location(uri: str) -> str:
