@@ -619,10 +619,11 @@ def sleeping_notebooks(folder: Path) -> Path:
     return notebooks
 
 
-def start_run(output: Path, notebooks: Path) -> subprocess.Popen:
+def start_run(output: Path, notebooks: Path, *options: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "imagepca", "run", "--input", str(FRUIT_PHOTOS), "--output",
-         str(output), "--weights", str(WEIGHTS), "--notebooks", str(notebooks), "--skip-classify"],
+         str(output), "--weights", str(WEIGHTS), "--notebooks", str(notebooks), "--skip-classify",
+         *options],
         start_new_session=True, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -652,6 +653,15 @@ def test_a_terminated_run_exits_as_a_shell_reports_sigterm(tmp_path):
         "(--reuse-features keeps features/ if their featurization had finished)"
     )
     assert f"log: {output / 'logs' / 'run.log'}" in err
+    # An incremental run is run again as it was: --reuse-features would refuse features/
+    # for an input that changed.
+    process = start_run(tmp_path / "again", notebooks, "--incremental")
+    saved = tmp_path / "again" / "notebooks" / runner.EXTRACT_NOTEBOOK
+    err = signal_once_started(process, saved, lambda p: p.send_signal(signal.SIGTERM))
+    assert err.splitlines()[-1].endswith(
+        "is incomplete (no _SUCCESS); run the same command again: --incremental featurizes "
+        "what features/ lacks, including what this run had not committed"
+    )
 
 
 def test_a_notebook_01_stopped_before_touching_a_complete_output_goes_to_logs(tmp_path):

@@ -281,7 +281,7 @@ def _run(args: argparse.Namespace) -> int:
     except BaseException as error:
         print(f"log: {log}", file=sys.stderr)
         if isinstance(error, KeyboardInterrupt):  # what the output holds now: the next step
-            error.args = (_stopped_output_note(args.output),)
+            error.args = (_stopped_output_note(args.output, incremental=args.incremental),)
         raise
     finally:
         if remote_log and log.is_file():
@@ -292,11 +292,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stopped_output_note(output: str) -> str:
+def _stopped_output_note(output: str, *, incremental: bool) -> str:
     from .executed import is_complete
 
     if is_complete(output):
         return f"{output} is complete: it holds the last run that completed there"
+    if incremental:  # --reuse-features would refuse features/ for an input that changed
+        return (
+            f"{output} is incomplete (no _SUCCESS); run the same command again: --incremental "
+            "featurizes what features/ lacks, including what this run had not committed"
+        )
     return (
         f"{output} is incomplete (no _SUCCESS); run again (--reuse-features keeps features/ "
         "if their featurization had finished)"
