@@ -81,8 +81,8 @@ from .storage import (
 
 MOMENTS_FILE = "_moments.npz"  # the PCA's statistics of features/, from featurization
 KEPT_FEATURES = (
-    "features/ is kept: the same command with --reuse-features and a smaller --k featurizes "
-    "nothing again"
+    "features/ is kept: run notebook 02 again with a smaller k (`imagepca run`: the same "
+    "command with --reuse-features and a smaller --k featurizes nothing again)"
 )
 # Featurization accumulates the PCA's statistics (one d x d update per task, 13 MB at
 # d = 1280, sent to the driver) when it runs at most this many tasks; a larger cluster's
