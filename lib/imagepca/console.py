@@ -248,7 +248,7 @@ def summary(metrics: dict, output: str, log: str | None = None) -> str:
     lines += [
         # In features/: featurized by this run, or reused, or kept by an incremental run.
         f"images: {metrics['n_images']} in features/, {metrics['n_rejected']} rejected, "
-        f"{metrics['n_classes']} classes",
+        f"{metrics['n_classes']} class{'es' if metrics['n_classes'] != 1 else ''}",
         f"PCA: k = {metrics['k']} components, {metrics['variance_reached']:.1%} of the variance "
         + (
             "(k fixed)"

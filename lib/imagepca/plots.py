@@ -126,7 +126,8 @@ def plot_explained_variance(
         xlabel="principal component",
         ylabel="explained variance ratio",
         ylim=(0, 1.02),
-        title=f"Explained variance (first {shown} of {len(explained)} components)",
+        title=f"Explained variance ({'' if shown == len(explained) else f'first {shown} of '}"
+        f"{len(explained)} components)",
     )
     ax.legend(loc="center right")
     fig.tight_layout()
