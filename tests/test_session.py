@@ -221,8 +221,8 @@ def test_stop_spark_shuts_the_accumulator_server_down_without_a_traceback(tmp_pa
 
 
 def test_file_names_are_utf8_in_the_jvm_whatever_the_locale(tmp_path):
-    """Under LC_ALL=C, Java read non-ASCII names as "?": a class folder "café" was lost
-    without a word, and a non-ASCII input or output "did not exist"."""
+    """Under LC_ALL=C, or a UTF-8 locale not installed, Java read non-ASCII names as "?": a
+    class folder "café" was lost without a word, a non-ASCII input or output "did not exist"."""
     for label in ("café", "plain"):
         (tmp_path / "in" / label).mkdir(parents=True)
         (tmp_path / "in" / label / "ñandú 1.png").write_bytes(b"x")
@@ -234,6 +234,9 @@ def test_file_names_are_utf8_in_the_jvm_whatever_the_locale(tmp_path):
         "print(sorted(list_folder(spark, sys.argv[1]).label_counts.items()))\n"
         "print(spark.sparkContext._jvm.System.getProperty('sun.jnu.encoding'))\n"
     )
-    env = {**os.environ, "LC_ALL": "C", "IMAGEPCA_CACHE": str(tmp_path / "cache")}
-    done = run_script(script, str(tmp_path / "in"), env=env, last_line="UTF-8")
-    assert "[('café', 1), ('plain', 1)]" in done.stdout
+    base = {k: v for k, v in os.environ.items() if k not in ("LC_ALL", "LC_CTYPE", "LANG")}
+    base["IMAGEPCA_CACHE"] = str(tmp_path / "cache")
+    # The C locale, and a UTF-8 locale the system lacks (Java falls back to ASCII).
+    for locale in ({"LC_ALL": "C"}, {"LANG": "xx_XX.UTF-8"}):
+        done = run_script(script, str(tmp_path / "in"), env={**base, **locale}, last_line="UTF-8")
+        assert "[('café', 1), ('plain', 1)]" in done.stdout, locale

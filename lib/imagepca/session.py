@@ -148,12 +148,12 @@ def _new_session_settings(
 
 
 def _utf8_file_names() -> None:
-    """Have the JVM this process launches read file names as UTF-8, not as its locale says:
-    under ``LC_ALL=C`` it read ``café/`` as ``caf?/``, no file, and lost those images without
-    a word (Python coerces only an unset C locale to UTF-8, in the JVM's environment)."""
-    name = next((n for n in ("LC_ALL", "LC_CTYPE", "LANG") if os.environ.get(n)), None)
-    if name is None or not re.search(r"utf-?8", os.environ[name], re.IGNORECASE):
-        os.environ["LC_ALL"] = "C.UTF-8"
+    """Have the JVM this process launches read file names as UTF-8. Java takes their encoding
+    from the locale's character type: under ``LC_ALL=C``, or a UTF-8 locale the system lacks
+    (``LANG=en_US.UTF-8`` in a slim container), it read ``café/`` as ``caf?/``, no file, and
+    lost those images without a word. C.UTF-8 is the UTF-8 locale every glibc system has,
+    for every category: Java takes none from a locale with one category the system lacks."""
+    os.environ["LC_ALL"] = "C.UTF-8"
 
 
 def _adopt_launched_jvm(settings: dict[str, str]) -> None:
