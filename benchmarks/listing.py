@@ -10,7 +10,7 @@ of getting a run's listing and doing the accounting the pipeline does, each in a
 process (new local SparkSession: ``local[2]``, ``spark.driver.memory=4g``, UI off):
 
 - ``folder``: ``inputs.list_folder(spark, root)``, then ``len(listing)``, ``listing.labels()``,
-  ``inputs.fingerprint(listing.files, listing.n_files)`` and
+  ``imagepca.listing.fingerprint(listing.files, listing.n_files)`` and
   ``listing.unscanned(listing.files).count()``, which must equal the number of zero-byte
   files (Spark's file scan drops them; the pipeline reports them as rejected);
 - ``manifest``: a CSV manifest (column ``path``) of the same files written beside them, then
@@ -118,6 +118,7 @@ def jvm_pid() -> int:
 def child(way: str, n: int, info: dict) -> dict:
     sys.path.insert(0, str(REPO / "lib"))
     from imagepca import inputs
+    from imagepca.listing import fingerprint
     from imagepca.session import get_spark, stop_spark
 
     result: dict = {"way": way, "n": n, "steps_s": {}, "jvm_hwm_mib": {}, "jvm_heap_mib": {}}
@@ -149,9 +150,7 @@ def child(way: str, n: int, info: dict) -> dict:
     labels = step("count_labels", lambda: (len(listing), listing.labels()))
     result["n_files"], result["n_labels"] = labels[0], len(labels[1])
     result["labelled_rows"] = sum(labels[1].values())
-    result["fingerprint"] = step(
-        "fingerprint", lambda: inputs.fingerprint(listing.files, listing.n_files)
-    )
+    result["fingerprint"] = step("fingerprint", lambda: fingerprint(listing.files, listing.n_files))
     if way == "folder":
         result["unscanned"] = step("unscanned", lambda: listing.unscanned(listing.files).count())
     checks = {"n_files": result["n_files"] == n, "labels": result["n_labels"] == CLASSES}

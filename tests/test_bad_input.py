@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca.config import ExtractParams
 from imagepca.images import CONTENT_BATCH_BYTES, content_scan
-from imagepca.inputs import SAMPLE_MAX_BYTES, list_folder
+from imagepca.inputs import list_folder
+from imagepca.listing import SAMPLE_MAX_BYTES
 from imagepca.pipeline import extract_features
 from imagepca.rejects import Outcomes
 

@@ -21,7 +21,8 @@ from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca.config import ExtractParams, ParameterError, ReduceParams
 from imagepca.features import WeightsError, resolve_weights
 from imagepca.images import InputError
-from imagepca.inputs import fingerprint, list_folder
+from imagepca.inputs import list_folder
+from imagepca.listing import fingerprint
 from imagepca.moments import sample_key
 from imagepca.pipeline import extract_features, finish_run, read_features, reduce_features
 from imagepca.reduction import ProjectionSample, reduce_with, save_models

@@ -294,6 +294,31 @@ def test_dangling_symlink_is_left_out_of_the_listing_and_named(spark, tmp_path):
     assert listing.broken_links == (str(folder / "dangling.jpg"),)
 
 
+def test_a_label_gathering_several_folders_is_named(spark, tmp_path):
+    """A label is its images' folder's name: apple/green/ and pear/green/ make one class
+    "green", which the listing says (as it says which files it skipped)."""
+    from imagepca.images import skipped_notes
+    from imagepca.inputs import list_folder
+
+    root = tmp_path / "input"
+    for folder in ("apple/green", "pear/green", "plain"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "1.png").write_bytes(_encode(np.zeros((8, 8, 3), np.uint8), "PNG"))
+    listing = list_folder(spark, str(root))
+    assert listing.label_counts == {"green": 2, "plain": 1}
+    first, other = (f"file:{root}/{fruit}/green" for fruit in ("apple", "pear"))
+    assert listing.several_folders == {"green": [first, other]}
+    note = (
+        f"warning: 1 label gathers the images of several folders, e.g. 'green' those of "
+        f"{first} and {other}: a label is its images' folder's name; if they are different "
+        "classes, rename the folders"
+    )
+    assert note in listing.describe().splitlines()
+    skipped = listing.skipped()  # what metrics.json keeps, and the run's summary says
+    assert skipped["n_labels_from_several_folders"] == 1
+    assert f"warning: {skipped_notes(skipped)[0]}" == note
+
+
 def test_links_to_themselves_or_in_a_circle_are_named_like_dangling_ones(spark, tmp_path):
     """Following them fails (ELOOP), which stopped the run with a bare OS error before."""
     from imagepca.inputs import list_folder

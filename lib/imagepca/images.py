@@ -64,9 +64,11 @@ def skipped_fields(
     broken_links: tuple[str, ...],
     not_images: tuple,
     not_utf8: tuple[str, ...],
+    several_folders: dict[str, list[str]] | None = None,
 ) -> dict:
-    """What metrics.json says of the image files a listing dropped (see
-    :class:`imagepca.inputs.ImageListing`)."""
+    """What metrics.json says of the image files a listing dropped, and of the labels whose
+    images sit in several folders (see :class:`imagepca.listing.ImageListing`)."""
+    several_folders = several_folders or {}
     return {
         "n_hidden_skipped": len(hidden),
         "hidden_skipped": list(hidden[:SKIPPED_PATHS_KEPT]),
@@ -75,6 +77,8 @@ def skipped_fields(
         "n_not_utf8_skipped": len(not_utf8),
         "not_utf8_skipped": list(not_utf8[:SKIPPED_PATHS_KEPT]),
         "not_image_rows_skipped": list(not_images),
+        "n_labels_from_several_folders": len(several_folders),
+        "labels_from_several_folders": dict(list(several_folders.items())[:SKIPPED_PATHS_KEPT]),
     }
 
 
@@ -82,7 +86,7 @@ NOTHING_SKIPPED = skipped_fields((), (), (0, None), ())  # an output from before
 
 
 def skipped_notes(skipped: dict) -> list[str]:
-    """What the fields on files a listing dropped (:meth:`imagepca.inputs.ImageListing.skipped`,
+    """What the fields on files a listing dropped (:meth:`imagepca.listing.ImageListing.skipped`,
     also in ``metrics.json``) tell the user, one note each."""
     notes = []
     for kind, note in (
@@ -96,6 +100,15 @@ def skipped_notes(skipped: dict) -> list[str]:
     n_rows, example = skipped.get("not_image_rows_skipped", (0, None))
     if n_rows:
         notes.append(not_images_note(n_rows, example))
+    several = skipped.get("labels_from_several_folders") or {}
+    if several:
+        label, (first, other) = next(iter(several.items()))
+        count = skipped.get("n_labels_from_several_folders", len(several))
+        notes.append(
+            f"{count} label{'s' if count > 1 else ''} gather{'' if count > 1 else 's'} the "
+            f"images of several folders, e.g. {label!r} those of {first} and {other}: a label "
+            "is its images' folder's name; if they are different classes, rename the folders"
+        )
     return notes
 
 
@@ -132,7 +145,7 @@ CONTENT_BATCH_BYTES = 256 << 20
 
 
 def content_scan(listing, most: int) -> tuple[DataFrame, int]:
-    """A folder's scan (``listing``, an :class:`imagepca.inputs.ImageListing`) without the
+    """A folder's scan (``listing``, an :class:`imagepca.listing.ImageListing`) without the
     files too large for it, and the files per Arrow batch: ``most``, or fewer where ``most``
     of its largest files would carry more than :data:`CONTENT_BATCH_BYTES`. Then no batch
     does, unless one file alone is larger."""
@@ -281,7 +294,7 @@ def load_samples(
 ) -> list[tuple[str, np.ndarray]]:
     """Decode a few images per label on the driver, for a first look at the input.
 
-    ``listing`` is an :class:`imagepca.inputs.ImageListing`.
+    ``listing`` is an :class:`imagepca.listing.ImageListing`.
     """
     storage = Storage(spark)
     samples, unread = [], []

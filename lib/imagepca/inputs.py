@@ -1,9 +1,9 @@
 """Where a run's images come from: a folder listed by Spark, or a manifest of image URIs.
 
-Either way the driver gets a :class:`ImageListing` whose rows (``path``, ``label``,
-``size``, ``modified``) are a Spark DataFrame: counts, labels, the listing's fingerprint
-and the accounting of files that could not be read are Spark jobs, and no Python
-collection of every path is ever built on the driver.
+Either way the driver gets an :class:`imagepca.listing.ImageListing` whose rows (``path``,
+``label``, ``size``, ``modified``) are a Spark DataFrame: counts, labels, the listing's
+fingerprint and the accounting of files that could not be read are Spark jobs, and no
+Python collection of every path is ever built on the driver.
 
 * A folder (``input``) is listed by Spark's ``binaryFile`` source. Spark lists on the
   executors when a level holds many folders, but its file index keeps every file's status
@@ -16,16 +16,14 @@ collection of every path is ever built on the driver.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-from dataclasses import dataclass, field, replace
-from decimal import Decimal
+from dataclasses import replace
 
 from py4j.protocol import Py4JJavaError
 from pyspark import StorageLevel
 from pyspark.errors import AnalysisException
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .config import URI_SCHEME, ExtractParams
@@ -34,120 +32,17 @@ from .images import (
     InputError,
     extension_glob,
     label_column,
-    name_column,
     skipped_fields,
     skipped_notes,
 )
 from .inventory import inventory_table
+from .listing import ImageListing, count_labels
 from .local_folders import is_plain_folder, skipped_images
 from .session import cached_shuffle_settings, default_parallelism, spark_settings
 from .storage import error_line, is_local, literal, local_path, on_local_disk, relative_note
 
-LISTING_COLUMNS = ("path", "label", "size", "modified")
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
 PARALLEL_DISCOVERY_KEY = "spark.sql.sources.parallelPartitionDiscovery.threshold"
-SAMPLES_PER_LABEL = 3  # paths per label the listing keeps for a first look
-SAMPLE_MAX_BYTES = 64 << 20
-
-
-@dataclass(frozen=True)
-class ImageListing:
-    """The image files of a run, as a Spark DataFrame of ``path``, ``label``, ``size``,
-    ``modified`` (the last two null when a manifest does not give them).
-
-    ``n_files`` counts every image file found, including those no scan can return (a
-    folder's empty files); ``relation`` is a folder's ``binaryFile`` DataFrame, which reads
-    exactly the listed files' bytes without listing again. ``label_counts`` and
-    ``label_samples`` (a few paths of each label, for a first look) come from the job that
-    filled the cache of ``files``.
-    """
-
-    source: str
-    kind: str  # "folder" or "manifest"
-    files: DataFrame = field(compare=False, repr=False)
-    n_files: int
-    label_counts: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
-    label_samples: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
-    relation: DataFrame | None = field(default=None, compare=False, repr=False)
-    largest_file: int | None = None  # bytes (None: no size known)
-    n_duplicates: int = 0
-    hidden: tuple[str, ...] = ()  # local image files Spark's listing skips for a leading _
-    not_images: tuple[int, str | None] = (0, None)  # a manifest's other rows: count, first
-    broken_links: tuple[str, ...] = ()  # local links to nothing, named like images
-    not_utf8: tuple[str, ...] = ()  # local image files whose names are not UTF-8
-    # The listing's own time (it runs in notebook 01's listing cell, before the extraction).
-    seconds: float = field(default=0.0, compare=False)
-    # An earlier run's figures of notebook 01 that the start of this run removed.
-    removed_figures: tuple[str, ...] = field(default=(), compare=False)
-
-    def __len__(self) -> int:
-        return self.n_files
-
-    def describe(self) -> str:
-        """How many image files were found where, and any the listing had to skip."""
-        where = "under" if self.kind == "folder" else "listed in"
-        lines = [f"{self.n_files} image files {where} {self.source}"]
-        unscanned = self.n_files - sum(self.label_counts.values())
-        if self.kind == "folder" and unscanned > 0:  # Spark's scan skips empty files
-            lines.append(f"{unscanned} of them empty or unreadable: not counted per label")
-        lines += [f"warning: {note}" for note in skipped_notes(self.skipped())]
-        return "\n".join(lines)
-
-    def skipped(self) -> dict:
-        """What metrics.json says of the image files Spark's listing dropped."""
-        return skipped_fields(self.hidden, self.broken_links, self.not_images, self.not_utf8)
-
-    @property
-    def n_hidden(self) -> int:
-        return len(self.hidden)
-
-    def labels(self) -> dict[str, int]:
-        """Files per label, as the listing's scan returned them."""
-        return dict(self.label_counts)
-
-    def sample(self, per_label: int, max_labels: int = 12) -> list[tuple[str, str]]:
-        """``(label, path)`` of a few files of each of the first labels, for a first look.
-
-        Up to :data:`SAMPLES_PER_LABEL` per label come with the listing; more take a job.
-        """
-        if per_label <= SAMPLES_PER_LABEL:
-            chosen = {label: paths[:per_label] for label, paths in self.label_samples.items()}
-        else:
-            first = Window.partitionBy("label").orderBy("path")
-            rows = (
-                self.files.select("label", "path")
-                .withColumn("rank", F.row_number().over(first))
-                .where(F.col("rank") <= per_label)
-                .collect()
-            )
-            chosen = {}
-            for row in rows:
-                chosen.setdefault(row["label"], []).append(row["path"])
-        labels = sorted(chosen)[:max_labels]
-        return [(label, path) for label in labels for path in sorted(chosen[label])]
-
-    def unscanned(self, scanned: DataFrame) -> DataFrame:
-        """Listed files (``path``, ``label``) with no row in ``scanned``: a folder's empty,
-        vanished or unreadable files, which Spark's file scan drops without a word. Only the
-        JVM holds the list."""
-        if self.relation is None:
-            return scanned.sparkSession.createDataFrame([], "path string, label string")
-        spark = self.relation.sparkSession
-        jvm = spark.sparkContext._jvm
-        # WrappedArray.make takes the String[] as an Object: py4j cannot pass it as varargs.
-        uris = jvm.scala.collection.mutable.WrappedArray.make(self.relation._jdf.inputFiles())
-        found = DataFrame(
-            spark._jsparkSession.createDataset(
-                uris, jvm.org.apache.spark.sql.Encoders.STRING()
-            ).toDF(),
-            spark,
-        )
-        listed = found.select(_path_spelling(F.col("value")).alias("path"))
-        unscanned = listed.join(scanned.select("path"), "path", "left_anti")
-        return unscanned.select("path", label_column(F.col("path")).alias("label"))
-
-    def release(self) -> None:
-        self.files.unpersist()
 
 
 def list_inputs(spark: SparkSession, params: ExtractParams) -> ImageListing:
@@ -158,44 +53,6 @@ def list_inputs(spark: SparkSession, params: ExtractParams) -> ImageListing:
     else:
         listing = list_folder(spark, params.input)
     return replace(listing, seconds=round(time.perf_counter() - started, 3))
-
-
-def fingerprint(rows: DataFrame, n_files: int) -> str:
-    """An order-independent hash of ``(path, label, size, modified)`` over ``rows``, summed on
-    the executors: two listings get the same value when they hold the same files unchanged."""
-    row = rows.agg(*fingerprint_sums()).first()
-    return fingerprint_digest(n_files, [row])
-
-
-SCANNED_COUNT = "count"
-FINGERPRINT_SUMS = (SCANNED_COUNT, "a", "b")
-"""The names of :func:`fingerprint_sums`'s aggregates, which :func:`fingerprint_digest` reads."""
-
-
-def fingerprint_sums() -> list[Column]:
-    """The aggregates :func:`fingerprint` sums, for a job that has other counting to do:
-    sums over groups of rows add up to the sums over all of them."""
-    key = F.concat_ws(
-        "\u0000",
-        "path",
-        "label",
-        F.coalesce(F.col("size").cast("string"), F.lit("")),
-        F.coalesce(F.col("modified").cast("string"), F.lit("")),
-    )
-    _, xxhash_sum, hash_sum = FINGERPRINT_SUMS
-    return [
-        F.count(F.lit(1)).alias(SCANNED_COUNT),
-        F.sum(F.xxhash64(key).cast("decimal(38,0)")).alias(xxhash_sum),
-        F.sum(F.hash(key).cast("decimal(38,0)")).alias(hash_sum),
-    ]
-
-
-def fingerprint_digest(n_files: int, groups: list) -> str:
-    """The fingerprint from :func:`fingerprint_sums` over one or more groups of rows."""
-    _, *hash_sums = FINGERPRINT_SUMS
-    n = sum(group[SCANNED_COUNT] for group in groups)
-    a, b = (sum((group[name] or 0 for group in groups), Decimal(0)) for name in hash_sums)
-    return hashlib.sha256(f"{n_files}:{n}:{a}:{b}".encode()).hexdigest()
 
 
 # -- a folder -------------------------------------------------------------------------------
@@ -269,40 +126,12 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
     settings = scan_settings(n_files, default_parallelism(spark), LISTING_TASKS_PER_CORE)
     with spark_settings(spark, settings):
         files = folder_rows(relation).persist(StorageLevel.MEMORY_AND_DISK)
-        counts, samples, largest = count_labels(files)
+        labels = count_labels(files)
     return ImageListing(
-        input_uri, "folder", files, n_files, counts, samples, relation=relation,
-        largest_file=largest, hidden=tuple(hidden), broken_links=tuple(broken),
-        not_utf8=tuple(not_utf8),
+        input_uri, "folder", files, n_files, labels.counts, labels.samples, relation=relation,
+        largest_file=labels.largest, hidden=tuple(hidden), broken_links=tuple(broken),
+        not_utf8=tuple(not_utf8), several_folders=labels.several_folders,
     )  # fmt: skip
-
-
-def count_labels(files: DataFrame) -> tuple[dict[str, int], dict[str, list[str]], int | None]:
-    """Rows per label, up to :data:`SAMPLES_PER_LABEL` of each label's paths (sorted by
-    label), and the largest file's size: one aggregation, one row per label to the driver.
-
-    The samples are the files with the smallest seeded hashes of their label and name (one
-    seed per sample; the path breaks ties), so the first look at the input costs no job of
-    its own and shows the same files wherever the data set sits; a small label can repeat
-    a file, which counts once. Files of more than :data:`SAMPLE_MAX_BYTES` are not shown:
-    the driver reads each sample whole.
-    """
-    name = name_column(F.col("path"))
-    shown = F.coalesce(F.col("size"), F.lit(0)) <= SAMPLE_MAX_BYTES
-    picks = [
-        F.min_by(
-            "path", F.when(shown, F.struct(F.xxhash64(F.lit(seed), "label", name), "path"))
-        ).alias(f"sample{seed}")
-        for seed in range(SAMPLES_PER_LABEL)
-    ]
-    count, largest = F.count(F.lit(1)).alias("count"), F.max("size").alias("largest")
-    rows = files.groupBy("label").agg(count, largest, *picks).collect()
-    counts, samples = {}, {}
-    for row in sorted(rows, key=lambda row: row["label"]):
-        counts[row["label"]] = row["count"]
-        picked = {row[f"sample{seed}"] for seed in range(SAMPLES_PER_LABEL)} - {None}
-        samples[row["label"]] = sorted(picked)
-    return counts, samples, max((r["largest"] for r in rows if r["largest"]), default=None)
 
 
 def folder_rows(relation: DataFrame, *extra: Column) -> DataFrame:
@@ -314,15 +143,6 @@ def folder_rows(relation: DataFrame, *extra: Column) -> DataFrame:
         F.col("modificationTime").alias("modified"),
         *extra,
     )
-
-
-def _path_spelling(uri: Column) -> Column:
-    """``inputFiles()`` spelling (``file:///a%20b``) -> the ``path`` column's (``file:/a b``).
-
-    ``+`` is protected first: URI paths keep it literally, form decoding would not.
-    """
-    unencoded = F.regexp_replace(uri, r"^file:///", "file:/")
-    return F.url_decode(F.replace(unencoded, F.lit("+"), F.lit("%2B")))
 
 
 def scan_settings(n_files: int, cores: int, tasks_per_core: int) -> dict[str, str]:
@@ -427,7 +247,8 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
             .select("path", "row.*")
             .persist(StorageLevel.MEMORY_AND_DISK)
         )
-        label_counts, label_samples, largest = count_labels(files)
+        # A manifest's labels may be given, whatever the folders: not checked for those.
+        label_counts, label_samples, largest, _ = count_labels(files)
     n_files = sum(label_counts.values())
     if not n_files:
         files.unpersist()

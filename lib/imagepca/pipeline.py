@@ -41,14 +41,8 @@ from .increments import (
     why_not_incremental,
     why_not_reused,
 )
-from .inputs import (
-    ImageListing,
-    fingerprint,
-    fingerprint_digest,
-    folder_rows,
-    list_inputs,
-    scan_settings,
-)
+from .inputs import folder_rows, list_inputs, scan_settings
+from .listing import ImageListing, fingerprint, fingerprint_digest
 from .moments import Moments
 from .reduction import (
     FLOAT64_BATCH_ROWS,

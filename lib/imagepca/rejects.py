@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 from .config import ExtractParams
 from .images import BINARY_FILE_MAX_BYTES, InputError
 from .increments import Increment
-from .inputs import FINGERPRINT_SUMS, SCANNED_COUNT, ImageListing, fingerprint_sums
+from .listing import FINGERPRINT_SUMS, SCANNED_COUNT, ImageListing, fingerprint_sums
 from .storage import Storage, error_summary, join, literal
 
 if TYPE_CHECKING:
