@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import io
 import shutil
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 from PIL import Image
 
 from conftest import FRUIT_PHOTOS, WEIGHTS
+from imagepca import pipeline
 from imagepca.config import ExtractParams
-from imagepca.images import CONTENT_BATCH_BYTES, content_scan
+from imagepca.images import CONTENT_BATCH_BYTES, content_batch_rows
 from imagepca.inputs import list_folder
 from imagepca.listing import SAMPLE_MAX_BYTES
 from imagepca.pipeline import extract_features
 from imagepca.rejects import Outcomes
+from imagepca.session import ARROW_BATCH_KEY
 
 
 def _png_bomb() -> bytes:
@@ -116,10 +119,11 @@ def test_featurized_per_label_is_the_listing_less_the_rejects():
     assert alone.featurized_per_label({"a": 1, "c": 2}) == {"c": 2}
 
 
-def test_files_too_large_for_a_batch_or_for_the_scan(spark, tmp_path):
-    """Large files shrink the scan's Arrow batches to what they can carry (Arrow's binary
-    column holds 2 GiB: 256 photos of 10 MB failed the job), and a file larger than Spark's
-    binaryFile reads is rejected as unreadable, not fatal. Sparse files: no disk used."""
+def test_files_too_large_for_a_batch_or_for_the_scan(spark, tmp_path, monkeypatch):
+    """Large files shrink the Arrow batches to what they can carry (Arrow's binary column
+    holds 2 GiB: 256 photos of 10 MB failed the job), and a file larger than Spark's
+    binaryFile reads is rejected as unreadable, not fatal; reuse and increments treat it
+    as the empty files. Sparse files: no disk used."""
     root = tmp_path / "input"
     for label in ("apple", "banana"):
         (root / label).mkdir(parents=True)
@@ -134,22 +138,30 @@ def test_files_too_large_for_a_batch_or_for_the_scan(spark, tmp_path):
             file.truncate(100 * 2**20)  # zeros: not an image
 
     listing = list_folder(spark, str(root))
-    assert listing.n_files == 8 and listing.largest_file == huge.stat().st_size
-    scanned, per_batch = content_scan(listing, most=256)
-    # Two of the largest scanned files fit in a batch, three do not.
-    assert 2 * 100 * 2**20 <= CONTENT_BATCH_BYTES < 3 * 100 * 2**20 and per_batch == 2
-    assert scanned.count() == 7  # every file but the one too large for the scan
-    assert content_scan(list_folder(spark, str(FRUIT_PHOTOS)), most=256)[1] == 256
+    # Counted, but not among the files the scan reads (as an empty file).
+    assert listing.n_files == 8 and listing.files.count() == 7
+    assert listing.largest_file == 100 * 2**20
+    # Two of the largest files fit in a batch, three do not.
+    assert 2 * 100 * 2**20 <= CONTENT_BATCH_BYTES < 3 * 100 * 2**20
+    assert content_batch_rows(listing, most=256) == 2
+    assert content_batch_rows(list_folder(spark, str(FRUIT_PHOTOS)), most=256) == 256
     # The first look never reads a file that large on the driver.
     shown = [path for paths in listing.label_samples.values() for path in paths]
     assert shown and all((root / p.split("/input/")[1]).stat().st_size <= SAMPLE_MAX_BYTES
                          for p in shown)  # fmt: skip
 
+    batch_rows = []  # what the featurization job runs with
+    recorded = pipeline.spark_settings
+
+    def recording(spark, settings):
+        batch_rows.append(settings.get(ARROW_BATCH_KEY))
+        return recorded(spark, settings)
+
+    monkeypatch.setattr(pipeline, "spark_settings", recording)
     output = tmp_path / "out"
-    extraction = extract_features(
-        spark, ExtractParams(input=str(root), output=str(output), weights=str(WEIGHTS))
-    )
-    assert extraction.n_images == 4
+    params = ExtractParams(input=str(root), output=str(output), weights=str(WEIGHTS))
+    extraction = extract_features(spark, params)
+    assert extraction.n_images == 4 and "2" in batch_rows
     rejected = pd.read_parquet(output / "rejected").set_index("path")["reason"]
     assert rejected[f"file:{huge}"] == (
         "unreadable: 2,306,867,200 bytes, more than the 2,147,483,647 Spark's binaryFile "
@@ -157,3 +169,12 @@ def test_files_too_large_for_a_batch_or_for_the_scan(spark, tmp_path):
     )
     assert {rejected[f"file:{path}"].split(":")[0] for path in large} == {"not an image"}
     assert extraction.metadata["rejected_by_kind"] == {"not an image": 3, "unreadable": 1}
+    # The same input again: features/ reused; an increment reads nothing.
+    reused = extract_features(spark, replace(params, reuse_features=True))
+    assert reused.reused and reused.metadata["rejected_by_kind"] == {
+        "not an image": 3, "unreadable": 1,
+    }  # fmt: skip
+    increment = extract_features(spark, replace(params, incremental=True))
+    assert increment.metadata["incremental"]["read"] == 0
+    assert increment.metadata["incremental"]["still_rejected"] == 3  # the zeros, not read
+    assert increment.metadata["rejected_by_kind"] == {"not an image": 3, "unreadable": 1}

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import IllegalArgumentException
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, SparkSession
 from pyspark.sql import functions as F
 
 from .storage import Storage, error_summary
@@ -144,22 +144,21 @@ BINARY_FILE_MAX_BYTES = 2**31 - 1
 CONTENT_BATCH_BYTES = 256 << 20
 
 
-def content_scan(listing, most: int) -> tuple[DataFrame, int]:
-    """A folder's scan (``listing``, an :class:`imagepca.listing.ImageListing`) without the
-    files too large for it, and the files per Arrow batch: ``most``, or fewer where ``most``
-    of its largest files would carry more than :data:`CONTENT_BATCH_BYTES`. Then no batch
-    does, unless one file alone is larger."""
-    scanned = listing.relation.where(F.col("length") <= BINARY_FILE_MAX_BYTES)
+def content_batch_rows(listing, most: int) -> int:
+    """Files per Arrow batch of the featurization, whose task holds a batch's bytes at once
+    (``listing`` is an :class:`imagepca.listing.ImageListing`): ``most``, or fewer where
+    ``most`` of its largest files would carry more than :data:`CONTENT_BATCH_BYTES`. Then no
+    batch does, unless one file alone is larger. Sizes a manifest does not give are unknown."""
     largest = listing.largest_file
     if largest is None or largest * most <= CONTENT_BATCH_BYTES:
-        return scanned, most  # no job: the common case
-    sizes = listing.files.where(F.col("size") <= BINARY_FILE_MAX_BYTES).select("size")
+        return most  # no job: the common case
+    sizes = listing.files.select("size").orderBy(F.desc("size")).limit(most).collect()
     total = 0
-    for rows, (size,) in enumerate(sizes.orderBy(F.desc("size")).limit(most).collect()):
+    for rows, (size,) in enumerate(sizes):
         total += size
         if total > CONTENT_BATCH_BYTES:
-            return scanned, max(1, rows)
-    return scanned, most
+            return max(1, rows)
+    return most
 
 
 def small_labels(label_counts: dict[str, int]) -> dict[str, int]:

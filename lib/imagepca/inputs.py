@@ -28,6 +28,7 @@ from pyspark.sql import functions as F
 
 from .config import URI_SCHEME, ExtractParams
 from .images import (
+    BINARY_FILE_MAX_BYTES,
     IMAGE_EXTENSIONS,
     InputError,
     extension_glob,
@@ -99,6 +100,9 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
         with spark_settings(spark, discovery):
             relation = folder_reader(spark, local=local).load(literal(input_uri))
         n_files = len(relation._jdf.inputFiles())  # counted in the JVM: no Python copy
+        # A file Spark's binaryFile cannot hold fails the job that reads its bytes: it is left
+        # out as the empty ones are (counted, not listed), and reported unread.
+        relation = relation.where(F.col("length") <= BINARY_FILE_MAX_BYTES)
     except (AnalysisException, Py4JJavaError) as error:
         raise InputError(
             f"input location {input_uri!r} cannot be read{relative_note(input_uri)}: "

@@ -27,7 +27,7 @@ from .features import (
     resolve_weights,
     warm_python_workers,
 )
-from .images import NOTHING_SKIPPED, classifiable, content_scan
+from .images import NOTHING_SKIPPED, classifiable, content_batch_rows
 from .increments import (
     LAYOUT,
     ROW_KEY,
@@ -218,7 +218,8 @@ def extract_features(
         storage.mark_replacing(params.output, params.source)
     with timed(timings, "model_s"):
         payload = load_model_payload(params, weights_file, storage)
-    settings = {ARROW_BATCH_KEY: str(params.max_records_per_batch)}
+    # Each task holds a batch's bytes at once: as many files as the largest allow.
+    settings = {ARROW_BATCH_KEY: str(content_batch_rows(listing, params.max_records_per_batch))}
     cores = default_parallelism(spark)
     # An increment adds to features/ and the fit needs all of it: no statistics then.
     accumulator = (
@@ -227,13 +228,10 @@ def extract_features(
         else None
     )
     if increment is None and listing.relation is not None:
-        # A folder's bytes through Spark's own reader, split into even tasks by count, in
-        # Arrow batches of bounded bytes (a file too large for the scan is reported unread).
+        # A folder's bytes through Spark's own reader, split into even tasks by count.
         settings.update(scan_settings(listing.n_files, cores, params.tasks_per_core))
-        scanned, per_batch = content_scan(listing, params.max_records_per_batch)
-        settings[ARROW_BATCH_KEY] = str(per_batch)
         udf = features_udf(spark, params, payload, moments=accumulator)
-        rows = folder_rows(scanned, udf("content").alias("out"))
+        rows = folder_rows(listing.relation, udf("content").alias("out"))
         n_todo = listing.n_files
     else:
         # A list of URIs (a manifest, or the new files of an increment): read on executors.
