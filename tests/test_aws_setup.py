@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shlex
+import shutil
 
 import boto3
 import pytest
 from botocore.exceptions import ClientError
 
 from imagepca.aws import account, commands, stage
+from imagepca.aws.settings import AwsError, AwsSettings
 from moto_server import ACCOUNT_ID, REGION, aws_env, moto_endpoint  # noqa: F401
 
 BUCKET = "imagepca-test-bucket"
@@ -138,6 +141,29 @@ def test_setup_for_another_bucket_and_region_is_refused_unless_replace(capsys):
     assert "imagepca-other-bucket" in operator and BUCKET not in operator
     # Set up there, a re-run is no conflict.
     assert cli(*other) == 0
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_a_grant_added_to_a_template_is_no_conflict_and_one_removed_is(tmp_path):
+    """Re-running setup is how edits of aws/*.json reach AWS (docs/emr.md): a statement for
+    another bucket added there is kept by every later setup, not taken for another setup's."""
+    edited = tmp_path / "aws"
+    shutil.copytree(account.find_resource("aws"), edited)
+    template = edited / "emr-instance-role-policy.json"
+    document = json.loads(template.read_text())
+    document["Statement"].append(
+        {"Sid": "ReadInventory", "Effect": "Allow", "Action": "s3:GetObject",
+         "Resource": "arn:aws:s3:::my-inventory-bucket/*"}
+    )  # fmt: skip
+    template.write_text(json.dumps(document))
+    settings = AwsSettings(bucket=BUCKET, region=REGION, account_id=ACCOUNT_ID)
+    out = io.StringIO()
+    account.setup(settings, out=out)
+    account.setup(settings, out=out, policies_dir=edited)  # the grant added
+    account.setup(settings, out=out, policies_dir=edited)  # and kept
+    with pytest.raises(AwsError, match="policy imagepca-bucket-prefixes: bucket my-inventory"):
+        account.setup(settings, out=out)  # the grant taken away: said, not done silently
+    account.setup(settings, out=out, replace=True)
 
 
 @pytest.mark.usefixtures("aws_env")

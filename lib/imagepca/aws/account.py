@@ -358,15 +358,16 @@ def setup(
         print(f"# {update.cli(settings.region)}", file=out)
         return calls
     clients = clients or client_factory(settings.region)
-    elsewhere = earlier_setup(clients("iam"), settings)
+    elsewhere = earlier_setup(clients("iam"), settings, policies_dir)
     if elsewhere and not replace:
         raise AwsError(
-            f"this account's imagepca roles and operator policy were set up for another "
-            f"bucket or region than {settings.bucket} in {settings.region}:\n  "
+            f"this account's imagepca roles and operator policy were set up for buckets or "
+            f"regions this setup ({settings.bucket} in {settings.region}) would take from "
+            "them:\n  "
             + "\n  ".join(elsewhere)
-            + "\nA setup here would move them, and the clusters and operators of that "
-            "setup would lose their access. Nothing was changed. To keep it, run setup "
-            "with its --bucket and --region; to move the project, add --replace"
+            + "\nThe clusters and operators of that setup would lose their access. Nothing "
+            "was changed. To keep it, run setup with its --bucket and --region (and your "
+            "edits of aws/*.json); to move the project, add --replace"
         )
     for call in calls:
         result = call.run(clients)
@@ -385,9 +386,11 @@ _BUCKET_ARN = re.compile(r"arn:aws:s3:::([^/*\"]+)")
 _EMR_REGION_ARN = re.compile(r"arn:aws:elasticmapreduce:([a-z0-9-]+):")
 
 
-def earlier_setup(iam: Any, settings: AwsSettings) -> list[str]:
-    """What an earlier setup gave to another bucket or region than ``settings``': one line
-    per document naming them (none when the roles and the policy are not there yet)."""
+def earlier_setup(iam: Any, settings: AwsSettings, policies_dir: Path | None = None) -> list[str]:
+    """The buckets and regions an earlier setup's documents name that this one's (from
+    ``aws/*.json``, rendered for ``settings``) would not: one line per document (none when
+    the roles and the policy are not there yet). A grant added by editing a template stays
+    in both, and is no conflict."""
     operator_arn = f"arn:aws:iam::{settings.account_id}:policy/{settings.operator_policy}"
 
     def instance_policy() -> Any:
@@ -403,12 +406,15 @@ def earlier_setup(iam: Any, settings: AwsSettings) -> list[str]:
         return answer["PolicyVersion"]["Document"]
 
     documents = {
-        f"role {settings.instance_role}, policy {INSTANCE_POLICY}": instance_policy,
-        f"role {settings.service_role}, trust policy": service_trust,
-        f"operator policy {settings.operator_policy}": operator_policy,
+        f"role {settings.instance_role}, policy {INSTANCE_POLICY}": (
+            instance_policy,
+            "emr-instance-role-policy",
+        ),
+        f"role {settings.service_role}, trust policy": (service_trust, "emr-service-role-trust"),
+        f"operator policy {settings.operator_policy}": (operator_policy, "iam-operator-policy"),
     }
     found = []
-    for name, read in documents.items():
+    for name, (read, template) in documents.items():
         try:
             document = read()
         except ClientError as error:
@@ -417,8 +423,9 @@ def earlier_setup(iam: Any, settings: AwsSettings) -> list[str]:
             raise
         # botocore decodes IAM's URL-encoded documents; a string is JSON text.
         text = document if isinstance(document, str) else json.dumps(document)
-        buckets = sorted(set(_BUCKET_ARN.findall(text)) - {settings.bucket})
-        regions = sorted(set(_EMR_REGION_ARN.findall(text)) - {settings.region})
+        new = json.dumps(render_policy(template, settings, policies_dir))
+        buckets = sorted(set(_BUCKET_ARN.findall(text)) - set(_BUCKET_ARN.findall(new)))
+        regions = sorted(set(_EMR_REGION_ARN.findall(text)) - set(_EMR_REGION_ARN.findall(new)))
         named = [f"bucket {b}" for b in buckets] + [f"region {r}" for r in regions]
         if named:
             found.append(f"{name}: {', '.join(named)}")
