@@ -417,18 +417,20 @@ def test_run_options_reach_the_parameters_with_their_defaults():
     assert classify == ClassifyParams(output="out", k_values=[2, 10], seed=0)
 
 
-def test_a_relative_output_not_found_says_where_it_was_looked_for(spark, tmp_path, monkeypatch):
-    """nbconvert and VS Code start a notebook's kernel in notebooks/: the defaults
-    (output/sample) are then looked for there, which the message must say."""
+def test_a_relative_output_not_found_says_where_it_was_looked_for(spark, tmp_path):
+    """nbconvert and VS Code start a notebook's kernel, and its JVM, in notebooks/: the
+    defaults (output/sample) are then looked for there, which the message must say; Hadoop
+    resolves a relative path in the JVM's working folder (EMR: the HDFS home)."""
     from imagepca.pipeline import reduce_features
-    from imagepca.storage import relative_note
+    from imagepca.storage import Storage
 
-    monkeypatch.chdir(tmp_path)  # Python's; the test session's JVM keeps its own
+    jvm_folder = spark.sparkContext._jvm.System.getProperty("user.dir")
     with pytest.raises(FileNotFoundError) as raised:
         reduce_features(spark, ReduceParams(output="no-run/here"))
     assert str(raised.value).startswith(
-        "no features under no-run/here/features (no-run/here is relative to this "
-        f"process's folder, {tmp_path}): run notebook 01"
+        f"no features under no-run/here/features (no-run/here is file:{jvm_folder}/no-run/here "
+        "for Spark): run notebook 01"
     )
-    assert relative_note(str(tmp_path)) == relative_note("s3://b/x") == ""
-    assert relative_note(f"file:{tmp_path}") == ""
+    storage = Storage(spark)
+    assert storage.relative_note(str(tmp_path)) == storage.relative_note("s3://b/x") == ""
+    assert storage.relative_note(f"file:{tmp_path}") == ""

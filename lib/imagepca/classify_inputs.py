@@ -20,7 +20,7 @@ from .pipeline import read_features
 from .reduction import StoredPCA, read_pca
 from .session import cached_shuffle_settings, run_concurrently, spark_settings
 from .split import IN_SUBSET_COL, TrainingMatrix, n_test_images, split_by_label
-from .storage import METRICS_FILE, Storage, join, relative_note
+from .storage import METRICS_FILE, Storage, join
 
 DEFAULT_K_VALUES = (2, 5, 10, 20, 50, 100)
 
@@ -81,7 +81,7 @@ def read_inputs(spark: SparkSession, params: ClassifyParams, storage: Storage) -
     missing = [uri for uri in [metrics_uri, *needed] if not storage.exists(uri)]
     if missing:
         raise FileNotFoundError(
-            f"missing {', '.join(missing)}{relative_note(params.output)}: notebook 02 has "
+            f"missing {', '.join(missing)}{storage.relative_note(params.output)}: notebook 02 has "
             "not completed on this output; "
             "run notebooks 01 and 02 "
             "(`imagepca run`, or `--reuse-features` to keep the features) first"

@@ -40,7 +40,7 @@ from .inventory import inventory_table
 from .listing import ImageListing, count_labels
 from .local_folders import is_plain_folder, skipped_images
 from .session import cached_shuffle_settings, default_parallelism, spark_settings
-from .storage import error_line, is_local, literal, local_path, on_local_disk, relative_note
+from .storage import Storage, error_line, is_local, literal, local_path, on_local_disk
 
 LISTING_TASKS_PER_CORE = 2  # a listing task only asks each file's status
 PARALLEL_DISCOVERY_KEY = "spark.sql.sources.parallelPartitionDiscovery.threshold"
@@ -104,11 +104,11 @@ def list_folder(spark: SparkSession, input_uri: str) -> ImageListing:
         # out as the empty ones are (counted, not listed), and reported unread.
         relation = relation.where(F.col("length") <= BINARY_FILE_MAX_BYTES)
     except (AnalysisException, Py4JJavaError) as error:
+        where = Storage(spark).relative_note(input_uri)
         raise InputError(
-            f"input location {input_uri!r} cannot be read{relative_note(input_uri)}: "
-            f"{error_line(error)}. Pass a folder "
-            "(or s3:// prefix) that holds one sub-folder of images per class, or a manifest "
-            "of image URIs (manifest=..., --manifest with imagepca run)."
+            f"input location {input_uri!r} cannot be read{where}: {error_line(error)}. Pass "
+            "a folder (or s3:// prefix) that holds one sub-folder of images per class, or a "
+            "manifest of image URIs (manifest=..., --manifest with imagepca run)."
         ) from None
     # What Spark's listing dropped, found on the local disk (an object store is not listed
     # twice to count them).

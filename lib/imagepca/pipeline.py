@@ -69,7 +69,6 @@ from .storage import (
     Storage,
     join,
     literal,
-    relative_note,
     vector_write_settings,
 )
 
@@ -403,8 +402,8 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     if extraction is None:
         raise FileNotFoundError(
             f"no features under {join(params.output, 'features')}"
-            f"{relative_note(params.output)}: run notebook 01_extract_features (or `imagepca "
-            "run`) with this output first"
+            f"{storage.relative_note(params.output)}: run notebook 01_extract_features (or "
+            "`imagepca run`) with this output first"
         )
     # An object store's input or a manifest has no image count before featurization.
     check_k(params.k, extraction["n_images"], FEATURE_DIM, then=KEPT_FEATURES)

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from contextlib import suppress
 from datetime import UTC, datetime
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
@@ -156,14 +155,6 @@ def local_path(location: str) -> str:
     return local_file_path(location) or location
 
 
-def relative_note(location: str) -> str:
-    """For a message saying ``location`` was not found: where a relative path was looked
-    for. A notebook's kernel runs in the notebook's folder under nbconvert or VS Code."""
-    if not is_local(location) or Path(local_path(location)).is_absolute():
-        return ""
-    return f" ({location} is relative to this process's folder, {Path.cwd()})"
-
-
 def papermill_location(uri: str) -> str:
     """``uri`` as papermill's I/O handlers take it, which know neither ``file:`` URIs nor
     Hadoop's ``s3a://``/``s3n://``: a ``file:`` URI as its local path, those two as the
@@ -250,6 +241,16 @@ class Storage:
     def exists(self, uri: str) -> bool:
         path, fs = self._located(uri)
         return bool(fs.exists(path))
+
+    def relative_note(self, location: str) -> str:
+        """For a message saying ``location`` was not found: where Hadoop looks for a relative
+        one (in the JVM's working folder, or the default file system's home: EMR's HDFS). A
+        notebook's kernel, and its JVM, run in the notebook's folder under nbconvert or VS
+        Code."""
+        if URI_SCHEME.match(location) or location.startswith("/"):
+            return ""
+        path = self._path(location)
+        return f" ({location} is {path.getFileSystem(self._conf).makeQualified(path)} for Spark)"
 
     def size(self, uri: str) -> int:
         path, fs = self._located(uri)
