@@ -39,6 +39,7 @@ def test_a_leading_tilde_is_the_home_folder(tmp_path, monkeypatch, capsys):
     assert ReduceParams(output="~/out").output == ClassifyParams(output="~/out").output
     assert ClassifyParams(output="~/out").output == f"{tmp_path}/out"
     assert ExtractParams(manifest="~/list.csv", output="o").manifest == f"{tmp_path}/list.csv"
+    assert ReduceParams(output="~backup/run").output == "~backup/run"  # not another's home
     with pytest.raises(ParameterError, match="output must not be inside input"):
         ExtractParams(input="~/photos", output=f"{tmp_path}/photos/out")
     monkeypatch.chdir(tmp_path)

@@ -110,9 +110,9 @@ GLOB_CHARACTERS = "{}[]*?"  # what Hadoop's readers expand in a path (and a "\\"
 def expand_home(location: object) -> object:
     """A path's leading ``~`` expanded: Spark, Hadoop and papermill take ``~/photos`` (a
     notebook's string, a shell's ``--output=~/x``) as a folder named ``~``, here."""
-    if isinstance(location, str) and location.startswith("~"):
+    if isinstance(location, str) and (location == "~" or location.startswith("~/")):
         return os.path.expanduser(location)
-    return location
+    return location  # not ~user/: a folder named so is as likely
 
 
 def _check_location(name: str, value: object) -> None:
