@@ -78,8 +78,8 @@ def _add_run(subparsers) -> None:
         "--max-records-per-batch",
         type=int,
         default=256,
-        help="Arrow batch size (bounds worker memory; a folder's scan takes fewer files when "
-        "its largest would carry more than 256 MiB per batch)",
+        help="Arrow batch size (bounds worker memory; fewer files when the largest listed "
+        "would carry more than 256 MiB per batch)",
     )
     run.add_argument(
         "--incremental",

@@ -159,9 +159,9 @@ class ExtractParams:
         Images per model call inside a Spark task.
     max_records_per_batch : int
         Arrow batch size (``spark.sql.execution.arrow.maxRecordsPerBatch``): the rows a
-        Python worker holds at once, so it bounds worker memory. A folder's scan takes fewer
-        where its largest files would carry more than
-        :data:`imagepca.images.CONTENT_BATCH_BYTES` in a batch.
+        Python worker holds at once, so it bounds worker memory. Fewer where the largest
+        files listed would carry more than :data:`imagepca.images.CONTENT_BATCH_BYTES` in a
+        batch (a manifest's files without a size are not counted in).
     fast_decode : bool
         Let Pillow downscale large JPEGs in the DCT domain (``Image.draft``): several
         times faster decoding, features change slightly (cosine ~0.999).
