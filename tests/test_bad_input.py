@@ -178,3 +178,17 @@ def test_files_too_large_for_a_batch_or_for_the_scan(spark, tmp_path, monkeypatc
     assert increment.metadata["incremental"]["read"] == 0
     assert increment.metadata["incremental"]["still_rejected"] == 3  # the zeros, not read
     assert increment.metadata["rejected_by_kind"] == {"not an image": 3, "unreadable": 1}
+
+
+def test_manifest_files_without_a_size_are_not_counted_in_the_batch_bound(spark, tmp_path):
+    """A manifest may give some sizes and not others: those are left out of the bound."""
+    from imagepca.inputs import read_manifest
+
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(
+        "path,size\ns3://b/apple/1.jpg,104857600\ns3://b/apple/2.jpg,\ns3://b/pear/3.jpg,\n"
+    )
+    listing = read_manifest(spark, str(manifest))
+    assert listing.largest_file == 100 * 2**20
+    assert content_batch_rows(listing, most=256) == 256  # 100 MB and two unknown
+    assert content_batch_rows(listing, most=2) == 2

@@ -148,11 +148,13 @@ def content_batch_rows(listing, most: int) -> int:
     """Files per Arrow batch of the featurization, whose task holds a batch's bytes at once
     (``listing`` is an :class:`imagepca.listing.ImageListing`): ``most``, or fewer where
     ``most`` of its largest files would carry more than :data:`CONTENT_BATCH_BYTES`. Then no
-    batch does, unless one file alone is larger. Sizes a manifest does not give are unknown."""
+    batch does, unless one file alone is larger. Files a manifest gives no size are not
+    counted in."""
     largest = listing.largest_file
     if largest is None or largest * most <= CONTENT_BATCH_BYTES:
         return most  # no job: the common case
-    sizes = listing.files.select("size").orderBy(F.desc("size")).limit(most).collect()
+    sized = listing.files.where(F.col("size").isNotNull()).select("size")
+    sizes = sized.orderBy(F.desc("size")).limit(most).collect()
     total = 0
     for rows, (size,) in enumerate(sizes):
         total += size
