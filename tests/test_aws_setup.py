@@ -191,6 +191,11 @@ def test_setup_with_kms_versioning_outside_us_east_1():
     assert {s["Resource"] for s in statements} == {key}
     grant = next(s for s in statements if "kms:CreateGrant" in s["Action"])
     assert grant["Condition"] == {"Bool": {"kms:GrantIsForAWSResource": "true"}}
+    # Another key (or none) would leave what the first one encrypted unreadable: refused.
+    other = key.replace("1234abcd", "5678efab")
+    assert cli(*argv[:-1], other) == 1
+    assert cli(*argv[:-2]) == 1
+    assert cli(*argv[:-1], other, "--replace") == 0
 
 
 def test_dry_run_prints_aws_cli_equivalents_without_calling_aws(monkeypatch, capsys):

@@ -361,9 +361,9 @@ def setup(
     elsewhere = earlier_setup(clients("iam"), settings, policies_dir)
     if elsewhere and not replace:
         raise AwsError(
-            f"this account's imagepca roles and operator policy were set up for buckets or "
-            f"regions this setup ({settings.bucket} in {settings.region}) would take from "
-            "them:\n  "
+            f"this account's imagepca roles and operator policy were set up for buckets, "
+            f"regions or KMS keys this setup ({settings.bucket} in {settings.region}) would "
+            "take from them:\n  "
             + "\n  ".join(elsewhere)
             + "\nThe clusters and operators of that setup would lose their access. Nothing "
             "was changed. To keep it, run setup with its --bucket and --region (and your "
@@ -384,11 +384,12 @@ def setup(
 
 _BUCKET_ARN = re.compile(r"arn:aws:s3:::([^/*\"]+)")
 _EMR_REGION_ARN = re.compile(r"arn:aws:elasticmapreduce:([a-z0-9-]+):")
+_KMS_KEY_ARN = re.compile(r"arn:aws:kms:[a-z0-9-]+:\d+:key/[A-Za-z0-9-]+")
 
 
 def earlier_setup(iam: Any, settings: AwsSettings, policies_dir: Path | None = None) -> list[str]:
-    """The buckets and regions an earlier setup's documents name that this one's (from
-    ``aws/*.json``, rendered for ``settings``) would not: one line per document (none when
+    """The buckets, regions and KMS keys an earlier setup's documents name that this one's
+    (from ``aws/*.json``, rendered for ``settings``) would not: one line per document (none when
     the roles and the policy are not there yet). A grant added by editing a template stays
     in both, and is no conflict."""
     operator_arn = f"arn:aws:iam::{settings.account_id}:policy/{settings.operator_policy}"
@@ -424,9 +425,12 @@ def earlier_setup(iam: Any, settings: AwsSettings, policies_dir: Path | None = N
         # botocore decodes IAM's URL-encoded documents; a string is JSON text.
         text = document if isinstance(document, str) else json.dumps(document)
         new = json.dumps(render_policy(template, settings, policies_dir))
-        buckets = sorted(set(_BUCKET_ARN.findall(text)) - set(_BUCKET_ARN.findall(new)))
-        regions = sorted(set(_EMR_REGION_ARN.findall(text)) - set(_EMR_REGION_ARN.findall(new)))
-        named = [f"bucket {b}" for b in buckets] + [f"region {r}" for r in regions]
+        named = [
+            f"{kind} {value}"
+            for kind, pattern in (("bucket", _BUCKET_ARN), ("region", _EMR_REGION_ARN),
+                                  ("key", _KMS_KEY_ARN))
+            for value in sorted(set(pattern.findall(text)) - set(pattern.findall(new)))
+        ]  # fmt: skip
         if named:
             found.append(f"{name}: {', '.join(named)}")
     return found
