@@ -240,3 +240,13 @@ def test_file_names_are_utf8_in_the_jvm_whatever_the_locale(tmp_path):
     for locale in ({"LC_ALL": "C"}, {"LANG": "xx_XX.UTF-8"}):
         done = run_script(script, str(tmp_path / "in"), env={**base, **locale}, last_line="UTF-8")
         assert "[('café', 1), ('plain', 1)]" in done.stdout, locale
+
+
+def test_the_utf8_locale_is_one_this_system_has_and_the_process_keeps_its_own():
+    import locale
+
+    from imagepca.local_folders import UTF8_LOCALES, utf8_locale
+
+    before = locale.setlocale(locale.LC_CTYPE)
+    assert utf8_locale() in UTF8_LOCALES  # Debian has C.UTF-8
+    assert locale.setlocale(locale.LC_CTYPE) == before

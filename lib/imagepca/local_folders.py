@@ -9,6 +9,7 @@ dropped.
 
 from __future__ import annotations
 
+import locale
 import os
 from pathlib import Path
 
@@ -161,3 +162,27 @@ def skipped_images(
 def is_plain_folder(path: str) -> bool:
     """Whether a local path is a folder without Parquet files (not a dataset Spark wrote)."""
     return os.path.isdir(path) and not any(Path(path).rglob("*.parquet"))
+
+
+# UTF-8 locales, the first a system has going to the JVM: C.UTF-8 (glibc 2.35, Debian, Amazon
+# Linux 2023), else en_US.UTF-8 (older glibc).
+UTF8_LOCALES = ("C.UTF-8", "C.utf8", "en_US.UTF-8", "en_US.utf8")
+
+
+def utf8_locale() -> str | None:
+    """A UTF-8 locale this system has, for the JVM's ``LC_ALL``; None if none of
+    :data:`UTF8_LOCALES`. Java reads file names in its locale's encoding: under ``LC_ALL=C``,
+    or a locale the system lacks (``LANG=en_US.UTF-8`` in a slim container: Java takes no
+    category then), it read ``café/`` as ``caf?/``, no file, and lost those images without
+    a word."""
+    current = locale.setlocale(locale.LC_CTYPE)
+    try:
+        for name in UTF8_LOCALES:
+            try:
+                locale.setlocale(locale.LC_CTYPE, name)
+            except locale.Error:
+                continue
+            return name
+        return None
+    finally:
+        locale.setlocale(locale.LC_CTYPE, current)

@@ -28,6 +28,7 @@ from pyspark.find_spark_home import _find_spark_home
 from pyspark.sql import SparkSession
 
 from .config import SPARK_SETTINGS, cache_dir, check_master
+from .local_folders import utf8_locale
 from .progress import jobs_cancelled_on_interrupt
 
 DEFAULT_MASTER = "local[*]"
@@ -131,7 +132,9 @@ def _new_session_settings(
     # Executors' Python workers must run the driver's interpreter, or pandas UDFs cannot
     # import this package and its pinned libraries.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    _utf8_file_names()
+    utf8 = utf8_locale()  # Java reads file names in its locale's encoding: ASCII under C
+    if utf8:
+        os.environ["LC_ALL"] = utf8
     master = master or os.environ.get("IMAGEPCA_MASTER") or DEFAULT_MASTER
     check_master(master)
     settings = {"spark.master": master, "spark.app.name": app_name, **_BASE_CONF}
@@ -145,15 +148,6 @@ def _new_session_settings(
         if options:
             settings[JAVA_OPTIONS_KEY] = f"{settings.get(JAVA_OPTIONS_KEY, '')} {options}".strip()
     return master, settings
-
-
-def _utf8_file_names() -> None:
-    """Have the JVM this process launches read file names as UTF-8. Java takes their encoding
-    from the locale's character type: under ``LC_ALL=C``, or a UTF-8 locale the system lacks
-    (``LANG=en_US.UTF-8`` in a slim container), it read ``café/`` as ``caf?/``, no file, and
-    lost those images without a word. C.UTF-8 is the UTF-8 locale every glibc system has,
-    for every category: Java takes none from a locale with one category the system lacks."""
-    os.environ["LC_ALL"] = "C.UTF-8"
 
 
 def _adopt_launched_jvm(settings: dict[str, str]) -> None:
