@@ -477,7 +477,7 @@ def location_key(location: str) -> str:
     if location.lower().startswith("file:"):
         location = "/" + location[len("file:") :].lstrip("/")
     if "://" not in location:
-        return os.path.realpath(os.path.expanduser(location))
+        return os.path.realpath(expand_home(location))
     scheme, rest = location.split("://", 1)
     scheme = "s3" if scheme.lower() in S3_SCHEMES else scheme.lower()
     return f"{scheme}://{rest}".rstrip("/")

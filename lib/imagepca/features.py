@@ -29,7 +29,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType
 
-from .config import FEATURE_DIM, KERAS_WEIGHTS_FILE, ExtractParams, cache_dir
+from .config import FEATURE_DIM, KERAS_WEIGHTS_FILE, ExtractParams, cache_dir, expand_home
 from .executor_reads import ReadOptions, read_files
 from .images import ImageDecodeError, decode_image
 from .moments import MomentsBuilder, PartitionMoments
@@ -93,7 +93,7 @@ def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
             storage.copy_to_local(source, str(local))
         check_weights_file(local, source)
         return local
-    path = Path(local_path(source)).expanduser()
+    path = Path(expand_home(local_path(source)))
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise WeightsError(

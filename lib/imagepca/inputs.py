@@ -26,7 +26,7 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from .config import URI_SCHEME, ExtractParams
+from .config import URI_SCHEME, ExtractParams, expand_home
 from .images import (
     BINARY_FILE_MAX_BYTES,
     IMAGE_EXTENSIONS,
@@ -184,7 +184,7 @@ def read_manifest(spark: SparkSession, manifest_uri: str) -> ImageListing:
     if not URI_SCHEME.match(manifest_uri):
         # Relative entries are taken relative to the manifest's folder: from its absolute
         # location (a bare "images.csv" has no folder to cut off).
-        manifest_uri = os.path.abspath(os.path.expanduser(manifest_uri))
+        manifest_uri = os.path.abspath(expand_home(manifest_uri))
     inventory = manifest_uri.rstrip("/").endswith(".json")
     local = local_path(manifest_uri) if is_local(manifest_uri) else ""
     if manifest_uri.lower().endswith(IMAGE_EXTENSIONS) or is_plain_folder(local):
