@@ -254,7 +254,8 @@ def test_a_rerun_with_a_bad_path_leaves_the_earlier_output_complete(sample_run, 
         changed = {
             name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
         }
-        assert changed == {Path("logs/01_extract_features.ipynb"), Path("logs/run.log")}
+        # The completed run's log stays; the failed run's is beside its notebook.
+        assert changed == {Path("logs/01_extract_features.ipynb"), Path("logs/stopped-run.log")}
         assert (output / "_SUCCESS").exists() and (output / "metrics.json").exists()
         notebook = nbformat.read(str(failed), as_version=4)
         assert notebook.metadata.papermill.exception is True
@@ -266,8 +267,10 @@ def test_a_rerun_with_a_bad_path_leaves_the_earlier_output_complete(sample_run, 
          str(WEIGHTS), "--reuse-features", "--skip-classify", "--master", "local[2]"]
     )  # fmt: skip
     assert status == 0 and not failed.exists()
+    assert not (output / "logs" / "stopped-run.log").exists()
     metrics = json.loads((output / "metrics.json").read_text())
     assert "logs/01_extract_features.ipynb" in metrics["removed_from_earlier_run"]
+    assert "logs/stopped-run.log" in metrics["removed_from_earlier_run"]
     assert "removed from an earlier run: logs/01_extract_features.ipynb" in capsys.readouterr().out
 
 
@@ -667,10 +670,13 @@ def test_a_terminated_run_exits_as_a_shell_reports_sigterm(tmp_path):
 def test_a_notebook_01_stopped_before_touching_a_complete_output_goes_to_logs(tmp_path):
     """Ctrl-C in notebook 01 before it began replacing a complete output: the output keeps
     the executed notebooks of the run that completed it, the stopped one goes to logs/ (as
-    a notebook 01 that raised), and the message says the output is still complete."""
+    a notebook 01 that raised), and the message says the output is still complete. So do
+    the logs: the completed run's stays, the stopped run's goes to logs/stopped-run.log."""
     notebooks = sleeping_notebooks(tmp_path)
     output, completed = completed_output(tmp_path)
     before = completed.read_bytes()
+    (output / "logs").mkdir()
+    (output / "logs" / "run.log").write_text("the log of the run that completed the output\n")
     process = start_run(output, notebooks)
     # papermill's copy of the stopped run is in notebooks/ while it runs.
     err = signal_once_started(
@@ -685,6 +691,10 @@ def test_a_notebook_01_stopped_before_touching_a_complete_output_goes_to_logs(tm
     stopped = nbformat.read(str(output / "logs" / runner.EXTRACT_NOTEBOOK), as_version=4)
     assert stopped.metadata.papermill.exception is True
     assert (output / "_SUCCESS").exists()
+    logs = output / "logs"
+    assert (logs / "run.log").read_text() == "the log of the run that completed the output\n"
+    assert "01_extract_features.ipynb" in (logs / "stopped-run.log").read_text()
+    assert f"log: {logs / 'stopped-run.log'}" in err
 
 
 def test_a_notebook_01_timed_out_before_touching_a_complete_output_goes_to_logs(tmp_path):

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from .config import (
     DEFAULT_ENGINE,
@@ -260,6 +261,7 @@ def _run(args: argparse.Namespace) -> int:
     mode = QUIET if args.quiet else VERBOSE if args.verbose or args.log_output else NORMAL
     log = log_path(args.output)
     remote_log = None if is_local(args.output) else f"{args.output.rstrip('/')}/logs/run.log"
+    completed_log = _completed_run_log(args.output, log)
     try:
         with (
             Console(mode, log=log) as console,
@@ -279,6 +281,7 @@ def _run(args: argparse.Namespace) -> int:
                 console=console,
             )
     except BaseException as error:
+        log, remote_log = _stopped_run_log(args.output, log, remote_log, completed_log)
         print(f"log: {log}", file=sys.stderr)
         if isinstance(error, KeyboardInterrupt):  # what the output holds now: the next step
             error.args = (_stopped_output_note(args.output, incremental=args.incremental),)
@@ -290,6 +293,36 @@ def _run(args: argparse.Namespace) -> int:
     print(summary(metrics, args.output, log=shown_log))
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _completed_run_log(output: str, log: Path) -> str | None:
+    """The log of the run that completed the local ``output``, which this run's replaces."""
+    from .executed import is_complete
+
+    if log.is_file() and is_complete(output):
+        return log.read_text(encoding="utf-8", errors="replace")
+    return None
+
+
+def _stopped_run_log(
+    output: str, log: Path, remote_log: str | None, completed: str | None
+) -> tuple[Path, str | None]:
+    """Where a run that did not complete leaves its log (and its copy, for a remote output):
+    ``logs/run.log``, unless the output still holds the run that completed it (this one
+    stopped before touching it). Then that run's log stays, and this one goes to
+    ``logs/stopped-run.log``, as its notebook 01 goes to ``logs/``."""
+    from .executed import is_complete
+    from .storage import LOG_FILE, STOPPED_LOG_FILE
+
+    if not is_complete(output):
+        return log, remote_log
+    if remote_log is not None:
+        return log, remote_log.replace(LOG_FILE, STOPPED_LOG_FILE)
+    stopped = log.with_name(Path(STOPPED_LOG_FILE).name)
+    os.replace(log, stopped)
+    if completed is not None:
+        log.write_text(completed, encoding="utf-8")
+    return stopped, None
 
 
 def _stopped_output_note(output: str, *, incremental: bool) -> str:

@@ -66,6 +66,7 @@ from .storage import (
     REDUCE_FIGURES,
     REDUCE_NOTEBOOK,
     STAGING_DIR,
+    STOPPED_LOG_FILE,
     Storage,
     join,
     literal,
@@ -408,13 +409,14 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     # An object store's input or a manifest has no image count before featurization.
     check_k(params.k, extraction["n_images"], FEATURE_DIM, then=KEPT_FEATURES)
     storage.begin_run(params.output)
-    # An earlier notebook 03's (another PCA's), a failed attempt's notebook 01 (kept while the
-    # output stayed complete), an earlier run's figures of this notebook (drawn again next),
-    # and, run by hand, an earlier run's log and copies of notebooks 01-02.
+    # An earlier notebook 03's (another PCA's), a failed attempt's notebook 01 and log (kept
+    # while the output stayed complete), an earlier run's figures of this notebook (drawn
+    # again next), and, run by hand, an earlier run's log and copies of notebooks 01-02.
     removed = [
         *extraction.get("removed_from_earlier_run", []),
         *storage.remove_artifacts(
-            params.output, (FAILED_EXTRACT_NOTEBOOK, *REDUCE_FIGURES, *CLASSIFY_ARTIFACTS)
+            params.output,
+            (FAILED_EXTRACT_NOTEBOOK, STOPPED_LOG_FILE, *REDUCE_FIGURES, *CLASSIFY_ARTIFACTS),
         ),
         *storage.remove_earlier_copy(params.output, REDUCE_NOTEBOOK, log=True),
     ]

@@ -52,6 +52,7 @@ EXECUTED_DIR = "notebooks"
 # (imagepca.runner); notebook 02 removes it, as it removes notebook 03's artifacts.
 FAILED_EXTRACT_NOTEBOOK = f"logs/{EXTRACT_NOTEBOOK}"
 LOG_FILE = "logs/run.log"  # `imagepca run`'s log (a local file first when the output is remote)
+STOPPED_LOG_FILE = "logs/stopped-run.log"  # such a run's log, removed as its notebook is
 # The figures each notebook draws. A notebook removes an earlier run's copies of its own as
 # it starts, and draws them again: one run by hand whose figure cell is skipped leaves none
 # of another run's.
