@@ -125,6 +125,24 @@ def test_sixteen_bit_range_is_scaled_not_clipped():
     assert (pixels[..., 0] == pixels[..., 2]).all()  # gray stays gray
 
 
+@pytest.mark.parametrize(
+    "mode, top",
+    [("F", 1.0), ("F", 255.0), ("F", 4000.0), ("I", 255), ("I", 65535), ("I", 1_000_000)],
+)
+def test_32_bit_grayscale_is_scaled_by_the_range_its_values_fill(mode, top):
+    """Modes I and F (32-bit TIFFs) say no range: a 0-255 gradient was black as I (read as
+    16-bit) and white as F (read as 0-1)."""
+    values = np.tile(np.linspace(0, top, 32), (16, 1)).astype(
+        np.float32 if mode == "F" else np.int32
+    )
+    image = Image.fromarray(values, mode)
+    assert image.mode == mode
+    pixels = decode_image(encode(image, "TIFF"), SIZE).astype(float)
+    # The gradient, from black to white, whatever the range.
+    assert pixels[:, :4].mean() < 20 and pixels[:, -4:].mean() > 235
+    assert 100 < pixels.mean() < 155
+
+
 def test_animated_image_gives_first_frame():
     pixels = decode_image(animated_gif(), SIZE).astype(int)
     assert pixels[..., 1].mean() > 150 and pixels[..., 0].mean() < 60

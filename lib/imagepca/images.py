@@ -273,12 +273,15 @@ def _too_many_pixels(pixels: str, max_pixels: int) -> str:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16/32-bit grayscale: scale to 8 bits by the format's range, not by the content.
+        # 16/32-bit grayscale to 8 bits by the format's range, not by the content: 16 bits
+        # for I;16. Modes I (32-bit integers; Pillow's 16-bit PNGs too) and F (floats) say
+        # none: the smallest of the usual ones that holds the values (I: 0-255, 0-65535; F:
+        # 0-1, 0-255), else the image's own maximum. 0-255 values were black as I, white as F.
         values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if image.mode.startswith("I") else 255.0
-        if image.mode == "F" and values.size and values.max() <= 1.0:
-            scale = 255.0
-        image = Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8), "L")
+        largest = float(values.max()) if values.size else 0.0
+        ranges = {"I": (255.0, 65535.0), "F": (1.0, 255.0)}.get(image.mode, (65535.0,))
+        top = next((r for r in ranges if largest <= r), largest)
+        image = Image.fromarray(np.clip(values * (255.0 / top), 0, 255).astype(np.uint8), "L")
     # A palette's, or a gray or RGB image's single transparent colour (PNG's tRNS), too.
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode in ("P", "L", "RGB") and "transparency" in image.info
