@@ -132,15 +132,22 @@ def browser():
 
 
 def _close_dialogs(page) -> None:
-    """Close (Escape: its cancel) a JupyterLab dialog open over the notebook, printing its
-    text. Seen once in CI: a dialog covered the Run menu until the click timed out, its text
-    unknown. The run's own checks follow: a dialog that mattered fails them."""
+    """Close a JupyterLab dialog open over the notebook, printing its text. Seen in CI: a
+    dialog covered the Run menu until the click timed out; once, "Select Kernel" for the
+    notebook, which Escape did not close (and would have left without a kernel): its
+    preferred kernel (Python 3) is accepted. Any other is cancelled (Escape). The run's own
+    checks follow: a dialog that mattered fails them."""
     dialogs = page.locator(".jp-Dialog")
     for _ in range(3):
         if not dialogs.count():
             return
-        print("JupyterLab dialog closed:", " | ".join(dialogs.first.inner_text().split("\n")))
-        page.keyboard.press("Escape")
+        text = dialogs.first.inner_text()
+        print("JupyterLab dialog closed:", " | ".join(text.split("\n")))
+        accept = dialogs.first.locator(".jp-Dialog-button.jp-mod-accept")
+        if text.startswith("Select Kernel") and accept.count():
+            accept.first.click()
+        else:
+            page.keyboard.press("Escape")
         time.sleep(0.5)
 
 
