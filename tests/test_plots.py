@@ -69,15 +69,20 @@ def test_each_new_figure_closes_the_ones_made_before():
     assert plt.gcf().axes[0].get_title().startswith("Images on the first")  # what %matplot shows
 
 
-def test_labels_with_dollar_signs_are_drawn_as_written(tmp_path):
-    """matplotlib reads text between two $ as maths: an unbalanced one ("sale $5 (50% off)
-    $10") failed notebook 01 with a ParseException, a balanced one came out in italics."""
-    labels = ["sale $5 (50% off) $10", "$x^2$", "plain"]
-    figures = [
+def figures_with_labels(labels: list[str]) -> list:
+    """The confusion matrix, the projection and the samples of three labels."""
+    return [
         plot_confusion_matrix(labels, np.eye(3, dtype=int) * 4),
         plot_projection(pd.DataFrame({"label": labels * 2, "pc1": range(6), "pc2": range(6)})),
         plot_samples([(label, np.zeros((16, 16, 3), np.uint8)) for label in labels]),
     ]
+
+
+def test_labels_with_dollar_signs_are_drawn_as_written(tmp_path):
+    """matplotlib reads text between two $ as maths: an unbalanced one ("sale $5 (50% off)
+    $10") failed notebook 01 with a ParseException, a balanced one came out in italics."""
+    labels = ["sale $5 (50% off) $10", "$x^2$", "plain"]
+    figures = figures_with_labels(labels)
     for fig in figures:
         fig.savefig(tmp_path / "figure.png", format="png")
     confusion, projection, samples = figures
@@ -102,11 +107,7 @@ def test_labels_in_scripts_dejavu_sans_lacks_are_drawn_with_an_installed_font(tm
     import warnings
 
     labels = ["苹果", "香蕉", "橙子 blood"]
-    figures = [
-        plot_confusion_matrix(labels, np.eye(3, dtype=int) * 4),
-        plot_projection(pd.DataFrame({"label": labels * 2, "pc1": range(6), "pc2": range(6)})),
-        plot_samples([(label, np.zeros((16, 16, 3), np.uint8)) for label in labels]),
-    ]
+    figures = figures_with_labels(labels)
     for fig in figures:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # "Glyph ... missing from font(s)" fails the test
