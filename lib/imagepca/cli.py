@@ -214,7 +214,7 @@ def _check_run_options(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> int:
     from . import livy, runner
     from .console import NORMAL, QUIET, VERBOSE, Console, log_path, summary, upload_log
-    from .storage import is_local, local_path
+    from .storage import LOG_FILE, is_local, join, local_path
 
     extract = ExtractParams(
         input=args.input,
@@ -260,7 +260,7 @@ def _run(args: argparse.Namespace) -> int:
     # logs go to the log file (all of it with --verbose, only the summary with --quiet).
     mode = QUIET if args.quiet else VERBOSE if args.verbose or args.log_output else NORMAL
     log = log_path(args.output)
-    remote_log = None if is_local(args.output) else f"{args.output.rstrip('/')}/logs/run.log"
+    remote_log = None if is_local(args.output) else join(args.output, LOG_FILE)
     completed_log = _completed_run_log(args.output, log)
     try:
         with (
@@ -312,12 +312,12 @@ def _stopped_run_log(
     stopped before touching it). Then that run's log stays, and this one goes to
     ``logs/stopped-run.log``, as its notebook 01 goes to ``logs/``."""
     from .executed import is_complete
-    from .storage import LOG_FILE, STOPPED_LOG_FILE
+    from .storage import STOPPED_LOG_FILE, join
 
     if not is_complete(output):
         return log, remote_log
     if remote_log is not None:
-        return log, remote_log.replace(LOG_FILE, STOPPED_LOG_FILE)
+        return log, join(output, STOPPED_LOG_FILE)
     stopped = log.with_name(Path(STOPPED_LOG_FILE).name)
     os.replace(log, stopped)
     if completed is not None:
