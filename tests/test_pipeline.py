@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -25,6 +26,7 @@ from imagepca.inputs import list_folder
 from imagepca.listing import fingerprint
 from imagepca.moments import sample_key
 from imagepca.pipeline import extract_features, finish_run, read_features, reduce_features
+from imagepca.projection import reduce_output
 from imagepca.reduction import ProjectionSample, reduce_with, save_models
 from imagepca.session import spark_settings
 from imagepca.storage import LEGACY_PARQUET_KEY, Storage, local_file_path, vector_write_settings
@@ -260,6 +262,41 @@ def test_reloaded_model_reproduces_reduced(spark, photos_run):
     np.testing.assert_allclose(
         np.stack(again["pca"].to_numpy()), np.stack(stored["pca"].to_numpy()), atol=1e-4
     )
+
+
+def test_new_images_are_projected_only_with_features_made_alike(spark, photos_run, tmp_path):
+    """A later run featurizing some of the same photos gets, through the fitted run's
+    pca_model/, the scores that run's reduced/ holds for them; features of another image
+    size are refused, naming it, and the engine (features within 1e-4) is not held against
+    them."""
+    new_images = tmp_path / "new"
+    for label in ("apple", "banana"):
+        (new_images / label).mkdir(parents=True)
+        for name in sorted(os.listdir(FRUIT_PHOTOS / label))[:2]:
+            shutil.copy(FRUIT_PHOTOS / label / name, new_images / label / name)
+    fitted = photos_run["output"]
+
+    def featurized(name: str, **options) -> str:
+        output = str(tmp_path / name)
+        params = ExtractParams(input=str(new_images), output=output, weights=str(WEIGHTS))
+        extract_features(spark, replace(params, **options))
+        return output
+
+    same = reduce_output(spark, model_output=fitted, features_output=featurized("same"))
+    scores = same.toPandas().set_index("path").sort_index()
+    stored = pd.read_parquet(Path(fitted) / "reduced").set_index("path")
+    stored = stored.loc[[p.replace(str(new_images), str(FRUIT_PHOTOS)) for p in scores.index]]
+    assert list(scores["label"]) == ["apple", "apple", "banana", "banana"]
+    np.testing.assert_allclose(
+        np.stack(scores["pca"].to_numpy()), np.stack(stored["pca"].to_numpy()), atol=1e-3
+    )
+
+    other = featurized("other", image_size=160, engine="keras")
+    with pytest.raises(InputError, match=r"image_size 160 \(fitted: 224\)") as refused:
+        reduce_output(spark, model_output=fitted, features_output=other)
+    assert "engine" not in str(refused.value)
+    with pytest.raises(InputError, match="no fitted PCA under .*notebook 02"):
+        reduce_output(spark, model_output=other, features_output=other)
 
 
 def test_projection_points_are_reduced_values_of_a_sample_partitioning_does_not_change(
