@@ -296,6 +296,19 @@ def test_security_config_command_checks_the_certificates_then_creates_it(capsys)
     assert "trustedCertificates" not in printed.out
 
 
+def test_a_certificates_zip_the_credentials_may_not_read_is_named_with_the_permission():
+    """HeadObject's 403 has no body (botocore's message is "Forbidden"): the error says
+    whose permission is missing, and which."""
+    s3 = stubbed("s3")
+    uri = f"s3://{BUCKET}/artifacts/security/emr-tls-certs.zip"
+    with Stubber(s3) as stub:
+        stub.add_client_error("head_object", "403", "Forbidden", http_status_code=403)
+        with pytest.raises(AwsError) as refused:
+            cluster.check_certificates_zip(s3, uri)
+    assert str(refused.value).startswith(f"your credentials may not read {uri} (403 Forbidden)")
+    assert "s3:GetObject" in str(refused.value)
+
+
 def test_cost_estimate_uses_the_dated_price_table():
     total, lines = cluster.hourly_cost(settings(task_instance_count=1))
     assert total == pytest.approx(1 * 0.24 + 2 * 0.48 + 1 * 0.48)

@@ -164,8 +164,15 @@ def check_certificates_zip(s3_client: Any, uri: str) -> list[str]:
     try:
         size = s3_client.head_object(Bucket=bucket, Key=key)["ContentLength"]
     except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NoSuchBucket"):
+        code = error.response.get("Error", {}).get("Code")
+        if code in ("404", "NoSuchKey", "NoSuchBucket"):
             raise AwsError(f"no certificates zip at {uri}: {how}") from None
+        if code in ("403", "AccessDenied"):  # HeadObject's error has no body: "403 Forbidden"
+            raise AwsError(
+                f"your credentials may not read {uri} (403 Forbidden), which this check of its "
+                "certificates needs: allow them s3:GetObject on it (the cluster's instance "
+                "role needs it too), or pass --certs with a zip they may read"
+            ) from None
         raise
     if size > MAX_CERTIFICATES_ZIP_BYTES:
         raise AwsError(f"{uri} ({size:,} bytes) is not a zip of PEM certificates: {how}")
