@@ -23,6 +23,7 @@ from pyspark.ml.linalg import Vectors
 from pyspark.sql import functions as F
 
 from imagepca import logistic
+from imagepca import split as split_module
 from imagepca.classify import prepare, sweep_ks
 from imagepca.classify_model import MODEL_DIR, predict
 from imagepca.config import ClassifyParams, ParameterError
@@ -315,6 +316,47 @@ def test_scores_from_a_confusion_matrix() -> None:
 
 
 # -- the photos, through notebook 03's calls ---------------------------------------------
+
+
+@pytest.mark.parametrize("column", ["features", "pca"])
+def test_rows_the_driver_reads_itself_are_those_spark_joins(spark, photos_run, monkeypatch, column):
+    """The driver's own read of a small dataset's Parquet files keeps exactly the rows,
+    values and flags Spark's join sends, for features/ (a subset) and reduced/ (all rows);
+    when its file system fails it, Spark's join does the work."""
+    output = photos_run["output"]
+    dataset = spark.read.parquet(f"{output}/{'features' if column == 'features' else 'reduced'}")
+    split = split_by_label(dataset.select("path", "label"), 0.25, 42, 0.5).cache()
+    kept = split.filter(IN_SUBSET_COL) if column == "features" else split
+    labels = sorted(r["label"] for r in split.select("label").distinct().collect())
+
+    def collected(scan_bytes: int) -> tuple:
+        rows = split_module.TrainingMatrix.collect(dataset, kept, column, labels, scan_bytes)
+        order = np.argsort(rows.paths)
+        return rows.paths[order], rows.y[order], rows.is_test[order], rows.x[order]
+
+    opened = []
+    real_filesystem = split_module.pyarrow_filesystem
+    monkeypatch.setattr(
+        split_module,
+        "pyarrow_filesystem",
+        lambda uri, o: opened.append(uri) or real_filesystem(uri, o),
+    )
+    by_spark = collected(split_module.DRIVER_SCAN_MAX_BYTES + 1)
+    assert opened == []
+    by_driver = collected(1)
+    assert sorted(opened) == sorted(dataset.inputFiles())
+    assert len(by_spark[0]) == kept.count() and by_spark[3].dtype == np.float32
+    assert by_spark[2].any() and not by_spark[2].all()
+    for spark_values, driver_values in zip(by_spark, by_driver, strict=True):
+        np.testing.assert_array_equal(spark_values, driver_values)
+
+    def unreachable(uri, options):
+        raise OSError(f"no credentials for {uri}")
+
+    monkeypatch.setattr(split_module, "pyarrow_filesystem", unreachable)
+    for spark_values, fallback_values in zip(by_spark, collected(1), strict=True):
+        np.testing.assert_array_equal(spark_values, fallback_values)
+    split.unpersist()
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,14 @@ def test_run_reads_and_writes_s3_end_to_end(moto_endpoint, tmp_path):  # noqa: F
         second = run_imagepca(rerun, env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert denied(policy, s3_actions(requests, BUCKET)) == []  # notebook 03's requests too
+    # Notebook 03's driver read the features it compares with itself (pyarrow's S3 client),
+    # not through Spark, with the endpoint and keys of Hadoop's fs.s3a settings.
+    feature_reads = {
+        str({k.lower(): v for k, v in r["headers"].items()}.get("user-agent"))[:40]
+        for r in requests
+        if r["method"] == "GET" and "/runs/r1/features/" in r["url"] and ".parquet" in r["url"]
+    }
+    assert any("aws-sdk-cpp" in agent for agent in feature_reads), feature_reads
     metrics = json.loads(s3.get_object(Bucket=BUCKET, Key="runs/r1/metrics.json")["Body"].read())
     assert metrics["k"] == 2 and metrics["classification"]["reduced"]["n_test"] == 3
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/r1/")["Contents"]}

@@ -299,7 +299,8 @@ class Classification:
                 data, x = self.subset, self.scores_of(self.k)
                 source = "features/ projected with pca_model (the scores reduced/ holds)"
             else:
-                data = TrainingMatrix.collect(self._reduced_split(), "pca", self.labels)
+                size = self.run_metrics["n_images"] * self.k * 4  # reduced/'s float32 scores
+                data = TrainingMatrix.collect(self._reduced(), self.split, "pca", self.labels, size)
                 x = data.x
             if data is not None:
                 coefficients, intercepts, scores = self._fit_driver("reduced", data, x)
@@ -316,9 +317,8 @@ class Classification:
                 model = classifier_pipeline(self.indexer, regression)
                 self._saved_weights = (coefficients, intercepts)
             else:
-                model, scores = self._fit_spark(
-                    self._reduced_split().withColumn(PCA_COL, array_to_vector("pca"))
-                )
+                reduced = self._reduced().join(self.split, ["path", "label"])
+                model, scores = self._fit_spark(reduced.withColumn(PCA_COL, array_to_vector("pca")))
                 regression = model.stages[1]  # indexer, regression, label strings
                 self._saved_weights = (
                     regression.coefficientMatrix.toArray(),
@@ -331,9 +331,8 @@ class Classification:
         self._stage_model()
         return result
 
-    def _reduced_split(self) -> DataFrame:
-        reduced = self.spark.read.parquet(literal(join(self.params.output, "reduced")))
-        return reduced.join(self.split, ["path", "label"])
+    def _reduced(self) -> DataFrame:
+        return self.spark.read.parquet(literal(join(self.params.output, "reduced")))
 
     def misclassified(self) -> pd.DataFrame:
         """Test images the saved (reduced) classifier got wrong: path, label, prediction."""

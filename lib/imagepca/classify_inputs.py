@@ -14,7 +14,7 @@ from functools import partial
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from .config import ClassifyParams, ParameterError, max_components
+from .config import FEATURE_DIM, ClassifyParams, ParameterError, max_components
 from .images import classifiable, small_labels
 from .pipeline import read_features
 from .reduction import StoredPCA, read_pca
@@ -115,15 +115,17 @@ def read_inputs(spark: SparkSession, params: ClassifyParams, storage: Storage) -
             min(1.0, params.sweep_max_images / n_kept),
         ).persist()
         try:
-            # At most sweep_max_images paths: broadcast them, never shuffle the 1280-d rows.
-            # The PCA's small jobs run beside it: 0.3 s of notebook 03.
+            # At most sweep_max_images rows (Spark broadcasts their paths when it joins: the
+            # 1280-d rows are never shuffled). The PCA's small jobs run beside: 0.3 s.
             pca, subset = run_concurrently(
                 partial(read_pca, spark, params.output),
                 partial(
                     TrainingMatrix.collect,
-                    features.join(F.broadcast(split.filter(IN_SUBSET_COL)), ["path", "label"]),
+                    features,
+                    split.filter(IN_SUBSET_COL),
                     "features",
                     kept,
+                    scan_bytes=run_metrics["n_images"] * FEATURE_DIM * 4,
                 ),
             )
             stored = (pca.k, len(pca.explained_variance))

@@ -79,7 +79,7 @@ _FILESYSTEMS: dict[tuple, tuple] = {}  # (scheme, authority) -> (settings, fs)
 _FILESYSTEMS_LOCK = threading.Lock()
 
 
-def _filesystem(uri: str, options: ReadOptions):
+def pyarrow_filesystem(uri: str, options: ReadOptions):
     """A pyarrow file system and the path within it; one per worker and bucket.
 
     The URI is split by hand, not by ``urlsplit``: ``#`` and ``?`` are ordinary characters
@@ -112,7 +112,7 @@ def _filesystem(uri: str, options: ReadOptions):
 
 
 def read_file(uri: str, options: ReadOptions) -> bytes:
-    filesystem, path = _filesystem(uri, options)
+    filesystem, path = pyarrow_filesystem(uri, options)
     with filesystem.open_input_stream(path) as stream:
         return stream.read()
 

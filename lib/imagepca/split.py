@@ -13,13 +13,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from .config import URI_SCHEME
+from .executor_reads import ReadOptions, pyarrow_filesystem, read_options
 from .images import MIN_IMAGES_PER_LABEL, name_column
 
 IS_TEST_COL = "is_test"
 IN_SUBSET_COL = "in_subset"
+# The most Parquet bytes the driver scans itself for one collection (the features of about
+# 100,000 images), on the file systems pyarrow reaches; past it, or elsewhere, Spark's
+# executors scan and join, and send the rows kept.
+DRIVER_SCAN_MAX_BYTES = 512 << 20
+DRIVER_SCAN_SCHEMES = ("", "file", "s3", "s3a", "s3n")
 SPLIT_BY = "seeded hash of label and file name"
 """How :func:`split_by_label` ranks a label's images (``metrics.json`` says so: outputs
 made before 30 November 2026 hashed the path, and held out other images)."""
@@ -86,9 +97,34 @@ class TrainingMatrix:
     x: np.ndarray
 
     @classmethod
-    def collect(cls, df: DataFrame, column: str, labels: Sequence[str]) -> TrainingMatrix:
-        rows = df.select("path", "label", IS_TEST_COL, column).toPandas()
-        x = np.stack(rows[column].to_numpy()) if len(rows) else np.zeros((0, 0), np.float32)
+    def collect(
+        cls,
+        dataset: DataFrame,
+        kept: DataFrame,
+        column: str,
+        labels: Sequence[str],
+        scan_bytes: int,
+    ) -> TrainingMatrix:
+        """``column`` of the ``dataset`` rows (a Parquet dataset's ``path``, ``label`` and
+        ``column``) that ``kept`` (rows of :func:`split_by_label`) holds, with their flags.
+
+        When the dataset (about ``scan_bytes``) is small enough, the driver reads its files
+        itself and keeps those rows as it goes: Spark's scan, broadcast join and conversion
+        took 1.5 s of the 1.6 s that collecting 5,000 of 10,000 images' features cost.
+        """
+        scan = _driver_scan(dataset, scan_bytes)
+        if scan is not None:
+            split = kept.select("path", "label", IS_TEST_COL).toPandas()
+            try:
+                paths, x = _scan_rows(*scan, column, split["path"])
+            except (OSError, pa.ArrowException):  # credentials or a file system only Spark has
+                scan = None
+            else:
+                rows = split.set_index("path").loc[paths].reset_index()
+        if scan is None:
+            joined = dataset.join(F.broadcast(kept), ["path", "label"])
+            rows = joined.select("path", "label", IS_TEST_COL, column).toPandas()
+            x = np.stack(rows[column].to_numpy()) if len(rows) else np.zeros((0, 0))
         index = {label: i for i, label in enumerate(labels)}
         return cls(
             paths=rows["path"].to_numpy(),
@@ -96,3 +132,32 @@ class TrainingMatrix:
             is_test=rows[IS_TEST_COL].to_numpy(dtype=bool),
             x=np.asarray(x, dtype=np.float32),
         )
+
+
+def _driver_scan(dataset: DataFrame, scan_bytes: int) -> tuple[list[str], ReadOptions] | None:
+    """The files the driver reads itself, and how, or None when Spark should."""
+    files = dataset.inputFiles()
+    schemes = {f.split(":", 1)[0].lower() if URI_SCHEME.match(f) else "" for f in files}
+    if scan_bytes > DRIVER_SCAN_MAX_BYTES or not schemes <= set(DRIVER_SCAN_SCHEMES):
+        return None
+    return files, read_options(dataset.sparkSession)
+
+
+def _scan_rows(
+    files: Sequence[str], options: ReadOptions, column: str, wanted: pd.Series
+) -> tuple[list[str], np.ndarray]:
+    """The paths and ``column`` values (fixed-length float lists) of the rows of ``files``
+    whose path is in ``wanted``, read batch by batch: the driver holds the rows it keeps."""
+    value_set = pa.array(wanted, pa.string())
+    paths, blocks = [], []
+    for uri in files:
+        filesystem, path = pyarrow_filesystem(uri, options)
+        with filesystem.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            for batch in parquet.iter_batches(batch_size=8192, columns=["path", column]):
+                batch = batch.filter(pc.is_in(batch.column(0), value_set=value_set))
+                if batch.num_rows:
+                    paths += batch.column(0).to_pylist()
+                    values = batch.column(1).flatten().to_numpy(zero_copy_only=False)
+                    blocks.append(values.reshape(batch.num_rows, -1))
+    return paths, np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
