@@ -319,12 +319,18 @@ def test_scores_from_a_confusion_matrix() -> None:
 
 
 @pytest.mark.parametrize("column", ["features", "pca"])
-def test_rows_the_driver_reads_itself_are_those_spark_joins(spark, photos_run, monkeypatch, column):
+def test_rows_the_driver_reads_itself_are_those_spark_joins(
+    spark, photos_run, monkeypatch, tmp_path, column
+):
     """The driver's own read of a small dataset's Parquet files keeps exactly the rows,
-    values and flags Spark's join sends, for features/ (a subset) and reduced/ (all rows);
-    when its file system fails it, Spark's join does the work."""
-    output = photos_run["output"]
-    dataset = spark.read.parquet(f"{output}/{'features' if column == 'features' else 'reduced'}")
+    values and flags Spark's join sends, for features/ (a subset) and reduced/ (all rows),
+    in a folder whose name Spark's file list percent-encodes; when its file system fails
+    it, Spark's join does the work."""
+    name = "features" if column == "features" else "reduced"
+    copy = tmp_path / "my run #2" / name
+    shutil.copytree(Path(photos_run["output"]) / name, copy)
+    dataset = spark.read.parquet(str(copy))
+    assert all("%20" in uri for uri in dataset.inputFiles())
     split = split_by_label(dataset.select("path", "label"), 0.25, 42, 0.5).cache()
     kept = split.filter(IN_SUBSET_COL) if column == "features" else split
     labels = sorted(r["label"] for r in split.select("label").distinct().collect())
@@ -334,17 +340,15 @@ def test_rows_the_driver_reads_itself_are_those_spark_joins(spark, photos_run, m
         order = np.argsort(rows.paths)
         return rows.paths[order], rows.y[order], rows.is_test[order], rows.x[order]
 
-    opened = []
-    real_filesystem = split_module.pyarrow_filesystem
+    scanned = []  # what the driver's own read returned (it falls back to Spark on errors)
+    real_scan = split_module._scan_rows
     monkeypatch.setattr(
-        split_module,
-        "pyarrow_filesystem",
-        lambda uri, o: opened.append(uri) or real_filesystem(uri, o),
+        split_module, "_scan_rows", lambda *args: scanned.append(real_scan(*args)) or scanned[-1]
     )
     by_spark = collected(split_module.DRIVER_SCAN_MAX_BYTES + 1)
-    assert opened == []
+    assert scanned == []
     by_driver = collected(1)
-    assert sorted(opened) == sorted(dataset.inputFiles())
+    assert len(scanned) == 1 and len(scanned[0][0]) == kept.count()
     assert len(by_spark[0]) == kept.count() and by_spark[3].dtype == np.float32
     assert by_spark[2].any() and not by_spark[2].all()
     for spark_values, driver_values in zip(by_spark, by_driver, strict=True):

@@ -67,7 +67,7 @@ from .plots import save_figure
 from .reduction import PCA_COL, StoredPCA
 from .run_record import timed
 from .session import default_parallelism
-from .split import IS_TEST_COL, SPLIT_BY, TrainingMatrix
+from .split import IS_TEST_COL, SPLIT_BY, TrainingMatrix, parquet_bytes
 from .storage import (
     CLASSIFY_FIGURES,
     CLASSIFY_NOTEBOOK,
@@ -299,7 +299,7 @@ class Classification:
                 data, x = self.subset, self.scores_of(self.k)
                 source = "features/ projected with pca_model (the scores reduced/ holds)"
             else:
-                size = self.run_metrics["n_images"] * self.k * 4  # reduced/'s float32 scores
+                size = parquet_bytes(self.run_metrics["n_images"], self.k)  # reduced/, about
                 data = TrainingMatrix.collect(self._reduced(), self.split, "pca", self.labels, size)
                 x = data.x
             if data is not None:

@@ -19,7 +19,7 @@ from .images import classifiable, small_labels
 from .pipeline import read_features
 from .reduction import StoredPCA, read_pca
 from .session import cached_shuffle_settings, run_concurrently, spark_settings
-from .split import IN_SUBSET_COL, TrainingMatrix, n_test_images, split_by_label
+from .split import IN_SUBSET_COL, TrainingMatrix, n_test_images, parquet_bytes, split_by_label
 from .storage import METRICS_FILE, Storage, join
 
 DEFAULT_K_VALUES = (2, 5, 10, 20, 50, 100)
@@ -122,10 +122,10 @@ def read_inputs(spark: SparkSession, params: ClassifyParams, storage: Storage) -
                 partial(
                     TrainingMatrix.collect,
                     features,
-                    split.filter(IN_SUBSET_COL),
+                    F.broadcast(split.filter(IN_SUBSET_COL)),
                     "features",
                     kept,
-                    scan_bytes=run_metrics["n_images"] * FEATURE_DIM * 4,
+                    scan_bytes=parquet_bytes(run_metrics["n_images"], FEATURE_DIM),
                 ),
             )
             stored = (pca.k, len(pca.explained_variance))
