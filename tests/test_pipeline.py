@@ -282,14 +282,16 @@ def test_new_images_are_projected_only_with_features_made_alike(spark, photos_ru
         extract_features(spark, replace(params, **options))
         return output
 
-    same = reduce_output(spark, model_output=fitted, features_output=featurized("same"))
-    scores = same.toPandas().set_index("path").sort_index()
     stored = pd.read_parquet(Path(fitted) / "reduced").set_index("path")
-    stored = stored.loc[[p.replace(str(new_images), str(FRUIT_PHOTOS)) for p in scores.index]]
-    assert list(scores["label"]) == ["apple", "apple", "banana", "banana"]
-    np.testing.assert_allclose(
-        np.stack(scores["pca"].to_numpy()), np.stack(stored["pca"].to_numpy()), atol=1e-3
-    )
+    for engine in ("tflite", "keras"):  # the fitted run's engine, and the other one
+        features = featurized(engine, engine=engine)
+        projected = reduce_output(spark, model_output=fitted, features_output=features)
+        scores = projected.toPandas().set_index("path").sort_index()
+        assert list(scores["label"]) == ["apple", "apple", "banana", "banana"]
+        same = stored.loc[[p.replace(str(new_images), str(FRUIT_PHOTOS)) for p in scores.index]]
+        np.testing.assert_allclose(
+            np.stack(scores["pca"].to_numpy()), np.stack(same["pca"].to_numpy()), atol=2e-3
+        )
 
     other = featurized("other", image_size=160, engine="keras")
     with pytest.raises(InputError, match=r"image_size 160 \(fitted: 224\)") as refused:
@@ -297,6 +299,12 @@ def test_new_images_are_projected_only_with_features_made_alike(spark, photos_ru
     assert "engine" not in str(refused.value)
     with pytest.raises(InputError, match="no fitted PCA under .*notebook 02"):
         reduce_output(spark, model_output=other, features_output=other)
+    # A run started in the fitted output since: its features may no longer be the PCA's.
+    restarted = tmp_path / "restarted"
+    shutil.copytree(fitted, restarted)
+    (restarted / "metrics.json").unlink()
+    with pytest.raises(InputError, match="has a pca_model/ but no metrics.json: a run started"):
+        reduce_output(spark, model_output=str(restarted), features_output=other)
 
 
 def test_projection_points_are_reduced_values_of_a_sample_partitioning_does_not_change(

@@ -40,14 +40,21 @@ def reduce_output(spark: SparkSession, *, model_output: str, features_output: st
     InputError
         When either output lacks what is needed, or the two were featurized differently
         (the message names each differing parameter and both values).
+    RuntimeError
+        When a run stopped while it replaced ``features_output``'s features.
     """
     storage = Storage(spark)
-    fitted = storage.read_json_if_exists(join(model_output, METRICS_FILE))
-    if fitted is None or not storage.exists(join(model_output, "pca_model")):
+    if not storage.exists(join(model_output, "pca_model")):
         raise InputError(
-            f"no fitted PCA under {model_output}{storage.relative_note(model_output)} (its "
-            "metrics.json and pca_model/ are written by notebook 02): give the output of a "
-            "run whose notebook 02 finished"
+            f"no fitted PCA under {model_output}{storage.relative_note(model_output)} (notebook "
+            "02 writes pca_model/): give the output of a run whose notebook 02 finished"
+        )
+    fitted = storage.read_json_if_exists(join(model_output, METRICS_FILE))
+    if fitted is None:  # removed as a run starts, written again by its notebook 02
+        raise InputError(
+            f"{model_output} has a pca_model/ but no metrics.json: a run started there after "
+            "notebook 02 fitted it, so its features/ may not be those the PCA was fitted on; "
+            "run notebook 02 on it again (or `imagepca run --reuse-features`)"
         )
     storage.refuse_half_replaced(features_output)
     made = storage.read_json_if_exists(join(features_output, "features", EXTRACTION_FILE))
