@@ -171,7 +171,8 @@ def check_certificates_zip(s3_client: Any, uri: str) -> list[str]:
             raise AwsError(
                 f"your credentials may not read {uri} (403 Forbidden), which this check of its "
                 "certificates needs: allow them s3:GetObject on it (the cluster's instance "
-                "role needs it too), or pass --certs with a zip they may read"
+                "role needs it too). Without s3:ListBucket on the bucket, S3 also answers 403 "
+                "for a key that does not exist: check the --certs key"
             ) from None
         raise
     if size > MAX_CERTIFICATES_ZIP_BYTES:
