@@ -863,6 +863,46 @@ def test_down_terminates(capsys):
     assert f"{cluster_id} terminated" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("aws_env")
+def test_status_shows_the_cluster_and_whether_each_runs_output_is_complete(capsys):
+    """After `emr run --no-wait`: the cluster's state and billing, and per run its step,
+    its output and whether that output is complete; a failed step's logs."""
+    _, cluster_id, _ = start_cluster()
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    argv = ["emr", "status", "--cluster-id", cluster_id, "--region", REGION]
+    assert cli(*argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{cluster_id} (") and ": WAITING\n" in printed
+    assert f"stop it with `imagepca emr down --cluster-id {cluster_id}`" in printed
+    assert "no steps" in printed
+
+    start = [
+        "emr", "run", "--cluster-id", cluster_id, "--bucket", BUCKET, "--region", REGION,
+        "--subnet-id", SETTINGS["subnet_id"], "--version", "0.1.0",
+        "--input", f"s3://{BUCKET}/input/photos/", "--no-wait",
+    ]  # fmt: skip
+    assert cli(*start, "--run-id", "r1") == 0
+    assert cli(*start, "--run-id", "r2") == 0
+    assert set_step_states(cluster_id) == 2  # both COMPLETED; only r1's output is complete
+    s3.put_object(Bucket=BUCKET, Key="runs/r1/_SUCCESS", Body=b"")
+    capsys.readouterr()
+    assert cli(*argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    steps = {line.split()[3]: line for line in lines if "imagepca run r" in line}
+    assert steps["r1:"].endswith(f"s3://{BUCKET}/runs/r1: complete")
+    assert steps["r2:"].endswith(f"s3://{BUCKET}/runs/r2: no _SUCCESS, not complete")
+
+    set_step_states(cluster_id, "FAILED")
+    assert cli(*argv, "--bucket", BUCKET) == 0
+    failed = [line for line in capsys.readouterr().out.splitlines() if ": FAILED" in line]
+    assert len(failed) == 2
+    assert all(f"; logs: s3://{BUCKET}/logs/emr/{cluster_id}/steps/" in line for line in failed)
+    boto3.client("emr").terminate_job_flows(JobFlowIds=[cluster_id])
+    assert cli(*argv) == 0
+    assert "billed since" not in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- notebook execution
 
 

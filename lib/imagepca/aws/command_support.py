@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -16,7 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from imagepca.config import ParameterError
 
-from .settings import AwsError
+from .settings import AwsError, EmrSettings
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -49,6 +50,24 @@ def default_region() -> str | None:
     """The region a command given none uses: ``AWS_REGION``, else boto3's own default
     (``AWS_DEFAULT_REGION``, the profile's)."""
     return os.environ.get("AWS_REGION") or boto3.session.Session().region_name
+
+
+def settings_path(args: argparse.Namespace) -> str | None:
+    """``--settings``, else ``./emr_settings.json`` when it exists."""
+    if args.settings is None and Path("emr_settings.json").exists():
+        return "emr_settings.json"
+    return args.settings
+
+
+def region_only(args: argparse.Namespace) -> str:
+    """The region alone, for a command that needs nothing else (``emr down`` stops the
+    billing: a settings file without a subnet must not stand in its way)."""
+    path = settings_path(args)
+    region = args.region or (EmrSettings.load_raw(path).get("region") if path else None)
+    region = region or default_region()
+    if not region:
+        raise AwsError("no region: pass --region (or set it in emr_settings.json, AWS_REGION)")
+    return region
 
 
 def command_group(

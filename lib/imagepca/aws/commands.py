@@ -22,21 +22,16 @@ from imagepca.run_options import (
     tuning_values,
 )
 
-from . import account, cluster, doctor, runs, stage
+from . import account, cluster, doctor, runs, stage, status
 from .aws_commands import add_aws
 from .command_support import client as _client
-from .command_support import command_group, default_region
+from .command_support import command_group
 from .command_support import guard as _guard
+from .command_support import region_only as _region
+from .command_support import settings_path as _settings_path
 from .settings import NOTEBOOK_SERVICE_ROLE, AwsError, EmrSettings, parse_s3_uri
 
 # --------------------------------------------------------------------------- emr
-
-
-def _settings_path(args: argparse.Namespace) -> str | None:
-    """``--settings``, else ``./emr_settings.json`` when it exists."""
-    if args.settings is None and Path("emr_settings.json").exists():
-        return "emr_settings.json"
-    return args.settings
 
 
 def _settings(args: argparse.Namespace) -> EmrSettings:
@@ -295,22 +290,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _region(args: argparse.Namespace) -> str:
-    """The region alone, for a command that needs nothing else (``emr down`` stops the
-    billing: a settings file without a subnet must not stand in its way)."""
-    path = _settings_path(args)
-    region = args.region or (EmrSettings.load_raw(path).get("region") if path else None)
-    region = region or default_region()
-    if not region:
-        raise AwsError("no region: pass --region (or set it in emr_settings.json, AWS_REGION)")
-    return region
-
-
 def _cmd_down(args: argparse.Namespace) -> int:
     region = _region(args)
     cluster.down(
         args.cluster_id, emr_client=_client("emr", region), wait=not args.no_wait,
         poll_seconds=args.poll_seconds, max_attempts=args.max_attempts,
+    )  # fmt: skip
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    region, path = _region(args), _settings_path(args)
+    bucket = args.bucket or (EmrSettings.load_raw(path).get("bucket") if path else None)
+    status.cluster_status(
+        args.cluster_id, emr_client=_client("emr", region), s3_client=_client("s3", region),
+        log_bucket=bucket,
     )  # fmt: skip
     return 0
 
@@ -484,6 +478,15 @@ def _add_emr(subparsers: argparse._SubParsersAction) -> None:
     down.add_argument("--no-wait", action="store_true")
     _add_wait_options(down, 60)
     down.set_defaults(func=_guard(_cmd_down))
+
+    status_parser = commands.add_parser(
+        "status", help="the cluster's state, and each run's step, output and completeness",
+        description="Print the cluster's state and its newest steps: for each run, its state, "
+        "its output and whether that output is complete (_SUCCESS), or its log.",
+    )  # fmt: skip
+    _add_settings_options(status_parser)
+    status_parser.add_argument("--cluster-id", required=True)
+    status_parser.set_defaults(func=_guard(_cmd_status))
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
