@@ -75,6 +75,11 @@ def read_options(spark: SparkSession) -> ReadOptions:
     )
 
 
+def uri_scheme(uri: str) -> str:
+    """``uri``'s scheme in lower case, or "" for a path."""
+    return uri.split(":", 1)[0].lower() if URI_SCHEME.match(uri) else ""
+
+
 _FILESYSTEMS: dict[tuple, tuple] = {}  # (scheme, authority) -> (settings, fs)
 _FILESYSTEMS_LOCK = threading.Lock()
 
@@ -88,7 +93,7 @@ def pyarrow_filesystem(uri: str, options: ReadOptions):
     """
     from pyarrow import fs
 
-    scheme = uri.split(":", 1)[0].lower() if URI_SCHEME.match(uri) else ""
+    scheme = uri_scheme(uri)
     if scheme in ("", "file"):
         path = uri.split(":", 1)[1] if scheme else uri
         return fs.LocalFileSystem(), "/" + path.lstrip("/")

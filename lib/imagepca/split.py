@@ -20,8 +20,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from .config import URI_SCHEME
-from .executor_reads import ReadOptions, pyarrow_filesystem, read_options
+from .executor_reads import ReadOptions, pyarrow_filesystem, read_options, uri_scheme
 from .images import MIN_IMAGES_PER_LABEL, name_column
 from .storage import normalize_uri
 
@@ -146,7 +145,7 @@ def _driver_scan(dataset: DataFrame, scan_bytes: int) -> tuple[list[str], ReadOp
     """The files the driver reads itself (``inputFiles`` spells them percent-encoded), and
     how, or None when Spark should."""
     files = [normalize_uri(uri) for uri in dataset.inputFiles()]
-    schemes = {f.split(":", 1)[0].lower() if URI_SCHEME.match(f) else "" for f in files}
+    schemes = {uri_scheme(uri) for uri in files}
     if scan_bytes > DRIVER_SCAN_MAX_BYTES or not schemes <= set(DRIVER_SCAN_SCHEMES):
         return None
     return files, read_options(dataset.sparkSession)
