@@ -228,6 +228,14 @@ CLOCK_SKEW = dt.timedelta(seconds=60)
 EMR's (a notebook execution's ``StartTime``)."""
 
 
+def step_logs(cluster_id: str, step_id: str, details: dict, log_bucket: str | None) -> str:
+    """Where a step's logs are: EMR's ``FailureDetails.LogFile``, else the cluster's log
+    folder in ``log_bucket`` (``emr up``'s ``LogUri``), else "" (unknown)."""
+    return details.get("LogFile") or (
+        f"s3://{log_bucket}/logs/emr/{cluster_id}/steps/{step_id}/" if log_bucket else ""
+    )
+
+
 def run_step(
     cluster_id: str,
     options: RunOptions,
@@ -262,9 +270,7 @@ def run_step(
         sleep(poll_seconds)
     if state != "COMPLETED":
         details = step["Status"].get("FailureDetails", {})
-        logs = details.get("LogFile") or (
-            f"s3://{log_bucket}/logs/emr/{cluster_id}/steps/{step_id}/" if log_bucket else ""
-        )
+        logs = step_logs(cluster_id, step_id, details, log_bucket)
         if state not in STEP_ENDED:
             raise AwsError(
                 f"step {step_id} still {state} after {max_attempts} checks; it goes on, on "

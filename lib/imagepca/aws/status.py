@@ -12,7 +12,7 @@ import datetime as dt
 import sys
 from typing import Any, TextIO
 
-from .runs import s3_exists
+from .runs import STEP_ENDED, s3_exists, step_logs
 
 # Cluster states in which EMR bills the instances (EMR API reference, ``ClusterState``).
 BILLED_STATES = ("STARTING", "BOOTSTRAPPING", "RUNNING", "WAITING", "TERMINATING")
@@ -70,11 +70,9 @@ def _step_line(cluster_id: str, step: dict, s3_client: Any, log_bucket: str | No
         line += f"; {output}: " + ("complete" if complete else "no _SUCCESS, not complete")
     elif output:
         line += f"; output {output}"
-    if state in ("FAILED", "CANCELLED", "INTERRUPTED"):
+    if state in STEP_ENDED and state != "COMPLETED":
         details = step_status.get("FailureDetails", {})
-        logs = details.get("LogFile") or (
-            f"s3://{log_bucket}/logs/emr/{cluster_id}/steps/{step['Id']}/" if log_bucket else ""
-        )
+        logs = step_logs(cluster_id, step["Id"], details, log_bucket)
         why = " ".join(filter(None, (details.get("Reason"), details.get("Message"))))
         line += (f" ({why})" if why else "") + (f"; logs: {logs}" if logs else "")
     return line
