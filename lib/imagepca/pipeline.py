@@ -176,7 +176,7 @@ def extract_features(
         weights_sha = file_sha256(weights_file)
     features_uri = join(params.output, "features")
     identity = {**params.as_dict(), "weights_sha256": weights_sha}
-    stored = _stored_extraction(storage, params.output)
+    stored = stored_extraction(storage, params.output)
     not_reused = None
     if params.reuse_features:
         if stored:
@@ -353,7 +353,8 @@ def _label_counts(features: DataFrame) -> dict[str, int]:
     return dict(sorted((row["label"], row["count"]) for row in rows))
 
 
-def _stored_extraction(storage: Storage, output: str) -> dict | None:
+def stored_extraction(storage: Storage, output: str) -> dict | None:
+    """``features/_extraction.json`` of ``output``: None until a notebook 01 finished there."""
     return storage.read_json_if_exists(join(output, "features", EXTRACTION_FILE))
 
 
@@ -399,7 +400,7 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
     timings: dict[str, float] = {}
     storage = Storage(spark)
     storage.refuse_half_replaced(params.output)
-    extraction = _stored_extraction(storage, params.output)
+    extraction = stored_extraction(storage, params.output)
     if extraction is None:
         raise FileNotFoundError(
             f"no features under {join(params.output, 'features')}"

@@ -13,9 +13,9 @@ from pyspark.ml import PipelineModel
 from pyspark.sql import DataFrame, SparkSession
 
 from .images import InputError
-from .pipeline import read_features
+from .pipeline import read_features, stored_extraction
 from .reduction import reduce_with
-from .storage import EXTRACTION_FILE, METRICS_FILE, Storage, join, literal
+from .storage import METRICS_FILE, Storage, join, literal
 
 # Extraction parameters that change the features themselves. The engine does not (Keras and
 # TFLite agree within 1e-4), nor does max_image_pixels (it decides which images have one).
@@ -57,7 +57,7 @@ def reduce_output(spark: SparkSession, *, model_output: str, features_output: st
             "run notebook 02 on it again (or `imagepca run --reuse-features`)"
         )
     storage.refuse_half_replaced(features_output)
-    made = storage.read_json_if_exists(join(features_output, "features", EXTRACTION_FILE))
+    made = stored_extraction(storage, features_output)
     if made is None:
         raise InputError(
             f"no features under {join(features_output, 'features')}"
