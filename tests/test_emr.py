@@ -27,6 +27,7 @@ from imagepca import features
 from imagepca.aws import cluster, commands, runs, stage
 from imagepca.aws.settings import AwsError, AwsSettings, EmrSettings
 from imagepca.config import SPARK_SETTINGS
+from imagepca.weights import WeightsError
 from livy_server import LivyServer, make_test_pki
 from moto_server import REGION, aws_env, moto_endpoint, set_step_states, stubbed  # noqa: F401
 
@@ -388,7 +389,7 @@ def test_stage_checks_the_weights_before_it_uploads_anything(tmp_path):
     s3.create_bucket(Bucket=BUCKET)
     weights = tmp_path / "hosts.h5"
     weights.write_bytes(b"127.0.0.1 localhost\n")
-    with pytest.raises(features.WeightsError, match="is not a readable HDF5 file.*Pass --weights"):
+    with pytest.raises(WeightsError, match="is not a readable HDF5 file.*Pass --weights"):
         stage.stage(BUCKET, "0.1.0", weights, s3_client=s3, wheel_builder=fake_wheel_builder)
     assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
 

@@ -24,7 +24,6 @@ from imagepca.features import (
     TFLiteRunner,
     build_keras_model,
     features_udf,
-    file_sha256,
     load_model_payload,
     staged_models_uri,
     tflite_model,
@@ -32,6 +31,7 @@ from imagepca.features import (
 )
 from imagepca.images import IMAGE_EXTENSIONS, decode_image
 from imagepca.storage import Storage
+from imagepca.weights import file_sha256
 
 PER_CLASS = 6  # 4 classes (apple, banana, orange, mixed) x 6 = 24 photos
 

@@ -20,7 +20,6 @@ from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, Str
 
 from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca.config import ExtractParams, ParameterError, ReduceParams
-from imagepca.features import WeightsError, resolve_weights
 from imagepca.images import InputError
 from imagepca.inputs import list_folder
 from imagepca.listing import fingerprint
@@ -30,6 +29,7 @@ from imagepca.projection import reduce_output
 from imagepca.reduction import ProjectionSample, reduce_with, save_models
 from imagepca.session import spark_settings
 from imagepca.storage import LEGACY_PARQUET_KEY, Storage, local_file_path, vector_write_settings
+from imagepca.weights import WeightsError, resolve_weights
 
 PHOTO_COUNT = sum(1 for p in FRUIT_PHOTOS.rglob("*") if p.is_file())
 

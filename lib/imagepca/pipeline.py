@@ -19,14 +19,7 @@ from . import progress
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
 from .console import increment_line, rate_text
 from .executor_reads import read_options
-from .features import (
-    features_udf,
-    file_sha256,
-    load_model_payload,
-    moments_accumulator,
-    resolve_weights,
-    warm_python_workers,
-)
+from .features import features_udf, load_model_payload, moments_accumulator, warm_python_workers
 from .images import NOTHING_SKIPPED, classifiable, content_batch_rows
 from .increments import (
     LAYOUT,
@@ -72,6 +65,7 @@ from .storage import (
     literal,
     vector_write_settings,
 )
+from .weights import file_sha256, resolve_weights
 
 MOMENTS_FILE = "_moments.npz"  # the PCA's statistics of features/, from featurization
 KEPT_FEATURES = (

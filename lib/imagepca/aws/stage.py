@@ -231,7 +231,8 @@ def stage(
     """
     # Here, not at import: the model code pulls in pandas and PySpark, which `emr up`,
     # `run` and `down` do not need.
-    from imagepca.features import check_weights_file, staged_models_uri, tflite_model_path
+    from imagepca.features import staged_models_uri, tflite_model_path
+    from imagepca.weights import check_weights_file
 
     out = out or sys.stderr
     if not VERSION_PATTERN.match(version):
