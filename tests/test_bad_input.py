@@ -5,15 +5,16 @@ from __future__ import annotations
 import io
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
 from conftest import FRUIT_PHOTOS, WEIGHTS
-from imagepca import pipeline
+from imagepca import pipeline, rejects
 from imagepca.config import ExtractParams
-from imagepca.images import CONTENT_BATCH_BYTES, content_batch_rows
+from imagepca.images import CONTENT_BATCH_BYTES, ImageDecodeError, content_batch_rows, decode_image
 from imagepca.inputs import list_folder
 from imagepca.listing import SAMPLE_MAX_BYTES
 from imagepca.pipeline import extract_features
@@ -109,14 +110,126 @@ def test_featurized_per_label_is_the_listing_less_the_rejects():
         {"path": "a/1.jpg", "label": "a", "reason": "corrupt image: x"},
         {"path": "b/2.jpg", "label": "b", "reason": "not an image: y"},
     ]
-    outcomes = Outcomes(scanned=10, rejects=rejects, sums={})
-    assert outcomes.n_featurized == 8
+    outcomes = Outcomes(scanned=10, rejects=rejects, sums={}, n_rejected=2)
+    assert outcomes.complete and outcomes.n_featurized == 8
     assert outcomes.featurized_per_label({"b": 4, "a": 5, "c": 1}) == {"a": 4, "b": 3, "c": 1}
     assert outcomes.featurized_per_label({"a": 1, "b": 1}) is None  # not what was scanned
     assert outcomes.featurized_per_label({"a": 7, "b": 0, "c": 3}) is None  # b below zero
     # A label left with no featurized image is not one of features/'s labels.
-    alone = Outcomes(scanned=3, rejects=rejects[:1], sums={})
+    alone = Outcomes(scanned=3, rejects=rejects[:1], sums={}, n_rejected=1)
     assert alone.featurized_per_label({"a": 1, "c": 2}) == {"c": 2}
+    # A rejected row not reported: the listing's counts less the reported ones are not it.
+    partial = Outcomes(scanned=10, rejects=rejects[:1], sums={}, n_rejected=2)
+    assert not partial.complete and partial.n_featurized == 8
+    assert partial.featurized_per_label({"b": 4, "a": 5, "c": 1}) is None
+
+
+def _observed_outcomes(monkeypatch) -> list[Outcomes]:
+    seen: list[Outcomes] = []
+    original = Outcomes.observed
+    monkeypatch.setattr(
+        Outcomes,
+        "observed",
+        classmethod(lambda cls, metrics: seen.append(original(metrics)) or seen[-1]),
+    )
+    return seen
+
+
+def _expected_reason(path: Path, params: ExtractParams) -> str:
+    try:
+        decode_image(
+            path.read_bytes(), params.image_size, fast_decode=params.fast_decode,
+            max_pixels=params.max_image_pixels,
+        )  # fmt: skip
+    except ImageDecodeError as error:
+        return str(error)
+    raise AssertionError(f"{path} decodes")
+
+
+def test_rejects_the_tasks_do_not_report_are_read_again_on_the_executors(
+    spark, mixed_input, tmp_path, monkeypatch
+):
+    """The driver receives at most REPORTED_REJECTS_MAX rejected rows from the featurization
+    job (here one per task); the others are found and read again on the executors, and
+    rejected/ and the counts are what a run reporting every row gives."""
+    root, valid, broken = mixed_input
+    monkeypatch.setattr(rejects, "REPORTED_REJECTS_MAX", 1)
+    observed = _observed_outcomes(monkeypatch)
+    cached_before = spark.sparkContext._jsc.getPersistentRDDs().size()
+    output = tmp_path / "out"
+    params = ExtractParams(
+        input=str(root), output=str(output), weights=str(WEIGHTS), tasks_per_core=1
+    )
+    extraction = extract_features(spark, params)
+
+    (outcomes,) = observed
+    assert outcomes.n_rejected == 4  # the empty file is one the scan never returned
+    assert len(outcomes.rejects) < 4 and not outcomes.complete  # one row per task
+    rejected = pd.read_parquet(output / "rejected")
+    features = pd.read_parquet(output / "features")
+    assert sorted(path.removeprefix("file:") for path in features["path"]) == sorted(
+        map(str, valid)
+    )
+    by_path = {row.path.removeprefix("file:"): row for row in rejected.itertuples()}
+    assert sorted(by_path) == sorted(broken)
+    for path, kind in broken.items():
+        row = by_path[path]
+        if kind == "empty file":  # unscanned: found by the listing, as before
+            assert row.reason == "empty file: 0 bytes"
+            continue
+        assert row.reason == _expected_reason(Path(path), params)
+        assert row.label == Path(path).parent.name
+        assert row.size == Path(path).stat().st_size  # what tells an increment it is unchanged
+        assert row.modified.timestamp() == pytest.approx(Path(path).stat().st_mtime, abs=1e-3)
+    assert extraction.n_rejected == len(broken) and extraction.n_images == len(valid)
+    assert extraction.metadata["rejected_by_kind"] == {
+        "corrupt image": 1, "decompression bomb": 1, "empty file": 1, "not an image": 2,
+    }  # fmt: skip
+    assert extraction.metadata["images_per_label"] == {"apple": 4, "banana": 4, "orange": 4}
+    # The rows read again were cached for the count by kind and the write, then released.
+    assert spark.sparkContext._jsc.getPersistentRDDs().size() == cached_before
+
+
+def test_an_increments_unreported_rejects_are_read_again(spark, mixed_input, tmp_path, monkeypatch):
+    """An increment's new rejected files, past what its tasks report, are read again too:
+    its rejected/ and counts are what reporting every row gives."""
+    root, valid, broken = mixed_input
+    copy = tmp_path / "input"
+    shutil.copytree(root, copy)
+    moved = {}
+    for path in broken:  # the second run finds the broken files
+        target = tmp_path / "later" / Path(path).relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        moved[copy / Path(path).relative_to(root)] = shutil.move(
+            copy / Path(path).relative_to(root), target
+        )
+    params = ExtractParams(
+        input=str(copy), output=str(tmp_path / "out"), weights=str(WEIGHTS), incremental=True,
+        tasks_per_core=1,
+    )  # fmt: skip
+    extract_features(spark, params)
+    for back, later in moved.items():
+        shutil.move(later, back)
+    monkeypatch.setattr(rejects, "REPORTED_REJECTS_MAX", 1)
+    observed = _observed_outcomes(monkeypatch)
+    increment = extract_features(spark, params)
+
+    assert increment.metadata["incremental"]["featurized"] == 0
+    (outcomes,) = observed
+    assert outcomes.n_rejected == 4 and not outcomes.complete
+    rejected = pd.read_parquet(tmp_path / "out" / "rejected")
+    reasons = {
+        path.removeprefix("file:"): reason
+        for path, reason in zip(rejected["path"], rejected["reason"], strict=True)
+    }
+    assert sorted(reasons) == sorted(map(str, moved))
+    for path in moved:
+        if path.stat().st_size:
+            assert reasons[str(path)] == _expected_reason(path, params)
+    assert increment.metadata["rejected_by_kind"] == {
+        "corrupt image": 1, "decompression bomb": 1, "empty file": 1, "not an image": 2,
+    }  # fmt: skip
+    assert increment.n_images == len(valid)
 
 
 def test_files_too_large_for_a_batch_or_for_the_scan(spark, tmp_path, monkeypatch):

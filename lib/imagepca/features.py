@@ -27,7 +27,7 @@ from pyspark import TaskContext
 from pyspark.accumulators import Accumulator, AccumulatorParam
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import StringType, StructField, StructType
+from pyspark.sql.types import BooleanType, StringType, StructField, StructType
 
 from .config import FEATURE_DIM, ExtractParams, cache_dir
 from .executor_reads import ReadOptions, read_files
@@ -38,8 +38,13 @@ from .storage import FLOAT_VECTOR, Storage, is_local
 from .weights import file_sha256
 
 # Elements that cannot be null: stored as compact Parquet lists (storage.vector_write_settings).
+# ``reported``: a rejected row among those its task reports to the driver (rejects.py).
 FEATURES_SCHEMA = StructType(
-    [StructField("features", FLOAT_VECTOR), StructField("reason", StringType())]
+    [
+        StructField("features", FLOAT_VECTOR),
+        StructField("reason", StringType()),
+        StructField("reported", BooleanType()),
+    ]
 )
 
 
@@ -305,8 +310,9 @@ def features_udf(
     payload: ModelPayload,
     read: ReadOptions | None = None,
     moments: Accumulator | None = None,
+    reported_rejects: int | None = None,
 ):
-    """A Scalar-Iterator pandas UDF: ``content`` -> struct(features, reason).
+    """A Scalar-Iterator pandas UDF: ``content`` -> struct(features, reason, reported).
 
     With ``read``, the UDF's input is ``path`` instead, and the worker reads each file's
     bytes itself (a manifest's URIs, or the new files of an incremental run): a file that
@@ -315,6 +321,9 @@ def features_udf(
     With ``moments``, each task also adds the count, mean and centred Gram matrix of its
     vectors (what the PCA fit needs) to that accumulator while they are in its memory: the
     fit needs no pass over ``features/``. A partition counts once; the caller checks the count.
+
+    ``reported`` marks a task's first ``reported_rejects`` rejected rows (every one when
+    None): the same rows however often the task runs.
     """
     broadcast = spark.sparkContext.broadcast(payload)
     threads = task_cpus(spark)
@@ -329,6 +338,7 @@ def features_udf(
     def mobilenet_v2_features(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         runner = get_runner(broadcast.value, threads)
         statistics = MomentsBuilder()
+        n_rejected = 0
         for column in batches:
             if read is None:
                 out = featurize_batch(column, runner, **options)
@@ -339,8 +349,14 @@ def features_udf(
                     failure or reason
                     for failure, reason in zip(failures, out["reason"], strict=True)
                 ]
+            rejected = out["reason"].notna()
+            out["reported"] = rejected & (
+                True if reported_rejects is None
+                else rejected.cumsum() + n_rejected <= reported_rejects
+            )  # fmt: skip
+            n_rejected += int(rejected.sum())
             if moments is not None:
-                statistics.add(out["features"][out["reason"].isna()].tolist())
+                statistics.add(out["features"][~rejected].tolist())
             yield out
         if moments is not None and statistics.n:
             moments.add(PartitionMoments.of(TaskContext.get().partitionId(), statistics.moments()))

@@ -47,7 +47,7 @@ from .reduction import (
     save_models,
     wait_for_models,
 )
-from .rejects import Outcomes, checked, outcome_metrics, rejected_files
+from .rejects import Outcomes, checked, outcome_metrics, rejected_files, reported_per_task
 from .run_record import library_versions, timed
 from .session import ARROW_BATCH_KEY, default_parallelism, run_concurrently, spark_settings
 from .storage import (
@@ -215,32 +215,38 @@ def extract_features(
     # Each task holds a batch's bytes at once: as many files as the largest allow.
     settings = {ARROW_BATCH_KEY: str(content_batch_rows(listing, params.max_records_per_batch))}
     cores = default_parallelism(spark)
+    n_tasks = cores * params.tasks_per_core
+    reported = reported_per_task(n_tasks)  # rejected rows, per task
+
+    def read_on_executors(files: DataFrame, n_files: int | None = None, **udf_options):
+        """Listing rows with ``out``: each file read and featurized on an executor."""
+        udf = features_udf(spark, params, payload, read=read_options(spark), **udf_options)
+        tasks = max(1, min(n_tasks, n_files)) if n_files is not None else n_tasks
+        return files.repartition(tasks).select(*ROW_KEY, udf("path").alias("out"))
+
     # An increment adds to features/ and the fit needs all of it: no statistics then.
     accumulator = (
         moments_accumulator(spark)
-        if increment is None and cores * params.tasks_per_core <= FUSED_MOMENTS_MAX_TASKS
+        if increment is None and n_tasks <= FUSED_MOMENTS_MAX_TASKS
         else None
     )
     if increment is None and listing.relation is not None:
         # A folder's bytes through Spark's own reader, split into even tasks by count.
         settings.update(scan_settings(listing.n_files, cores, params.tasks_per_core))
-        udf = features_udf(spark, params, payload, moments=accumulator)
+        udf = features_udf(spark, params, payload, moments=accumulator, reported_rejects=reported)
         rows = folder_rows(listing.relation, udf("content").alias("out"))
         n_todo = listing.n_files
     else:
         # A list of URIs (a manifest, or the new files of an increment): read on executors.
         todo = increment.todo if increment else listing.files
         n_todo = increment.n_todo if increment else listing.n_files
-        udf = features_udf(spark, params, payload, read=read_options(spark), moments=accumulator)
-        rows = todo.repartition(max(1, min(cores * params.tasks_per_core, n_todo))).select(
-            *ROW_KEY, udf("path").alias("out")
-        )
+        rows = read_on_executors(todo, n_todo, moments=accumulator, reported_rejects=reported)
     # The plan is made here and the files are split when it first runs: the scan settings
     # must be in force for both. The job that featurizes writes the featurized rows and
     # observes what the accounting needs (the rejected rows, the scan's fingerprint).
     observation = Observation()
     with spark_settings(spark, settings):
-        scored = rows.select(*ROW_KEY, "out.features", "out.reason").observe(
+        scored = rows.select(*ROW_KEY, "out.features", "out.reason", "out.reported").observe(
             observation, *outcome_metrics()
         )
         features = scored.filter(F.col("reason").isNull()).select(*STORED_COLUMNS)
@@ -267,9 +273,12 @@ def extract_features(
         with timed(timings, "write_s"):
             if statistics is not None and statistics.n == n_new:
                 decompose_ahead(statistics)  # for notebook 02, beside the writes
-            rejected, by_kind = rejected_files(
-                spark, storage, listing, outcomes, features_uri, increment
-            )
+            # Rejected files the job did not report are read again, in batches as bounded.
+            with spark_settings(spark, settings):
+                rejected, by_kind = rejected_files(
+                    spark, storage, listing, outcomes, staged if increment else features_uri,
+                    increment, read_on_executors,
+                )  # fmt: skip
             # Independent jobs, side by side (see run_concurrently). An increment's rejected/
             # is swapped in after its commit: stopped before, the output keeps both as they
             # were; stopped between, features/ has no description (the next run is full).
@@ -278,6 +287,7 @@ def extract_features(
             if increment is not None:
                 jobs.append(partial(fingerprint, listing.files, listing.n_files))
             rejected_written, *increment_fingerprint = run_concurrently(*jobs)
+            rejected.unpersist()  # cached when rows were read again
             if increment is None:
                 # The featurization job summed the files it scanned.
                 listing_fingerprint = fingerprint_digest(listing.n_files, [outcomes.sums])

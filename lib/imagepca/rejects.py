@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pandas as pd
 from py4j.protocol import Py4JJavaError
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .config import ExtractParams
 from .images import BINARY_FILE_MAX_BYTES, InputError
-from .increments import Increment
+from .increments import ROW_KEY, Increment
 from .listing import FINGERPRINT_SUMS, SCANNED_COUNT, ImageListing, fingerprint_sums
 from .storage import Storage, error_summary, join, literal
 
@@ -36,20 +38,39 @@ _OBSERVED_FIELDS = {
 }  # fmt: skip
 
 
+# Rejected rows the featurization job reports to the driver, at most (as its tasks were
+# planned: a few hundred bytes each, some megabytes in all). When more files are rejected,
+# the others are found again and given their reasons on the executors, and rejected/ is
+# written from there: however many files a run rejects, the driver never holds them all.
+REPORTED_REJECTS_MAX = 20_000
+# The reason of a file rejected by the featurization that decodes when it is read again.
+CHANGED_REASON = "changed: the file was replaced while the run read it; run again to featurize it"
+
+
 class RejectedShareError(RuntimeError):
     """More images were rejected than the run allows (``max_rejected_fraction``)."""
+
+
+def reported_per_task(n_tasks: int) -> int:
+    """The rejected rows each of ``n_tasks`` featurization tasks reports (``reported``)."""
+    return max(1, REPORTED_REJECTS_MAX // max(1, n_tasks))
 
 
 def outcome_metrics() -> list[Column]:
     """What the featurization job observes (``DataFrame.observe``) as it writes
     ``features/``, so that nothing reads the featurized rows again: the scanned rows' count
-    and fingerprint sums, and the rejected rows themselves (path, reason, label, size and
-    time: they reach the driver, one short row per unusable file)."""
+    and fingerprint sums, the rejected rows' count, and the rejected rows its tasks report
+    (path, reason, label, size and time: one short row per unusable file, up to
+    :data:`REPORTED_REJECTS_MAX`)."""
     rejected = F.col("reason").isNotNull()
     row = F.struct(
         "path", "reason", "label", "size", F.unix_micros("modified").alias("modified_us")
     )
-    return [*fingerprint_sums(), F.to_json(F.collect_list(F.when(rejected, row))).alias("rejects")]
+    return [
+        *fingerprint_sums(),
+        F.count_if(rejected).alias("n_rejected"),
+        F.to_json(F.collect_list(F.when(F.col("reported"), row))).alias("rejects"),
+    ]
 
 
 @dataclass(frozen=True)
@@ -57,23 +78,31 @@ class Outcomes:
     """The featurization job's observations (:func:`outcome_metrics`)."""
 
     scanned: int  # rows the scan returned, featurized or rejected
-    rejects: list[dict]  # path, reason, label, size, modified_us of each rejected row
+    rejects: list[dict]  # path, reason, label, size, modified_us of each reported rejected row
     sums: dict  # fingerprint sums over the scanned rows (count, a, b)
+    n_rejected: int  # rejected rows, reported or not
 
     @classmethod
     def observed(cls, metrics: dict) -> Outcomes:
         rejects = json.loads(metrics["rejects"])
         sums = {name: metrics[name] for name in FINGERPRINT_SUMS}
-        return cls(scanned=sums[SCANNED_COUNT], rejects=rejects, sums=sums)
+        return cls(sums[SCANNED_COUNT], rejects, sums, metrics["n_rejected"])
+
+    @property
+    def complete(self) -> bool:
+        """Whether every rejected row was reported."""
+        return len(self.rejects) == self.n_rejected
 
     @property
     def n_featurized(self) -> int:
-        return self.scanned - len(self.rejects)
+        return self.scanned - self.n_rejected
 
     def featurized_per_label(self, listed: dict[str, int]) -> dict[str, int] | None:
         """Featurized images per label: the listing's counts less the rejected rows; None
-        when the scan did not return every listed file (the listing's counts are then not
-        the scanned rows')."""
+        when some rejected rows were not reported, or the scan did not return every listed
+        file (the listing's counts are then not the scanned rows')."""
+        if not self.complete:
+            return None
         per_label = Counter(listed)
         per_label.subtract(Counter(row["label"] for row in self.rejects))
         if per_label.total() != self.n_featurized or min(per_label.values(), default=0) < 0:
@@ -86,34 +115,52 @@ def rejected_files(
     storage: Storage,
     listing: ImageListing,
     outcomes: Outcomes,
-    features_uri: str,
+    featurized_uri: str,
     increment: Increment | None,
+    read_again: Callable[[DataFrame], DataFrame],
 ) -> tuple[DataFrame, dict[str, int]]:
     """The run's rejected files with reasons, and their count by kind.
 
     A folder's scan reads the listed files only, so fewer rows than files means some were
     skipped (empty, vanished, unreadable): only then are they looked for, with Spark, among
-    the listed files that are neither in ``features_uri`` nor rejected. An increment's
-    rejected files include those it did not read again (``increment.still_rejected``).
+    the listed files that are neither in ``featurized_uri`` (the job's featurized rows) nor
+    rejected. When the job did not report every rejected row, the others (the files it read
+    that are in neither) go through ``read_again`` (listing rows -> the same with ``out``, the
+    featurization's struct) for their reasons, and the rows are cached until the caller
+    unpersists them. An increment's rejected files include those it did not read again
+    (``increment.still_rejected``).
     """
     rows = list(outcomes.rejects)
     scanned = outcomes.scanned
     if increment:
         scanned = increment.n_todo + increment.n_kept + increment.n_still_rejected
     if listing.relation is not None and scanned < listing.n_files:
-        if increment:
+        if increment or not outcomes.complete:  # the files a scan may return are read below
             seen = listing.files
         else:
-            seen = spark.read.parquet(literal(features_uri)).select("path")
+            seen = spark.read.parquet(literal(featurized_uri)).select("path")
             if rows:
                 seen = seen.unionByName(_rejected_frame(spark, rows).select("path"))
         for row in listing.unscanned(seen).collect():  # the few files no scan returned
             rows.append({**row.asDict(), "reason": unread_reason(storage, row["path"])})
-    by_kind = Counter(row["reason"].split(":")[0] for row in rows)
     rejected = _rejected_frame(spark, rows)
+    if not outcomes.complete:
+        seen = spark.read.parquet(literal(featurized_uri)).select("path")
+        seen = seen.unionByName(_rejected_frame(spark, outcomes.rejects).select("path"))
+        read = (increment.todo if increment else listing.files).select(*ROW_KEY)
+        out = read_again(read.join(seen, "path", "left_anti"))
+        reason = F.coalesce("out.reason", F.lit(CHANGED_REASON)).alias("reason")
+        rejected = rejected.unionByName(out.select(*ROW_KEY, reason).select(*REJECTED_COLUMNS))
     if increment and increment.still_rejected is not None:
-        by_kind.update(increment.still_rejected_by_kind)
         rejected = rejected.unionByName(increment.still_rejected)
+    if outcomes.complete:
+        by_kind = Counter(row["reason"].split(":")[0] for row in rows)
+        if increment and increment.still_rejected is not None:
+            by_kind.update(increment.still_rejected_by_kind)
+    else:
+        rejected = rejected.persist(StorageLevel.MEMORY_AND_DISK)
+        kinds = rejected.groupBy(F.substring_index("reason", ":", 1).alias("kind")).count()
+        by_kind = Counter({row["kind"]: row["count"] for row in kinds.collect()})
     return rejected, dict(sorted(by_kind.items()))
 
 
