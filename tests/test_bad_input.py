@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -146,41 +147,62 @@ def _expected_reason(path: Path, params: ExtractParams) -> str:
     raise AssertionError(f"{path} decodes")
 
 
+@pytest.mark.parametrize("source", ["folder", "manifest"])
 def test_rejects_the_tasks_do_not_report_are_read_again_on_the_executors(
-    spark, mixed_input, tmp_path, monkeypatch
+    spark, mixed_input, tmp_path, monkeypatch, source
 ):
     """The driver receives at most REPORTED_REJECTS_MAX rejected rows from the featurization
-    job (here one per task); the others are found and read again on the executors, and
-    rejected/ and the counts are what a run reporting every row gives."""
+    job (here one per task); the others are found and read again on the executors, once
+    (cached), and rejected/ and the counts are what a run reporting every row gives."""
     root, valid, broken = mixed_input
     monkeypatch.setattr(rejects, "REPORTED_REJECTS_MAX", 1)
     observed = _observed_outcomes(monkeypatch)
+    cached = []
+    returned = pipeline.rejected_files
+
+    def cached_when_returned(*args):
+        rejected, by_kind = returned(*args)
+        cached.append(rejected.is_cached)
+        return rejected, by_kind
+
+    monkeypatch.setattr(pipeline, "rejected_files", cached_when_returned)
     cached_before = spark.sparkContext._jsc.getPersistentRDDs().size()
     output = tmp_path / "out"
+    where = {"input": str(root)}
+    if source == "manifest":  # read on the executors, the empty file among them
+        files = [*map(str, valid), *broken]
+        manifest = tmp_path / "images.csv"
+        pd.DataFrame({"path": files, "label": [Path(f).parent.name for f in files]}).to_csv(
+            manifest, index=False
+        )
+        where = {"input": None, "manifest": str(manifest)}
     params = ExtractParams(
-        input=str(root), output=str(output), weights=str(WEIGHTS), tasks_per_core=1
-    )
+        **where, output=str(output), weights=str(WEIGHTS), tasks_per_core=1
+    )  # fmt: skip
     extraction = extract_features(spark, params)
 
     (outcomes,) = observed
-    assert outcomes.n_rejected == 4  # the empty file is one the scan never returned
+    # A folder's scan never returns the empty file; a manifest's reading does.
+    assert outcomes.n_rejected == (4 if source == "folder" else 5)
     assert len(outcomes.rejects) < 4 and not outcomes.complete  # one row per task
+    assert cached == [True]
     rejected = pd.read_parquet(output / "rejected")
     features = pd.read_parquet(output / "features")
-    assert sorted(path.removeprefix("file:") for path in features["path"]) == sorted(
-        map(str, valid)
-    )
-    by_path = {row.path.removeprefix("file:"): row for row in rejected.itertuples()}
+    assert sorted(map(_local, features["path"])) == sorted(map(str, valid))
+    assert len(rejected) == len(broken)
+    by_path = {_local(row.path): row for row in rejected.itertuples()}
     assert sorted(by_path) == sorted(broken)
     for path, kind in broken.items():
         row = by_path[path]
-        if kind == "empty file":  # unscanned: found by the listing, as before
+        assert row.label == Path(path).parent.name
+        if kind == "empty file":
             assert row.reason == "empty file: 0 bytes"
             continue
         assert row.reason == _expected_reason(Path(path), params)
-        assert row.label == Path(path).parent.name
-        assert row.size == Path(path).stat().st_size  # what tells an increment it is unchanged
-        assert row.modified.timestamp() == pytest.approx(Path(path).stat().st_mtime, abs=1e-3)
+        if source == "folder":  # what tells an increment the file is unchanged
+            assert row.size == Path(path).stat().st_size
+            stat = Path(path).stat()
+            assert row.modified.timestamp() == pytest.approx(stat.st_mtime, abs=1e-3)
     assert extraction.n_rejected == len(broken) and extraction.n_images == len(valid)
     assert extraction.metadata["rejected_by_kind"] == {
         "corrupt image": 1, "decompression bomb": 1, "empty file": 1, "not an image": 2,
@@ -190,14 +212,22 @@ def test_rejects_the_tasks_do_not_report_are_read_again_on_the_executors(
     assert spark.sparkContext._jsc.getPersistentRDDs().size() == cached_before
 
 
+def _local(uri: str) -> str:
+    return re.sub(r"^file:(//)?", "", uri)
+
+
 def test_an_increments_unreported_rejects_are_read_again(spark, mixed_input, tmp_path, monkeypatch):
-    """An increment's new rejected files, past what its tasks report, are read again too:
-    its rejected/ and counts are what reporting every row gives."""
+    """An increment's new rejected files, past what its tasks report, are read again too,
+    beside the earlier run's rejected file it keeps: its rejected/ and counts are what
+    reporting every row gives."""
     root, valid, broken = mixed_input
     copy = tmp_path / "input"
     shutil.copytree(root, copy)
+    kept = copy / "banana" / "text.jpg"  # rejected by the first run, not read again
     moved = {}
-    for path in broken:  # the second run finds the broken files
+    for path in broken:  # the second run finds the other broken files
+        if copy / Path(path).relative_to(root) == kept:
+            continue
         target = tmp_path / "later" / Path(path).relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         moved[copy / Path(path).relative_to(root)] = shutil.move(
@@ -216,14 +246,12 @@ def test_an_increments_unreported_rejects_are_read_again(spark, mixed_input, tmp
 
     assert increment.metadata["incremental"]["featurized"] == 0
     (outcomes,) = observed
-    assert outcomes.n_rejected == 4 and not outcomes.complete
+    assert outcomes.n_rejected == 3 and not outcomes.complete  # the empty file is not read
+    assert increment.metadata["incremental"]["still_rejected"] == 1
     rejected = pd.read_parquet(tmp_path / "out" / "rejected")
-    reasons = {
-        path.removeprefix("file:"): reason
-        for path, reason in zip(rejected["path"], rejected["reason"], strict=True)
-    }
-    assert sorted(reasons) == sorted(map(str, moved))
-    for path in moved:
+    reasons = dict(zip(map(_local, rejected["path"]), rejected["reason"], strict=True))
+    assert len(rejected) == len(broken) and sorted(reasons) == sorted(map(str, [*moved, kept]))
+    for path in [*moved, kept]:
         if path.stat().st_size:
             assert reasons[str(path)] == _expected_reason(path, params)
     assert increment.metadata["rejected_by_kind"] == {

@@ -286,8 +286,10 @@ def extract_features(
             jobs = [partial(write, params.output, "rejected", rejected.write.parquet)]
             if increment is not None:
                 jobs.append(partial(fingerprint, listing.files, listing.n_files))
-            rejected_written, *increment_fingerprint = run_concurrently(*jobs)
-            rejected.unpersist()  # cached when rows were read again
+            try:
+                rejected_written, *increment_fingerprint = run_concurrently(*jobs)
+            finally:
+                rejected.unpersist()  # cached when rows were read again
             if increment is None:
                 # The featurization job summed the files it scanned.
                 listing_fingerprint = fingerprint_digest(listing.n_files, [outcomes.sums])

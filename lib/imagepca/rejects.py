@@ -117,7 +117,7 @@ def rejected_files(
     outcomes: Outcomes,
     featurized_uri: str,
     increment: Increment | None,
-    read_again: Callable[[DataFrame], DataFrame],
+    read_again: Callable[[DataFrame, int], DataFrame],
 ) -> tuple[DataFrame, dict[str, int]]:
     """The run's rejected files with reasons, and their count by kind.
 
@@ -125,9 +125,11 @@ def rejected_files(
     skipped (empty, vanished, unreadable): only then are they looked for, with Spark, among
     the listed files that are neither in ``featurized_uri`` (the job's featurized rows) nor
     rejected. When the job did not report every rejected row, the others (the files it read
-    that are in neither) go through ``read_again`` (listing rows -> the same with ``out``, the
-    featurization's struct) for their reasons, and the rows are cached until the caller
-    unpersists them. An increment's rejected files include those it did not read again
+    that are in neither) go through ``read_again`` (listing rows and their count -> the rows
+    with ``out``, the featurization's struct, read through pyarrow's file systems) for their
+    reasons, and the rows are cached until the caller unpersists them. A file the scan could
+    not read but pyarrow can then gets the reason its bytes give (or :data:`CHANGED_REASON`).
+    An increment's rejected files include those it did not read again
     (``increment.still_rejected``).
     """
     rows = list(outcomes.rejects)
@@ -148,7 +150,8 @@ def rejected_files(
         seen = spark.read.parquet(literal(featurized_uri)).select("path")
         seen = seen.unionByName(_rejected_frame(spark, outcomes.rejects).select("path"))
         read = (increment.todo if increment else listing.files).select(*ROW_KEY)
-        out = read_again(read.join(seen, "path", "left_anti"))
+        n_unreported = outcomes.n_rejected - len(outcomes.rejects)
+        out = read_again(read.join(seen, "path", "left_anti"), n_unreported)
         reason = F.coalesce("out.reason", F.lit(CHANGED_REASON)).alias("reason")
         rejected = rejected.unionByName(out.select(*ROW_KEY, reason).select(*REJECTED_COLUMNS))
     if increment and increment.still_rejected is not None:
@@ -160,7 +163,11 @@ def rejected_files(
     else:
         rejected = rejected.persist(StorageLevel.MEMORY_AND_DISK)
         kinds = rejected.groupBy(F.substring_index("reason", ":", 1).alias("kind")).count()
-        by_kind = Counter({row["kind"]: row["count"] for row in kinds.collect()})
+        try:
+            by_kind = Counter({row["kind"]: row["count"] for row in kinds.collect()})
+        except BaseException:
+            rejected.unpersist()
+            raise
     return rejected, dict(sorted(by_kind.items()))
 
 
