@@ -260,6 +260,59 @@ def test_an_increments_unreported_rejects_are_read_again(spark, mixed_input, tmp
     assert increment.n_images == len(valid)
 
 
+def test_many_files_no_scan_returned_are_looked_up_on_the_executors(
+    spark, mixed_input, tmp_path, monkeypatch
+):
+    """Past DRIVER_LOOKUPS_MAX files the folder's scan never returned (here past none), the
+    driver does not ask for each one after the other: the executors look them up, and the
+    reasons are the driver's (empty, larger than binaryFile holds, gone since the listing)."""
+    root, valid, broken = mixed_input
+    copy = tmp_path / "input"
+    shutil.copytree(root, copy)
+    huge = copy / "banana" / "panorama.tif"
+    with huge.open("wb") as file:
+        file.truncate(2_200 * 2**20)  # sparse: no disk used
+    gone = copy / "orange" / "gone.jpg"
+    shutil.copyfile(valid[0], gone)
+    listed = pipeline.list_inputs
+
+    def list_then_delete(*args):
+        listing = listed(*args)
+        gone.unlink()
+        return listing
+
+    monkeypatch.setattr(pipeline, "list_inputs", list_then_delete)
+    monkeypatch.setattr(rejects, "DRIVER_LOOKUPS_MAX", 0)
+    looked_up = []
+    monkeypatch.setattr(rejects, "unread_reason", lambda storage, path: looked_up.append(path))
+    cached_before = spark.sparkContext._jsc.getPersistentRDDs().size()
+    output = tmp_path / "out"
+    extraction = extract_features(
+        spark, ExtractParams(input=str(copy), output=str(output), weights=str(WEIGHTS))
+    )
+
+    assert looked_up == []  # no request from the driver
+    rejected = pd.read_parquet(output / "rejected")
+    reasons = dict(zip(map(_local, rejected["path"]), rejected["reason"], strict=True))
+    empty = str(copy / "apple" / "empty.jpg")
+    assert reasons[empty] == "empty file: 0 bytes"
+    assert reasons[str(huge)] == (
+        "unreadable: 2,306,867,200 bytes, more than the 2,147,483,647 Spark's binaryFile "
+        "reader holds as one file"
+    )
+    assert reasons[str(gone)].startswith("missing: ") and str(gone) in reasons[str(gone)]
+    others = {str(copy / Path(path).relative_to(root)): kind for path, kind in broken.items()}
+    assert sorted(reasons) == sorted([*others, str(huge), str(gone)])
+    for path, kind in others.items():
+        assert reasons[path].split(":")[0] == kind
+    assert extraction.metadata["rejected_by_kind"] == {
+        "corrupt image": 1, "decompression bomb": 1, "empty file": 1, "missing": 1,
+        "not an image": 2, "unreadable": 1,
+    }  # fmt: skip
+    assert extraction.n_images == len(valid)
+    assert spark.sparkContext._jsc.getPersistentRDDs().size() == cached_before
+
+
 def test_files_too_large_for_a_batch_or_for_the_scan(spark, tmp_path, monkeypatch):
     """Large files shrink the Arrow batches to what they can carry (Arrow's binary column
     holds 2 GiB: 256 photos of 10 MB failed the job), and a file larger than Spark's

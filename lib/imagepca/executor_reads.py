@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pyspark.sql import SparkSession
 
 from .config import URI_SCHEME
+from .images import unscanned_reason
 
 # Hadoop's S3A options that pyarrow's S3 client takes (names without "fs.s3a.").
 S3A_OPTIONS = (
@@ -147,7 +148,30 @@ def read_files(
                 return None, f"missing: {message}"
             return None, f"unreadable: {type(error).__name__}: {message}"
 
+    results = _in_pool(one, uris, options)
+    return [data for data, _ in results], [reason for _, reason in results]
+
+
+def unscanned_reasons(uris: Iterable[str], options: ReadOptions) -> list[str]:
+    """Why a folder's scan returned no row for each of these listed files, from a look at
+    each where it is (:func:`imagepca.images.unscanned_reason`), or ``missing: ...``."""
+    from pyarrow import fs
+
+    def one(uri: str) -> str:
+        try:
+            filesystem, path = pyarrow_filesystem(uri, options)
+            info = filesystem.get_file_info(path)
+        except Exception as error:  # permissions, network, a scheme pyarrow lacks
+            message = str(error).splitlines()[0] if str(error) else ""
+            return f"unreadable: {type(error).__name__}: {message}"
+        if info.type == fs.FileType.NotFound:
+            return f"missing: {uri} does not exist"
+        return unscanned_reason(info.size)
+
+    return _in_pool(one, uris, options)
+
+
+def _in_pool(one, uris: Iterable[str], options: ReadOptions) -> list:
     uris = list(uris)
     with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(uris)))) as pool:
-        results = list(pool.map(one, uris))
-    return [data for data, _ in results], [reason for _, reason in results]
+        return list(pool.map(one, uris))

@@ -20,9 +20,11 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .config import ExtractParams
-from .images import BINARY_FILE_MAX_BYTES, InputError
+from .executor_reads import read_options, unscanned_reasons
+from .images import InputError, unscanned_reason
 from .increments import ROW_KEY, Increment
 from .listing import FINGERPRINT_SUMS, SCANNED_COUNT, ImageListing, fingerprint_sums
+from .session import default_parallelism
 from .storage import Storage, error_summary, join, literal
 
 if TYPE_CHECKING:
@@ -43,6 +45,10 @@ _OBSERVED_FIELDS = {
 # the others are found again and given their reasons on the executors, and rejected/ is
 # written from there: however many files a run rejects, the driver never holds them all.
 REPORTED_REJECTS_MAX = 20_000
+# Files no scan returned that the driver looks up itself (a request each, one after the
+# other: an object store's take tens of milliseconds); more are looked up on the executors.
+DRIVER_LOOKUPS_MAX = 1_000
+LOOKUP_TASKS_PER_CORE = 4
 # The reason of a file rejected by the featurization that decodes when it is read again.
 CHANGED_REASON = "changed: the file was replaced while the run read it; run again to featurize it"
 
@@ -121,54 +127,103 @@ def rejected_files(
 ) -> tuple[DataFrame, dict[str, int]]:
     """The run's rejected files with reasons, and their count by kind.
 
-    A folder's scan reads the listed files only, so fewer rows than files means some were
-    skipped (empty, vanished, unreadable): only then are they looked for, with Spark, among
-    the listed files that are neither in ``featurized_uri`` (the job's featurized rows) nor
-    rejected. When the job did not report every rejected row, the others (the files it read
-    that are in neither) go through ``read_again`` (listing rows and their count -> the rows
-    with ``out``, the featurization's struct, read through pyarrow's file systems) for their
-    reasons, and the rows are cached until the caller unpersists them. A file the scan could
-    not read but pyarrow can then gets the reason its bytes give (or :data:`CHANGED_REASON`).
-    An increment's rejected files include those it did not read again
-    (``increment.still_rejected``).
+    Besides the rows the featurization job reported: the listed files no scan returned
+    (:func:`_unscanned`), looked up by the driver when there are a few
+    (:data:`DRIVER_LOOKUPS_MAX`), else on the executors; the rejected rows the job did not
+    report (:func:`_unreported`); an increment's rejected files it did not read again
+    (``increment.still_rejected``). Rows found on the executors are cached, for their count
+    by kind and the write, until the caller unpersists the DataFrame returned.
     """
     rows = list(outcomes.rejects)
+    found: list[DataFrame] = []  # rows found on the executors
+    unscanned = _unscanned(spark, listing, outcomes, featurized_uri, increment)
+    if unscanned is not None:
+        few = unscanned.limit(DRIVER_LOOKUPS_MAX + 1).collect()
+        if len(few) <= DRIVER_LOOKUPS_MAX:  # a request each, one after the other
+            rows += [{**row.asDict(), "reason": unread_reason(storage, row["path"])} for row in few]
+        else:
+            found.append(_looked_up(spark, unscanned))
+    if not outcomes.complete:
+        found.append(_unreported(spark, listing, outcomes, featurized_uri, increment, read_again))
+    rejected = _rejected_frame(spark, rows)
+    for frame in found:
+        rejected = rejected.unionByName(frame)
+    still_rejected = increment.still_rejected if increment else None
+    if still_rejected is not None:
+        rejected = rejected.unionByName(still_rejected)
+    if not found:
+        by_kind = Counter(row["reason"].split(":")[0] for row in rows)
+        if still_rejected is not None:
+            by_kind.update(increment.still_rejected_by_kind)
+        return rejected, dict(sorted(by_kind.items()))
+    rejected = rejected.persist(StorageLevel.MEMORY_AND_DISK)
+    kinds = rejected.groupBy(F.substring_index("reason", ":", 1).alias("kind")).count()
+    try:
+        by_kind = Counter({row["kind"]: row["count"] for row in kinds.collect()})
+    except BaseException:
+        rejected.unpersist()
+        raise
+    return rejected, dict(sorted(by_kind.items()))
+
+
+def _unscanned(
+    spark: SparkSession,
+    listing: ImageListing,
+    outcomes: Outcomes,
+    featurized_uri: str,
+    increment: Increment | None,
+) -> DataFrame | None:
+    """The listed files (``path``, ``label``) no scan returned (a folder's empty, vanished
+    and unreadable files: its scan reads the listed files only, so fewer rows than files
+    means some were skipped), or None when it returned every one."""
     scanned = outcomes.scanned
     if increment:
         scanned = increment.n_todo + increment.n_kept + increment.n_still_rejected
-    if listing.relation is not None and scanned < listing.n_files:
-        if increment or not outcomes.complete:  # the files a scan may return are read below
-            seen = listing.files
-        else:
-            seen = spark.read.parquet(literal(featurized_uri)).select("path")
-            if rows:
-                seen = seen.unionByName(_rejected_frame(spark, rows).select("path"))
-        for row in listing.unscanned(seen).collect():  # the few files no scan returned
-            rows.append({**row.asDict(), "reason": unread_reason(storage, row["path"])})
-    rejected = _rejected_frame(spark, rows)
-    if not outcomes.complete:
-        seen = spark.read.parquet(literal(featurized_uri)).select("path")
+    if listing.relation is None or scanned >= listing.n_files:
+        return None
+    if increment or not outcomes.complete:  # the files a scan may return are read again
+        return listing.unscanned(listing.files)
+    seen = spark.read.parquet(literal(featurized_uri)).select("path")
+    if outcomes.rejects:
         seen = seen.unionByName(_rejected_frame(spark, outcomes.rejects).select("path"))
-        read = (increment.todo if increment else listing.files).select(*ROW_KEY)
-        n_unreported = outcomes.n_rejected - len(outcomes.rejects)
-        out = read_again(read.join(seen, "path", "left_anti"), n_unreported)
-        reason = F.coalesce("out.reason", F.lit(CHANGED_REASON)).alias("reason")
-        rejected = rejected.unionByName(out.select(*ROW_KEY, reason).select(*REJECTED_COLUMNS))
-    if increment and increment.still_rejected is not None:
-        rejected = rejected.unionByName(increment.still_rejected)
-    if outcomes.complete:
-        by_kind = Counter(row["reason"].split(":")[0] for row in rows)
-        if increment and increment.still_rejected is not None:
-            by_kind.update(increment.still_rejected_by_kind)
-    else:
-        rejected = rejected.persist(StorageLevel.MEMORY_AND_DISK)
-        kinds = rejected.groupBy(F.substring_index("reason", ":", 1).alias("kind")).count()
-        try:
-            by_kind = Counter({row["kind"]: row["count"] for row in kinds.collect()})
-        except BaseException:
-            rejected.unpersist()
-            raise
-    return rejected, dict(sorted(by_kind.items()))
+    return listing.unscanned(seen)
+
+
+def _looked_up(spark: SparkSession, unscanned: DataFrame) -> DataFrame:
+    """Rejected rows for files no scan returned, each looked up on an executor
+    (:func:`imagepca.executor_reads.unscanned_reasons`): too many for the driver's requests."""
+    options = read_options(spark)
+
+    @F.pandas_udf("string")
+    def reasons(paths: pd.Series) -> pd.Series:
+        return pd.Series(unscanned_reasons(paths, options))
+
+    tasks = default_parallelism(spark) * LOOKUP_TASKS_PER_CORE
+    looked_up = unscanned.repartition(tasks).select("*", reasons("path").alias("reason"))
+    unknown = {"size": F.lit(None).cast("long"), "modified": F.lit(None).cast("timestamp")}
+    return looked_up.withColumns(unknown).select(*REJECTED_COLUMNS)
+
+
+def _unreported(
+    spark: SparkSession,
+    listing: ImageListing,
+    outcomes: Outcomes,
+    featurized_uri: str,
+    increment: Increment | None,
+    read_again: Callable[[DataFrame, int], DataFrame],
+) -> DataFrame:
+    """Rejected rows the featurization job did not report: the files it read that are neither
+    in ``featurized_uri`` (its featurized rows) nor reported, read again by ``read_again``
+    (listing rows and their count -> the rows with ``out``, the featurization's struct,
+    read through pyarrow's file systems). A file the scan could not read but pyarrow can
+    then gets the reason its bytes give (or :data:`CHANGED_REASON`)."""
+    seen = spark.read.parquet(literal(featurized_uri)).select("path")
+    seen = seen.unionByName(_rejected_frame(spark, outcomes.rejects).select("path"))
+    read = (increment.todo if increment else listing.files).select(*ROW_KEY)
+    n_unreported = outcomes.n_rejected - len(outcomes.rejects)
+    out = read_again(read.join(seen, "path", "left_anti"), n_unreported)
+    reason = F.coalesce("out.reason", F.lit(CHANGED_REASON)).alias("reason")
+    return out.select(*ROW_KEY, reason).select(*REJECTED_COLUMNS)
 
 
 def _rejected_frame(spark: SparkSession, rows: list[dict]) -> DataFrame:
@@ -215,11 +270,4 @@ def unread_reason(storage: Storage, path: str) -> str:
         name, message = error_summary(error)
         missing = isinstance(error, Py4JJavaError) and name == "FileNotFoundException"
         return f"{'missing' if missing else 'unreadable'}: {name}: {message}"
-    if size == 0:
-        return "empty file: 0 bytes"
-    if size > BINARY_FILE_MAX_BYTES:
-        return (
-            f"unreadable: {size:,} bytes, more than the {BINARY_FILE_MAX_BYTES:,} Spark's "
-            "binaryFile reader holds as one file"
-        )
-    return "unreadable: the scan could not read it (I/O error)"
+    return unscanned_reason(size)
