@@ -265,20 +265,24 @@ def test_many_files_no_scan_returned_are_looked_up_on_the_executors(
 ):
     """Past DRIVER_LOOKUPS_MAX files the folder's scan never returned (here past none), the
     driver does not ask for each one after the other: the executors look them up, and the
-    reasons are the driver's (empty, larger than binaryFile holds, gone since the listing)."""
+    reasons are the driver's kinds (empty, larger than binaryFile holds, gone or a folder
+    since the listing), for names Spark spells with escapes."""
     root, valid, broken = mixed_input
     copy = tmp_path / "input"
     shutil.copytree(root, copy)
-    huge = copy / "banana" / "panorama.tif"
+    huge = copy / "banana" / "panorama é+%.tif"
     with huge.open("wb") as file:
         file.truncate(2_200 * 2**20)  # sparse: no disk used
-    gone = copy / "orange" / "gone.jpg"
-    shutil.copyfile(valid[0], gone)
+    gone, folder = copy / "orange" / "gone é+%.jpg", copy / "apple" / "a folder now.jpg"
+    for path in (gone, folder):
+        shutil.copyfile(valid[0], path)
     listed = pipeline.list_inputs
 
     def list_then_delete(*args):
         listing = listed(*args)
         gone.unlink()
+        folder.unlink()
+        folder.mkdir()
         return listing
 
     monkeypatch.setattr(pipeline, "list_inputs", list_then_delete)
@@ -301,13 +305,14 @@ def test_many_files_no_scan_returned_are_looked_up_on_the_executors(
         "reader holds as one file"
     )
     assert reasons[str(gone)].startswith("missing: ") and str(gone) in reasons[str(gone)]
+    assert reasons[str(folder)].startswith("unreadable: ") and "not a file" in reasons[str(folder)]
     others = {str(copy / Path(path).relative_to(root)): kind for path, kind in broken.items()}
-    assert sorted(reasons) == sorted([*others, str(huge), str(gone)])
+    assert sorted(reasons) == sorted([*others, str(huge), str(gone), str(folder)])
     for path, kind in others.items():
         assert reasons[path].split(":")[0] == kind
     assert extraction.metadata["rejected_by_kind"] == {
         "corrupt image": 1, "decompression bomb": 1, "empty file": 1, "missing": 1,
-        "not an image": 2, "unreadable": 1,
+        "not an image": 2, "unreadable": 2,
     }  # fmt: skip
     assert extraction.n_images == len(valid)
     assert spark.sparkContext._jsc.getPersistentRDDs().size() == cached_before

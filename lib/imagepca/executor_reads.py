@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 from pyspark.sql import SparkSession
 
 from .config import URI_SCHEME
-from .images import unscanned_reason
 
 # Hadoop's S3A options that pyarrow's S3 client takes (names without "fs.s3a.").
 S3A_OPTIONS = (
@@ -29,6 +28,11 @@ S3A_OPTIONS = (
     "endpoint.region",
 )
 PER_BUCKET_PREFIX = "fs.s3a.bucket."
+# The file systems pyarrow reaches with the settings here, as Spark does (on others, such as
+# hdfs://, it needs libraries and settings of its own).
+PYARROW_SCHEMES = ("", "file", "s3", "s3a", "s3n")
+# Spark's binaryFile reader holds a file's bytes in one row: a larger file fails the job.
+BINARY_FILE_MAX_BYTES = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -152,20 +156,35 @@ def read_files(
     return [data for data, _ in results], [reason for _, reason in results]
 
 
+def unscanned_reason(size: int) -> str:
+    """Why Spark's scan of a folder returned no row for a listed file of ``size`` bytes."""
+    if size == 0:
+        return "empty file: 0 bytes"
+    if size > BINARY_FILE_MAX_BYTES:
+        return (
+            f"unreadable: {size:,} bytes, more than the {BINARY_FILE_MAX_BYTES:,} Spark's "
+            "binaryFile reader holds as one file"
+        )
+    return "unreadable: the scan could not read it (I/O error)"
+
+
 def unscanned_reasons(uris: Iterable[str], options: ReadOptions) -> list[str]:
-    """Why a folder's scan returned no row for each of these listed files, from a look at
-    each where it is (:func:`imagepca.images.unscanned_reason`), or ``missing: ...``."""
+    """Why a folder's scan returned no row for each of these listed files (on
+    :data:`PYARROW_SCHEMES`), from a look at each where it is: :func:`unscanned_reason`, or
+    ``missing: ...``, or ``unreadable: ...``."""
     from pyarrow import fs
 
     def one(uri: str) -> str:
         try:
             filesystem, path = pyarrow_filesystem(uri, options)
             info = filesystem.get_file_info(path)
-        except Exception as error:  # permissions, network, a scheme pyarrow lacks
+        except Exception as error:  # permissions, network
             message = str(error).splitlines()[0] if str(error) else ""
             return f"unreadable: {type(error).__name__}: {message}"
         if info.type == fs.FileType.NotFound:
             return f"missing: {uri} does not exist"
+        if info.type != fs.FileType.File:  # a folder now, say
+            return f"unreadable: {uri} is not a file ({info.type})"
         return unscanned_reason(info.size)
 
     return _in_pool(one, uris, options)

@@ -136,21 +136,6 @@ def label_of(path: str) -> str:
 
 MIN_IMAGES_PER_LABEL = 2  # a classifier needs one image to train on and one to test on
 
-# Spark's binaryFile reader holds a file's bytes in one row: a larger file fails the job.
-BINARY_FILE_MAX_BYTES = 2**31 - 1
-
-
-def unscanned_reason(size: int) -> str:
-    """Why Spark's scan of a folder returned no row for a listed file of ``size`` bytes."""
-    if size == 0:
-        return "empty file: 0 bytes"
-    if size > BINARY_FILE_MAX_BYTES:
-        return (
-            f"unreadable: {size:,} bytes, more than the {BINARY_FILE_MAX_BYTES:,} Spark's "
-            "binaryFile reader holds as one file"
-        )
-    return "unreadable: the scan could not read it (I/O error)"
-
 
 # The most file bytes one Arrow batch of a folder's scan carries to a Python worker: it is
 # that worker's memory, and Arrow's binary column holds at most 2 GiB (256 photos of 10 MB

@@ -27,8 +27,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .config import URI_SCHEME, ExtractParams, expand_home
+from .executor_reads import BINARY_FILE_MAX_BYTES
 from .images import (
-    BINARY_FILE_MAX_BYTES,
     IMAGE_EXTENSIONS,
     InputError,
     extension_glob,

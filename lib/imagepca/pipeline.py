@@ -273,7 +273,8 @@ def extract_features(
         with timed(timings, "write_s"):
             if statistics is not None and statistics.n == n_new:
                 decompose_ahead(statistics)  # for notebook 02, beside the writes
-            # Rejected files the job did not report are read again, in batches as bounded.
+            # Rejected files the job did not report are read again, in batches as bounded;
+            # rows found on the executors are cached until written.
             with spark_settings(spark, settings):
                 rejected, by_kind = rejected_files(
                     spark, storage, listing, outcomes, staged if increment else features_uri,
@@ -289,7 +290,7 @@ def extract_features(
             try:
                 rejected_written, *increment_fingerprint = run_concurrently(*jobs)
             finally:
-                rejected.unpersist()  # cached when rows were read again
+                rejected.unpersist()  # cached when rows were found on the executors
             if increment is None:
                 # The featurization job summed the files it scanned.
                 listing_fingerprint = fingerprint_digest(listing.n_files, [outcomes.sums])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,8 +20,14 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from .config import ExtractParams
-from .executor_reads import read_options, unscanned_reasons
-from .images import InputError, unscanned_reason
+from .executor_reads import (
+    PYARROW_SCHEMES,
+    read_options,
+    unscanned_reason,
+    unscanned_reasons,
+    uri_scheme,
+)
+from .images import InputError
 from .increments import ROW_KEY, Increment
 from .listing import FINGERPRINT_SUMS, SCANNED_COUNT, ImageListing, fingerprint_sums
 from .session import default_parallelism
@@ -128,21 +134,26 @@ def rejected_files(
     """The run's rejected files with reasons, and their count by kind.
 
     Besides the rows the featurization job reported: the listed files no scan returned
-    (:func:`_unscanned`), looked up by the driver when there are a few
-    (:data:`DRIVER_LOOKUPS_MAX`), else on the executors; the rejected rows the job did not
-    report (:func:`_unreported`); an increment's rejected files it did not read again
-    (``increment.still_rejected``). Rows found on the executors are cached, for their count
-    by kind and the write, until the caller unpersists the DataFrame returned.
+    (:func:`_unscanned`), looked up on the executors when there are more than
+    :data:`DRIVER_LOOKUPS_MAX` on file systems pyarrow reaches, else by the driver; the
+    rejected rows the job did not report (:func:`_unreported`); an increment's rejected
+    files it did not read again (``increment.still_rejected``). Rows found on the executors
+    are cached, for their count by kind and the write, until the caller unpersists the
+    DataFrame returned.
     """
     rows = list(outcomes.rejects)
     found: list[DataFrame] = []  # rows found on the executors
     unscanned = _unscanned(spark, listing, outcomes, featurized_uri, increment)
     if unscanned is not None:
         few = unscanned.limit(DRIVER_LOOKUPS_MAX + 1).collect()
-        if len(few) <= DRIVER_LOOKUPS_MAX:  # a request each, one after the other
-            rows += [{**row.asDict(), "reason": unread_reason(storage, row["path"])} for row in few]
-        else:
+        reachable = {uri_scheme(row["path"]) for row in few} <= set(PYARROW_SCHEMES)
+        if len(few) > DRIVER_LOOKUPS_MAX and reachable:
             found.append(_looked_up(spark, unscanned))
+        else:  # a request each, in turn, through Hadoop's file systems (every scheme)
+            listed = few if len(few) <= DRIVER_LOOKUPS_MAX else unscanned.collect()
+            rows += [
+                {**row.asDict(), "reason": unread_reason(storage, row["path"])} for row in listed
+            ]
     if not outcomes.complete:
         found.append(_unreported(spark, listing, outcomes, featurized_uri, increment, read_again))
     rejected = _rejected_frame(spark, rows)
@@ -190,16 +201,21 @@ def _unscanned(
 
 
 def _looked_up(spark: SparkSession, unscanned: DataFrame) -> DataFrame:
-    """Rejected rows for files no scan returned, each looked up on an executor
-    (:func:`imagepca.executor_reads.unscanned_reasons`): too many for the driver's requests."""
+    """Rejected rows for files no scan returned, looked up on the executors
+    (:func:`imagepca.executor_reads.unscanned_reasons`): too many for the driver's requests.
+    A task looks its files up together, in one pool of threads, whatever the Arrow batches
+    (the featurization's hold a few rows when its files are large)."""
     options = read_options(spark)
 
-    @F.pandas_udf("string")
-    def reasons(paths: pd.Series) -> pd.Series:
-        return pd.Series(unscanned_reasons(paths, options))
+    def look_up(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        frames = list(batches)  # none in an empty partition
+        if frames:
+            files = pd.concat(frames, ignore_index=True)
+            yield files.assign(reason=unscanned_reasons(files["path"], options))
 
     tasks = default_parallelism(spark) * LOOKUP_TASKS_PER_CORE
-    looked_up = unscanned.repartition(tasks).select("*", reasons("path").alias("reason"))
+    schema = "path string, label string, reason string"
+    looked_up = unscanned.repartition(tasks).mapInPandas(look_up, schema)
     unknown = {"size": F.lit(None).cast("long"), "modified": F.lit(None).cast("timestamp")}
     return looked_up.withColumns(unknown).select(*REJECTED_COLUMNS)
 

@@ -20,7 +20,13 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from .executor_reads import ReadOptions, pyarrow_filesystem, read_options, uri_scheme
+from .executor_reads import (
+    PYARROW_SCHEMES,
+    ReadOptions,
+    pyarrow_filesystem,
+    read_options,
+    uri_scheme,
+)
 from .images import MIN_IMAGES_PER_LABEL, name_column
 from .storage import normalize_uri
 
@@ -30,7 +36,6 @@ IN_SUBSET_COL = "in_subset"
 # 100,000 images), on the file systems pyarrow reaches; past it, or elsewhere, Spark's
 # executors scan and join, and send the rows kept.
 DRIVER_SCAN_MAX_BYTES = 512 << 20
-DRIVER_SCAN_SCHEMES = ("", "file", "s3", "s3a", "s3n")
 PATH_AND_LABEL_BYTES = 128  # a row's path and label in Parquet, about
 SPLIT_BY = "seeded hash of label and file name"
 """How :func:`split_by_label` ranks a label's images (``metrics.json`` says so: outputs
@@ -146,7 +151,7 @@ def _driver_scan(dataset: DataFrame, scan_bytes: int) -> tuple[list[str], ReadOp
     how, or None when Spark should."""
     files = [normalize_uri(uri) for uri in dataset.inputFiles()]
     schemes = {uri_scheme(uri) for uri in files}
-    if scan_bytes > DRIVER_SCAN_MAX_BYTES or not schemes <= set(DRIVER_SCAN_SCHEMES):
+    if scan_bytes > DRIVER_SCAN_MAX_BYTES or not schemes <= set(PYARROW_SCHEMES):
         return None
     return files, read_options(dataset.sparkSession)
 
