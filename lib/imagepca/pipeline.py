@@ -218,10 +218,10 @@ def extract_features(
     n_tasks = cores * params.tasks_per_core
     reported = reported_per_task(n_tasks)  # rejected rows, per task
 
-    def read_on_executors(files: DataFrame, n_files: int | None = None, **udf_options):
+    def read_on_executors(files: DataFrame, n_files: int, **udf_options) -> DataFrame:
         """Listing rows with ``out``: each file read and featurized on an executor."""
         udf = features_udf(spark, params, payload, read=read_options(spark), **udf_options)
-        tasks = max(1, min(n_tasks, n_files)) if n_files is not None else n_tasks
+        tasks = max(1, min(n_tasks, n_files))
         return files.repartition(tasks).select(*ROW_KEY, udf("path").alias("out"))
 
     # An increment adds to features/ and the fit needs all of it: no statistics then.

@@ -47,10 +47,11 @@ _OBSERVED_FIELDS = {
 
 
 # Rejected rows the featurization job reports to the driver, at most (as its tasks were
-# planned: a few hundred bytes each, some megabytes in all). When more files are rejected,
-# the others are found again and given their reasons on the executors, and rejected/ is
-# written from there: however many files a run rejects, the driver never holds them all.
-REPORTED_REJECTS_MAX = 20_000
+# planned). Each costs the driver's JVM about 11 kB as the tasks' observations merge
+# (docs/performance.md): 5,000 rows, some 55 MB. When more files are rejected, the others
+# are found again and given their reasons on the executors, and rejected/ is written from
+# there: however many files a run rejects, the driver never holds them all.
+REPORTED_REJECTS_MAX = 5_000
 # Files no scan returned that the driver looks up itself (a request each, one after the
 # other: an object store's take tens of milliseconds); more are looked up on the executors.
 DRIVER_LOOKUPS_MAX = 1_000
