@@ -3,6 +3,8 @@
 ``"imagenet"`` goes through Keras' own cache; a URI is copied through Hadoop's FileSystem.
 Every file is checked whole before the run touches its output, so a truncated download or
 another model's weights fail with a message saying what to do, not inside a Spark task.
+PySpark is imported only to resolve a URI: ``imagepca emr stage`` and ``emr doctor`` check and
+hash the weights without it.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-
-from pyspark.sql import SparkSession
+from typing import TYPE_CHECKING
 
 from .config import KERAS_WEIGHTS_FILE, cache_dir, expand_home
-from .storage import Storage, is_local, local_path
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 KERAS_WEIGHTS_ORIGIN = (
     "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
@@ -34,6 +37,8 @@ def resolve_weights(source: str, spark: SparkSession | None = None) -> Path:
     weights are used for every input size: the network is fully convolutional.
     A URI (``s3://``, ``hdfs://``, ``file://``) is copied through Hadoop's FileSystem.
     """
+    from .storage import Storage, is_local, local_path
+
     if source == "imagenet":
         from keras.utils import get_file
 

@@ -18,6 +18,8 @@ from typing import Any, Literal, TextIO
 
 from botocore.exceptions import ClientError
 
+from imagepca.weights import file_sha256
+
 from .account import CLEANUP_ROLE, EMR_MANAGED_SERVICE_POLICY, EMR_SERVICE
 from .cluster import render_config
 from .settings import EMR_TAG, AwsError, EmrSettings, repo_root
@@ -26,7 +28,6 @@ from .stage import (
     PYSPARK_NOTEBOOKS,
     SHA256_KEY,
     WEIGHTS_FILE,
-    file_sha256,
     wheel_architectures,
 )
 

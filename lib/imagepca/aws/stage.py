@@ -12,7 +12,6 @@ wheel for the nodes' platform (x86_64 or aarch64), whatever this machine is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from typing import Any, Literal, TextIO
 from boto3.s3.transfer import TransferConfig
 
 from imagepca.config import KERAS_WEIGHTS_FILE
+from imagepca.weights import check_weights_file, file_sha256
 
 from .settings import VERSION_PATTERN, AwsError, parse_s3_uri, repo_root
 
@@ -79,14 +79,6 @@ def iter_files(local: Path) -> Iterable[tuple[Path, str]]:
         return
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         yield path, path.relative_to(local).as_posix()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def upload(
@@ -232,7 +224,6 @@ def stage(
     # Here, not at import: the model code pulls in pandas and PySpark, which `emr up`,
     # `run` and `down` do not need.
     from imagepca.features import staged_models_uri, tflite_model_path
-    from imagepca.weights import check_weights_file
 
     out = out or sys.stderr
     if not VERSION_PATTERN.match(version):
