@@ -195,10 +195,15 @@ def _unscanned(
         return None
     if increment or not outcomes.complete:  # the files a scan may return are read again
         return listing.unscanned(listing.files)
+    return listing.unscanned(_seen(spark, outcomes, featurized_uri))
+
+
+def _seen(spark: SparkSession, outcomes: Outcomes, featurized_uri: str) -> DataFrame:
+    """The paths of the job's featurized rows (in ``featurized_uri``) and reported rejects."""
     seen = spark.read.parquet(literal(featurized_uri)).select("path")
     if outcomes.rejects:
         seen = seen.unionByName(_rejected_frame(spark, outcomes.rejects).select("path"))
-    return listing.unscanned(seen)
+    return seen
 
 
 def _looked_up(spark: SparkSession, unscanned: DataFrame) -> DataFrame:
@@ -234,11 +239,10 @@ def _unreported(
     (listing rows and their count -> the rows with ``out``, the featurization's struct,
     read through pyarrow's file systems). A file the scan could not read but pyarrow can
     then gets the reason its bytes give (or :data:`CHANGED_REASON`)."""
-    seen = spark.read.parquet(literal(featurized_uri)).select("path")
-    seen = seen.unionByName(_rejected_frame(spark, outcomes.rejects).select("path"))
     read = (increment.todo if increment else listing.files).select(*ROW_KEY)
     n_unreported = outcomes.n_rejected - len(outcomes.rejects)
-    out = read_again(read.join(seen, "path", "left_anti"), n_unreported)
+    unreported = read.join(_seen(spark, outcomes, featurized_uri), "path", "left_anti")
+    out = read_again(unreported, n_unreported)
     reason = F.coalesce("out.reason", F.lit(CHANGED_REASON)).alias("reason")
     return out.select(*ROW_KEY, reason).select(*REJECTED_COLUMNS)
 
