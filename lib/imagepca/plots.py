@@ -39,6 +39,15 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
     return fig
 
 
+def _lay_out(fig: Figure) -> None:
+    """``tight_layout``, once. It leaves the figure a placeholder layout engine, for which
+    every ``savefig`` lays the whole figure out once more before drawing it: the same
+    pixels, 0.2-0.3 s more for a 60-label confusion matrix or projection."""
+    fig.tight_layout()
+    with plt.rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
+        fig.set_layout_engine(None)  # None, not tight or constrained, whatever the rc says
+
+
 @contextmanager
 def _drawing_labels(labels: Iterable[str]):
     """Draw ``labels`` in matplotlib's font, falling back glyph by glyph to installed fonts
@@ -130,7 +139,7 @@ def plot_explained_variance(
         f"{len(explained)} components)",
     )
     ax.legend(loc="center right")
-    fig.tight_layout()
+    _lay_out(fig)
     return fig
 
 
@@ -155,8 +164,7 @@ def plot_projection(points: pd.DataFrame) -> Figure:
         fig = _new_figure(figsize=(7.5 + 2.2 * max(legend_columns - 1, 0), 6))
         ax = fig.add_subplot()
         colours = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
-        for index, label in enumerate(labels):
-            group = points[points["label"] == label]
+        for index, (label, group) in enumerate(points.groupby("label", sort=True)):
             y = np.full(len(group), index) if one_component else group["pc2"]
             block, colour = divmod(index, PROJECTION_COLOURS)
             marker = PROJECTION_MARKERS[block % len(PROJECTION_MARKERS)]
@@ -181,7 +189,7 @@ def plot_projection(points: pd.DataFrame) -> Figure:
             ax.set_title(
                 f"{ax.get_title()}\n{len(labels)} labels: too many to name here", fontsize=10
             )
-        fig.tight_layout()
+        _lay_out(fig)
     return fig
 
 
@@ -273,7 +281,7 @@ def plot_confusion_matrix(
             ylabel="true label",
             title=title or "Confusion matrix (test set)",
         )
-        fig.tight_layout()
+        _lay_out(fig)
     return fig
 
 
@@ -330,5 +338,5 @@ def plot_k_sweep(
         title="Accuracy against k, next to the explained variance",
     )
     ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
+    _lay_out(fig)
     return fig
