@@ -25,6 +25,7 @@ from botocore.validate import ParamValidator
 
 from imagepca import features
 from imagepca.aws import cluster, commands, runs, stage
+from imagepca.aws import status as emr_status
 from imagepca.aws.settings import AwsError, AwsSettings, EmrSettings
 from imagepca.config import SPARK_SETTINGS
 from imagepca.weights import WeightsError
@@ -902,6 +903,30 @@ def test_status_shows_the_cluster_and_whether_each_runs_output_is_complete(capsy
     boto3.client("emr").terminate_job_flows(JobFlowIds=[cluster_id])
     assert cli(*argv) == 0
     assert "billed since" not in capsys.readouterr().out
+
+
+def test_status_says_older_steps_are_more_than_the_first_page_holds(capsys):
+    """EMR lists a cluster's steps 50 to a page: past the first, `emr status` cannot say how
+    many older steps there are, and says there are more than that page's."""
+    emr = stubbed("emr")
+    now = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    cluster = {"Id": "j-1", "Name": "c", "Status": {"State": "TERMINATED"}}
+    steps = [
+        {"Id": f"s-{i}", "Name": f"step {i}", "Status": {"State": "CANCELLED", "Timeline": {
+            "CreationDateTime": now}}}
+        for i in range(50)
+    ]  # fmt: skip
+    for marker, said in (("next-page", "more than 40"), (None, "40")):
+        with Stubber(emr) as stub:
+            stub.add_response("describe_cluster", {"Cluster": cluster}, {"ClusterId": "j-1"})
+            page = {"Steps": steps, **({"Marker": marker} if marker else {})}
+            stub.add_response("list_steps", page, {"ClusterId": "j-1"})
+            state = emr_status.cluster_status("j-1", emr_client=emr, s3_client=stubbed("s3"))
+            stub.assert_no_pending_responses()
+        assert state == "TERMINATED"
+        printed = capsys.readouterr().out.splitlines()
+        assert printed[-1] == f"  ... and {said} older steps (aws emr list-steps)"
+        assert sum(line.startswith("  s-") for line in printed) == emr_status.MAX_STEPS
 
 
 # --------------------------------------------------------------------------- notebook execution

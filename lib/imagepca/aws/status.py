@@ -45,13 +45,18 @@ def cluster_status(
         )
         if cluster.get("MasterPublicDnsName"):
             print(f"  primary node: {cluster['MasterPublicDnsName']}", file=out)
-    steps = emr_client.list_steps(ClusterId=cluster_id).get("Steps", [])  # newest first
+    # One page, newest first (50 steps); a marker says there are more, which are not counted:
+    # a cluster's thousands of steps would cost a request per 50.
+    page = emr_client.list_steps(ClusterId=cluster_id)
+    steps, more_pages = page.get("Steps", []), bool(page.get("Marker"))
     if not steps:
         print("  no steps: `imagepca emr run --cluster-id ...` adds one per run", file=out)
     for step in steps[:MAX_STEPS]:
         print("  " + _step_line(cluster_id, step, s3_client, log_bucket), file=out)
-    if len(steps) > MAX_STEPS:
-        print(f"  ... and {len(steps) - MAX_STEPS} older steps (aws emr list-steps)", file=out)
+    older = max(len(steps) - MAX_STEPS, 0)
+    if older or more_pages:
+        count = f"more than {older}" if more_pages else str(older)
+        print(f"  ... and {count} older steps (aws emr list-steps)", file=out)
     return state
 
 
