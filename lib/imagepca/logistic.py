@@ -133,7 +133,7 @@ def fit_multinomial(
         margins = probabilities = buffer  # the margins, then the softmax in their place
         with pools.limit(limits=product_threads, user_api="blas"):
             np.matmul(x, coefficients.T.astype(dtype, copy=False), out=margins)
-        margins += intercepts.astype(dtype, copy=False)  # float32 + float64: 4x slower
+        margins += intercepts.astype(dtype, copy=False)  # with float64 ones: 4x slower
         margins -= margins.max(axis=1, keepdims=True)
         true_margins = margins[rows, y]
         np.exp(margins, out=probabilities)
