@@ -136,7 +136,6 @@ def label_of(path: str) -> str:
 
 MIN_IMAGES_PER_LABEL = 2  # a classifier needs one image to train on and one to test on
 
-
 # The most file bytes one Arrow batch of a folder's scan carries to a Python worker: it is
 # that worker's memory, and Arrow's binary column holds at most 2 GiB (256 photos of 10 MB
 # in one batch fail the job with OversizedAllocationException).
