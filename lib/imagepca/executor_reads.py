@@ -9,9 +9,10 @@ pool: an object store answers each GET after tens of milliseconds.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from pyspark.sql import SparkSession
@@ -147,7 +148,7 @@ def read_files(
         except FileNotFoundError:
             return None, f"missing: {uri} does not exist"
         except Exception as error:  # permissions, network, unknown scheme
-            message = str(error).splitlines()[0] if str(error) else ""
+            message = _first_line(error)
             if "not found" in message.lower() or "does not exist" in message.lower():
                 return None, f"missing: {message}"
             return None, f"unreadable: {type(error).__name__}: {message}"
@@ -179,8 +180,7 @@ def unscanned_reasons(uris: Iterable[str], options: ReadOptions) -> list[str]:
             filesystem, path = pyarrow_filesystem(uri, options)
             info = filesystem.get_file_info(path)
         except Exception as error:  # permissions, network
-            message = str(error).splitlines()[0] if str(error) else ""
-            return f"unreadable: {type(error).__name__}: {message}"
+            return f"unreadable: {type(error).__name__}: {_first_line(error)}"
         if info.type == fs.FileType.NotFound:
             return f"missing: {uri} does not exist"
         if info.type != fs.FileType.File:  # a folder now, say
@@ -190,7 +190,17 @@ def unscanned_reasons(uris: Iterable[str], options: ReadOptions) -> list[str]:
     return _in_pool(one, uris, options)
 
 
-def _in_pool(one, uris: Iterable[str], options: ReadOptions) -> list:
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else ""
+
+
+Result = TypeVar("Result")
+
+
+def _in_pool(
+    one: Callable[[str], Result], uris: Iterable[str], options: ReadOptions
+) -> list[Result]:
+    """``one`` of each URI, in order, on a pool of ``options.threads`` threads at most."""
     uris = list(uris)
     with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(uris)))) as pool:
         return list(pool.map(one, uris))
