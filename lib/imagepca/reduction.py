@@ -158,16 +158,21 @@ class PCAFit:
     def variance_reached(self) -> float:
         return float(self.cumulative_variance[self.k - 1])
 
-    def transform(self, features: DataFrame, sample: ProjectionSample | None = None) -> DataFrame:
-        """``path``, ``label``, ``pca`` (k floats) for a features DataFrame: what
-        :func:`reduce_with` gives with :attr:`model`, computed with one matrix product per
-        Arrow batch. A job over it also fills ``sample``."""
+    def projector(self, sample: ProjectionSample | None = None):
+        """The function projecting ``path``, ``label``, ``features`` Arrow batches to ``path``,
+        ``label``, ``pca`` (k floats), with one matrix product per batch: what
+        :func:`reduce_with` gives with :attr:`model`. It also fills ``sample``."""
         # Derived here, on the driver: the workers' module stays free of pyspark imports.
         scores_type = to_arrow_type(REDUCED_SCHEMA["pca"].dataType)
-        project = projector(
+        return projector(
             self.mean, self.std, self.chosen_components, scores_type,
             sample and (sample.accumulator, sample.fraction),
         )  # fmt: skip
+
+    def transform(self, features: DataFrame, sample: ProjectionSample | None = None) -> DataFrame:
+        """``path``, ``label``, ``pca`` for a features DataFrame (:meth:`projector` in the
+        Python workers). A job over it also fills ``sample``."""
+        project = self.projector(sample)
         return features.select("path", "label", "features").mapInArrow(project, REDUCED_SCHEMA)
 
 
