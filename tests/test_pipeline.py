@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -20,6 +21,7 @@ from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, Str
 
 from conftest import FRUIT_PHOTOS, WEIGHTS
 from imagepca.config import ExtractParams, ParameterError, ReduceParams
+from imagepca.driver_projection import driver_writer
 from imagepca.images import InputError
 from imagepca.inputs import list_folder
 from imagepca.listing import fingerprint
@@ -167,14 +169,16 @@ def column_paths(dataset: Path) -> set[tuple[str, ...]]:
 
 
 def test_vectors_are_written_as_two_level_lists(spark, photos_run):
-    """features/, reduced/ and the models' vectors are Parquet's two-level lists of required
-    floats (``repeated float array``: the fast layout to write, see
-    imagepca.storage.vector_write_settings), which Spark and pandas read as arrays."""
+    """features/ and the models' vectors are Parquet's two-level lists of required floats
+    (``repeated float array``: the fast layout for Spark to write, see
+    imagepca.storage.vector_write_settings), which Spark and pandas read as arrays. This
+    small local output's reduced/ was written by the driver, with pyarrow's standard
+    three-level lists of required floats (Spark's own write of it: the next test)."""
     output = Path(photos_run["output"])
     assert column_paths(output / "features") == {
         (("path",), ("label",), ("size",), ("modified",), ("features", "array"))
     }
-    assert column_paths(output / "reduced") == {(("path",), ("label",), ("pca", "array"))}
+    assert column_paths(output / "reduced") == {(("path",), ("label",), ("pca", "list", "element"))}
     pca_data = next((output / "pca_components" / "data").glob("*.parquet"))
     values = [c.path for c in pq.ParquetFile(pca_data).schema if c.path.startswith("pc.values")]
     assert values == ["pc.values.array"]
@@ -186,6 +190,59 @@ def test_vectors_are_written_as_two_level_lists(spark, photos_run):
     assert stored.simpleString() == "array<float>"
     frame = pd.read_parquet(output / "reduced")
     assert {len(v) for v in frame["pca"]} == {photos_run["reduction"].fit.k}
+
+
+def test_reduced_written_by_the_driver_is_what_sparks_executors_write(spark, photos_run, tmp_path):
+    """A small output on this machine's disk has reduced/ projected and written by the
+    driver (imagepca.driver_projection). It holds what Spark's executors write: the same
+    rows and scores, read back with the same schema, the same projection sample, floats
+    without a dictionary, and Hadoop's _SUCCESS marker."""
+    output, fit = photos_run["output"], photos_run["reduction"].fit
+    features, storage = read_features(spark, output), Storage(spark)
+    written, samples = {}, {}
+    for way in ("driver", "spark"):
+        sample = ProjectionSample(spark, 10, fit.n_images)
+        if way == "driver":
+            write = driver_writer(storage, features, output, fit.projector(sample))
+            assert write is not None
+        else:
+            reduced = fit.transform(features, sample)
+            write = partial(spark_write, spark, reduced)
+        write(str(tmp_path / way))
+        samples[way] = sample.points()
+        written[way] = spark.read.parquet(str(tmp_path / way))
+        assert (tmp_path / way / "_SUCCESS").exists()
+    assert written["driver"].schema == written["spark"].schema
+    assert (
+        written["driver"].schema.simpleString()
+        == "struct<path:string,label:string,pca:array<float>>"
+    )
+    driver, executors = (written[way].toPandas().sort_values("path") for way in written)
+    assert len(driver) == fit.n_images
+    assert driver["path"].tolist() == executors["path"].tolist()
+    assert driver["label"].tolist() == executors["label"].tolist()
+    np.testing.assert_array_equal(np.stack(driver["pca"]), np.stack(executors["pca"]))
+    pd.testing.assert_frame_equal(samples["driver"], samples["spark"])
+    assert column_paths(tmp_path / "spark") == {(("path",), ("label",), ("pca", "array"))}
+    encodings = chunk_encodings(tmp_path / "driver")
+    assert not encodings["pca.list.element"] & {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
+    assert encodings["label"] & {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
+
+
+def spark_write(spark, frame, uri: str) -> None:
+    with spark_settings(spark, vector_write_settings(frame)):
+        frame.write.parquet(uri)
+
+
+def test_reduced_in_a_codec_pyarrow_writes_otherwise_is_left_to_spark(spark, photos_run):
+    """The driver writes reduced/ only in a codec pyarrow writes as Spark does (an output
+    off this machine's disk is Spark's too: tests/test_s3_end_to_end.py)."""
+    output, fit = photos_run["output"], photos_run["reduction"].fit
+    features, storage = read_features(spark, output), Storage(spark)
+    assert storage.local_folder(f"file://{output}") == output
+    assert driver_writer(storage, features, output, fit.projector()) is not None
+    with spark_settings(spark, {"spark.sql.parquet.compression.codec": "lz4"}):
+        assert driver_writer(storage, features, output, fit.projector()) is None
 
 
 def chunk_encodings(dataset: Path) -> dict[str, set[str]]:

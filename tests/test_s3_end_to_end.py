@@ -23,6 +23,7 @@ from pathlib import Path
 
 import boto3
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import FRUIT_PHOTOS, WEIGHTS
@@ -123,6 +124,10 @@ def test_run_reads_and_writes_s3_end_to_end(moto_endpoint, tmp_path):  # noqa: F
     )
     assert len(reduced) == 3 * PER_CLASS and all(len(v) == 3 for v in reduced["pca"])
     assert reduced["path"].str.startswith(f"s3://{BUCKET}/input/").all()
+    # In a bucket, Spark's executors write reduced/, not the driver (imagepca.
+    # driver_projection): its lists are the two-level ones of Spark's writer.
+    part = pq.ParquetFile(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=parts[0])["Body"].read()))
+    assert [column.path for column in part.schema] == ["path", "label", "pca.array"]
 
     # The driver took the TFLite model staged beside the weights instead of converting.
     model_reads = [

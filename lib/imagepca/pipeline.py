@@ -18,6 +18,7 @@ from pyspark.sql import functions as F
 from . import progress
 from .config import FEATURE_DIM, ExtractParams, ReduceParams
 from .console import increment_line, rate_text
+from .driver_projection import driver_writer
 from .executor_reads import read_options
 from .features import features_udf, load_model_payload, moments_accumulator, warm_python_workers
 from .images import NOTHING_SKIPPED, classifiable, content_batch_rows
@@ -442,7 +443,9 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         # The projection holds a batch as float64 in the worker.
         spark_settings(spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS), **layout}),
     ):
-        storage.publish(params.output, "reduced", reduced.write.parquet)
+        # A small local output's by the driver (imagepca.driver_projection), else Spark's.
+        write = driver_writer(storage, features, params.output, fit.projector(sample))
+        storage.publish(params.output, "reduced", write or reduced.write.parquet)
     with timed(timings, "projection_s"):
         points = sample.points()
     cumulative = fit.cumulative_variance

@@ -253,6 +253,15 @@ class Storage:
         path = self._path(location)
         return f" ({location} is {path.getFileSystem(self._conf).makeQualified(path)} for Spark)"
 
+    def local_folder(self, uri: str) -> str | None:
+        """The path on this machine where Hadoop puts ``uri``, or None when its file system
+        is not the local one (a path without a scheme is HDFS's on a cluster)."""
+        path = self._path(uri)
+        fs = self._file_system(uri, path)
+        if fs.scheme != "file":
+            return None
+        return str(fs.whole.makeQualified(path).toUri().getPath())
+
     def size(self, uri: str) -> int:
         path, fs = self._located(uri)
         return int(fs.getFileStatus(path).getLen())
