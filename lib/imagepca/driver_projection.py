@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame
 from threadpoolctl import threadpool_limits
 
-from .reduction import FLOAT64_BATCH_ROWS
+from .reduction import FLOAT64_BATCH_ROWS, Projection
 from .session import default_parallelism
 from .storage import Storage, local_file_path, normalize_uri
 
@@ -43,8 +43,13 @@ REDUCED_ARROW_SCHEMA = pa.schema(
     ]
 )
 # Spark's Parquet codecs that pyarrow writes alike, by Spark's name.
-PYARROW_CODECS = {"zstd": "zstd", "snappy": "snappy", "gzip": "gzip", "none": "none"}
-PYARROW_CODECS["uncompressed"] = "none"
+PYARROW_CODECS = {
+    "zstd": "zstd",
+    "snappy": "snappy",
+    "gzip": "gzip",
+    "none": "none",
+    "uncompressed": "none",
+}
 CODEC_KEY = "spark.sql.parquet.compression.codec"
 
 
@@ -52,7 +57,7 @@ def driver_writer(
     storage: Storage,
     features: DataFrame,
     output: str,
-    project: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]],
+    project: Projection,
 ) -> Callable[[str], None] | None:
     """A ``write(staging_uri)`` for :meth:`imagepca.storage.Storage.publish` that projects
     ``features`` (a ``path``, ``label``, ``features`` Parquet dataset) with ``project`` into
@@ -89,7 +94,7 @@ def driver_writer(
 def _project_file(
     source: str,
     target: str,
-    project: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]],
+    project: Projection,
     codec: str,
 ) -> None:
     """Project one ``features/`` file into one ``reduced/`` file, a batch at a time.

@@ -443,7 +443,7 @@ def reduce_features(spark: SparkSession, params: ReduceParams) -> Reduction:
         # The projection holds a batch as float64 in the worker.
         spark_settings(spark, {ARROW_BATCH_KEY: str(FLOAT64_BATCH_ROWS), **layout}),
     ):
-        # A small local output's by the driver (imagepca.driver_projection), else Spark's.
+        # An output on the driver's disk is the driver's to write (imagepca.driver_projection).
         write = driver_writer(storage, features, params.output, fit.projector(sample))
         storage.publish(params.output, "reduced", write or reduced.write.parquet)
     with timed(timings, "projection_s"):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -64,6 +64,8 @@ PCA_COL = "pca_vector"
 # Rows per Arrow batch when a worker turns them into float64 (accumulating, projecting):
 # 2048 x 1280 x 8 bytes = 21 MB per Python worker.
 FLOAT64_BATCH_ROWS = 2048
+# PCAFit.projector's function: Arrow batches of features to batches of their scores.
+Projection = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 REDUCED_SCHEMA = StructType(
     [
         StructField("path", StringType()),
@@ -158,7 +160,7 @@ class PCAFit:
     def variance_reached(self) -> float:
         return float(self.cumulative_variance[self.k - 1])
 
-    def projector(self, sample: ProjectionSample | None = None):
+    def projector(self, sample: ProjectionSample | None = None) -> Projection:
         """The function projecting ``path``, ``label``, ``features`` Arrow batches to ``path``,
         ``label``, ``pca`` (k floats), with one matrix product per batch: what
         :func:`reduce_with` gives with :attr:`model`. It also fills ``sample``."""
