@@ -172,7 +172,7 @@ def test_vectors_are_written_as_two_level_lists(spark, photos_run):
     """features/ and the models' vectors are Parquet's two-level lists of required floats
     (``repeated float array``: the fast layout for Spark to write, see
     imagepca.storage.vector_write_settings), which Spark and pandas read as arrays. This
-    small local output's reduced/ was written by the driver, with pyarrow's standard
+    local output's reduced/ was written by the driver, with pyarrow's standard
     three-level lists of required floats (Spark's own write of it: the next test)."""
     output = Path(photos_run["output"])
     assert column_paths(output / "features") == {
@@ -193,8 +193,8 @@ def test_vectors_are_written_as_two_level_lists(spark, photos_run):
 
 
 def test_reduced_written_by_the_driver_is_what_sparks_executors_write(spark, photos_run, tmp_path):
-    """A small output on this machine's disk has reduced/ projected and written by the
-    driver (imagepca.driver_projection). It holds what Spark's executors write: the same
+    """An output on this machine's disk has reduced/ projected and written by the driver
+    (imagepca.driver_projection). It holds what Spark's executors write: the same
     rows and scores, read back with the same schema, the same projection sample, floats
     without a dictionary, and Hadoop's _SUCCESS marker."""
     output, fit = photos_run["output"], photos_run["reduction"].fit
